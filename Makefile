@@ -1,0 +1,68 @@
+# perpetual_logits — set-up, tests, demo and benchmarks in one place.
+# Everything runs inside .venv, created on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+SHARED_MODELS ?= ../shared/models
+# The default model is TinyStories-656K. Offline, the copy in ../shared is used through the same
+# from_pretrained() path; elsewhere the Hub id is resolved by transformers.
+MODEL ?= $(if $(wildcard $(SHARED_MODELS)/tinystories-656k/config.json),$(SHARED_MODELS)/tinystories-656k,raincandy-u/TinyStories-656K)
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+STAMP_RUN := $(VENV)/.installed-run
+
+.PHONY: all venv test lint typecheck pytest demo analyze bench quality compat clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch first, pinned: a bare `torch` requirement would otherwise pull the CUDA build.
+$(STAMP_RUN): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(STAMP): $(STAMP_RUN)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check perpetual_logits tests benchmarks
+	$(BIN)/ruff format --check perpetual_logits tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: $(STAMP_RUN)
+	$(BIN)/python -m perpetual_logits demo --model $(MODEL)
+
+analyze: $(STAMP)
+	$(BIN)/python -m perpetual_logits analyze --model $(MODEL) --out analysis-output
+
+bench: $(STAMP)
+	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python benchmarks/speed.py
+	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python benchmarks/quality.py
+
+# Run the compatibility-sensitive tests against the oldest supported transformers in a separate venv.
+COMPAT_VENV ?= .venv-compat
+compat: $(STAMP)
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[dev]" "transformers==5.17.0"
+	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(COMPAT_VENV)/bin/python -m pytest -q -p no:doctest tests
+
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,361 @@
+"""Methods 1 and 2 as drop-in ``LogitsProcessor``s: ``model.generate(logits_processor=[...])``.
+
+Where they run: transformers 5 runs user processors after the config processors (repetition penalty,
+``min_new_tokens``, ...) and **before** the sampling warpers (temperature, top-k, top-p, min-p). So these
+processors see, and act on, the distribution *before* temperature and truncation:
+
+* masking EOS here removes it before top-k, so with ``top_k=50`` the 51st token survives instead;
+  "draw two tokens without replacement and keep the second when the first is EOS" is exactly equivalent
+  to masking EOS on the distribution the processor sees (``P(t) = p_t / (1 - p_eos)``);
+* a temperature multiplier applied here composes with the configured one: ``T_effective = T_config * m``;
+* a probability measured here (EOS probability, a trigger) is measured before temperature and truncation.
+
+State: both processors keep per-row records. They start clean on every new ``generate()`` call: a call is
+recognised as new when the batch size changes or the sequence did not grow by exactly one token since the
+previous call. A new call whose prompt is exactly the previous call's output is indistinguishable from
+one more step of the old call; call :meth:`reset` between such calls (``make_perpetual`` models do it for
+you). Inside backstep generation the loop calls :meth:`rewind` so that the state follows a rewind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+from . import _validation
+from .schedules import LinearDecay, Schedule
+
+__all__ = [
+    "EOSLogitsProcessor",
+    "PostEOSResamplingLogitsProcessor",
+    "SuppressEOSLogitsProcessor",
+    "eos_probability",
+]
+
+
+def eos_probability(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Per-row probability of the EOS set under ``softmax(scores)``, in float32. Shape (batch,)."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    return logp.index_select(-1, eos).exp().sum(-1).nan_to_num(0.0)
+
+
+def mask_eos(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Return a copy of ``scores`` with the EOS ids at -inf, except in rows where nothing else is finite.
+
+    A row whose only finite scores are EOS ids (another processor banned everything else, e.g. a forced
+    EOS at ``max_length``) is returned unchanged: masking it would leave no token to sample (NaN).
+    """
+    masked = scores.index_fill(-1, eos, float("-inf"))
+    has_other = torch.isfinite(masked).any(-1, keepdim=True)
+    return torch.where(has_other, masked, scores)
+
+
+@dataclass
+class _StepRecord:
+    positions: int | torch.Tensor  # int when every row chose the same position, else (batch,) long
+    values: dict[str, torch.Tensor]  # name -> (batch,)
+
+
+class EOSLogitsProcessor(LogitsProcessor):
+    """Base class: validates EOS ids and shapes, keeps a per-row position clock and per-step records.
+
+    Subclasses implement :meth:`process`. The clock says which sequence position (prompt included) each
+    row is choosing a token for; records are keyed to it, so after a rewind the records of removed
+    positions disappear from the per-row views.
+    """
+
+    def __init__(self, eos_token_id: int | list[int] | tuple[int, ...] | torch.Tensor) -> None:
+        self.eos_token_id: tuple[int, ...] = _validation.eos_ids(eos_token_id)
+        self._eos_by_device: dict[torch.device, torch.Tensor] = {}
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything: the next call starts a new generation."""
+        self._batch: int | None = None
+        self._prompt_length: int | None = None
+        self._expected_width: int | None = None
+        self._next_positions: torch.Tensor | None = None  # set once rows move independently (rewinds)
+        self._records: list[_StepRecord] = []
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        """Subclass hook: clear subclass state (called by :meth:`reset`)."""
+
+    def rewind(self, row: int, length: int) -> None:
+        """Row ``row`` was cut back to ``length`` tokens (prompt included); its next call chooses that position.
+
+        The backstep loop calls this; it also fixes a row's clock at the start of a generation.
+        """
+        if self._batch is None or self._expected_width is None:
+            raise RuntimeError("rewind() called before the processor saw any scores")
+        if self._next_positions is None:
+            self._next_positions = torch.full((self._batch,), self._expected_width, dtype=torch.long)
+        self._next_positions[row] = length
+        self._rewind_state(row, length)
+
+    def _rewind_state(self, row: int, length: int) -> None:
+        """Subclass hook: drop state that belongs to positions >= ``length`` of ``row``."""
+
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        """Begin a generation whose rows will be moved by :meth:`rewind` (the backstep loop calls this)."""
+        self.reset()
+        self._batch = batch_size
+        self._prompt_length = prompt_length
+        self._expected_width = prompt_length
+        self._next_positions = torch.full((batch_size,), prompt_length, dtype=torch.long)
+
+    # -- call --------------------------------------------------------------------------------------------
+    def _eos(self, device: torch.device) -> torch.Tensor:
+        eos = self._eos_by_device.get(device)
+        if eos is None:
+            eos = torch.tensor(self.eos_token_id, dtype=torch.long, device=device)
+            self._eos_by_device[device] = eos
+        return eos
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        _validation.check_scores(input_ids, scores, self.eos_token_id)
+        batch, width = input_ids.shape
+        if self._next_positions is None and (batch != self._batch or width != self._expected_width):
+            self.reset()  # a new generate() call
+            self._batch, self._prompt_length = batch, width
+        positions: int | torch.Tensor
+        if self._next_positions is not None:
+            positions = self._next_positions.clone()
+            self._next_positions += 1
+        else:
+            positions = width
+        self._expected_width = width + 1
+        out = self.process(input_ids, scores, self._eos(scores.device), positions)
+        return out.to(scores.dtype)  # type: ignore[return-value]
+
+    def process(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        eos: torch.Tensor,
+        positions: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """Return new scores. ``positions``: the position each row chooses (int when all rows agree)."""
+        raise NotImplementedError
+
+    # -- records -----------------------------------------------------------------------------------------
+    def _record(self, positions: int | torch.Tensor, **values: torch.Tensor) -> None:
+        self._records.append(_StepRecord(positions, {k: v.detach() for k, v in values.items()}))
+
+    def _row_history(self, row: int, name: str) -> list[tuple[int, float]]:
+        """(position, value) of one row, in order, keeping only the latest record of each kept position."""
+        kept: list[tuple[int, float]] = []
+        for record in self._records:
+            pos = record.positions if isinstance(record.positions, int) else int(record.positions[row])
+            while kept and kept[-1][0] >= pos:  # a rewind: this position is being chosen again
+                kept.pop()
+            kept.append((pos, float(record.values[name][row])))
+        return kept
+
+    def _per_row(self, name: str) -> list[list[tuple[int, float]]]:
+        """(generated step, value) per row, with the records of rewound positions dropped."""
+        if self._batch is None or self._prompt_length is None:
+            return []
+        offset = self._prompt_length
+        return [[(pos - offset, v) for pos, v in self._row_history(row, name)] for row in range(self._batch)]
+
+
+class SuppressEOSLogitsProcessor(EOSLogitsProcessor):
+    r"""Method 1: EOS is never produced.
+
+    Masking the EOS ids gives exactly the distribution of the blog's rule "draw two tokens without
+    replacement, take the second when the first is EOS": ``P(t) = p_t / (1 - p_eos)`` for every non-EOS
+    token, and greedy decoding picks the best non-EOS token. This holds on the distribution the processor
+    sees, i.e. before temperature/top-k/top-p (see the module notes).
+
+    A row in which only EOS ids have a finite score (another processor banned every other token) is left
+    unchanged, so it emits EOS instead of NaN.
+
+    It records, per row and step, the EOS probability and whether EOS was the top choice
+    (:attr:`eos_probabilities`, :attr:`eos_top_steps`; steps count generated tokens from 0).
+
+    Args:
+        eos_token_id (`int` or `list[int]`): the id(s) that end generation.
+        record (`bool`, defaults to `True`): keep the per-step records (costs one softmax per step).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from perpetual_logits import SuppressEOSLogitsProcessor
+    >>> proc = SuppressEOSLogitsProcessor(eos_token_id=2)
+    >>> scores = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    >>> proc(torch.tensor([[1, 3]]), scores)
+    tensor([[0., 1., -inf, 2.]])
+    >>> round(proc.eos_probabilities[0][0], 2), proc.eos_top_steps
+    (0.93, [[0]])
+
+    ```
+    """
+
+    def __init__(self, eos_token_id: int | list[int] | tuple[int, ...] | torch.Tensor, record: bool = True):
+        if not isinstance(record, bool):
+            raise ValueError(f"`record` must be a bool, got {record!r}")
+        self.record = record
+        super().__init__(eos_token_id)
+
+    def process(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        eos: torch.Tensor,
+        positions: int | torch.Tensor,
+    ) -> torch.Tensor:
+        if self.record:
+            top = torch.isin(scores.argmax(-1), eos)
+            self._record(positions, eos_prob=eos_probability(scores, eos), eos_top=top)
+        return mask_eos(scores, eos)
+
+    @property
+    def eos_probabilities(self) -> list[list[float]]:
+        """Per row, the EOS probability at every generated step (before temperature/top-k/top-p)."""
+        return [[v for _, v in row] for row in self._per_row("eos_prob")] if self.record else []
+
+    @property
+    def eos_top_steps(self) -> list[list[int]]:
+        """Per row, the generated steps at which EOS was the highest-scoring token."""
+        return [[s for s, v in row if v] for row in self._per_row("eos_top")] if self.record else []
+
+
+_TRIGGERS = ("sample", "argmax")
+
+
+class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
+    r"""Method 2: evict EOS and sample hotter for a while.
+
+    EOS is suppressed as in :class:`SuppressEOSLogitsProcessor`. In addition, whenever EOS "would have been
+    chosen" (an *eviction*, decided by ``trigger``), that row's temperature multiplier restarts at the
+    schedule's peak and follows it back to 1.0. The token that replaces the evicted EOS is already drawn at
+    the full peak (schedule step 0). The multiplier divides the scores, so it composes with ``generate()``'s
+    own temperature: ``T_effective = T_config * multiplier``.
+
+    Triggers:
+
+    * ``"sample"`` (default, the blog's rule): an eviction happens with the probability EOS has in the scores
+      this processor sees, drawn from torch's default generator (``torch.manual_seed`` reproduces runs);
+    * ``"argmax"``: EOS is the highest-scoring token. Deterministic; the right choice for greedy decoding;
+    * a float ``t`` in (0, 1]: EOS probability ``>= t``.
+
+    Widening top-k/top-p after an eviction is not offered: this processor runs before those warpers and
+    cannot change their settings, and faking it here would change the distribution for every row.
+
+    Args:
+        eos_token_id (`int` or `list[int]`): the id(s) that end generation.
+        schedule (`Schedule`, defaults to `LinearDecay(2.0, 10)`): multiplier per step since the eviction.
+        trigger (`str` or `float`, defaults to `"sample"`): when an eviction happens, see above.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from perpetual_logits import PostEOSResamplingLogitsProcessor, LinearDecay
+    >>> proc = PostEOSResamplingLogitsProcessor(2, schedule=LinearDecay(2.0, 2), trigger="argmax")
+    >>> ids = torch.tensor([[1, 3]])
+    >>> proc(ids, torch.tensor([[0.0, 1.0, 5.0, 2.0]]))   # EOS on top: evicted, scores halved
+    tensor([[0.0000, 0.5000, -inf, 1.0000]])
+    >>> proc(torch.tensor([[1, 3, 3]]), torch.tensor([[0.0, 1.0, 0.0, 3.0]]))   # one step later: 1.5x
+    tensor([[0.0000, 0.6667, -inf, 2.0000]])
+    >>> proc.evictions
+    [[0]]
+
+    ```
+    """
+
+    def __init__(
+        self,
+        eos_token_id: int | list[int] | tuple[int, ...] | torch.Tensor,
+        schedule: Schedule | None = None,
+        trigger: str | float = "sample",
+    ) -> None:
+        if schedule is None:
+            schedule = LinearDecay(2.0, 10)
+        if not isinstance(schedule, Schedule):
+            raise ValueError(
+                f"`schedule` must be a perpetual_logits Schedule (LinearDecay, StepDecay, ...), got {schedule!r}"
+            )
+        if isinstance(trigger, str):
+            if trigger not in _TRIGGERS:
+                raise ValueError(
+                    f"`trigger` must be 'sample', 'argmax' or a float threshold in (0, 1], got {trigger!r}"
+                )
+        else:
+            trigger = _validation.probability(trigger, "trigger")
+        self.schedule = schedule
+        self.trigger = trigger
+        self._table = factor_table(schedule)
+        super().__init__(eos_token_id)
+
+    def _reset_state(self) -> None:
+        self._last_trigger: torch.Tensor | None = None  # (batch,) position of the latest eviction, -1 = none
+
+    def _rewind_state(self, row: int, length: int) -> None:
+        if self._last_trigger is None:
+            return
+        # Evictions at removed positions never happened: fall back to the latest one still kept.
+        kept = [pos for pos, hit in self._row_history(row, "evicted") if hit and pos < length]
+        self._last_trigger[row] = kept[-1] if kept else -1
+
+    def process(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        eos: torch.Tensor,
+        positions: int | torch.Tensor,
+    ) -> torch.Tensor:
+        if self.trigger == "argmax":
+            evicted = torch.isin(scores.argmax(-1), eos)
+        else:
+            p_eos = eos_probability(scores, eos)
+            if self.trigger == "sample":
+                evicted = torch.rand(p_eos.shape, device=p_eos.device) < p_eos
+            else:
+                evicted = p_eos >= float(self.trigger)
+        batch = scores.shape[0]
+        if self._last_trigger is None or self._last_trigger.shape[0] != batch:
+            self._last_trigger = torch.full((batch,), -1, dtype=torch.long, device=scores.device)
+        pos = positions.to(scores.device) if isinstance(positions, torch.Tensor) else positions
+        self._last_trigger = torch.where(evicted, pos, self._last_trigger)
+        self._record(positions, evicted=evicted)
+        factor = multipliers(self._table, pos - self._last_trigger, self._last_trigger >= 0)
+        out = mask_eos(scores, eos)
+        return out / factor.to(out.dtype)[:, None]
+
+    @property
+    def evictions(self) -> list[list[int]]:
+        """Per row, the generated steps at which EOS was evicted."""
+        return [[s for s, v in row if v] for row in self._per_row("evicted")]
+
+    @property
+    def multiplier(self) -> list[float]:
+        """The multiplier each row used at its latest step."""
+        if self._last_trigger is None or not self._records:
+            return []
+        last = self._records[-1].positions
+        pos = last if isinstance(last, int) else last.to(self._last_trigger.device)
+        return multipliers(self._table, pos - self._last_trigger, self._last_trigger >= 0).tolist()
+
+
+def factor_table(schedule: Schedule) -> torch.Tensor:
+    """The schedule's multipliers for s = 0 .. length-1, then 1.0, as a float32 tensor.
+
+    A schedule with ``length=None`` (never returns to 1.0) must be constant, like ``Constant(value)``.
+    """
+    length = schedule.length
+    if length is None:
+        return torch.tensor([schedule(0), schedule(0)], dtype=torch.float32)
+    return torch.tensor([schedule(s) for s in range(length)] + [1.0], dtype=torch.float32)
+
+
+def multipliers(table: torch.Tensor, steps_since: torch.Tensor | int, active: torch.Tensor) -> torch.Tensor:
+    """Vectorised schedule lookup: ``table[min(s, len-1)]`` where ``active``, else 1.0."""
+    table = table.to(active.device)
+    s = torch.as_tensor(steps_since, device=active.device).clamp(0, table.shape[0] - 1)
+    return torch.where(active, table[s], torch.ones((), device=active.device))

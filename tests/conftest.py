@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random models of several architectures and the real models in ../shared/models.
+
+Tests that need the real models skip with a visible reason when the folder is absent, unless
+``PERPETUAL_LOGITS_REQUIRE_MODELS=1`` (set by ``.ci/run``), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS_DIR = Path(os.environ.get("PERPETUAL_LOGITS_MODELS", REPO.parent / "shared" / "models")).resolve()
+TINYSTORIES = MODELS_DIR / "tinystories-656k"
+STORIES260K = MODELS_DIR / "stories260K"
+REQUIRE_MODELS = os.environ.get("PERPETUAL_LOGITS_REQUIRE_MODELS") == "1"
+
+
+def require_model_dir(path: Path) -> Path:
+    """Return ``path`` if it exists; otherwise skip (or fail when models are required)."""
+    if path.exists():
+        return path
+    message = f"model folder {path} is absent (set PERPETUAL_LOGITS_MODELS to the shared/models folder)"
+    if REQUIRE_MODELS:
+        pytest.fail(message + "; PERPETUAL_LOGITS_REQUIRE_MODELS=1 requires it")
+    pytest.skip(message)
+
+
+VOCAB = 64
+EOS = 2
+PAD = 0
+
+
+def tiny_config(arch: str, vocab: int = VOCAB, eos: int | list[int] = EOS, attn: str = "eager", **extra: object):
+    """A tiny random config of ``arch`` with logits of order 1 (initializer_range 0.2)."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common: dict[str, object] = {
+        "vocab_size": vocab,
+        "eos_token_id": eos,
+        "pad_token_id": PAD,
+        "bos_token_id": 1,
+        "initializer_range": 0.2,
+        "attn_implementation": attn,
+    }
+    common.update(extra)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
+    sizes = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
+    if arch == "llama":
+        return LlamaConfig(**sizes, **common)
+    if arch == "qwen2":
+        return Qwen2Config(**sizes, **common)
+    if arch == "mistral":
+        common.setdefault("sliding_window", 4096)
+        return MistralConfig(**sizes, **common)
+    if arch == "gemma":
+        from transformers import GemmaConfig
+
+        return GemmaConfig(**sizes, head_dim=8, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kwargs: object):
+    """A tiny random causal LM in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kwargs))  # type: ignore[arg-type]
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tinystories_path() -> Path:
+    return require_model_dir(TINYSTORIES)
+
+
+@pytest.fixture(scope="session")
+def tinystories(tinystories_path: Path):
+    """(model, tokenizer) of TinyStories-656K, loaded through the normal from_pretrained path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tinystories_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tinystories_path)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def stories260k_path() -> Path:
+    return require_model_dir(STORIES260K)
