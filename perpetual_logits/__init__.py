@@ -8,6 +8,8 @@ from ._compat import check_transformers_version
 
 check_transformers_version()
 
+from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats  # noqa: E402
+from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
 from .processors import (  # noqa: E402
     EOSLogitsProcessor,
     PostEOSResamplingLogitsProcessor,
@@ -25,6 +27,12 @@ from .schedules import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackstepConfig",
+    "BackstepEvent",
+    "BackstepOutput",
+    "BackstepStats",
+    "PerpetualGenerationMixin",
+    "make_perpetual",
     "Constant",
     "CosineDecay",
     "EOSLogitsProcessor",

@@ -1,0 +1,173 @@
+"""``PerpetualGenerationMixin``: backstep generation behind the ordinary ``model.generate()``.
+
+transformers looks the decoding method up on the model's *class* (``_sample`` for sampling and greedy), so
+the mixin overrides ``_sample`` and ``generate`` and stays out of the way when no backstep is asked for.
+:func:`make_perpetual` attaches it to a model that is already loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import GenerationMixin
+
+from .backstep import BackstepConfig, BackstepLoop
+
+__all__ = ["PerpetualGenerationMixin", "make_perpetual"]
+
+_UNSUPPORTED_KWARGS = {
+    "assistant_model": "assisted decoding",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding",
+    "penalty_alpha": "contrastive search",
+    "dola_layers": "DoLa decoding",
+    "num_beam_groups": "group beam search",
+    "constraints": "constrained beam search",
+    "force_words_ids": "constrained beam search",
+    "custom_generate": "custom_generate",
+    "synced_gpus": "synced_gpus",
+}
+_SUPPORTED = "backstep= supports sampling (do_sample=True) and greedy decoding with num_beams=1"
+
+
+class PerpetualGenerationMixin(GenerationMixin):
+    """Adds ``backstep=`` (Methods 3 and 4) to ``generate()``; without it, generation is unchanged.
+
+    Use it as the first base of a model class, or attach it to a loaded model with :func:`make_perpetual`.
+    A default :class:`BackstepConfig` can be set on the model (``model.backstep_config = ...``) so that code
+    which only calls ``generate()`` -- a ``pipeline("text-generation")`` -- gets backstep too; pass
+    ``backstep=False`` to turn it off for one call.
+
+    After each backstep run, ``model.last_backstep`` holds ``(events, stats)``; with
+    ``return_dict_in_generate=True`` the output carries them as ``backstep_events`` / ``backstep_stats``.
+    """
+
+    backstep_config: BackstepConfig | None = None
+    _perpetual_active: BackstepConfig | None = None
+
+    @torch.no_grad()
+    def generate(self, *args: Any, backstep: BackstepConfig | bool | None = None, **kwargs: Any) -> Any:
+        if backstep is None or backstep is True:
+            config = self.backstep_config
+            if backstep is True and config is None:
+                config = BackstepConfig()
+        elif backstep is False:
+            config = None
+        elif isinstance(backstep, BackstepConfig):
+            config = backstep
+        else:
+            raise ValueError(f"`backstep` must be a BackstepConfig, True, False or None, got {backstep!r}")
+        if config is not None:
+            for name, mode in _UNSUPPORTED_KWARGS.items():
+                if kwargs.get(name) not in (None, False):
+                    raise ValueError(f"{_SUPPORTED}; got {mode} ({name}=...)")
+        processors = kwargs.get("logits_processor", args[2] if len(args) > 2 else None)
+        for proc in processors or ():
+            # Processors are reused across calls; a new call starts their records afresh.
+            if callable(getattr(proc, "reset", None)):
+                proc.reset()
+        previous = self._perpetual_active
+        self._perpetual_active = config
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._perpetual_active = previous
+
+    def _sample(  # type: ignore[override]
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: Any,
+        stopping_criteria: Any,
+        generation_config: Any,
+        synced_gpus: bool = False,
+        streamer: Any = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        config = self._perpetual_active
+        if config is None:
+            return super()._sample(  # type: ignore[misc]
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                synced_gpus=synced_gpus,
+                streamer=streamer,
+                **model_kwargs,
+            )
+        if synced_gpus:
+            raise ValueError(f"{_SUPPORTED}; synced_gpus is not supported")
+        loop = BackstepLoop(
+            self,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            streamer,
+            model_kwargs,
+            config,
+        )
+        return loop.run()
+
+    def _beam_search(self, *args: Any, **kwargs: Any) -> Any:
+        if self._perpetual_active is not None:
+            raise ValueError(f"{_SUPPORTED}; got beam search (num_beams > 1)")
+        return super()._beam_search(*args, **kwargs)  # type: ignore[misc]
+
+    def _assisted_decoding(self, *args: Any, **kwargs: Any) -> Any:
+        if self._perpetual_active is not None:
+            raise ValueError(f"{_SUPPORTED}; got assisted decoding")
+        return super()._assisted_decoding(*args, **kwargs)  # type: ignore[misc]
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def make_perpetual(model: Any, backstep: BackstepConfig | None = None) -> Any:
+    """Give a loaded model ``generate(backstep=...)``, in place, and return it.
+
+    The model's class is swapped for a subclass with the same name and module, so
+    ``isinstance(model, OriginalClass)`` holds and ``save_pretrained`` writes the same ``architectures``.
+    Calling it again is harmless.
+
+    Args:
+        model: a transformers causal LM (a ``GenerationMixin``).
+        backstep (`BackstepConfig`, *optional*): a default for every ``generate()`` call of this model.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from perpetual_logits import BackstepConfig, make_perpetual
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                   num_attention_heads=2, num_key_value_heads=1, eos_token_id=2, pad_token_id=0)
+    >>> model = make_perpetual(LlamaForCausalLM(cfg).eval())
+    >>> isinstance(model, LlamaForCausalLM), type(model).__name__
+    (True, 'LlamaForCausalLM')
+    >>> out = model.generate(torch.tensor([[1, 5, 6]]), do_sample=False, max_new_tokens=8,
+    ...                      backstep=BackstepConfig(n_remove=2))
+    >>> out.shape
+    torch.Size([1, 11])
+
+    ```
+    """
+    if not isinstance(model, GenerationMixin):
+        raise ValueError(f"`model` must be a transformers generative model, got {type(model).__name__}")
+    if backstep is not None and not isinstance(backstep, BackstepConfig):
+        raise ValueError(f"`backstep` must be a BackstepConfig or None, got {backstep!r}")
+    cls = type(model)
+    if not isinstance(model, PerpetualGenerationMixin):
+        perpetual = _CLASSES.get(cls)
+        if perpetual is None:
+            perpetual = type(
+                cls.__name__,
+                (PerpetualGenerationMixin, cls),
+                {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+            )
+            _CLASSES[cls] = perpetual
+        model.__class__ = perpetual
+    if backstep is not None:
+        model.backstep_config = backstep
+    return model
