@@ -62,7 +62,7 @@ compat: $(STAMP)
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[dev]" "transformers==5.17.0"
-	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(COMPAT_VENV)/bin/python -m pytest -q -p no:doctest tests
+	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(COMPAT_VENV)/bin/python -m pytest -q -o addopts="" tests
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

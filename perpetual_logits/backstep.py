@@ -27,7 +27,7 @@ rewinds - 1. Every kept or removed token is fed once except the last token of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
@@ -77,7 +77,8 @@ class BackstepConfig:
     ```python
     >>> from perpetual_logits import BackstepConfig, LinearDecay
     >>> BackstepConfig(n_remove=5)
-    BackstepConfig(n_remove=5, schedule=None, max_backsteps=50, on_exhausted='suppress', ban_rewound_token=None, hold_back=10, logits_buffer=6)
+    BackstepConfig(n_remove=5, schedule=None, max_backsteps=50, on_exhausted='suppress',
+                   ban_rewound_token=None, hold_back=10, logits_buffer=6)
     >>> BackstepConfig.dynamic(n_remove=4, peak=2.0).schedule
     LinearDecay(peak=2.0, steps=4)
     >>> BackstepConfig(n_remove=0)
@@ -325,9 +326,7 @@ class BackstepLoop:
         kwargs = model._update_model_kwargs_for_generation(outputs, kwargs, is_encoder_decoder=False)
         cache = kwargs[cache_key]
         if cache.get_seq_length() != P:
-            raise ValueError(
-                "backstep generation cannot continue from a pre-filled cache; pass a fresh prompt"
-            )
+            raise ValueError("backstep generation cannot continue from a pre-filled cache; pass a fresh prompt")
         self.cache = cache
         self.extra = {
             k: v
@@ -398,7 +397,7 @@ class BackstepLoop:
                 view = self._view()
                 if self.row_temp is not None:
                     self.row_temp.factors = self._factors(active)
-                scores = self.processors(view, self._apply_bans(current, active))
+                scores = self.processors(cast(torch.LongTensor, view), self._apply_bans(current, active))
                 if record_scores:
                     step_scores.append(scores)
                 if record_logits:
@@ -483,9 +482,7 @@ class BackstepLoop:
                 on[b] = True
         if not any(on):
             return None
-        return multipliers(
-            self.table, torch.tensor(steps, device=self.device), torch.tensor(on, device=self.device)
-        )
+        return multipliers(self.table, torch.tensor(steps, device=self.device), torch.tensor(on, device=self.device))
 
     def _apply_bans(self, logits: torch.Tensor, active: list[int]) -> torch.Tensor:
         """Forbid tokens per row before the processors, so top-k/top-p pick among the rest.
@@ -550,9 +547,7 @@ class BackstepLoop:
         self.used[b] += 1
         stats.removed_tokens += removed
         stats.deep_rewinds += int(deep)
-        self.events[b].append(
-            BackstepEvent(step, p - self.prompt_length, removed, eos_prob, deep, banned_token)
-        )
+        self.events[b].append(BackstepEvent(step, p - self.prompt_length, removed, eos_prob, deep, banned_token))
         for proc in self.rewinders:
             proc.rewind(b, p)
 
@@ -593,8 +588,7 @@ class BackstepLoop:
     def _forward_inputs(self, active: list[int]) -> list[bool]:
         """Which rows feed a real token in the next forward."""
         return [
-            (not self.finished[b]) and self.mode[b] in ("feed", "refeed") and b in active
-            for b in range(self.batch)
+            (not self.finished[b]) and self.mode[b] in ("feed", "refeed") and b in active for b in range(self.batch)
         ]
 
     def _position(self, b: int, index: int) -> int:
@@ -660,17 +654,14 @@ class BackstepLoop:
             filler = torch.zeros_like(per_step[0][0]) if per_step else None
             out = []
             for j in range(generated):
-                rows = [
-                    per_step[steps[j]][b] if j < len(steps) else filler
-                    for b, steps in enumerate(self.row_steps)
-                ]
+                rows = [per_step[steps[j]][b] if j < len(steps) else filler for b, steps in enumerate(self.row_steps)]
                 out.append(torch.stack(rows))  # type: ignore[arg-type]
             return tuple(out)
 
         return BackstepOutput(
-            sequences=sequences,
-            scores=gather(step_scores) if record_scores else None,
-            logits=gather(step_logits) if record_logits else None,
+            sequences=cast(torch.LongTensor, sequences),
+            scores=cast(Any, gather(step_scores) if record_scores else None),
+            logits=cast(Any, gather(step_logits) if record_logits else None),
             attentions=None,
             hidden_states=None,
             cache=self.cache,

@@ -7,7 +7,7 @@ the mixin overrides ``_sample`` and ``generate`` and stays out of the way when n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import GenerationMixin
@@ -73,7 +73,7 @@ class PerpetualGenerationMixin(GenerationMixin):
         finally:
             self._perpetual_active = previous
 
-    def _sample(  # type: ignore[override]
+    def _sample(
         self,
         input_ids: torch.LongTensor,
         logits_processor: Any,
@@ -169,5 +169,5 @@ def make_perpetual(model: Any, backstep: BackstepConfig | None = None) -> Any:
             _CLASSES[cls] = perpetual
         model.__class__ = perpetual
     if backstep is not None:
-        model.backstep_config = backstep
+        cast(PerpetualGenerationMixin, model).backstep_config = backstep
     return model

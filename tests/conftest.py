@@ -100,3 +100,20 @@ def tinystories(tinystories_path: Path):
 @pytest.fixture(scope="session")
 def stories260k_path() -> Path:
     return require_model_dir(STORIES260K)
+
+
+def build_tokenizer():
+    """A word-level tokenizer whose ids fit the tiny models' vocabulary (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
