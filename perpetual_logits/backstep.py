@@ -26,7 +26,7 @@ rewinds - 1. Every kept or removed token is fed once except the last token of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
 import torch
@@ -158,6 +158,10 @@ class BackstepStats:
     cache_slots: int = 0
 
 
+# The output field was renamed from `past_key_values` to `cache` after transformers 5.18.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(GenerateDecoderOnlyOutput)} else "past_key_values"
+
+
 @dataclass
 class BackstepOutput(GenerateDecoderOnlyOutput):
     """``GenerateDecoderOnlyOutput`` plus, per row, the backstep events and the run's work counters."""
@@ -214,6 +218,12 @@ def check_cache(cache: Any) -> None:
             raise ValueError(
                 f"backstep generation cannot rewind a quantized cache ({name}): quantized layers are not "
                 "croppable. Use the default DynamicCache or a StaticCache."
+            )
+        if hasattr(layer, "max_cache_len") and not getattr(cache, "is_croppable", False):
+            raise ValueError(
+                f"backstep generation cannot rewind {name} with this transformers version: its fixed-size layers "
+                "are not croppable, so rewound slots would overflow the cache. Use the default DynamicCache, or "
+                "transformers >= 5.24 for StaticCache."
             )
         if getattr(layer, "is_linear", False) or "Linear" in name:
             raise ValueError(
@@ -328,6 +338,7 @@ class BackstepLoop:
         if cache.get_seq_length() != P:
             raise ValueError("backstep generation cannot continue from a pre-filled cache; pass a fresh prompt")
         self.cache = cache
+        self.cache_key = cache_key
         self.extra = {
             k: v
             for k, v in kwargs.items()
@@ -621,7 +632,7 @@ class BackstepLoop:
         model_inputs = self.model.prepare_inputs_for_generation(
             ids,
             next_sequence_length=1,
-            cache=self.cache,
+            **{self.cache_key: self.cache},  # `past_key_values` up to transformers 5.18
             attention_mask=self.attn,
             position_ids=torch.tensor(positions, device=self.device)[:, None],
             use_cache=True,
@@ -664,7 +675,7 @@ class BackstepLoop:
             logits=cast(Any, gather(step_logits) if record_logits else None),
             attentions=None,
             hidden_states=None,
-            cache=self.cache,
+            **{_CACHE_FIELD: self.cache},
             backstep_events=self.events,
             backstep_stats=stats,
         )
