@@ -1,15 +1,22 @@
 """perpetual_logits: keep transformers models writing past the point where they learned to stop.
 
 Methods 1 and 2 are ``LogitsProcessor``s; Methods 3 and 4 (backstep generation with KV-cache rewind) live in
-:class:`PerpetualGenerationMixin`, attached to a loaded model with :func:`make_perpetual`.
+:class:`PerpetualGenerationMixin`, attached to a loaded model with :func:`make_perpetual`. The analysis toolkit
+(:mod:`perpetual_logits.analysis`, :mod:`perpetual_logits.plotting`) shows why a model stops; ending control
+beyond the EOS token lives in :mod:`perpetual_logits.phrases`, :mod:`perpetual_logits.triggers` and
+:mod:`perpetual_logits.criteria`.
 """
 
 from ._compat import check_transformers_version
 
 check_transformers_version()
 
+from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_stats  # noqa: E402
 from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats  # noqa: E402
+from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
+from .phrases import ENDING_PHRASES, PhraseMatch, PhraseMatcher, PhraseScan, default_end_phrases  # noqa: E402
+from .plotting import plot_blockwise, plot_eos_window  # noqa: E402
 from .processors import (  # noqa: E402
     EOSLogitsProcessor,
     PostEOSResamplingLogitsProcessor,
@@ -23,10 +30,12 @@ from .schedules import (  # noqa: E402
     Schedule,
     StepDecay,
 )
+from .triggers import EarlyTrigger  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ENDING_PHRASES",
     "BackstepConfig",
     "BackstepEvent",
     "BackstepOutput",
@@ -34,13 +43,28 @@ __all__ = [
     "Constant",
     "CosineDecay",
     "EOSLogitsProcessor",
+    "EarlyTrigger",
+    "EventSource",
+    "EvictionBudgetCriteria",
     "ExponentialDecay",
     "LinearDecay",
     "PerpetualGenerationMixin",
+    "PhraseMatch",
+    "PhraseMatcher",
+    "PhraseScan",
     "PostEOSResamplingLogitsProcessor",
+    "RepetitionLoopCriteria",
     "Schedule",
     "StepDecay",
+    "StepStats",
+    "StepStatsRecorder",
     "SuppressEOSLogitsProcessor",
     "__version__",
+    "blockwise",
+    "default_end_phrases",
+    "eos_window",
     "make_perpetual",
+    "plot_blockwise",
+    "plot_eos_window",
+    "step_stats",
 ]

@@ -1,0 +1,238 @@
+"""The perpetual-logits command, end to end in-process: a tiny random model in a temp dir and TinyStories-656K."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_model
+
+import perpetual_logits
+from perpetual_logits import cli
+
+HAS_BACKSTEP = hasattr(perpetual_logits, "make_perpetual")
+METHODS = ["baseline", "suppress", "post-eos"] + (["backstep", "dynamic"] if HAS_BACKSTEP else [])
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random llama (vocab 64, EOS 2) and a word-level tokenizer over the same 64 ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    words = ["<unk>", "<s>", "</s>", "\n"] + [f"w{i}" for i in range(60)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    tokenizer.save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def strict_json(text: str):
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# -- generate -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_json(capsys, tiny_dir, method):
+    code, out, err = run(
+        capsys, "generate", "--model", str(tiny_dir), "--method", method, "--max-new-tokens", "25", "--json", "w1 w2"
+    )
+    assert code == 0, err
+    payload = strict_json(out)  # exactly one JSON object on stdout
+    assert payload["method"] == method and payload["prompt"] == "w1 w2"
+    assert 0 < payload["new_tokens"] <= 25
+    assert payload["intervention_kind"] == cli._INTERVENTION[method]
+    if method != "baseline":
+        assert not payload["ended_with_eos"]  # every method keeps EOS out of the text
+        assert payload["new_tokens"] == 25
+    if method in ("backstep", "dynamic"):
+        assert len(payload["backstep_events"]) == len(payload["intervention_steps"])
+
+
+def test_generate_is_reproducible_and_seeded(capsys, tiny_dir):
+    base = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "15", "--json"]
+    texts = [strict_json(run(capsys, *base, "--seed", seed, "w1")[1])["text"] for seed in ("3", "3", "4")]
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+
+
+def test_generate_streams_then_summarises(capsys, tiny_dir):
+    code, out, _ = run(
+        capsys, "generate", "--model", str(tiny_dir), "--method", "suppress", "--max-new-tokens", "12", "w5 w6"
+    )
+    assert code == 0
+    lines = out.rstrip("\n").splitlines()
+    assert lines[0].startswith("w5 w6")  # the streamer prints the prompt, then the new text
+    assert lines[-1].startswith("[suppress] 12 new tokens") and "EOS on top" in lines[-1]
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_dir), "--no-stream", "--max-new-tokens", "5", "w1")
+    assert code == 0 and out.splitlines()[-1].startswith("[baseline]")
+
+
+def test_generate_caps_budget_at_model_positions(capsys, tiny_dir):
+    code, out, _ = run(
+        capsys, "generate", "--model", str(tiny_dir), "--method", "suppress", "--max-new-tokens", "600", "--json", "w1"
+    )
+    assert code == 0
+    assert strict_json(out)["new_tokens"] == 512 - 1  # max_position_embeddings 512, prompt of one token
+
+
+# -- analyze ------------------------------------------------------------------------------------------------
+def test_analyze_writes_figures_json_and_summary(capsys, tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2\n\nw7\n")
+    out_dir = tmp_path / "analysis"
+    code, out, err = run(
+        capsys,
+        *("analyze", "--model", str(tiny_dir), "--prompts", str(prompts), "--runs", "3"),
+        *("--block-size", "4", "--final-blocks", "2", "--max-new-tokens", "80", "--out", str(out_dir)),
+    )
+    assert code == 0, err
+    for name in ("blockwise.png", "blockwise_end.png"):
+        assert (out_dir / name).read_bytes().startswith(PNG)
+    data = strict_json((out_dir / "analysis.json").read_text())
+    assert data["units"]["entropy"] == "bits" and data["block_size"] == 4
+    assert len(data["runs"]) == 6 and {r["prompt"] for r in data["runs"]} == {"w1 w2", "w7"}
+    ended = [r for r in data["runs"] if r["ended_with_eos"]]
+    assert ended, "some of 6 runs of the tiny model should end with EOS within 80 tokens"
+    for r in data["runs"]:
+        assert len(r["stats"]["entropy"]) == r["new_tokens"] + (1 if r["ended_with_eos"] else 0)
+        assert len(r["blocks"]["entropy"]) == -(-len(r["stats"]["entropy"]) // 4)
+    assert (out_dir / "eos_window.png").read_bytes().startswith(PNG)
+    assert len(data["eos_window"]["steps"]) == min(5, len(data["runs"][data["eos_window"]["run"]]["stats"]["info"]))
+    summary = (out_dir / "analysis.md").read_text()
+    assert "lined up at their end" in summary and "EOS probability" in summary
+    assert "Entropy" in out or "full blocks" in out  # the verdict is also printed
+
+
+# -- demo ---------------------------------------------------------------------------------------------------
+def test_demo_tiny(capsys, tiny_dir, tmp_path):
+    out_dir = tmp_path / "demo"
+    code, out, err = run(
+        capsys,
+        *("demo", "--model", str(tiny_dir), "--runs", "1", "--analysis-runs", "2"),
+        *("--max-new-tokens", "40", "--block-size", "5", "--out", str(out_dir), "--prompt", "w1"),
+    )
+    assert code == 0, err
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in table[1:]] == list(cli.METHODS)
+    results = strict_json((out_dir / "results.json").read_text())
+    assert [row["method"] for row in results["table"]] == list(cli.METHODS)
+    assert (out_dir / "blockwise.png").stat().st_size > 0
+    assert "## Samples" in (out_dir / "README.md").read_text()
+
+
+# -- errors: one line on stderr, exit status 2 ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--model", "/nonexistent/model-dir", "hi"], "does not exist"),
+        (["generate", "--model", "M", "--method", "telepathy", "hi"], "invalid choice"),
+        (["generate", "--model", "M", "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
+        (["generate", "--model", "M", "--max-new-tokens", "many", "hi"], "must be an int >= 1"),
+        (["generate", "--model", "M", "--temperature", "-1", "hi"], "--temperature"),
+        (["generate", "--model", "M", "--temperature", "nan", "hi"], "--temperature"),
+        (["generate", "--model", "M", "--top-p", "1.5", "hi"], "--top-p"),
+        (["generate", "--model", "M", "--peak", "0", "hi"], "--peak"),
+        (["generate", "--model", "M", "--n-remove", "0", "hi"], "--n-remove"),
+        (["generate", "--model", "M", "--schedule", "zigzag", "hi"], "invalid choice"),
+        (["generate", "--model", "M"], "PROMPT"),
+        (["analyze", "--model", "M"], "--out"),
+        (["analyze", "--model", "M", "--out", "x", "--block-size", "0"], "--block-size"),
+        (["analyze", "--model", "M", "--out", "x", "--runs", "-2"], "--runs"),
+        (["demo", "--runs", "1.5"], "--runs"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unloadable_model_and_bad_prompts_file(capsys, tmp_path, tiny_dir):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    code, _, err = run(capsys, "generate", "--model", str(empty), "hi")
+    assert code == 2 and "cannot load model" in err and len(err.strip().splitlines()) == 1
+    for prompts, message in (
+        (tmp_path / "missing.txt", "cannot read prompts file"),
+        (empty / "blank.txt", "no non-empty"),
+    ):
+        if prompts.name == "blank.txt":
+            prompts.write_text("\n  \n")
+        code, _, err = run(
+            capsys, "analyze", "--model", str(tiny_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o")
+        )
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "generate" in out and "analyze" in out and "demo" in out
+    code, out, _ = run(capsys, "generate", "--help")
+    assert code == 0 and "--n-remove" in out and "--schedule" in out
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and perpetual_logits.__version__ in out
+    assert cli.DEFAULT_MODEL == "raincandy-u/TinyStories-656K"
+
+
+@pytest.mark.slow
+def test_python_dash_m(tiny_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "perpetual_logits", "generate", "--model", str(tiny_dir), "--method", "nope", "x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- TinyStories-656K ---------------------------------------------------------------------------------------
+def test_tinystories_generate(capsys, tinystories_path):
+    code, out, err = run(
+        capsys, "generate", "--model", str(tinystories_path), "--max-new-tokens", "60", "--json", "Once upon a time"
+    )
+    assert code == 0, err
+    payload = strict_json(out)
+    assert payload["new_tokens"] > 0 and payload["text"].strip()
+
+
+@pytest.mark.slow
+def test_tinystories_demo(capsys, tinystories_path, tmp_path):
+    out_dir = tmp_path / "demo-output"
+    code, _, err = run(
+        capsys,
+        *("demo", "--model", str(tinystories_path), "--runs", "1", "--analysis-runs", "4"),
+        *("--max-new-tokens", "200", "--out", str(out_dir)),
+    )
+    assert code == 0, err
+    results = strict_json((out_dir / "results.json").read_text())
+    rows = {row["method"]: row for row in results["table"]}
+    assert set(rows) == set(cli.METHODS)
+    for method in METHODS[1:]:
+        assert rows[method]["new_tokens"] == 200 and rows[method]["stopped_at_eos"] == 0
+    for name in ("blockwise.png", "blockwise_end.png", "eos_window.png", "README.md", "analysis.md"):
+        assert (out_dir / name).stat().st_size > 0
