@@ -26,6 +26,8 @@ rewinds - 1. Every kept or removed token is fed once except the last token of th
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
@@ -43,8 +45,10 @@ from transformers.generation import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import _validation
+from .phrases import PhraseMatcher, default_end_phrases
 from .processors import eos_probability, factor_table, multipliers
 from .schedules import LinearDecay, Schedule
+from .triggers import EarlyTrigger
 
 __all__ = ["BackstepConfig", "BackstepEvent", "BackstepOutput", "BackstepStats"]
 
@@ -71,6 +75,15 @@ class BackstepConfig:
             streamed and never removed. Defaults to ``2 * n_remove`` (two rewinds can stack).
         logits_buffer (`int`, *optional*): positions of raw logits kept per row so that a rewind needs no
             forward pass. Defaults to ``n_remove + 1``; a rewind deeper than the buffer re-feeds one token.
+        ban_phrases (`"default"` or `list[str | re.Pattern]`, *optional*): ending control beyond the EOS token.
+            When a row's decoded text completes one of these phrases -- whatever tokens spelled it -- the row is
+            rewound to the token where the phrase began, that token is forbidden there, and generation goes on
+            (with the schedule, if any). ``"default"`` is :func:`~perpetual_logits.default_end_phrases` of the
+            tokenizer: the text of every special token that ends generation plus common ending phrases. Needs
+            ``generate(..., tokenizer=tokenizer)``. Phrase rewinds share the ``max_backsteps`` budget.
+        early_trigger (`EarlyTrigger`, *optional*): start the ``schedule`` before EOS is sampled, when a row's
+            EOS probability (averaged over a window) or its entropy trend says an ending is near. The
+            statistics are those of the model's raw next-token distribution. Needs a ``schedule``.
 
     Example:
 
@@ -78,7 +91,7 @@ class BackstepConfig:
     >>> from perpetual_logits import BackstepConfig, LinearDecay
     >>> BackstepConfig(n_remove=5)
     BackstepConfig(n_remove=5, schedule=None, max_backsteps=50, on_exhausted='suppress',
-                   ban_rewound_token=None, hold_back=10, logits_buffer=6)
+                   ban_rewound_token=None, hold_back=10, logits_buffer=6, ban_phrases=None, early_trigger=None)
     >>> BackstepConfig.dynamic(n_remove=4, peak=2.0).schedule
     LinearDecay(peak=2.0, steps=4)
     >>> BackstepConfig(n_remove=0)
@@ -96,6 +109,8 @@ class BackstepConfig:
     ban_rewound_token: bool | None = None
     hold_back: int | None = None
     logits_buffer: int | None = None
+    ban_phrases: Literal["default"] | Sequence[str | re.Pattern[str]] | None = None
+    early_trigger: EarlyTrigger | None = None
 
     def __post_init__(self) -> None:
         _validation.positive_int(self.n_remove, "n_remove")
@@ -117,6 +132,22 @@ class BackstepConfig:
         if self.logits_buffer is None:
             object.__setattr__(self, "logits_buffer", self.n_remove + 1)
         _validation.positive_int(self.logits_buffer, "logits_buffer")
+        phrases = self.ban_phrases
+        if phrases is not None and phrases != "default":
+            if isinstance(phrases, (str, bytes, re.Pattern)) or not isinstance(phrases, Sequence) or not phrases:
+                raise ValueError(
+                    "`ban_phrases` must be None, 'default' or a non-empty list of strings / compiled regular "
+                    f"expressions, got {phrases!r}"
+                )
+            for phrase in phrases:
+                if not isinstance(phrase, (str, re.Pattern)) and type(phrase).__name__ != "Pattern":
+                    raise ValueError(f"`ban_phrases` must contain strings or compiled patterns, got {phrase!r}")
+            object.__setattr__(self, "ban_phrases", tuple(phrases))
+        if self.early_trigger is not None:
+            if not isinstance(self.early_trigger, EarlyTrigger):
+                raise ValueError(f"`early_trigger` must be None or an EarlyTrigger, got {self.early_trigger!r}")
+            if self.schedule is None:
+                raise ValueError("`early_trigger` starts the temperature schedule: set `schedule` too")
 
     @classmethod
     def dynamic(cls, n_remove: int = 10, peak: float = 2.0, **kwargs: Any) -> BackstepConfig:
@@ -135,7 +166,9 @@ class BackstepEvent:
             was only evicted).
         eos_prob: probability of the EOS ids in the distribution that produced the EOS.
         deep: the buffer did not reach back far enough and one token was re-fed (one extra forward).
-        banned_token: the token forbidden at ``position`` (``ban_rewound_token``), or None.
+        banned_token: the token forbidden at ``position`` (``ban_rewound_token``, or a phrase's first token).
+        reason: ``"eos"`` (EOS was sampled) or ``"phrase"`` (a banned phrase was completed).
+        phrase: the banned phrase that was completed, for ``reason="phrase"``.
     """
 
     step: int
@@ -144,6 +177,8 @@ class BackstepEvent:
     eos_prob: float
     deep: bool = False
     banned_token: int | None = None
+    reason: Literal["eos", "phrase"] = "eos"
+    phrase: str | None = None
 
 
 @dataclass
@@ -156,6 +191,7 @@ class BackstepStats:
     deep_rewinds: int = 0
     backsteps: int = 0
     cache_slots: int = 0
+    early_triggers: int = 0
 
 
 # The output field was renamed from `past_key_values` to `cache` after transformers 5.18.
@@ -168,6 +204,7 @@ class BackstepOutput(GenerateDecoderOnlyOutput):
 
     backstep_events: list[list[BackstepEvent]] | None = None
     backstep_stats: BackstepStats | None = None
+    early_triggers: list[list[int]] | None = None
 
 
 class RowTemperature(LogitsProcessor):
@@ -318,6 +355,23 @@ class BackstepLoop:
         self.criteria = StoppingCriteriaList(
             [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
         )
+        tokenizer = model_kwargs.pop("tokenizer", None)
+        model_kwargs.pop("assistant_tokenizer", None)
+        self.matcher: PhraseMatcher | None = None
+        if config.ban_phrases is not None:
+            if tokenizer is None:
+                raise ValueError(
+                    "`ban_phrases` needs the tokenizer to read the text: call generate(..., tokenizer=tokenizer)"
+                )
+            phrases = (
+                default_end_phrases(tokenizer, self.eos.tolist())
+                if config.ban_phrases == "default"
+                else list(config.ban_phrases)
+            )
+            self.matcher = PhraseMatcher(phrases, tokenizer)
+        self.early = config.early_trigger
+        if self.early is not None:
+            self.early.reset()
         self.model_kwargs = model_kwargs
         self.input_ids = input_ids
 
@@ -332,6 +386,7 @@ class BackstepLoop:
         input_ids = self.input_ids
 
         stats = BackstepStats(prefill_forwards=1)
+        self.stats = stats
         outputs = model._prefill(input_ids, gc, kwargs, is_first_iteration=not gc.is_assistant)
         kwargs = model._update_model_kwargs_for_generation(outputs, kwargs, is_encoder_decoder=False)
         cache = kwargs[cache_key]
@@ -342,15 +397,7 @@ class BackstepLoop:
         self.extra = {
             k: v
             for k, v in kwargs.items()
-            if k
-            not in (
-                "cache",
-                "past_key_values",
-                "attention_mask",
-                "position_ids",
-                "inputs_embeds",
-                "use_cache",
-            )
+            if k not in ("cache", "past_key_values", "attention_mask", "position_ids", "inputs_embeds", "use_cache")
         }
         self.forward = (
             model.get_compiled_call(gc.compile_config)
@@ -359,29 +406,36 @@ class BackstepLoop:
         )
 
         # Per-row state (Python lists: rows move independently, and the batch is small).
+        prompt_rows = input_ids.tolist()
         if prompt_mask is not None:
             mask = prompt_mask.to(self.device, torch.long)
             self.prompt_pos = (mask.cumsum(-1) - 1).clamp(min=0).tolist()
             self.valid_prompt = mask.sum(-1).tolist()
             self.attn: torch.Tensor | None = mask.clone()
             self.keep_mask = True
+            # Leading padding is not text: phrase scans start after it.
+            self.text_start = [row.index(1) if 1 in row else P for row in mask.tolist()]
         else:
             self.prompt_pos = [list(range(P))] * B
             self.valid_prompt = [P] * B
             self.attn = None
             self.keep_mask = False
+            self.text_start = [0] * B
         self.width = P  # cache slots
         self.tok = torch.full((B, self.max_length + 1), self.pad, dtype=torch.long, device=self.device)
         self.tok[:, :P] = input_ids
+        self.row_ids: list[list[int]] = prompt_rows  # each row's tokens, prompt included (mirrors self.tok)
         self.lens = [P] * B
         self.slot_of: list[list[int]] = [list(range(P)) for _ in range(B)]
         self.committed = [P] * B
+        self.phrase_hold = [0] * B
         self.finished = [self.max_length <= P] * B
         self.used = [0] * B
         self.trigger: list[int | None] = [None] * B
         self.bans: list[dict[int, set[int]]] = [{} for _ in range(B)]
         self.mode = ["feed"] * B  # feed | wait | refeed
         self.events: list[list[BackstepEvent]] = [[] for _ in range(B)]
+        self.early_positions: list[list[int]] = [[] for _ in range(B)]
         self.row_steps: list[list[int]] = [[] for _ in range(B)]
         record_scores = bool(gc.return_dict_in_generate and gc.output_scores)
         record_logits = bool(gc.return_dict_in_generate and gc.output_logits)
@@ -398,59 +452,72 @@ class BackstepLoop:
         self._store(raw, list(range(B)))
         fed = [True] * B
 
+        model._perpetual_loop = self  # lets criteria read live event counts (event_counts)
         optimize = getattr(model, "_optimize_model_for_decode", None)
         context = optimize() if optimize is not None else _null_context()
         step = 0
-        with context:
-            while not all(self.finished):
-                active = [b for b in range(B) if not self.finished[b]]
-                current = self._current_logits(raw, fed, active)
-                view = self._view()
-                if self.row_temp is not None:
-                    self.row_temp.factors = self._factors(active)
-                scores = self.processors(cast(torch.LongTensor, view), self._apply_bans(current, active))
-                if record_scores:
-                    step_scores.append(scores)
-                if record_logits:
-                    step_logits.append(current)
-                if self.do_sample:
-                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-                else:
-                    next_tokens = scores.argmax(-1)
-                chosen = next_tokens.tolist()
+        try:
+            with context:
+                while not all(self.finished):
+                    active = [b for b in range(B) if not self.finished[b]]
+                    current = self._current_logits(raw, fed, active)
+                    if self.early is not None:
+                        self._early_triggers(current, active)
+                    if self.row_temp is not None:
+                        self.row_temp.factors = self._factors(active)
+                    scores = self.processors(cast(torch.LongTensor, self._view()), self._apply_bans(current, active))
+                    if record_scores:
+                        step_scores.append(scores)
+                    if record_logits:
+                        step_logits.append(current)
+                    if self.do_sample:
+                        next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                    else:
+                        next_tokens = scores.argmax(-1)
+                    chosen = next_tokens.tolist()
 
-                appended: list[int] = []
-                rewound = False
-                eos_probs: list[float] | None = None
-                for b in active:
-                    token = chosen[b]
-                    if token in self.eos_set and self.used[b] < cfg.max_backsteps:
-                        if eos_probs is None:
-                            eos_probs = eos_probability(scores, self.eos).tolist()
-                        self._rewind(b, step, eos_probs[b], stats)
-                        rewound = True
-                        continue
-                    self._append(b, token, step)
-                    appended.append(b)
-                    if token in self.eos_set:
-                        self.finished[b] = True
-                if rewound:
-                    self._trim()
-                if appended:
-                    self._check_stops(appended, scores)
-                self._stream()
+                    appended: list[int] = []
+                    rewound = False
+                    eos_probs: list[float] | None = None
+                    for b in active:
+                        token = chosen[b]
+                        if token in self.eos_set and self.used[b] < cfg.max_backsteps:
+                            if eos_probs is None:
+                                eos_probs = eos_probability(scores, self.eos).tolist()
+                            removed = min(cfg.n_remove, self.lens[b] - self.committed[b])
+                            self._rewind(b, step, self.lens[b] - removed, eos_probs[b], "eos")
+                            rewound = True
+                            continue
+                        self._append(b, token, step)
+                        if token in self.eos_set:
+                            self.finished[b] = True
+                        else:
+                            appended.append(b)
+                    if appended and self.matcher is not None:
+                        rewound |= self._scan_phrases(appended, step)
+                    if rewound:
+                        self._trim()
+                    if appended:
+                        self._check_stops(appended, scores)
+                    self._stream()
 
-                fed = self._forward_inputs(active)
-                if any(fed):
-                    raw = self._run_forward(fed)
-                    stats.decode_forwards += 1
-                step += 1
+                    fed = self._forward_inputs(active)
+                    if any(fed):
+                        raw = self._run_forward(fed)
+                        stats.decode_forwards += 1
+                    step += 1
+        finally:
+            model._perpetual_loop = None
 
         if self.streamer is not None:
             self.streamer.end()
         stats.cache_slots = self.width
         stats.backsteps = sum(len(e) for e in self.events)
         return self._outputs(step_scores, step_logits, record_scores, record_logits, stats)
+
+    def event_counts(self) -> list[int]:
+        """Backsteps so far, per row (for :class:`~perpetual_logits.EvictionBudgetCriteria`)."""
+        return list(self.used)
 
     # -- pieces of a step ----------------------------------------------------------------------------------
     def _store(self, raw: torch.Tensor, rows: list[int]) -> None:
@@ -480,6 +547,16 @@ class BackstepLoop:
         index = torch.arange(longest, device=self.device)[None, :] + (lens[:, None] - longest)
         view = self.tok.gather(1, index.clamp(min=0))
         return view.masked_fill(index < 0, self.pad)
+
+    def _early_triggers(self, logits: torch.Tensor, active: list[int]) -> None:
+        """Start the schedule of rows whose statistics announce an ending (before EOS is sampled)."""
+        assert self.early is not None
+        fired = self.early.update_from_scores(logits, self.eos.tolist()).tolist()
+        for b in active:
+            if fired[b]:
+                self.trigger[b] = self.lens[b]
+                self.early_positions[b].append(self.lens[b] - self.prompt_length)
+                self.stats.early_triggers += 1
 
     def _factors(self, active: list[int]) -> torch.Tensor | None:
         schedule = self.config.schedule
@@ -517,27 +594,54 @@ class BackstepLoop:
 
     def _append(self, b: int, token: int, step: int) -> None:
         self.tok[b, self.lens[b]] = token
+        self.row_ids[b].append(token)
         self.lens[b] += 1
         self.row_steps[b].append(step)
         self.mode[b] = "feed"
         if self.lens[b] >= self.max_length:
             self.finished[b] = True
 
-    def _rewind(self, b: int, step: int, eos_prob: float, stats: BackstepStats) -> None:
+    def _scan_phrases(self, rows: list[int], step: int) -> bool:
+        """Rewind rows whose newest token completed a banned phrase; remember how much text to hold back."""
+        assert self.matcher is not None
+        rewound = False
+        for b in rows:
+            start = self.text_start[b]
+            at_end = self.finished[b]  # max_new_tokens reached: no token follows to confirm a pending match
+            scan = self.matcher.scan(self.row_ids[b][start:], self.prompt_length - start, 1, final=at_end)
+            self.phrase_hold[b] = scan.hold
+            match = scan.match
+            if match is None or self.used[b] >= self.config.max_backsteps:
+                continue
+            target = max(match.start + start, self.committed[b])
+            self.finished[b] = False
+            self._rewind(b, step, target, None, "phrase", match.phrase)
+            rewound = True
+        return rewound
+
+    def _rewind(
+        self,
+        b: int,
+        step: int,
+        p: int,
+        eos_prob: float | None,
+        reason: Literal["eos", "phrase"],
+        phrase: str | None = None,
+    ) -> None:
+        """Cut row ``b`` back to ``p`` tokens: mask the removed slots, forbid what must not come again."""
         cfg = self.config
         end = self.lens[b]
-        removed = min(cfg.n_remove, end - self.committed[b])
-        p = end - removed
+        removed = end - p
         slots = self.slot_of[b]
-        doomed = slots[p:end]
         deep = not self._buffered(b, p)
-        if deep:
-            doomed = slots[p - 1 : end]  # the token before p is fed again in a new slot
+        doomed = slots[p - 1 if deep else p : end]  # deep: the token before p is fed again in a new slot
         if doomed:
             if self.attn is None:
                 self.attn = torch.ones((self.batch, self.width), dtype=torch.long, device=self.device)
             self.attn[b, torch.tensor(doomed, device=self.device)] = 0
         del slots[p - 1 if deep else p :]
+        first_removed = self.row_ids[b][p] if removed > 0 else None
+        del self.row_ids[b][p:]
         self.lens[b] = p
         del self.row_steps[b][p - self.prompt_length :]
         for i, pos in enumerate(self.buffer_pos[b]):
@@ -549,16 +653,23 @@ class BackstepLoop:
         here = bans.setdefault(p, set())
         here.update(self.eos_set)  # the regenerated token must not end the row at once
         banned_token = None
-        if self.ban_rewound and removed > 0:
-            banned_token = int(self.tok[b, p])
+        if first_removed is not None and (reason == "phrase" or self.ban_rewound):
+            banned_token = first_removed
             here.add(banned_token)
         self.bans[b] = bans
         if cfg.schedule is not None:
             self.trigger[b] = p
         self.used[b] += 1
-        stats.removed_tokens += removed
-        stats.deep_rewinds += int(deep)
-        self.events[b].append(BackstepEvent(step, p - self.prompt_length, removed, eos_prob, deep, banned_token))
+        self.phrase_hold[b] = 0
+        if eos_prob is None:
+            eos_prob = float(eos_probability(self.buffer[p % self.cap, b][None], self.eos)[0]) if not deep else 0.0
+        self.stats.removed_tokens += removed
+        self.stats.deep_rewinds += int(deep)
+        event = BackstepEvent(step, p - self.prompt_length, removed, eos_prob, deep, banned_token, reason, phrase)
+        self.events[b].append(event)
+        if self.early is not None:
+            # Its history holds one step per position chosen since p (and the EOS step itself).
+            self.early.rewind(b, removed + (1 if reason == "eos" else 0))
         for proc in self.rewinders:
             proc.rewind(b, p)
 
@@ -588,8 +699,9 @@ class BackstepLoop:
                 self.finished[b] = True
 
     def _stream(self) -> None:
-        hold = int(self.config.hold_back)  # type: ignore[arg-type]
+        hold_back = int(self.config.hold_back)  # type: ignore[arg-type]
         for b in range(self.batch):
+            hold = max(hold_back, self.phrase_hold[b])
             target = self.lens[b] if self.finished[b] else max(self.committed[b], self.lens[b] - hold)
             if target > self.committed[b]:
                 if self.streamer is not None:
@@ -615,7 +727,7 @@ class BackstepLoop:
             if not fed[b]:
                 continue
             index = self.lens[b] - 1  # feed: the newest token; refeed: the token before the rewind point
-            tokens[b] = int(self.tok[b, index])
+            tokens[b] = self.row_ids[b][index]
             positions[b] = self._position(b, index)
             slots = self.slot_of[b]
             if len(slots) == index:
@@ -632,10 +744,10 @@ class BackstepLoop:
         model_inputs = self.model.prepare_inputs_for_generation(
             ids,
             next_sequence_length=1,
-            **{self.cache_key: self.cache},  # `past_key_values` up to transformers 5.18
             attention_mask=self.attn,
             position_ids=torch.tensor(positions, device=self.device)[:, None],
             use_cache=True,
+            **{self.cache_key: self.cache},  # `past_key_values` up to transformers 5.18
             **self.extra,
         )
         outputs = self.forward(**model_inputs, return_dict=True)
@@ -678,6 +790,7 @@ class BackstepLoop:
             **{_CACHE_FIELD: self.cache},
             backstep_events=self.events,
             backstep_stats=stats,
+            early_triggers=self.early_positions if self.early is not None else None,
         )
 
 
