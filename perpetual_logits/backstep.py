@@ -80,7 +80,9 @@ class BackstepConfig:
             rewound to the token where the phrase began, that token is forbidden there, and generation goes on
             (with the schedule, if any). ``"default"`` is :func:`~perpetual_logits.default_end_phrases` of the
             tokenizer: the text of every special token that ends generation plus common ending phrases. Needs
-            ``generate(..., tokenizer=tokenizer)``. Phrase rewinds share the ``max_backsteps`` budget.
+            ``generate(..., tokenizer=tokenizer)``.
+        max_phrase_rewinds (`int`, defaults to 200): phrase rewinds allowed per row (a budget of their own, so
+            that phrases are still caught after the EOS budget is spent); afterwards phrases are kept.
         early_trigger (`EarlyTrigger`, *optional*): start the ``schedule`` before EOS is sampled, when a row's
             EOS probability (averaged over a window) or its entropy trend says an ending is near. The
             statistics are those of the model's raw next-token distribution. Needs a ``schedule``.
@@ -91,7 +93,8 @@ class BackstepConfig:
     >>> from perpetual_logits import BackstepConfig, LinearDecay
     >>> BackstepConfig(n_remove=5)
     BackstepConfig(n_remove=5, schedule=None, max_backsteps=50, on_exhausted='suppress',
-                   ban_rewound_token=None, hold_back=10, logits_buffer=6, ban_phrases=None, early_trigger=None)
+                   ban_rewound_token=None, hold_back=10, logits_buffer=6, ban_phrases=None, max_phrase_rewinds=200,
+                   early_trigger=None)
     >>> BackstepConfig.dynamic(n_remove=4, peak=2.0).schedule
     LinearDecay(peak=2.0, steps=4)
     >>> BackstepConfig(n_remove=0)
@@ -110,6 +113,7 @@ class BackstepConfig:
     hold_back: int | None = None
     logits_buffer: int | None = None
     ban_phrases: Literal["default"] | Sequence[str | re.Pattern[str]] | None = None
+    max_phrase_rewinds: int = 200
     early_trigger: EarlyTrigger | None = None
 
     def __post_init__(self) -> None:
@@ -132,6 +136,7 @@ class BackstepConfig:
         if self.logits_buffer is None:
             object.__setattr__(self, "logits_buffer", self.n_remove + 1)
         _validation.positive_int(self.logits_buffer, "logits_buffer")
+        _validation.positive_int(self.max_phrase_rewinds, "max_phrase_rewinds", minimum=0)
         phrases = self.ban_phrases
         if phrases is not None and phrases != "default":
             if isinstance(phrases, (str, bytes, re.Pattern)) or not isinstance(phrases, Sequence) or not phrases:
@@ -430,7 +435,8 @@ class BackstepLoop:
         self.committed = [P] * B
         self.phrase_hold = [0] * B
         self.finished = [self.max_length <= P] * B
-        self.used = [0] * B
+        self.used = [0] * B  # EOS rewinds per row
+        self.phrase_rewinds = [0] * B
         self.trigger: list[int | None] = [None] * B
         self.bans: list[dict[int, set[int]]] = [{} for _ in range(B)]
         self.mode = ["feed"] * B  # feed | wait | refeed
@@ -516,8 +522,8 @@ class BackstepLoop:
         return self._outputs(step_scores, step_logits, record_scores, record_logits, stats)
 
     def event_counts(self) -> list[int]:
-        """Backsteps so far, per row (for :class:`~perpetual_logits.EvictionBudgetCriteria`)."""
-        return list(self.used)
+        """Rewinds so far (EOS and phrase), per row (for :class:`~perpetual_logits.EvictionBudgetCriteria`)."""
+        return [len(events) for events in self.events]
 
     # -- pieces of a step ----------------------------------------------------------------------------------
     def _store(self, raw: torch.Tensor, rows: list[int]) -> None:
@@ -611,7 +617,7 @@ class BackstepLoop:
             scan = self.matcher.scan(self.row_ids[b][start:], self.prompt_length - start, 1, final=at_end)
             self.phrase_hold[b] = scan.hold
             match = scan.match
-            if match is None or self.used[b] >= self.config.max_backsteps:
+            if match is None or self.phrase_rewinds[b] >= self.config.max_phrase_rewinds:
                 continue
             target = max(match.start + start, self.committed[b])
             self.finished[b] = False
@@ -659,7 +665,10 @@ class BackstepLoop:
         self.bans[b] = bans
         if cfg.schedule is not None:
             self.trigger[b] = p
-        self.used[b] += 1
+        if reason == "eos":
+            self.used[b] += 1
+        else:
+            self.phrase_rewinds[b] += 1
         self.phrase_hold[b] = 0
         if eos_prob is None:
             eos_prob = float(eos_probability(self.buffer[p % self.cap, b][None], self.eos)[0]) if not deep else 0.0

@@ -44,6 +44,13 @@ class PerpetualGenerationMixin(GenerationMixin):
 
     backstep_config: BackstepConfig | None = None
     _perpetual_active: BackstepConfig | None = None
+    _perpetual_loop: Any = None
+
+    def event_counts(self, batch_size: int) -> list[int]:
+        """Rewinds per row of the backstep run in progress (the ``EventSource`` protocol of
+        :class:`~perpetual_logits.EvictionBudgetCriteria`); zeros outside a run."""
+        loop = self._perpetual_loop
+        return loop.event_counts() if loop is not None else [0] * batch_size
 
     @torch.no_grad()
     def generate(self, *args: Any, backstep: BackstepConfig | bool | None = None, **kwargs: Any) -> Any:

@@ -20,12 +20,16 @@ you). Inside backstep generation the loop calls :meth:`rewind` so that the state
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor
 
 from . import _validation
 from .schedules import LinearDecay, Schedule
+
+if TYPE_CHECKING:  # triggers -> analysis -> processors: import at call time to avoid the cycle
+    from .triggers import EarlyTrigger
 
 __all__ = [
     "EOSLogitsProcessor",
@@ -93,11 +97,12 @@ class EOSLogitsProcessor(LogitsProcessor):
             raise RuntimeError("rewind() called before the processor saw any scores")
         if self._next_positions is None:
             self._next_positions = torch.full((self._batch,), self._expected_width, dtype=torch.long)
+        dropped = int(self._next_positions[row]) - length  # calls made for positions >= length
         self._next_positions[row] = length
-        self._rewind_state(row, length)
+        self._rewind_state(row, length, dropped)
 
-    def _rewind_state(self, row: int, length: int) -> None:
-        """Subclass hook: drop state that belongs to positions >= ``length`` of ``row``."""
+    def _rewind_state(self, row: int, length: int, dropped: int) -> None:
+        """Subclass hook: drop state that belongs to positions >= ``length`` of ``row`` (``dropped`` calls)."""
 
     def start(self, batch_size: int, prompt_length: int) -> None:
         """Begin a generation whose rows will be moved by :meth:`rewind` (the backstep loop calls this)."""
@@ -251,6 +256,9 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         eos_token_id (`int` or `list[int]`): the id(s) that end generation.
         schedule (`Schedule`, defaults to `LinearDecay(2.0, 10)`): multiplier per step since the eviction.
         trigger (`str` or `float`, defaults to `"sample"`): when an eviction happens, see above.
+        early_trigger (`EarlyTrigger`, *optional*): also restart the schedule *before* EOS is chosen, when a
+            row's EOS probability averaged over a window, or its entropy trend, says an ending is near (the
+            statistics of the scores this processor sees). See :class:`~perpetual_logits.EarlyTrigger`.
 
     Example:
 
@@ -274,7 +282,13 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         eos_token_id: int | list[int] | tuple[int, ...] | torch.Tensor,
         schedule: Schedule | None = None,
         trigger: str | float = "sample",
+        early_trigger: EarlyTrigger | None = None,
     ) -> None:
+        from .triggers import EarlyTrigger
+
+        if early_trigger is not None and not isinstance(early_trigger, EarlyTrigger):
+            raise ValueError(f"`early_trigger` must be None or an EarlyTrigger, got {early_trigger!r}")
+        self.early_trigger = early_trigger
         if schedule is None:
             schedule = LinearDecay(2.0, 10)
         if not isinstance(schedule, Schedule):
@@ -294,13 +308,17 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         super().__init__(eos_token_id)
 
     def _reset_state(self) -> None:
-        self._last_trigger: torch.Tensor | None = None  # (batch,) position of the latest eviction, -1 = none
+        self._last_trigger: torch.Tensor | None = None  # (batch,) position of the latest restart, -1 = none
+        if getattr(self, "early_trigger", None) is not None:
+            self.early_trigger.reset()  # type: ignore[union-attr]
 
-    def _rewind_state(self, row: int, length: int) -> None:
+    def _rewind_state(self, row: int, length: int, dropped: int) -> None:
+        if self.early_trigger is not None and self.early_trigger._eos is not None and dropped > 0:
+            self.early_trigger.rewind(row, dropped)
         if self._last_trigger is None:
             return
         # Evictions at removed positions never happened: fall back to the latest one still kept.
-        kept = [pos for pos, hit in self._row_history(row, "evicted") if hit and pos < length]
+        kept = [pos for pos, hit in self._row_history(row, "restart") if hit and pos < length]
         self._last_trigger[row] = kept[-1] if kept else -1
 
     def process(
@@ -321,9 +339,13 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         batch = scores.shape[0]
         if self._last_trigger is None or self._last_trigger.shape[0] != batch:
             self._last_trigger = torch.full((batch,), -1, dtype=torch.long, device=scores.device)
+        early = torch.zeros_like(evicted)
+        if self.early_trigger is not None:
+            early = self.early_trigger.update_from_scores(scores, eos) & ~evicted
+        restart = evicted | early
         pos = positions.to(scores.device) if isinstance(positions, torch.Tensor) else positions
-        self._last_trigger = torch.where(evicted, pos, self._last_trigger)
-        self._record(positions, evicted=evicted)
+        self._last_trigger = torch.where(restart, pos, self._last_trigger)
+        self._record(positions, evicted=evicted, early=early, restart=restart)
         factor = multipliers(self._table, pos - self._last_trigger, self._last_trigger >= 0)
         out = mask_eos(scores, eos)
         return out / factor.to(out.dtype)[:, None]
@@ -332,6 +354,16 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
     def evictions(self) -> list[list[int]]:
         """Per row, the generated steps at which EOS was evicted."""
         return [[s for s, v in row if v] for row in self._per_row("evicted")]
+
+    @property
+    def early_triggers(self) -> list[list[int]]:
+        """Per row, the generated steps at which the early trigger restarted the schedule (no eviction)."""
+        return [[s for s, v in row if v] for row in self._per_row("early")]
+
+    def event_counts(self, batch_size: int) -> list[int]:
+        """Evictions per row (the ``EventSource`` protocol of :class:`~perpetual_logits.EvictionBudgetCriteria`)."""
+        counts = [len(steps) for steps in self.evictions]
+        return counts if len(counts) == batch_size else [0] * batch_size
 
     @property
     def multiplier(self) -> list[float]:
