@@ -20,8 +20,9 @@ How the rewind works (one design for batch size 1 and for batches):
   ``min(n_remove, tokens not yet final)``; it never reaches into the prompt.
 
 Forward passes, exactly: at batch size 1, decode-phase forwards = final new tokens + removed tokens + deep
-rewinds - 1. Every kept or removed token is fed once except the last token of the run, which is never fed
-(stock ``generate()`` has the same off-by-one). In a batch the rows share forwards.
+rewinds - 1 - phrase rewinds. Every kept or removed token is fed once, except the last token of the run
+(stock ``generate()`` never feeds it either) and the token that completes a banned phrase (it is removed
+before it is fed). In a batch the rows share forwards.
 """
 
 from __future__ import annotations
