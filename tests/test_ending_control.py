@@ -14,8 +14,8 @@ from conftest import tiny_model
 from transformers import LogitsProcessor, TextIteratorStreamer
 
 import perpetual_logits as pl
-from perpetual_logits.metrics import count_end_markers
 from perpetual_logits import BackstepConfig, EarlyTrigger, make_perpetual
+from perpetual_logits.metrics import count_end_markers
 
 THEY_WERE_HAPPY = [473, 245, 405]  # "They were happy"
 DOT_THE, E, ND, DOT = 152, 30, 389, 10  # ".▁The▁", "E", "nd", "."
@@ -222,13 +222,20 @@ def test_early_trigger_restarts_the_method2_schedule_before_any_eviction() -> No
         logits_processor=[RisingEOS(), proc],
         return_dict_in_generate=True,
         output_scores=True,
+        output_logits=True,
     )
     early = proc.early_triggers[0]
     assert early, "the rising EOS probability must fire the early trigger"
     first = early[0]
-    assert first < min(proc.evictions[0], default=99)  # before EOS would have been chosen
-    # the schedule's peak is applied at the trigger step: scores halved relative to one step earlier's scale
-    assert proc.evictions[0] == [] or proc.evictions[0][0] > first
+    assert all(first < e for e in proc.evictions[0])  # before EOS would have been chosen
+    # at the firing step the row is sampled at the schedule's peak: non-EOS scores are the raw logits / 2
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[2] = False
+    ratio = out.logits[first][0][keep] / out.scores[first][0][keep]
+    assert torch.allclose(ratio, torch.full_like(ratio, 2.0), rtol=1e-4)
+    if first > 0:
+        before = out.logits[first - 1][0][keep] / out.scores[first - 1][0][keep]
+        assert torch.allclose(before, torch.ones_like(before), rtol=1e-4)
 
 
 def test_early_trigger_starts_the_backstep_schedule() -> None:
