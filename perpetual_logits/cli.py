@@ -34,7 +34,8 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_PROMPTS", "METHODS", "main"]
 
 #: The model ``demo`` uses by default; a Hub id or a local folder, loaded with ``from_pretrained``.
 DEFAULT_MODEL = "raincandy-u/TinyStories-656K"
-METHODS = ("baseline", "suppress", "post-eos", "backstep", "dynamic")
+METHODS = ("baseline", "suppress", "post-eos", "backstep", "dynamic", "dynamic+phrases")
+_BACKSTEP_METHODS = ("backstep", "dynamic", "dynamic+phrases")
 SCHEDULES = ("linear", "step", "cosine", "exponential", "constant")
 #: Prompts ``analyze`` uses without ``--prompts``: story openings, the default model's domain.
 DEFAULT_PROMPTS = (
@@ -49,6 +50,7 @@ _INTERVENTION = {
     "post-eos": "evictions",
     "backstep": "backsteps",
     "dynamic": "backsteps",
+    "dynamic+phrases": "backsteps",
 }
 _PROG = "perpetual-logits"
 
@@ -135,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt")
     gen.add_argument("--model", required=True, help="Hub id or local folder of a causal LM")
-    gen.add_argument("--method", choices=METHODS, default="baseline", help="baseline or Method 1-4")
+    gen.add_argument(
+        "--method",
+        choices=METHODS,
+        default="baseline",
+        help="baseline, Method 1-4, or Method 4 with ending control (dynamic+phrases)",
+    )
     gen.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, help="new-token budget")
     gen.add_argument(
         "--stream",
@@ -346,14 +353,19 @@ def run_method(
     elif method == "post-eos":
         schedule = make_schedule(settings.schedule, settings.peak, settings.n_remove)
         proc = processors.PostEOSResamplingLogitsProcessor(loaded.eos, schedule=schedule, trigger="sample")
-    elif method in ("backstep", "dynamic"):
+    elif method in _BACKSTEP_METHODS:
         import perpetual_logits
 
         schedule = None
-        if method == "dynamic":
+        if method != "backstep":
             schedule = make_schedule(settings.schedule, settings.peak, settings.n_remove)
         model = perpetual_logits.make_perpetual(model)
-        kwargs["backstep"] = perpetual_logits.BackstepConfig(n_remove=settings.n_remove, schedule=schedule)
+        # dynamic+phrases: Method 4 plus ending control (spelled end markers and ending phrases are rewound).
+        phrases = "default" if method == "dynamic+phrases" else None
+        kwargs["backstep"] = perpetual_logits.BackstepConfig(
+            n_remove=settings.n_remove, schedule=schedule, ban_phrases=phrases
+        )
+        kwargs["tokenizer"] = tokenizer
     if proc is not None:
         kwargs["logits_processor"] = [proc]
 
@@ -373,7 +385,7 @@ def run_method(
         interventions = proc.eos_top_steps[0] if proc.eos_top_steps else []
     elif isinstance(proc, processors.PostEOSResamplingLogitsProcessor):
         interventions = proc.evictions[0] if proc.evictions else []
-    elif method in ("backstep", "dynamic"):
+    elif method in _BACKSTEP_METHODS:
         row = (getattr(out, "backstep_events", None) or [[]])[0]
         events = [asdict(e) for e in row]
         interventions = [int(e.step) for e in row]

@@ -24,6 +24,8 @@ import zlib
 from collections.abc import Hashable, Sequence
 from functools import lru_cache
 
+from .phrases import ENDING_PHRASES, KNOWN_END_MARKERS
+
 __all__ = [
     "END_MARKERS",
     "bits_per_character",
@@ -36,25 +38,13 @@ __all__ = [
     "rep_n",
 ]
 
-#: Spelled end markers and story-ending phrases, matched case-sensitively (the list carries the case variants
-#: that occur). ``"<|end_story|>"`` is TinyStories-656K's EOS written out as ordinary subword pieces; decode
-#: with ``skip_special_tokens=True`` so that the real EOS token is not counted as a spelled one.
-END_MARKERS: tuple[str, ...] = (
-    "<|end_story|>",
-    "<|endoftext|>",
-    "</s>",
-    "The End",
-    "THE END",
-    "The end.",
-    "The end!",
-    "the end.",
-    "happily ever after",
-    "Happily ever after",
-    "From that day on",
-    "from that day on",
-    "In conclusion",
-    "Conclusion:",
-)
+#: Spelled end markers and ending phrases: the texts of the special tokens that end generation in well-known
+#: model families (:data:`~perpetual_logits.phrases.KNOWN_END_MARKERS`, e.g. ``"<|end_story|>"``, which
+#: TinyStories-656K writes out as ordinary subword pieces when EOS is unavailable) and the ending phrases that
+#: ``ban_phrases="default"`` bans (:data:`~perpetual_logits.phrases.ENDING_PHRASES`). One list, so that the
+#: metric counts exactly what ending control removes. Decode with ``skip_special_tokens=True`` so that a real
+#: EOS token is not counted as a spelled one.
+END_MARKERS: tuple[str, ...] = KNOWN_END_MARKERS + ENDING_PHRASES
 
 
 def _check_n(n: object) -> int:
@@ -237,7 +227,7 @@ def count_end_markers(text: str, markers: Sequence[str] = END_MARKERS, ignore_ca
     Example:
 
     >>> count_end_markers("They lived happily ever after. The end. <|end_story|>")
-    3
+    2
     >>> count_end_markers("the end. THE END", markers=["The End"], ignore_case=True)
     2
     >>> count_end_markers("abcabc", markers=["abca", "bc"])   # "abca" first, then the last "bc"

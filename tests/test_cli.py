@@ -13,8 +13,7 @@ from conftest import REPO, tiny_model
 import perpetual_logits
 from perpetual_logits import cli
 
-HAS_BACKSTEP = hasattr(perpetual_logits, "make_perpetual")
-METHODS = ["baseline", "suppress", "post-eos"] + (["backstep", "dynamic"] if HAS_BACKSTEP else [])
+METHODS = list(cli.METHODS)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,7 +62,7 @@ def test_generate_json(capsys, tiny_dir, method):
     if method != "baseline":
         assert not payload["ended_with_eos"]  # every method keeps EOS out of the text
         assert payload["new_tokens"] == 25
-    if method in ("backstep", "dynamic"):
+    if method in ("backstep", "dynamic", "dynamic+phrases"):
         assert len(payload["backstep_events"]) == len(payload["intervention_steps"])
 
 

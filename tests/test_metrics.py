@@ -22,6 +22,7 @@ from perpetual_logits.metrics import (
     per_thousand,
     rep_n,
 )
+from perpetual_logits.phrases import ENDING_PHRASES, KNOWN_END_MARKERS
 
 token_lists = st.lists(st.integers(min_value=0, max_value=20), max_size=60)
 orders = st.integers(min_value=1, max_value=6)
@@ -103,8 +104,10 @@ def test_compression_ratio_counts_utf8_bytes():
 # -- end markers --------------------------------------------------------------------------------------------
 def test_end_markers_tuple():
     assert isinstance(END_MARKERS, tuple)
-    for marker in ("<|end_story|>", "The End", "THE END", "The end.", "happily ever after"):
+    for marker in ("<|end_story|>", "The End", "THE END", "The end."):
         assert marker in END_MARKERS
+    # exactly what ending control bans by default: one list, no drift
+    assert set(END_MARKERS) == set(KNOWN_END_MARKERS) | set(ENDING_PHRASES)
     assert all(isinstance(m, str) and m for m in END_MARKERS)
 
 
@@ -115,12 +118,13 @@ def test_end_markers_tuple():
         ("Once upon a time.", 0),
         ("The End", 1),
         ("THE END. THE END.", 2),
-        ("They lived happily ever after. The end.", 2),
+        ("They lived happily ever after. The end.", 1),  # a closing formula is not an end marker
         ("The end.<|end_story|>", 2),
         ("the end of the road", 0),  # no period: not an ending
         ("<|end_story|><|end_story|>", 2),
-        ("the end.", 1),
+        ("the end.", 0),  # lower case: the end of an ordinary sentence, not a marker
         ("THE end.", 0),  # case-sensitive by default
+        ("To be continued", 1),
     ],
 )
 def test_count_end_markers_defaults(text, expected):
