@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 STAMP_RUN := $(VENV)/.installed-run
 
-.PHONY: all venv test lint typecheck pytest demo analyze bench quality compat clean
+.PHONY: all venv test lint typecheck pytest demo analyze bench compat clean
 
 all: test
 
@@ -52,9 +52,9 @@ demo: $(STAMP_RUN)
 analyze: $(STAMP)
 	$(BIN)/python -m perpetual_logits analyze --model $(MODEL) --out analysis-output
 
+# Regenerates benchmarks/RESULTS.md and benchmarks/results/ (about 11 minutes on 2 cores).
 bench: $(STAMP)
-	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python benchmarks/speed.py
-	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python benchmarks/quality.py
+	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python benchmarks/run_all.py
 
 # Run the compatibility-sensitive tests against the oldest supported transformers in a separate venv.
 COMPAT_VENV ?= .venv-compat

@@ -1,0 +1,178 @@
+"""Regenerate ``RESULTS.md`` (next to the results folder) and the PNG plots from ``speed.json`` / ``quality.json``.
+
+``python benchmarks/report.py [--out benchmarks/results]`` rebuilds the report from whatever result files exist;
+the benchmark scripts call :func:`write_report` themselves after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common
+
+RUN_ALL = "python benchmarks/run_all.py"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _plot_speed(speed: dict[str, Any], out_dir: Path) -> str | None:
+    """Bar chart of ratios to plain generate() per model, with the targets as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = speed.get("models", {})
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, (name, model) in zip(axes[0], models.items()):
+        arms = [a for a in model["arms"] if a != "plain generate()"]
+        values = [model["arms"][a]["ratio_to_plain"]["of_medians"] for a in arms]
+        lows = [model["arms"][a]["ratio_to_plain"]["paired"]["min"] for a in arms]
+        highs = [model["arms"][a]["ratio_to_plain"]["paired"]["max"] for a in arms]
+        err = [[max(v - lo, 0) for v, lo in zip(values, lows)], [max(h - v, 0) for v, h in zip(values, highs)]]
+        ax.barh(range(len(arms)), values, xerr=err, color="tab:blue", alpha=0.8)
+        ax.set_yticks(range(len(arms)))
+        ax.set_yticklabels([a.replace(": ", ":\n", 1) for a in arms], fontsize=7)
+        ax.axvline(1.0, color="black", lw=0.8)
+        bound = 1.10 if "656k" in name else 1.02
+        ax.axvline(bound, color="tab:red", ls="--", lw=0.8, label=f"processor target {bound}")
+        ax.set_xlabel("time per token / plain generate()")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out_dir / "speed_ratios.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _plot_lengths(quality: dict[str, Any], out_dir: Path) -> str | None:
+    """Box plot of new tokens per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = quality.get("methods", {})
+    if not methods:
+        return None
+    names = list(methods)
+    data = [methods[m]["lengths"] for m in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.boxplot(data, whis=(10, 90), showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1))
+    ax.set_xticklabels(names, fontsize=7, rotation=15)
+    ax.set_ylabel("new tokens per run")
+    ax.set_title(f"Length distribution ({quality['settings']['runs']} runs per method; whiskers p10–p90)", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "quality_lengths.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _plot_judge(quality: dict[str, Any], out_dir: Path) -> str | None:
+    """Judge bits/char of the text past the baseline's stopping point, per method, with the reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = {k: v for k, v in quality.get("methods", {}).items() if v.get("judge_bpc_after") is not None}
+    if not methods:
+        return None
+    names = list(methods)
+    values = [methods[m]["judge_bpc_after"] for m in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(range(len(names)), values, color="tab:green", alpha=0.8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=7, rotation=15)
+    reference = quality.get("reference", {}).get("judge_bpc_natural")
+    if reference is not None:
+        ax.axhline(reference, color="black", ls="--", lw=1, label=f"natural stories (baseline): {reference:.3f}")
+        ax.legend(fontsize=8)
+    ax.set_ylabel("judge bits / character (stories260K)")
+    ax.set_title("Text after the point where the baseline stopped", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "quality_judge_bpc.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _environment_lines(env: dict[str, Any]) -> list[str]:
+    return [
+        f"- Run: {env.get('date', '?')} (UTC); 1/5/15-minute load average at start: "
+        f"{env.get('load_average_at_start', '?')} (well above 0: other processes were competing for the CPU)",
+        f"- Machine: {env.get('cpu')}, {env.get('cpu_count')} logical cores visible, "
+        f"{env.get('torch_threads')} torch thread(s); {env.get('platform')}",
+        f"- Versions: Python {env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}",
+    ]
+
+
+def build_markdown(out_dir: Path) -> str:
+    """The text of RESULTS.md from the result files in ``out_dir`` (plots are written there too)."""
+    speed = _load(out_dir / "speed.json")
+    quality = _load(out_dir / "quality.json")
+    rel = out_dir.name
+    lines = [
+        "# perpetual_logits benchmarks",
+        "",
+        f"Regenerate everything with `{RUN_ALL}` (`make bench`); add `--smoke` for a seconds-long check. "
+        "The numbers below come from the runs recorded here, on the machine listed with each section; CPU "
+        "timings on a shared machine are noisy, so read ratios with their min–max.",
+        "",
+    ]
+    if speed is None and quality is None:
+        lines.append("No results yet: run the command above.")
+    if speed is not None:
+        lines += [f"Speed command: `{speed.get('command', 'python benchmarks/speed.py')}`", ""]
+        lines += [*_environment_lines(speed.get("environment", {})), ""]
+        lines.append((out_dir / "speed.md").read_text() if (out_dir / "speed.md").is_file() else "")
+        plot = _plot_speed(speed, out_dir)
+        if plot:
+            lines += [f"![speed ratios]({rel}/{plot})", ""]
+    if quality is not None:
+        lines += [f"Quality command: `{quality.get('command', 'python benchmarks/quality.py')}`", ""]
+        lines += [*_environment_lines(quality.get("environment", {})), ""]
+        lines.append((out_dir / "quality.md").read_text() if (out_dir / "quality.md").is_file() else "")
+        for plot, alt in (
+            (_plot_lengths(quality, out_dir), "length distribution"),
+            (_plot_judge(quality, out_dir), "judge bits per character"),
+        ):
+            if plot:
+                lines += [f"![{alt}]({rel}/{plot})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(out_dir: Path, results_md: Path | None = None) -> Path:
+    """Write RESULTS.md (default: next to ``out_dir``) and the plots; return the RESULTS.md path."""
+    out_dir = Path(out_dir)
+    target = results_md if results_md is not None else out_dir.parent / "RESULTS.md"
+    target.write_text(build_markdown(out_dir))
+    print(f"[report] wrote {target}")
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Regenerate RESULTS.md and the plots from the result files.")
+    parser.add_argument("--out", default=str(common.DEFAULT_OUT), help="results folder")
+    args = parser.parse_args(argv)
+    write_report(Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

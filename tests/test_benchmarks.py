@@ -1,0 +1,221 @@
+"""The benchmark harness: the stories260K judge (loader, tokenizer, scoring) and smoke runs of both scripts."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import STORIES260K, TINYSTORIES, require_model_dir
+
+from benchmarks import llama2c
+
+README_SAMPLE = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, "
+    "she saw a big, red ball. She wanted to play with it, but it was too high."
+)
+
+
+@pytest.fixture(scope="module")
+def judge() -> llama2c.Judge:
+    return llama2c.load_judge(require_model_dir(STORIES260K).parent)
+
+
+def reference_encode(tok: llama2c.Llama2cTokenizer, text: str) -> list[int]:
+    """llama2.c's encode(), literally: O(n²) best-pair merging, leftmost on ties."""
+    ids = [tok._ids[b" "]] if text else []
+    for char in text:
+        piece = tok._ids.get(char.encode())
+        ids += [piece] if piece is not None else [b + 3 for b in char.encode()]
+    while True:
+        best, best_i, best_id = -1e10, -1, -1
+        for i in range(len(ids) - 1):
+            merged = tok._ids.get(tok.pieces[ids[i]] + tok.pieces[ids[i + 1]])
+            if merged is not None and tok.scores[merged] > best:
+                best, best_i, best_id = tok.scores[merged], i, merged
+        if best_i < 0:
+            return [1, *ids]
+        ids[best_i : best_i + 2] = [best_id]
+
+
+# -- loader -------------------------------------------------------------------------------------------------
+@pytest.mark.models
+def test_greedy_sample_matches_readme(judge):
+    text = llama2c.greedy(judge, "Once upon a time", max_new_tokens=60)
+    assert text.startswith(README_SAMPLE), text
+
+
+@pytest.mark.models
+def test_model_shape(judge):
+    config = judge.model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 5, 8)
+    assert (config.num_key_value_heads, config.vocab_size, config.intermediate_size) == (4, 512, 172)
+    assert sum(p.numel() for p in judge.model.parameters()) == 260_032
+    assert judge.model.lm_head.weight.data_ptr() == judge.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_permute_rotary_moves_pairs_to_halves():
+    heads, head_size, dim = 2, 8, 3
+    w = torch.arange(heads * head_size * dim, dtype=torch.float32).view(heads * head_size, dim)
+    out = llama2c._permute_rotary(w, heads)
+    for h in range(heads):
+        for i in range(head_size // 2):
+            # interleaved pair (2i, 2i+1) -> rotate-half pair (i, i + head_size/2)
+            assert torch.equal(out[h * head_size + i], w[h * head_size + 2 * i])
+            assert torch.equal(out[h * head_size + i + head_size // 2], w[h * head_size + 2 * i + 1])
+
+
+def test_loader_rejects_bad_files(tmp_path):
+    with pytest.raises(ValueError, match="`path`"):
+        llama2c.load_llama2c_model(tmp_path / "missing.bin")
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x01\x00\x00\x00" * 7 + b"\x00" * 12)
+    with pytest.raises(ValueError, match="`path`"):
+        llama2c.load_llama2c_model(bad)
+    with pytest.raises(ValueError, match="`path`"):
+        llama2c.Llama2cTokenizer(tmp_path / "missing-tok.bin")
+
+
+# -- tokenizer ----------------------------------------------------------------------------------------------
+@pytest.mark.models
+def test_tokenizer_matches_reference_merge_loop(judge):
+    tok = judge.tokenizer
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz   ,.!?'\"\nLTSO é日"
+    texts = [
+        "Once upon a time",
+        README_SAMPLE,
+        "Hello\nworld é 日本",
+        "  leading spaces and trailing  ",
+        "",
+        *("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60))) for _ in range(40)),
+    ]
+    for text in texts:
+        assert tok.encode(text) == reference_encode(tok, text), text
+
+
+@pytest.mark.models
+def test_tokenizer_round_trip_and_offsets(judge):
+    tok = judge.tokenizer
+    for text in ("Once upon a time", 'Lily said, "Hi!"\nTom smiled. é 日本', README_SAMPLE):
+        ids, offsets = tok.encode_with_offsets(text)
+        assert tok.decode(ids) == text
+        assert ids[0] == llama2c.BOS_ID and offsets[0] == -1
+        assert offsets[1:] == sorted(offsets[1:]) and offsets[1] == 0
+        # Each token's text starts at its offset (after the dummy-prefix space of the first one).
+        for k in range(2, len(ids)):
+            piece = tok.pieces[ids[k]]
+            if not 3 <= ids[k] < 259:
+                assert text.encode()[len(text[: offsets[k]].encode()) :].startswith(piece)
+    assert tok.encode("Once", bos=False)[0] != llama2c.BOS_ID
+    with pytest.raises(ValueError, match="`text`"):
+        tok.encode(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`ids`"):
+        tok.decode([5000])
+
+
+# -- judge --------------------------------------------------------------------------------------------------
+@pytest.mark.models
+def test_strided_window_equals_full_context_where_it_fits(judge):
+    ids = judge.tokenizer.encode(README_SAMPLE * 2)
+    assert 100 < len(ids) < 512
+    full = judge.token_nll(ids)
+    small = llama2c.Judge(judge.model, judge.tokenizer, window=64, stride=16).token_nll(ids)
+    assert full.shape == small.shape == (len(ids) - 1,)
+    assert torch.allclose(full[:63], small[:63], atol=1e-5)  # the first window is identical
+    assert torch.isfinite(small).all()
+    # Less context can only be a little worse on average for this model; never wildly different.
+    assert abs(small.mean().item() - full.mean().item()) < 0.5
+
+
+@pytest.mark.models
+def test_nll_boundary_and_bits_per_char(judge):
+    text = README_SAMPLE
+    total, chars = judge.nll(text)
+    assert chars == len(text) and total > 0
+    cut = text.index("One day")
+    after, after_chars = judge.nll(text, cut)
+    assert after_chars == len(text) - cut and 0 < after < total
+    bpc = judge.bits_per_char([text])
+    assert bpc == pytest.approx(total / len(text) / math.log(2))
+    rng = random.Random(0)
+    shuffled = "".join(rng.sample(text, len(text)))
+    assert judge.bits_per_char([shuffled]) > 2 * bpc  # natural text is far more predictable
+    assert llama2c.judge_bits_per_char([text], models_dir=STORIES260K.parent) == pytest.approx(bpc)
+    assert math.isnan(judge.bits_per_char([]))
+    with pytest.raises(ValueError, match="`start_char`"):
+        judge.nll(text, len(text) + 1)
+    with pytest.raises(ValueError, match="`start_chars`"):
+        judge.bits_per_char([text], [0, 1])
+    with pytest.raises(ValueError, match="`texts`"):
+        judge.bits_per_char(text)
+    with pytest.raises(ValueError, match="`stride`"):
+        llama2c.Judge(judge.model, judge.tokenizer, window=64, stride=64)
+
+
+# -- smoke runs of the scripts ------------------------------------------------------------------------------
+@pytest.mark.models
+def test_speed_smoke(tmp_path):
+    require_model_dir(TINYSTORIES)
+    from benchmarks import common, speed
+
+    results_md = common.REPO / "benchmarks" / "RESULTS.md"
+    before = results_md.stat().st_mtime_ns if results_md.exists() else None
+    out = tmp_path / "results"
+    assert speed.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads((out / "speed.json").read_text())
+    arms = data["models"]["tinystories-656k"]["arms"]
+    assert {"plain generate()", "Method 1: SuppressEOSLogitsProcessor", "bare forward loop"} <= set(arms)
+    assert arms["plain generate()"]["ratio_to_plain"]["of_medians"] == pytest.approx(1.0)
+    assert all(n == data["settings"]["new_tokens"] for n in arms["plain generate()"]["new_tokens"])
+    assert data["targets"]
+    assert (tmp_path / "RESULTS.md").read_text().startswith("# perpetual_logits benchmarks")
+    assert (out / "speed_ratios.png").stat().st_size > 1000
+    after = results_md.stat().st_mtime_ns if results_md.exists() else None
+    assert before == after  # a smoke run never touches the real report
+
+
+@pytest.mark.models
+def test_quality_smoke(tmp_path):
+    require_model_dir(TINYSTORIES)
+    require_model_dir(STORIES260K)
+    from benchmarks import quality
+
+    out = tmp_path / "results"
+    assert quality.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads((out / "quality.json").read_text())
+    methods = data["methods"]
+    assert {"baseline", "Method 1", "Method 2"} <= set(methods)
+    runs = data["settings"]["runs"]
+    for name, m in methods.items():
+        assert m["runs"] == runs
+        assert 0.0 <= m["rep"]["4"] <= m["rep"]["2"] < 1.0, name
+    for name in set(methods) - {"baseline"}:
+        # Every method but the baseline writes to max_new_tokens.
+        assert methods[name]["reached_max"] == runs, name
+    assert data["reference"]["judge_bpc_natural"] > 0
+    text = (out / "quality.md").read_text()
+    assert "### Definitions" in text and "judge bpc after stop" in text
+    assert (tmp_path / "RESULTS.md").exists()
+
+
+def test_scripts_run_as_files():
+    # `python benchmarks/speed.py --help` must work from any directory (the script adds the repo root).
+    import subprocess
+    import sys
+
+    from benchmarks import common
+
+    # run_all imports speed, quality and report the same way, so one interpreter start covers all four.
+    for script in ("run_all.py",):
+        proc = subprocess.run(
+            [sys.executable, str(common.REPO / "benchmarks" / script), "--help"],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "usage" in proc.stdout
