@@ -267,8 +267,10 @@ def test_recorder_token_set_and_validation():
         StepStatsRecorder(eos_token_id=-1)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         StepStatsRecorder(eos_token_id=2, token_id=9)(torch.tensor([[1]]), torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="NaN"):
-        StepStatsRecorder(eos_token_id=2)(torch.tensor([[1]]), torch.tensor([[0.0, float("nan"), 0.0]]))
+    # Inside generate() the recorder does not validate every step (that would cost three passes and a
+    # host sync per token): scores pass through untouched, whatever they hold.
+    odd = torch.tensor([[0.0, float("nan"), 0.0]])
+    assert StepStatsRecorder(eos_token_id=2)(torch.tensor([[1]]), odd) is not None
 
 
 def test_recorder_drops_rewound_positions():
