@@ -56,8 +56,9 @@ DEFINITIONS = {
     "interventions": "per run, mean: Method 2 EOS evictions, Methods 3-4 backsteps (rewinds; with ending control "
     "also the rewinds of completed end phrases); Method 1 reports Σ p(EOS) over its steps, the expected number "
     "of EOS draws it suppressed.",
-    "end markers /1k": "spelled end markers and ending phrases (perpetual_logits.metrics.END_MARKERS, e.g. "
-    "'<|end_story|>' written as text, 'The End', 'The end.', 'happily ever after', 'From that day on'), "
+    "end markers /1k": "spelled end markers and ending phrases (perpetual_logits.metrics.END_MARKERS: the texts "
+    "of well-known end tokens such as '<|end_story|>' written as text, plus ENDING_PHRASES such as 'The End', "
+    "'The end.', 'To be continued'; exactly what ban_phrases='default' bans), "
     "case-sensitive, non-overlapping, in the generated text decoded with skip_special_tokens=True; "
     "total count / total new tokens × 1000.",
     "rep-n": "1 − unique n-grams / all n-grams of a run's generated token ids (Su et al. 2022), mean over runs. "

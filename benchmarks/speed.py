@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -145,6 +146,49 @@ class NoOpProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return scores
+
+
+class TimedProcessor(LogitsProcessor):
+    """Wraps a processor and accumulates the wall time of its calls inside ``generate()``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seconds, self.calls = inner, 0.0, 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        start = time.perf_counter()
+        out = self.inner(input_ids, scores)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def processor_call_costs(
+    model: Any, prompt: torch.Tensor, eos: int, settings: SpeedSettings, repeats: int = 3
+) -> dict[str, float]:
+    """Microseconds per call of each processor inside a real ``generate()`` (median of ``repeats`` runs).
+
+    Measured apart from the timed arms: the wrapper's own clock reads would otherwise be part of them.
+    """
+    makers: dict[str, Callable[[], Any]] = {
+        "Method 1: SuppressEOSLogitsProcessor": lambda: perpetual_logits.SuppressEOSLogitsProcessor(eos),
+        "Method 1, record=False": lambda: perpetual_logits.SuppressEOSLogitsProcessor(eos, record=False),
+        "Method 2: PostEOSResamplingLogitsProcessor": lambda: perpetual_logits.PostEOSResamplingLogitsProcessor(eos),
+        NOOP: NoOpProcessor,
+    }
+    recorder = stats_recorder_cls()
+    if recorder is not None:
+        makers["StepStatsRecorder"] = lambda: recorder(eos)
+    kw = {"do_sample": True, "top_k": 0, "max_new_tokens": settings.new_tokens, "pad_token_id": 0}
+    costs: dict[str, float] = {}
+    for name, make in makers.items():
+        per_call = []
+        for r in range(repeats):
+            timed = TimedProcessor(make())
+            torch.manual_seed(r)
+            model.generate(prompt, logits_processor=[timed], eos_token_id=int(model.config.vocab_size), **kw)
+            per_call.append(1e6 * timed.seconds / max(timed.calls, 1))
+        costs[name] = statistics.median(per_call)
+    return costs
 
 
 @dataclass
@@ -458,6 +502,10 @@ def measure(settings: SpeedSettings) -> dict[str, Any]:
             "prompt_tokens": int(prompt.shape[1]),
             "new_tokens": settings.new_tokens,
             "arms": _strip(results),
+            "vocab": int(model.config.vocab_size),
+            "processor_us_per_call": processor_call_costs(
+                model, prompt, eos656 if name == "tinystories-656k" else 2, settings
+            ),
         }
         for arm, res in results.items():
             print(
@@ -567,6 +615,19 @@ def markdown(out: dict[str, Any]) -> str:
                 f"| {rb['of_medians']:.3f} | {res['peak_rss_mib']:.0f} | {res['peak_rss_above_start_mib']:.1f} |"
             )
         lines.append("")
+        costs = model.get("processor_us_per_call")
+        if costs:
+            plain_ms = model["arms"]["plain generate()"]["ms_per_token"]["median"]
+            lines += [
+                f"Processor cost per call inside `generate()` (wall µs, median of 3 runs; vocab "
+                f"{model.get('vocab', '?')}), and as a share of plain `generate()`'s {plain_ms:.3f} ms/token:",
+                "",
+                "| processor | µs per call | share of a token |",
+                "|---|---:|---:|",
+            ]
+            for proc, us in costs.items():
+                lines.append(f"| {proc} | {us:.1f} | {100 * us / 1000 / plain_ms:.1f} % |")
+            lines.append("")
     if "backstep" in out:
         bs = out["backstep"]
         cost = bs["cost"]

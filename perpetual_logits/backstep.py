@@ -577,7 +577,8 @@ class BackstepLoop:
                 on[b] = True
         if not any(on):
             return None
-        return multipliers(self.table, torch.tensor(steps, device=self.device), torch.tensor(on, device=self.device))
+        steps_t, on_t = torch.tensor(steps, device=self.device), torch.tensor(on, device=self.device)
+        return multipliers(self.table, steps_t, on_t, forever=schedule.length is None)
 
     def _apply_bans(self, logits: torch.Tensor, active: list[int]) -> torch.Tensor:
         """Forbid tokens per row before the processors, so top-k/top-p pick among the rest.

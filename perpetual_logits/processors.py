@@ -56,11 +56,16 @@ def mask_eos(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     A row whose only finite scores are EOS ids (another processor banned everything else, e.g. a forced
     EOS at ``max_length``) is returned unchanged: masking it would leave no token to sample (NaN).
     """
-    masked = scores.index_fill(-1, eos, float("-inf"))
-    has_other = masked.amax(-1, keepdim=True) > float("-inf")
-    # Put the EOS scores back only where nothing else is left: a select over the EOS columns, not the vocabulary.
-    kept = torch.where(has_other, masked.index_select(-1, eos), scores.index_select(-1, eos))
-    return masked.index_copy_(-1, eos, kept)
+    return mask_eos_(scores.clone(), eos)
+
+
+def mask_eos_(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """:func:`mask_eos` in place, on a tensor the caller owns (saves a copy per step)."""
+    eos_scores = scores.index_select(-1, eos)
+    scores.index_fill_(-1, eos, float("-inf"))
+    has_other = scores.amax(-1, keepdim=True) > float("-inf")
+    # Put the EOS scores back only where nothing else is left: work over the EOS columns, not the vocabulary.
+    return scores.index_copy_(-1, eos, eos_scores.masked_fill(has_other, float("-inf")))
 
 
 @dataclass
@@ -315,7 +320,8 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         super().__init__(eos_token_id)
 
     def _reset_state(self) -> None:
-        self._last_trigger: torch.Tensor | None = None  # (batch,) position of the latest restart, -1 = none
+        # (batch,) position of each row's latest restart; _NEVER for a row that has had none.
+        self._last_trigger: torch.Tensor | None = None
         if getattr(self, "early_trigger", None) is not None:
             self.early_trigger.reset()  # type: ignore[union-attr]
 
@@ -324,9 +330,11 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
             self.early_trigger.rewind(row, dropped)
         if self._last_trigger is None:
             return
-        # Evictions at removed positions never happened: fall back to the latest one still kept.
-        kept = [pos for pos, hit in self._row_history(row, "restart") if hit and pos < length]
-        self._last_trigger[row] = kept[-1] if kept else -1
+        # Restarts at removed positions never happened: fall back to the latest one still kept.
+        restarts = [pos for pos, hit in self._row_history(row, "evicted") if hit and pos < length]
+        if self.early_trigger is not None:
+            restarts += [pos for pos, hit in self._row_history(row, "early") if hit and pos < length]
+        self._last_trigger[row] = max(restarts) if restarts else _NEVER
 
     def process(
         self,
@@ -340,22 +348,30 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         else:
             p_eos = eos_probability(scores, eos)
             if self.trigger == "sample":
-                evicted = torch.rand(p_eos.shape, device=p_eos.device) < p_eos
+                evicted = torch.rand_like(p_eos) < p_eos
             else:
                 evicted = p_eos >= float(self.trigger)
-        batch = scores.shape[0]
-        if self._last_trigger is None or self._last_trigger.shape[0] != batch:
-            self._last_trigger = torch.full((batch,), -1, dtype=torch.long, device=scores.device)
-        early = torch.zeros_like(evicted)
         if self.early_trigger is not None:
             early = self.early_trigger.update_from_scores(scores, eos) & ~evicted
-        restart = evicted | early
-        pos = positions.to(scores.device) if isinstance(positions, torch.Tensor) else positions
+            restart = evicted | early
+            self._record(positions, evicted=evicted, early=early)
+        else:
+            restart = evicted
+            self._record(positions, evicted=evicted)
+        batch, device = scores.shape[0], scores.device
+        if self._last_trigger is None or self._last_trigger.shape[0] != batch:
+            self._last_trigger = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
+        if self._table.device != device:
+            self._table = self._table.to(device)
+        pos = positions.to(device) if isinstance(positions, torch.Tensor) else positions
         self._last_trigger = torch.where(restart, pos, self._last_trigger)
-        self._record(positions, evicted=evicted, early=early, restart=restart)
-        factor = multipliers(self._table, pos - self._last_trigger, self._last_trigger >= 0)
-        out = mask_eos(scores, eos)
-        return out / factor.to(out.dtype)[:, None]
+        since = pos - self._last_trigger  # huge for rows that never restarted
+        if self.schedule.length is None:  # a constant forever: the peak for restarted rows, 1.0 for the others
+            index = (since > -_NEVER // 2).long()
+        else:  # the table ends with 1.0: the end of the schedule and rows that never restarted both land there
+            index = since.clamp(0, self._table.shape[0] - 1)
+        out = scores / self._table[index].to(scores.dtype)[:, None]
+        return mask_eos_(out, eos)
 
     @property
     def evictions(self) -> list[list[int]]:
@@ -365,6 +381,8 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
     @property
     def early_triggers(self) -> list[list[int]]:
         """Per row, the generated steps at which the early trigger restarted the schedule (no eviction)."""
+        if self.early_trigger is None:
+            return [[] for _ in range(self._batch or 0)]
         return [[s for s, v in row if v] for row in self._per_row("early")]
 
     def event_counts(self, batch_size: int) -> list[int]:
@@ -379,22 +397,35 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
             return []
         last = self._records[-1].positions
         pos = last if isinstance(last, int) else last.to(self._last_trigger.device)
-        return multipliers(self._table, pos - self._last_trigger, self._last_trigger >= 0).tolist()
+        since = pos - self._last_trigger
+        restarted = self._last_trigger != _NEVER
+        return multipliers(self._table, since, restarted, forever=self.schedule.length is None).tolist()
+
+
+_NEVER = -(1 << 40)
 
 
 def factor_table(schedule: Schedule) -> torch.Tensor:
     """The schedule's multipliers for s = 0 .. length-1, then 1.0, as a float32 tensor.
 
-    A schedule with ``length=None`` (never returns to 1.0) must be constant, like ``Constant(value)``.
+    A schedule with ``length=None`` (never returns to 1.0) must be constant, like ``Constant(value)``: its
+    table is ``[value, 1.0]`` and lookups pass ``forever=True``.
     """
     length = schedule.length
     if length is None:
-        return torch.tensor([schedule(0), schedule(0)], dtype=torch.float32)
+        return torch.tensor([schedule(0), 1.0], dtype=torch.float32)
     return torch.tensor([schedule(s) for s in range(length)] + [1.0], dtype=torch.float32)
 
 
-def multipliers(table: torch.Tensor, steps_since: torch.Tensor | int, active: torch.Tensor) -> torch.Tensor:
-    """Vectorised schedule lookup: ``table[min(s, len-1)]`` where ``active``, else 1.0."""
+def multipliers(
+    table: torch.Tensor, steps_since: torch.Tensor | int, active: torch.Tensor, forever: bool = False
+) -> torch.Tensor:
+    """Vectorised schedule lookup: ``table[min(s, len-1)]`` where ``active``, else 1.0.
+
+    ``forever``: the schedule never ends (``length=None``); active rows always get ``table[0]``.
+    """
     table = table.to(active.device)
     s = torch.as_tensor(steps_since, device=active.device).clamp(0, table.shape[0] - 1)
+    if forever:
+        s = torch.zeros_like(s)
     return torch.where(active, table[s], torch.ones((), device=active.device))

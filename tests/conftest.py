@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LogitsProcessor
 
 torch.set_num_threads(1)
 
@@ -34,6 +35,18 @@ def require_model_dir(path: Path) -> Path:
 VOCAB = 64
 EOS = 2
 PAD = 0
+
+
+class BoostEOS(LogitsProcessor):
+    """A LogitsProcessor that makes EOS likely: it changes scores, never the raw logits exactness is checked on."""
+
+    def __init__(self, amount: float, eos: int = EOS) -> None:
+        self.amount, self.eos = amount, eos
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = scores.clone()
+        out[:, self.eos] += self.amount
+        return out  # type: ignore[return-value]
 
 
 def tiny_config(arch: str, vocab: int = VOCAB, eos: int | list[int] = EOS, attn: str = "eager", **extra: object):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, PAD, tiny_config, tiny_model
+from conftest import EOS, PAD, BoostEOS, tiny_config, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM, LogitsProcessor, TextIteratorStreamer
@@ -13,18 +13,6 @@ from transformers.generation.streamers import BaseStreamer
 import perpetual_logits as pl
 from perpetual_logits import BackstepConfig, LinearDecay, make_perpetual
 from perpetual_logits.backstep import check_cache
-
-
-class BoostEOS(LogitsProcessor):
-    """Makes EOS likely (it changes scores, never the raw logits that exactness is checked on)."""
-
-    def __init__(self, amount: float, eos: int = EOS) -> None:
-        self.amount, self.eos = amount, eos
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = scores.clone()
-        out[:, self.eos] += self.amount
-        return out  # type: ignore[return-value]
 
 
 class CountForwards:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, tiny_model
+from conftest import EOS, BoostEOS, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LogitsProcessor
 
 from perpetual_logits import (
     Constant,
@@ -34,18 +33,6 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, list[int], torch.dtype]:
 
 def ids_for(scores: torch.Tensor, length: int = 4) -> torch.Tensor:
     return torch.ones(scores.shape[0], length, dtype=torch.long)
-
-
-class BoostEOS(LogitsProcessor):
-    """Makes EOS likely, so that the processors under test have work to do."""
-
-    def __init__(self, amount: float, eos: int = EOS) -> None:
-        self.amount, self.eos = amount, eos
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = scores.clone()
-        out[:, self.eos] += self.amount
-        return out  # type: ignore[return-value]
 
 
 # --- Method 1 ---------------------------------------------------------------------------------------------
@@ -172,6 +159,18 @@ def test_argmax_trigger_restarts_the_schedule_per_row() -> None:
     # multiplier 2.0 at the eviction step, 1.5 one step later, then back to 1.0
     assert seen == pytest.approx([0.5, 1.0, 1 / 1.5, 1.0, 1.0, 0.5, 1.0, 1 / 1.5])
     assert proc.evictions == [[0], [2]]
+
+
+def test_constant_schedule_lasts_forever_after_the_first_eviction_only() -> None:
+    proc = PostEOSResamplingLogitsProcessor(2, schedule=Constant(1.5), trigger="argmax")
+    eos_top = torch.tensor([[0.0, 0.0, 9.0, 3.0]])
+    plain = torch.tensor([[0.0, 0.0, -9.0, 3.0]])
+    factors = []
+    for width, scores in enumerate([plain, eos_top, plain, plain, plain], start=4):
+        out = proc(torch.ones(1, width, dtype=torch.long), scores)
+        factors.append(round(3.0 / out[0, 3].item(), 6))
+    assert factors == [1.0, 1.5, 1.5, 1.5, 1.5]
+    assert proc.multiplier == pytest.approx([1.5])
 
 
 def test_threshold_trigger() -> None:
