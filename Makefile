@@ -23,9 +23,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # torch first, pinned: a bare `torch` requirement would otherwise pull the CUDA build.
+# The demo draws figures, so the run environment includes the `plot` extra.
 $(STAMP_RUN): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".[plot]"
 	touch $@
 
 $(STAMP): $(STAMP_RUN)

@@ -631,14 +631,12 @@ def _trend_sentences(trend: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_analysis(analysis: Analysis, out: Path, prefix: str = "") -> dict[str, Path]:
-    """Write the figures (PNG), ``analysis.json`` and ``analysis.md`` into ``out``; return their paths."""
+def _write_figures(
+    analysis: Analysis, out: Path, prefix: str, figure_stats: list[StepStats], ended: list[int]
+) -> dict[str, Path]:
     from .plotting import plot_blockwise, plot_eos_window
 
-    out.mkdir(parents=True, exist_ok=True)
-    ended = analysis.ended()
     paths: dict[str, Path] = {}
-    figure_stats = [analysis.stats[i] for i in ended] or analysis.stats
     which = "runs that ended with EOS" if ended else "runs (none ended with EOS)"
     paths["blockwise"] = plot_blockwise(
         figure_stats,
@@ -661,6 +659,23 @@ def write_analysis(analysis: Analysis, out: Path, prefix: str = "") -> dict[str,
             highlight=set(analysis.eos),
             title=f"Top-10 next tokens before EOS — prompt {run.prompt!r}, seed {run.seed}",
         )
+
+    return paths
+
+
+def write_analysis(analysis: Analysis, out: Path, prefix: str = "") -> dict[str, Path]:
+    """Write the figures (PNG), ``analysis.json`` and ``analysis.md`` into ``out``; return their paths.
+
+    Without matplotlib (the ``plot`` extra) the figures are skipped with a one-line note.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    ended = analysis.ended()
+    paths: dict[str, Path] = {}
+    figure_stats = [analysis.stats[i] for i in ended] or analysis.stats
+    try:
+        paths.update(_write_figures(analysis, out, prefix, figure_stats, ended))
+    except ImportError as err:  # matplotlib is the optional `plot` extra: write everything else
+        print(f"{_PROG}: note: figures skipped ({err})", file=sys.stderr)
 
     lengths = [analysis.runs[i].new_tokens for i in ended]
     payload = {

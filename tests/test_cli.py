@@ -94,6 +94,22 @@ def test_generate_caps_budget_at_model_positions(capsys, tiny_dir):
 
 
 # -- analyze ------------------------------------------------------------------------------------------------
+def test_analyze_without_matplotlib_skips_the_figures_with_a_note(capsys, tiny_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    out_dir = tmp_path / "analysis"
+    code, _, err = run(
+        capsys,
+        *("analyze", "--model", str(tiny_dir), "--runs", "1", "--max-new-tokens", "20", "--out", str(out_dir)),
+    )
+    assert code == 0, err
+    assert "figures skipped" in err and "perpetual-logits[plot]" in err
+    assert (out_dir / "analysis.json").exists() and (out_dir / "analysis.md").exists()
+    assert not list(out_dir.glob("*.png"))
+    assert "![" not in (out_dir / "analysis.md").read_text()
+
+
 def test_analyze_writes_figures_json_and_summary(capsys, tiny_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w1 w2\n\nw7\n")
