@@ -27,6 +27,7 @@ before it is fed). In a batch the rows share forwards.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -461,7 +462,7 @@ class BackstepLoop:
 
         model._perpetual_loop = self  # lets criteria read live event counts (event_counts)
         optimize = getattr(model, "_optimize_model_for_decode", None)
-        context = optimize() if optimize is not None else _null_context()
+        context = optimize() if optimize is not None else contextlib.nullcontext()
         step = 0
         try:
             with context:
@@ -720,10 +721,11 @@ class BackstepLoop:
                 self.committed[b] = target
 
     def _forward_inputs(self, active: list[int]) -> list[bool]:
-        """Which rows feed a real token in the next forward."""
-        return [
-            (not self.finished[b]) and self.mode[b] in ("feed", "refeed") and b in active for b in range(self.batch)
-        ]
+        """Which rows feed a real token in the next forward: active rows that are not waiting on the buffer."""
+        fed = [False] * self.batch
+        for b in active:
+            fed[b] = not self.finished[b] and self.mode[b] != "wait"
+        return fed
 
     def _position(self, b: int, index: int) -> int:
         if index < self.prompt_length:
@@ -803,11 +805,3 @@ class BackstepLoop:
             backstep_stats=stats,
             early_triggers=self.early_positions if self.early is not None else None,
         )
-
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
