@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -59,3 +60,23 @@ def check_scores(input_ids: torch.Tensor, scores: torch.Tensor, eos: tuple[int, 
         raise ValueError(f"`scores` must be a floating-point tensor, got {scores.dtype}")
     if max(eos) >= scores.shape[-1]:
         raise ValueError(f"`eos_token_id` {max(eos)} is outside the vocabulary of size {scores.shape[-1]}")
+
+
+def phrase(value: object, name: str) -> Any:
+    """One phrase to watch for: a string with visible characters, or a compiled regular expression that cannot
+    match the empty string (it would match everywhere)."""
+    import re
+
+    import regex
+
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"`{name}` must not contain empty or whitespace-only strings, got {value!r}")
+        return value
+    if isinstance(value, (re.Pattern, regex.Pattern)):
+        if value.search("") is not None:
+            raise ValueError(
+                f"`{name}` must not contain a pattern that matches the empty string, got {value.pattern!r}"
+            )
+        return value
+    raise ValueError(f"`{name}` must contain strings or compiled regular expressions, got {value!r}")

@@ -26,6 +26,7 @@ import torch
 from transformers import LogitsProcessor
 
 from . import _validation
+from .protocol import RowState
 from .schedules import LinearDecay, Schedule
 
 if TYPE_CHECKING:  # triggers -> analysis -> processors: import at call time to avoid the cycle
@@ -74,7 +75,7 @@ class _StepRecord:
     values: dict[str, torch.Tensor]  # name -> (batch,)
 
 
-class EOSLogitsProcessor(LogitsProcessor):
+class EOSLogitsProcessor(LogitsProcessor, RowState):
     """Base class: validates EOS ids and shapes, keeps a per-row position clock and per-step records.
 
     Subclasses implement :meth:`process`. The clock says which sequence position (prompt included) each
@@ -95,6 +96,7 @@ class EOSLogitsProcessor(LogitsProcessor):
         self._expected_width: int | None = None
         self._next_positions: torch.Tensor | None = None  # set once rows move independently (rewinds)
         self._records: list[_StepRecord] = []
+        self._ended: dict[int, int] = {}  # row -> its final length, for rows the backstep loop finished
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -111,7 +113,14 @@ class EOSLogitsProcessor(LogitsProcessor):
             self._next_positions = torch.full((self._batch,), self._expected_width, dtype=torch.long)
         dropped = int(self._next_positions[row]) - length  # calls made for positions >= length
         self._next_positions[row] = length
+        self._ended.pop(row, None)
         self._rewind_state(row, length, dropped)
+
+    def finish(self, row: int) -> None:
+        """Row ``row`` is done (the backstep loop calls this): later calls still see the row, but its records
+        stop at its final token."""
+        if self._next_positions is not None:
+            self._ended[row] = int(self._next_positions[row])
 
     def _rewind_state(self, row: int, length: int, dropped: int) -> None:
         """Subclass hook: drop state that belongs to positions >= ``length`` of ``row`` (``dropped`` calls)."""
@@ -165,8 +174,11 @@ class EOSLogitsProcessor(LogitsProcessor):
     def _row_history(self, row: int, name: str) -> list[tuple[int, float]]:
         """(position, value) of one row, in order, keeping only the latest record of each kept position."""
         kept: list[tuple[int, float]] = []
+        end = self._ended.get(row)
         for record in self._records:
             pos = record.positions if isinstance(record.positions, int) else int(record.positions[row])
+            if end is not None and pos >= end:
+                continue
             while kept and kept[-1][0] >= pos:  # a rewind: this position is being chosen again
                 kept.pop()
             kept.append((pos, float(record.values[name][row])))

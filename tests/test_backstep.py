@@ -288,12 +288,15 @@ def test_text_iterator_streamer_text_equals_decoded_output() -> None:
     assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-class SpyProcessor(LogitsProcessor):
-    """Records what processors see, and implements the rewind hook."""
+class SpyProcessor(LogitsProcessor, pl.RowState):
+    """Records what processors see, and follows rewinds through the RowState protocol."""
 
     def __init__(self) -> None:
         self.seen: list[list[int]] = []
         self.rewinds: list[tuple[int, int]] = []
+
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        self.seen, self.rewinds = [], []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.seen.append(input_ids[0].tolist())
