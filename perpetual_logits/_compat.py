@@ -140,7 +140,7 @@ def move_slots(cache: Any, rows: torch.Tensor, index: torch.Tensor, old_width: i
     and shrink every row to ``new_width`` slots (``new_width <= old_width``).
 
     Rows not listed keep their slots ``[0, new_width)``. Static layers are rewritten in place (their buffers
-    are marked as static addresses for torch.compile) and their counter lowered with ``crop``; dynamic layers
+    are marked as static addresses for torch.compile) and their fill counter lowered in place; dynamic layers
     get new tensors.
     """
     drop = old_width - new_width
@@ -163,7 +163,9 @@ def move_slots(cache: Any, rows: torch.Tensor, index: torch.Tensor, old_width: i
                 setattr(layer, name, tensor)
         if is_static_layer(layer):
             if drop > 0:
-                layer.crop(-drop)
+                # The fill level of a static layer is the tensor `cumulative_length` (5.17-5.24); 5.24's crop()
+                # lowers it in place, 5.17 has no crop(). Lowering it ourselves keeps its static address.
+                layer.cumulative_length.sub_(drop)
         elif hasattr(layer, "cumulative_length"):
             # Sliding-window dynamic layers count every token they saw; within the window that is the width.
             layer.cumulative_length = new_width

@@ -152,6 +152,22 @@ class PerpetualGenerationMixin(GenerationMixin):
         finally:
             _RUNNING.reset(token)
 
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: Any,
+        model_kwargs: dict[str, Any],
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> Any:
+        # A fixed-size cache gets max_length slots instead of max_length - 1: a row that reached max_length while a
+        # shorter, rewound row still writes keeps its slots, and the other row's new slot needs one more column.
+        if _ACTIVE.get() is not None:
+            max_cache_length += 1
+        return super()._prepare_cache_for_generation(  # type: ignore[misc]
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
     def _beam_search(self, *args: Any, **kwargs: Any) -> Any:
         if _ACTIVE.get() is not None:
             raise ValueError(f"{_SUPPORTED}; got beam search (num_beams > 1)")

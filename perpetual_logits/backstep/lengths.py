@@ -15,10 +15,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation import logits_process as lp
 
-__all__ = ["LENGTH_DEPENDENT", "NOT_APPLICABLE", "RowLengths", "per_row_lengths"]
+__all__ = ["LENGTH_DEPENDENT", "NOT_APPLICABLE", "READS_TOKENS_ONLY", "RowLengths", "per_row_lengths"]
 
 # Processors transformers builds from a generation config whose result depends on the sequence length
-# (they read input_ids.shape[-1], or n-grams / token counts that the padding of a shorter row would change).
+# (they read input_ids.shape[-1] or a current length; n-gram bans also must not span a shorter row's padding).
 LENGTH_DEPENDENT: tuple[type, ...] = (
     lp.MinLengthLogitsProcessor,
     lp.MinNewTokensLengthLogitsProcessor,
@@ -27,7 +27,14 @@ LENGTH_DEPENDENT: tuple[type, ...] = (
     lp.ForcedBOSTokenLogitsProcessor,
     lp.SuppressTokensAtBeginLogitsProcessor,
     lp.NoRepeatNGramLogitsProcessor,
+)
+
+# Processors that read input_ids' shape only to check the batch size; they look at tokens, not the length (a
+# shorter row's left padding is seen as padding, as generate() shows it for a padded prompt).
+READS_TOKENS_ONLY: tuple[type, ...] = (
     lp.RepetitionPenaltyLogitsProcessor,
+    lp.SequenceBiasLogitsProcessor,
+    lp.NoBadWordsLogitsProcessor,
 )
 
 # Length-reading processors that never take part in a decoder-only sampling/greedy run (encoder-decoder,
@@ -43,6 +50,10 @@ NOT_APPLICABLE: tuple[type, ...] = (
     lp.AlternatingCodebooksLogitsProcessor,
     lp.SynthIDTextWatermarkLogitsProcessor,
     lp.WatermarkLogitsProcessor,
+    lp.WhisperNoSpeechDetection,
+    lp.DiaClassifierFreeGuidanceLogitsProcessor,
+    lp.DiaEOSChannelFilterLogitsProcessor,
+    lp.DiaEOSDelayPatternLogitsProcessor,
 )
 
 

@@ -135,6 +135,7 @@ class BackstepLoop:
         rows, bans, records = self.rows, self.bans, self.records
         raw = self._prefill()
         self._start()
+        self.ring.store(raw, list(range(rows.batch)), rows.lens)
         current = raw
         step = 0
         with _compat.decode_context(self.model):
@@ -175,8 +176,10 @@ class BackstepLoop:
             if k not in ("cache", "past_key_values", "attention_mask", "position_ids", "inputs_embeds", "use_cache")
         }
         self.forward = _compat.decode_forward(self.model, self.gc, kwargs)
-        mask = self.prompt_mask
-        self.cache = CacheLayout(cache, mask, self.input_ids.shape[1], self.capacity, self.device)
+        static = [layer.max_cache_len for layer in _compat.cache_layers(cache) if _compat.is_static_layer(layer)]
+        prefix = prompt_slots - self.input_ids.shape[1]  # inputs_embeds: max_length counts generated tokens only
+        capacity = min([self.capacity + prefix, *static])
+        self.cache = CacheLayout(cache, self.prompt_mask, self.input_ids.shape[1], capacity, self.device)
         self.stats.prefill_forwards = 1
         return outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=self.device)
 
@@ -227,6 +230,8 @@ class BackstepLoop:
         assert self.cache is not None
         length = rows.lens[row]
         position = min(max(request.position, self.holdback.final[row], rows.prompt_length), length - 1)
+        if position == 0 and not self.ring.has(row, 0):
+            position = 1  # an inputs_embeds prompt has no token to feed again for the first position
         old_ids = rows.ids[row]
         refused_eos = old_ids[-1] in self.eos  # a sampled EOS is only refused: it never was part of the text
         here = set(request.ban_here)
@@ -291,13 +296,18 @@ class BackstepLoop:
             for b in waiting:
                 out[b] = ring.get(b, rows.lens[b])
             return out
+        # A waiting row feeds its last kept token again. Only a prompt given as inputs_embeds has no token to
+        # feed before the first generated position: such a row takes a masked padding slot and its buffer.
+        stale = [b for b in waiting if rows.lens[b] == 0]
         for b in waiting:
-            cache.drop_last(b)
+            if rows.lens[b] > 0:
+                cache.drop_last(b)
         cache.realign()
         tokens, positions, real = [self.pad] * rows.batch, [0] * rows.batch, [False] * rows.batch
         for b in active:
-            index = rows.lens[b] - 1
-            tokens[b], positions[b], real[b] = rows.ids[b][index], cache.position(b, index), True
+            if b not in stale:
+                index = rows.lens[b] - 1
+                tokens[b], positions[b], real[b] = rows.ids[b][index], cache.position(b, index), True
         mask = cache.append_column(real)
         inputs = _compat.step_inputs(
             self.model,
@@ -311,7 +321,10 @@ class BackstepLoop:
         outputs = self.forward(**inputs, return_dict=True)
         self.stats.decode_forwards += 1
         raw = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=self.device)
-        ring.store(raw, active, rows.lens)
+        fed = [b for b in active if real[b]]
+        ring.store(raw, fed, rows.lens)
+        for b in stale:
+            raw[b] = ring.get(b, rows.lens[b])
         return raw
 
     def _output(self) -> BackstepOutput | torch.Tensor:
