@@ -319,3 +319,29 @@ def test_inputs_embeds_prompt_works_with_backstep() -> None:
     from_embeds = model.generate(inputs_embeds=embeds, backstep=cfg, return_dict_in_generate=True, **kwargs)
     assert from_ids.backstep_events[0], "rewinds happen"
     assert from_embeds.sequences.tolist() == [from_ids.sequences[0, 4:].tolist()]
+
+
+@pytest.mark.parametrize("length_kwargs", [{"min_new_tokens": 10}, {"min_length": 16}])
+def test_a_rewound_row_is_held_to_its_own_minimum_length(length_kwargs: dict) -> None:
+    from conftest import build_tokenizer
+
+    model = make_perpetual(tiny_model("llama", attn="sdpa"))
+    ids, mask = left_padded(PROMPTS)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=20,
+        logits_processor=[BoostEOS(2.0)],
+        backstep=BackstepConfig(n_remove=3, ban_phrases=["a", "b", "c", "d", "e"]),
+        tokenizer=build_tokenizer(),
+        return_dict_in_generate=True,
+        output_scores=True,
+        **length_kwargs,
+    )
+    steps = {tuple(e.step for e in events) for events in out.backstep_events}
+    assert len(steps) > 1 and any(out.backstep_events), "rows rewind at different steps"
+    for b in range(len(PROMPTS)):
+        floor = 10 if "min_new_tokens" in length_kwargs else 16 - ids.shape[1]  # min_length counts the padding too
+        for j in range(min(floor, 20)):
+            assert out.scores[j][b, EOS] == float("-inf"), f"row {b} could end after {j} new tokens"
