@@ -53,25 +53,20 @@ class ForceEOS(LogitsProcessor):
 
 
 def build_model(gpu: bool) -> Any:
-    if gpu:  # TinyLlama-1.1B's shape, random weights (no hub here)
-        shape = dict(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            vocab_size=32000,
-        )
-    else:  # stories15M's shape
-        shape = dict(
-            hidden_size=288,
-            intermediate_size=768,
-            num_hidden_layers=6,
-            num_attention_heads=6,
-            num_key_value_heads=6,
-            vocab_size=32000,
-        )
-    config = LlamaConfig(**shape, max_position_embeddings=2048, eos_token_id=EOS, pad_token_id=0, bos_token_id=1)
+    # TinyLlama-1.1B's shape on CUDA, stories15M's on CPU; random weights (no hub here).
+    hidden, ffn, layers, heads, kv = (2048, 5632, 22, 32, 4) if gpu else (288, 768, 6, 6, 6)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     if gpu:
