@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     common.quiet_transformers()
     if not args.gpu:
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.gpu)
     batches = [1, 8] if args.smoke else [1, 8, 32]
     new_tokens = 24 if args.smoke else (256 if args.gpu else 96)
-    repeats = 1 if args.smoke else 5
+    repeats = 1 if args.smoke else args.repeats
     results: dict[str, Any] = {"machine": common.environment(), "gpu": args.gpu, "eos_rate": 0.02, "batches": []}
     for batch in batches:
         arm = batch_arm(model, batch, new_tokens, 0.02, repeats)
