@@ -36,10 +36,14 @@ class LogitsRing(RowState):
 
     def store(self, raw: torch.Tensor, rows: list[int], positions: list[int]) -> None:
         """``raw[b]`` predicts position ``positions[b]`` for each ``b`` in ``rows``."""
-        for b in rows:
-            slot = positions[b] % self.capacity
-            self.logits[slot, b] = raw[b]
+        if not rows:
+            return
+        slots = [positions[b] % self.capacity for b in rows]
+        for b, slot in zip(rows, slots):
             self.positions[b][slot] = positions[b]
+        # One copy for all rows (a copy per row costs a kernel launch each on an accelerator).
+        index = torch.tensor(rows, device=self.device)
+        self.logits[torch.tensor(slots, device=self.device), index] = raw[index]
 
     def has(self, row: int, position: int) -> bool:
         return self.positions[row][position % self.capacity] == position

@@ -149,6 +149,7 @@ class BackstepLoop:
                 chosen = self._select(scores).tolist()
                 appended = [b for b in active if self._take(b, chosen[b], step, scores)]
                 self._check_stops(appended, scores)
+                rows.flush()
                 self.holdback.advance(rows.tokens, rows.lens, rows.finished, self._held())
                 current = self._forward(current)
                 step += 1

@@ -34,6 +34,7 @@ class Rows(RowState):
         self.lens: list[int] = []
         self.finished: list[bool] = []
         self.tokens = torch.empty(0)
+        self.pending: list[tuple[int, int, int]] = []  # (row, position, token) not yet written to `tokens`
 
     # -- protocol ------------------------------------------------------------------------------------------
     def start(self, batch_size: int, prompt_length: int) -> None:
@@ -44,6 +45,7 @@ class Rows(RowState):
         self.tokens[:, :prompt_length] = self.prompt
 
     def rewind(self, row: int, length: int) -> None:
+        self.flush()
         del self.ids[row][length:]
         self.lens[row] = length
         self.finished[row] = False
@@ -53,9 +55,18 @@ class Rows(RowState):
 
     # -- changes and queries ------------------------------------------------------------------------------
     def append(self, row: int, token: int) -> None:
-        self.tokens[row, self.lens[row]] = token
+        self.pending.append((row, self.lens[row], token))
         self.ids[row].append(token)
         self.lens[row] += 1
+
+    def flush(self) -> None:
+        """Write the step's appended tokens into :attr:`tokens` in one copy (one per token would cost a kernel
+        launch each on an accelerator)."""
+        if self.pending:
+            rows, cols, values = zip(*self.pending)
+            index = torch.tensor([rows, cols], device=self.device)
+            self.tokens[index[0], index[1]] = torch.tensor(values, device=self.device)
+            self.pending = []
 
     def active(self) -> list[int]:
         return [b for b in range(self.batch) if not self.finished[b]]
@@ -68,6 +79,7 @@ class Rows(RowState):
         return RowView(row, self.ids[row], self.prompt_length, self.text_start[row], final=self.full(row))
 
     def right_aligned(self) -> torch.Tensor:
+        self.flush()
         """All rows left-padded to the longest: what processors and stopping criteria see (``generate()``'s own
         layout). Length-dependent processors are given each row's own length separately (see ``lengths``)."""
         longest = max(self.lens)
@@ -80,6 +92,7 @@ class Rows(RowState):
 
     def sequences(self) -> torch.Tensor:
         """The result: rows left-aligned, padded after their end (like ``generate()``)."""
+        self.flush()
         longest = max(self.lens)
         out = self.tokens[:, :longest].clone()
         for b in range(self.batch):
