@@ -133,7 +133,9 @@ CHAT_CLOSING_PHRASES: tuple[regex.Pattern[str], ...] = (
     _closing(r"is there anything else (?:i can|you(?:'d| would) like)"),
     _closing(r"if you have any (?:other |more |further |additional )?questions"),
     # Hopes that it helped.
-    _closing(r"(?:i )?hope (?:this|that|it|my (?:answer|explanation|response)) (?:helps|helped|was helpful|is helpful)"),
+    _closing(
+        r"(?:i )?hope (?:this|that|it|my (?:answer|explanation|response)) (?:helps|helped|was helpful|is helpful)"
+    ),
     _closing(r"(?:i(?:'m| am) )?glad (?:i|to) (?:could|can|was able to) help"),
     _closing(r"thank you for (?:reading|asking|your question)"),
     _closing(r"thanks for (?:reading|asking)"),

@@ -21,24 +21,28 @@ PhraseList = Sequence[str | re.Pattern[str]]
 @dataclass(frozen=True)
 class LoopRewinds:
     """Settings of loop rewinds: a row whose newest tokens repeat an earlier span is cut back to where the
-    repetition began, the token that started the repeat is forbidden there, and the row resamples (hotter,
-    with a schedule).
+    repeat began (one copy is kept), the token that started the repeat is forbidden there, and the row
+    resamples (hotter, with a schedule). Detection is :func:`~perpetual_logits.repetition.find_token_loop`
+    and, with a tokenizer, :func:`~perpetual_logits.repetition.find_line_loop`.
 
     Args:
-        min_span (`int`, defaults to 4): the shortest repeated span of tokens that counts.
-        max_span (`int`, defaults to 48): the longest span looked for (bounds the work per token).
-        min_repeats (`int`, defaults to 3): how many back-to-back copies of a span make a loop.
-        line_repeats (`int`, defaults to 2): a line of text that repeats an earlier line of the row this many
-            times (not necessarily back to back) is a loop too; 0 turns line checks off.
-        min_line_chars (`int`, defaults to 12): shorter lines (blank lines, list bullets) never count.
+        min_span (`int`, defaults to 1): the shortest repeated span of tokens that counts.
+        max_span (`int`, defaults to 32): the longest span looked for (bounds the work per token).
+        min_repeats (`int`, defaults to 3): back-to-back copies of a span that make a loop.
+        min_loop_tokens (`int`, defaults to 8): tokens the copies must cover together (a one-token span needs
+            8 copies: "very, very" is not a loop).
+        line_repeats (`int`, defaults to 2): a finished line that occurs this many times among the last
+            ``window_lines`` lines is a loop too; 0 turns line checks off (they need the tokenizer).
+        min_line_tokens (`int`, defaults to 4): shorter lines (blank lines, list bullets) never count.
+        window_lines (`int`, defaults to 16): recent lines searched for copies.
         max_rewinds (`int`, defaults to 50): loop rewinds allowed per row; afterwards loops are kept.
 
     Example:
 
     ```python
     >>> from perpetual_logits import LoopRewinds
-    >>> LoopRewinds(min_span=2, min_repeats=3).max_span
-    48
+    >>> LoopRewinds().max_span
+    32
     >>> LoopRewinds(min_span=8, max_span=4)
     Traceback (most recent call last):
     ...
@@ -47,11 +51,13 @@ class LoopRewinds:
     ```
     """
 
-    min_span: int = 4
-    max_span: int = 48
+    min_span: int = 1
+    max_span: int = 32
     min_repeats: int = 3
+    min_loop_tokens: int = 8
     line_repeats: int = 2
-    min_line_chars: int = 12
+    min_line_tokens: int = 4
+    window_lines: int = 16
     max_rewinds: int = 50
 
     def __post_init__(self) -> None:
@@ -60,10 +66,12 @@ class LoopRewinds:
         if self.max_span < self.min_span:
             raise ValueError(f"`max_span` must be >= min_span ({self.min_span}), got {self.max_span}")
         _validation.positive_int(self.min_repeats, "min_repeats", minimum=2)
+        _validation.positive_int(self.min_loop_tokens, "min_loop_tokens")
         _validation.positive_int(self.line_repeats, "line_repeats", minimum=0)
         if self.line_repeats == 1:
             raise ValueError("`line_repeats` must be 0 (off) or an int >= 2, got 1")
-        _validation.positive_int(self.min_line_chars, "min_line_chars")
+        _validation.positive_int(self.min_line_tokens, "min_line_tokens")
+        _validation.positive_int(self.window_lines, "window_lines", minimum=2)
         _validation.positive_int(self.max_rewinds, "max_rewinds", minimum=0)
 
 

@@ -15,6 +15,8 @@ forward the other rows need anyway, which keeps the cache free of holes.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Any, cast
 
 import torch
@@ -25,6 +27,7 @@ from .. import _compat
 from ..phrases import PhraseMatcher, default_end_phrases
 from ..processors import eos_probability
 from ..protocol import Rewind, RewindRule, RowState
+from ..repetition import newline_token_ids
 from .bans import Bans
 from .buffer import LogitsRing
 from .cache import CacheLayout, check_cache, sliding_window
@@ -33,7 +36,7 @@ from .events import BackstepEvent, BackstepOutput, BackstepStats
 from .lengths import per_row_lengths
 from .records import StepRecords
 from .rows import Rows
-from .rules import EOSRule, PhraseRule
+from .rules import EOSRule, LoopRule, PhraseRule
 from .streaming import HoldBack
 from .temperature import TemperatureSchedule, insert_before_warpers
 
@@ -124,6 +127,9 @@ class BackstepLoop:
             )
         ]
         self.rules += _phrase_rules(config, tokenizer, self.eos)
+        if config.loops is not None:
+            lines = config.loops.line_repeats > 0 and tokenizer is not None
+            self.rules.append(LoopRule(config.loops, _newline_ids(tokenizer) if lines else None))
         self.rules += [_fresh_copy(rule) for rule in config.rules]
 
         # -- outcome
@@ -392,6 +398,20 @@ def _phrase_rules(config: BackstepConfig, tokenizer: Any, eos: list[int]) -> lis
         matcher = PhraseMatcher(listed, tokenizer)
         rules.append(PhraseRule(matcher, mode, config.n_remove, config.max_phrase_rewinds, eos))
     return rules
+
+
+_NEWLINES: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def _newline_ids(tokenizer: Any) -> frozenset[int]:
+    """Line-ending token ids of a tokenizer, computed once per tokenizer (it decodes the whole vocabulary)."""
+    try:
+        return _NEWLINES[tokenizer]
+    except (KeyError, TypeError):
+        ids = newline_token_ids(tokenizer)
+        with contextlib.suppress(TypeError):
+            _NEWLINES[tokenizer] = ids
+        return ids
 
 
 def _fresh_copy(rule: RewindRule) -> RewindRule:

@@ -1,4 +1,5 @@
-"""The reasons to rewind that come with the library: a sampled EOS, a completed ending or banned phrase."""
+"""The reasons to rewind that come with the library: a sampled EOS, a completed ending or banned phrase, a
+repetition loop."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from collections.abc import Collection
 
 from ..phrases import PhraseMatcher
 from ..protocol import Rewind, RewindRule, RowView
+from ..repetition import find_line_loop, find_token_loop
 from .bans import Bans
+from .config import LoopRewinds
 
-__all__ = ["EOSRule", "PhraseRule"]
+__all__ = ["EOSRule", "LoopRule", "PhraseRule"]
 
 
 class EOSRule(RewindRule):
@@ -130,3 +133,38 @@ class PhraseRule(RewindRule):
             reason=self.reason,
             detail=match.phrase,
         )
+
+
+class LoopRule(RewindRule):
+    """Rewinds a row that fell into a repetition loop to where the repeat began (one copy stays), forbids the
+    token that started the repeat there and restarts the schedule.
+
+    Args:
+        settings: what counts as a loop.
+        newline_ids: ids of tokens that end a line (see :func:`~perpetual_logits.repetition.newline_token_ids`),
+            or ``None`` to check token spans only.
+    """
+
+    reason = "loop"
+
+    def __init__(self, settings: LoopRewinds, newline_ids: Collection[int] | None) -> None:
+        self.settings = settings
+        self.newline_ids = frozenset(newline_ids) if newline_ids is not None else None
+        self.used: list[int] = []
+
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        self.used = [0] * batch_size
+
+    def check(self, view: RowView) -> Rewind | None:
+        s = self.settings
+        if self.used[view.row] >= s.max_rewinds:
+            return None
+        begin = max(view.prompt_length, view.text_start)
+        match = find_token_loop(view.ids, begin, s.min_span, s.max_span, s.min_repeats, s.min_loop_tokens)
+        if match is None and self.newline_ids is not None and s.line_repeats:
+            match = find_line_loop(view.ids, self.newline_ids, begin, s.min_line_tokens, s.window_lines, s.line_repeats)
+        if match is None:
+            return None
+        self.used[view.row] += 1
+        detail = f"{match.kind} loop: span {match.span} x {match.repeats}"
+        return Rewind(position=match.start, ban_first_removed=True, reason=self.reason, detail=detail)
