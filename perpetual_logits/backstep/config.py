@@ -75,10 +75,10 @@ class LoopRewinds:
         _validation.positive_int(self.max_rewinds, "max_rewinds", minimum=0)
 
 
-def _phrases(value: object, name: str) -> Literal["default"] | tuple[str | re.Pattern[str], ...] | None:
-    if value is None or value == "default":
+def _phrases(value: object, name: str) -> Any:
+    if value is None or value in ("default", "chat"):
         return value
-    accepted = f"`{name}` must be None, 'default' or a non-empty list of strings / compiled regular expressions"
+    accepted = f"`{name}` must be None, 'default', 'chat' or a non-empty list of strings / compiled regexes"
     if isinstance(value, (str, bytes, re.Pattern)) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"{accepted}, got {value!r}")
     checked = tuple(_validation.phrase(p, name) for p in value)
@@ -106,11 +106,14 @@ class BackstepConfig:
             streamed and never removed. Defaults to ``2 * n_remove`` (two rewinds can stack).
         logits_buffer (`int`, *optional*): positions of raw logits kept per row so that a rewind needs no
             forward pass. Defaults to ``n_remove + 1``; a rewind deeper than the buffer re-feeds one token.
-        end_phrases (`"default"` or `list[str | re.Pattern]`, *optional*): *endings* written as text -- a
-            spelled end-of-turn marker (``<|im_end|>``), "The End", a chat closing ("I hope this helps").
-            A completed ending is handled like a sampled EOS: the row is cut back ``n_remove`` tokens before
-            where the phrase began, the phrase's first token is forbidden at its start, and the schedule
-            starts. ``"default"`` is :func:`~perpetual_logits.default_end_phrases` of the tokenizer.
+        end_phrases (`"default"`, `"chat"` or `list[str | re.Pattern]`, *optional*): *endings* written as text
+            -- a spelled end marker (``<|end_story|>``, ``<|im_end|>``), "The End", a chat closing ("I hope
+            this helps"). A completed ending is handled like a sampled EOS: the row is cut back ``n_remove``
+            tokens before where the phrase began, the phrase's first token is forbidden at its start, EOS is
+            forbidden at the rewind point and the schedule starts. ``"default"`` is
+            :func:`~perpetual_logits.default_end_phrases` of the tokenizer; ``"chat"`` adds the end-of-turn
+            and turn-opening markers of every well-known chat template and the closings assistants write
+            (``default_end_phrases(..., chat=True)``).
         ban_phrases (`"default"` or `list[str | re.Pattern]`, *optional*): words that must not appear, wherever
             they are (not endings): the row is cut back to the token where the phrase began and that token is
             forbidden there. For endings prefer ``end_phrases``: banning an ending at its start forces the model,
@@ -151,7 +154,7 @@ class BackstepConfig:
     ban_rewound_token: bool | None = None
     hold_back: int | None = None
     logits_buffer: int | None = None
-    end_phrases: Literal["default"] | PhraseList | None = None
+    end_phrases: Literal["default", "chat"] | PhraseList | None = None
     ban_phrases: Literal["default"] | PhraseList | None = None
     max_phrase_rewinds: int = 200
     early_trigger: EarlyTrigger | None = None
@@ -213,6 +216,6 @@ class BackstepConfig:
 
         Needs the tokenizer (``generate(..., tokenizer=...)`` or ``make_perpetual(model, tokenizer=...)``).
         """
-        kwargs.setdefault("end_phrases", "default")
+        kwargs.setdefault("end_phrases", "chat")
         kwargs.setdefault("loops", LoopRewinds())
         return cls.dynamic(n_remove=n_remove, peak=peak, **kwargs)

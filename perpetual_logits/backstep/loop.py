@@ -394,7 +394,10 @@ def _phrase_rules(config: BackstepConfig, tokenizer: Any, eos: list[int]) -> lis
                 f"`{name}` needs the tokenizer to read the text: call generate(..., tokenizer=tokenizer) or "
                 "make_perpetual(model, tokenizer=tokenizer)"
             )
-        listed = default_end_phrases(tokenizer, eos) if phrases == "default" else list(phrases)
+        if phrases in ("default", "chat"):
+            listed = default_end_phrases(tokenizer, eos, chat=phrases == "chat")
+        else:
+            listed = list(phrases)
         matcher = PhraseMatcher(listed, tokenizer)
         rules.append(PhraseRule(matcher, mode, config.n_remove, config.max_phrase_rewinds, eos))
     return rules
