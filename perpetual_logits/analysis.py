@@ -179,22 +179,53 @@ class StepStatsRecorder(EOSLogitsProcessor):
         eos: torch.Tensor,
         positions: int | torch.Tensor,
     ) -> torch.Tensor:
-        if max(self.token_id) >= scores.shape[-1]:
-            raise ValueError(f"`token_id` {max(self.token_id)} is outside the vocabulary of size {scores.shape[-1]}")
-        # No validation pass here: this runs every step inside generate(), where scores come from the model.
         ids = self._ids_by_device.get(scores.device)
         if ids is None:
+            if max(self.token_id) >= scores.shape[-1]:
+                raise ValueError(
+                    f"`token_id` {max(self.token_id)} is outside the vocabulary of size {scores.shape[-1]}"
+                )
             ids = torch.tensor(self.token_id, dtype=torch.long, device=scores.device)
             self._ids_by_device[scores.device] = ids
-        self._record(positions, **distribution_stats(scores, ids))
+        # No validation pass here: this runs every step inside generate(), where scores come from the model.
+        # Per step only the raw reductions (nats); the conversions to bits happen when `stats` is read.
+        self._record(positions, **_raw_stats(scores, ids))
         return scores
 
     @property
     def stats(self) -> list[StepStats]:
         """Per row, the statistics of every kept generated step (rewound positions dropped)."""
-        columns = {name: self._per_row(name) for name in _NAMES}
-        rows = len(columns["eos_prob"])
-        return [StepStats(*([v for _, v in columns[name][row]] for name in _NAMES)) for row in range(rows)]
+        columns = {name: self._per_row(name) for name in _RAW}
+        rows = len(columns["log_set"])
+        result = []
+        for row in range(rows):
+            log_set = [v for _, v in columns["log_set"][row]]
+            result.append(
+                StepStats(
+                    eos_prob=[math.exp(v) for v in log_set],
+                    info=[-v / _LN2 for v in log_set],
+                    entropy=[max(0.0, v / _LN2) for _, v in columns["entropy"][row]],
+                    varentropy=[max(0.0, v / _LN2**2) for _, v in columns["varentropy"][row]],
+                )
+            )
+        return result
+
+
+_RAW = ("log_set", "entropy", "varentropy")
+
+
+def _raw_stats(scores: torch.Tensor, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`distribution_stats` before its conversions: log P(set), entropy and varentropy in nats."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    p = logp.exp()
+    safe_logp = logp.clamp_min(-1e4)  # see distribution_stats()
+    entropy = -(p * safe_logp).sum(-1)
+    varentropy = (p * (safe_logp + entropy[:, None]).square()).sum(-1)
+    return {
+        "log_set": torch.logsumexp(logp.index_select(-1, token_ids), dim=-1),
+        "entropy": entropy,
+        "varentropy": varentropy,
+    }
 
 
 def _as_steps(logits: torch.Tensor | Sequence[torch.Tensor], name: str) -> torch.Tensor:
