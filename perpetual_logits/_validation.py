@@ -148,12 +148,14 @@ def eos_ids(value: object, name: str = "eos_token_id") -> tuple[int, ...]:
 
 
 def token_sequence(value: object, name: str = "tokens") -> Sequence[Hashable]:
-    """A one-dimensional sequence of hashable items (a list, a tuple, a 1-D tensor becomes a list)."""
+    """A one-dimensional sequence of hashable items (a list, a tuple, a str; a 1-D tensor becomes a list)."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, torch.Tensor):
         if value.dim() != 1:
             raise ValueError(f"`{name}` must be one-dimensional, got a tensor of shape {tuple(value.shape)}")
         return value.tolist()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    if not isinstance(value, Sequence):  # a str is a sequence of characters, a fine token sequence
         raise ValueError(f"`{name}` must be a sequence (list, tuple, 1-D tensor), got {type(value).__name__}")
     for item in value:
         if isinstance(item, (list, tuple, torch.Tensor)):
@@ -167,7 +169,7 @@ def token_sequence(value: object, name: str = "tokens") -> Sequence[Hashable]:
 _EMPTY_PROBES = ("", " ", "a", "The end. \n", "Ab, c!")
 
 
-def phrases(value: object, name: str) -> tuple[str | re.Pattern[str], ...]:
+def phrases(value: object, name: str) -> tuple[Any, ...]:
     """A non-empty collection of phrases: strings with a non-space character, or compiled regexes that
     cannot match the empty string (a phrase that matches nothing visible would fire at every step).
 
@@ -187,8 +189,11 @@ def phrases(value: object, name: str) -> tuple[str | re.Pattern[str], ...]:
 
     ```
     """
+    import regex  # the third-party module: PhraseMatcher accepts its patterns too
+
+    patterns = (re.Pattern, regex.Pattern)
     accepted = f"`{name}` must be a non-empty list of strings or compiled regexes"
-    if isinstance(value, (str, re.Pattern)):
+    if isinstance(value, (str, *patterns)):
         items: list[object] = [value]
     elif isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
         items = list(value)
@@ -200,14 +205,14 @@ def phrases(value: object, name: str) -> tuple[str | re.Pattern[str], ...]:
         if isinstance(item, str):
             if not item.strip():
                 raise ValueError(f"`{name}` must not hold an empty or whitespace-only phrase, got {item!r}")
-        elif isinstance(item, re.Pattern):
+        elif isinstance(item, patterns):
             if not isinstance(item.pattern, str):
                 raise ValueError(f"`{name}` regexes must be str patterns, not bytes, got {item!r}")
             if any(m.group() == "" for probe in _EMPTY_PROBES for m in item.finditer(probe)):
                 raise ValueError(f"`{name}` must not hold a regex that matches the empty string, got {item!r}")
         else:
             raise ValueError(f"{accepted}, got an item {_kind(item)}")
-    return tuple(items)  # type: ignore[arg-type]
+    return tuple(items)
 
 
 def has_decode(value: Any, name: str = "tokenizer") -> Any:
