@@ -238,7 +238,11 @@ def _quiet_transformers() -> Iterator[None]:
 def _progress(total: int, desc: str) -> Iterator[Callable[[int], Any]]:
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=desc, unit="run", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+    # Only on a terminal: in a log or a pipe, stderr holds errors and notes only.
+    quiet = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    with tqdm(
+        total=total, desc=desc, unit="run", file=sys.stderr, leave=False, dynamic_ncols=True, disable=quiet
+    ) as bar:
         yield bar.update
 
 
