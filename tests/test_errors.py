@@ -86,7 +86,7 @@ def test_largest_seed_runs(capsys, tiny_dir):
 def test_prompt_that_is_not_utf8_is_a_one_line_error(capsys, tiny_dir):
     # Bytes that are not UTF-8 reach sys.argv as lone surrogates (PEP 383).
     prompt = b"w1 \xff\xfe".decode("utf-8", "surrogateescape")
-    code, out, err = run(capsys, "generate", "--model", str(tiny_dir), "--max-new-tokens", "3", prompt)
+    code, _, err = run(capsys, "generate", "--model", str(tiny_dir), "--max-new-tokens", "3", prompt)
     assert_one_line_error(code, err, "UTF-8")
 
 
@@ -114,7 +114,7 @@ def test_sliding_window_backstep_is_a_one_line_error_with_a_flag_to_fix_it(capsy
     argv = ["generate", "--model", str(folder), "--method", "backstep", "--max-new-tokens", "30", "--json", "w1"]
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, "max_backsteps")
-    code, out, err = run(capsys, *argv, "--max-backsteps", "2")  # the flag the advice points at exists
+    code, _, err = run(capsys, *argv, "--max-backsteps", "2")  # the flag the advice points at exists
     assert code == 0, err
 
 
