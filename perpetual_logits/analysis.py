@@ -183,9 +183,15 @@ class StepStatsRecorder(EOSLogitsProcessor):
             ids = torch.tensor(self.token_id, dtype=torch.long, device=scores.device)
             self._ids_by_device[scores.device] = ids
         # No validation pass here: this runs every step inside generate(), where scores come from the model.
-        # Per step only the raw reductions (nats); the conversions to bits happen when `stats` is read.
-        self._record(positions, **_raw_stats(scores, ids))
+        # The statistics are computed a chunk of steps at a time (one copy per step); bits when `stats` is read.
+        self._record_scores(positions, scores)
         return scores
+
+    def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = self._ids_by_device[scores.device]
+        steps, batch, vocab = scores.shape
+        raw = _raw_stats(scores.reshape(steps * batch, vocab), ids)
+        return {name: values.reshape(steps, batch) for name, values in raw.items()}
 
     @property
     def stats(self) -> list[StepStats]:

@@ -183,7 +183,9 @@ def _backstep(dynamic: bool, phrases: bool) -> Callable[[MethodSettings], Any]:
     return build
 
 
-#: The methods by name, in the order tables show them.
+#: The methods by name, in the order tables show them. A new method is one more entry, e.g. a chat preset:
+#: ``Method("chat", "Method 4 + ending control + loop rewinds", "backsteps",
+#: backstep=lambda s: BackstepConfig.chat(n_remove=s.n_remove), needs_tokenizer=True)``.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (

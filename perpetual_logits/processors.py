@@ -86,7 +86,12 @@ def _restore_lone_eos(
 @dataclass
 class _StepRecord:
     positions: int | torch.Tensor  # int when every row chose the same position, else (batch,) long
-    values: dict[str, torch.Tensor]  # name -> (batch,)
+    values: dict[str, torch.Tensor]  # name -> (batch,); empty while the step waits in the pending chunk
+
+
+#: Scores (elements) kept for deferred statistics before they are computed in one go: 8 Mi floats, 32 MiB.
+_PENDING_ELEMENTS = 1 << 23
+_PENDING_STEPS = 64
 
 
 class EOSLogitsProcessor(LogitsProcessor):
@@ -113,6 +118,9 @@ class EOSLogitsProcessor(LogitsProcessor):
         self._scores_shape: torch.Size | None = None
         self._checked = False  # arguments are validated on the first call of a generation only
         self._records: list[_StepRecord] = []
+        # Deferred statistics: (record, scores) of recent steps, computed a chunk at a time (see _record_scores).
+        self._pending: list[tuple[_StepRecord, torch.Tensor]] = []
+        self._pending_elements = 0
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -197,8 +205,38 @@ class EOSLogitsProcessor(LogitsProcessor):
         # generate() runs under no_grad, so the values carry no graph; keep them as they are (no copies).
         self._records.append(_StepRecord(positions, values))
 
+    def _record_scores(self, positions: int | torch.Tensor, scores: torch.Tensor) -> None:
+        """Record statistics of ``scores`` later: :meth:`_statistics` runs once over a chunk of steps.
+
+        Per step this costs one copy instead of a handful of small kernels (and their dispatch), which is most
+        of a processor's price on a small model; the chunk is bounded (64 steps, 32 MiB of scores).
+        """
+        record = _StepRecord(positions, {})
+        self._records.append(record)
+        self._pending.append((record, scores.detach().clone()))
+        self._pending_elements += scores.numel()
+        if len(self._pending) >= _PENDING_STEPS or self._pending_elements >= _PENDING_ELEMENTS:
+            self._flush()
+
+    def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Subclass hook for :meth:`_record_scores`: (steps, batch, vocab) scores -> name -> (steps, batch)."""
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        """Compute the pending steps' statistics (all at once) and store them in their records."""
+        pending, self._pending, self._pending_elements = self._pending, [], 0
+        by_shape: dict[tuple[tuple[int, ...], torch.device], list[tuple[_StepRecord, torch.Tensor]]] = {}
+        for record, scores in pending:  # one group unless the batch changed (it does not within a generation)
+            by_shape.setdefault((tuple(scores.shape), scores.device), []).append((record, scores))
+        for (_, device), items in by_shape.items():
+            stats = self._statistics(torch.stack([s for _, s in items]), self._eos(device))
+            for i, (record, _) in enumerate(items):
+                record.values = {name: values[i] for name, values in stats.items()}
+
     def _row_history(self, row: int, name: str) -> list[tuple[int, float]]:
         """(position, value) of one row, in order, keeping only the latest record of each kept position."""
+        if self._pending:
+            self._flush()
         kept: list[tuple[int, float]] = []
         for record in self._records:
             pos = record.positions if isinstance(record.positions, int) else int(record.positions[row])
@@ -261,14 +299,14 @@ class SuppressEOSLogitsProcessor(EOSLogitsProcessor):
         eos: torch.Tensor,
         positions: int | torch.Tensor,
     ) -> torch.Tensor:
+        if self.record:
+            self._record_scores(positions, scores)
         eos_scores = scores.index_select(-1, eos)
         out = scores.index_fill(-1, eos, float("-inf"))  # a copy: the caller's scores stay as they were
-        best_other = out.amax(-1, keepdim=True)
-        if self.record:
-            # EOS on top: its best score ties or beats every other token (same rule as eos_on_top()).
-            top = eos_scores.amax(-1, keepdim=True) >= best_other
-            self._record(positions, eos_prob=eos_probability(scores, eos), eos_top=top[:, 0])
-        return _restore_lone_eos(out, eos, eos_scores, best_other)
+        return _restore_lone_eos(out, eos, eos_scores, out.amax(-1, keepdim=True))
+
+    def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"eos_prob": eos_probability(scores, eos), "eos_top": eos_on_top(scores, eos)}
 
     @property
     def eos_probabilities(self) -> list[list[float]]:

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(os.environ.get("PERPETUAL_LOGITS_MODELS", REPO.parent / "shared" / "models")).resolve()
 TINYSTORIES = MODELS_DIR / "tinystories-656k"
 STORIES260K = MODELS_DIR / "stories260K"
+SMOLLM2 = MODELS_DIR / "smollm2-135m-instruct"
 REQUIRE_MODELS = os.environ.get("PERPETUAL_LOGITS_REQUIRE_MODELS") == "1"
 
 
@@ -108,6 +109,12 @@ def tinystories(tinystories_path: Path):
     model = AutoModelForCausalLM.from_pretrained(tinystories_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(tinystories_path)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF folder (converted to safetensors once, cached outside the repo)."""
+    return require_model_dir(SMOLLM2)
 
 
 @pytest.fixture(scope="session")
