@@ -126,7 +126,8 @@ class StepStatsRecorder(EOSLogitsProcessor):
     varentropy of the next-token distribution at every step, in bits. Returns the scores unchanged.
 
     Put it last in ``logits_processor`` to measure what the sampler is given before temperature and
-    top-k/top-p; put it first to measure the model's own distribution. It needs one softmax per step.
+    top-k/top-p; put it first to measure the model's own distribution. Per step it keeps a copy of the
+    scores; the statistics are computed for 64 steps at a time (and whenever they are read).
 
     Records follow the row's position clock of :class:`~perpetual_logits.EOSLogitsProcessor`: in backstep
     generation the statistics of rewound positions are dropped, so :attr:`stats` describes the final text
