@@ -81,8 +81,7 @@ def _phrases(value: object, name: str) -> Any:
     accepted = f"`{name}` must be None, 'default', 'chat' or a non-empty list of strings / compiled regexes"
     if isinstance(value, (str, bytes, re.Pattern)) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"{accepted}, got {value!r}")
-    checked = tuple(_validation.phrase(p, name) for p in value)
-    return checked
+    return _validation.phrases(value, name)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation import logits_process as lp
 
-from ..processors import factor_table, multipliers
 from ..protocol import RowState
-from ..schedules import Schedule
+from ..schedules import Schedule, factor_table, multipliers
 from ..triggers import EarlyTrigger
 
 __all__ = ["WARPERS", "RowTemperature", "TemperatureSchedule", "insert_before_warpers"]
@@ -60,7 +59,7 @@ class TemperatureSchedule(RowState):
 
     def __init__(self, schedule: Schedule, early_trigger: EarlyTrigger | None, device: torch.device) -> None:
         self.schedule = schedule
-        self.table = factor_table(schedule).to(device)
+        self.table = factor_table(schedule)
         self.forever = schedule.length is None
         self.early = copy.deepcopy(early_trigger) if early_trigger is not None else None
         self.device = device
