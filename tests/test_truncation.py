@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, tiny_model
+from conftest import EOS, STORIES260K, TINYSTORIES, require_model_dir, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
@@ -426,3 +426,27 @@ def test_method2_widen_leaves_greedy_unchanged(tinystories) -> None:
         outs.append(model.generate(**inputs, do_sample=False, max_new_tokens=250, logits_processor=[proc]))
         assert proc.evictions[0], "greedy run had no eviction to widen after"
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_quality_widening_benchmark_smoke(tmp_path) -> None:
+    import json
+
+    require_model_dir(TINYSTORIES)
+    require_model_dir(STORIES260K)
+    from benchmarks import quality_widening
+
+    out = tmp_path / "results"
+    assert quality_widening.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads((out / "quality_widening.json").read_text())
+    assert set(data["arms"]) == set(quality_widening.ARMS)
+    assert data["pairs_whose_method2_arms_differ_before_first_eviction"] == 0
+    assert data["eligible_pairs"] >= 1
+    for name, arm in data["arms"].items():
+        assert arm["runs"] == data["settings"]["runs"]
+        if name != "baseline":
+            assert arm["new_tokens"]["min"] == data["settings"]["max_new_tokens"]
+            assert arm["near"]["bpc"] > 0 and arm["far"]["pairs"] == data["eligible_pairs"]
+    text = (out / "quality_widening.md").read_text()
+    assert "### Definitions" in text and "context gain" in text
