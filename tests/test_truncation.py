@@ -97,6 +97,16 @@ def test_truncate_rows_equals_transformers_warpers_row_by_row(case) -> None:
         assert torch.equal(out[row] / temperature if temperature != 1.0 else out[row], expected), row
 
 
+def test_top_p_threshold_is_computed_like_transformers() -> None:
+    """transformers compares with ``1 - top_p`` computed in double precision (a Python float); a cumulative
+    probability of 0.1000000164 lies between that (0.1000000015 in float32) and 1 - float32(0.9)."""
+    scores = torch.tensor([[-2.1972243785858154, 0.0]])
+    assert scores.sort().values.softmax(-1).cumsum(-1)[0, 0].item() == pytest.approx(0.1000000164, abs=1e-10)
+    out = truncate_rows(scores, top_p=torch.tensor([0.9], dtype=torch.float64))
+    assert torch.equal(out[0], reference(scores[0], 0, 0.9, 0.0))
+    assert torch.isfinite(out).all()
+
+
 @given(cases())
 @settings(max_examples=60, deadline=None)
 def test_off_values_change_nothing_and_return_new_tensor(case) -> None:
