@@ -328,8 +328,19 @@ def truncate_rows(
         if value is not None and tuple(value.shape) != (batch,):
             raise ValueError(f"`{name}` must have shape ({batch},), got {tuple(value.shape)}")
     device = scores.device
-    view = scores / temperature if temperature != 1.0 else scores  # what the warpers would see
+    # With temperature 1 the progressively masked `view` is the result; otherwise the removals are collected
+    # and applied to the untempered scores.
+    tempered = temperature != 1.0
+    view = scores / temperature if tempered else scores  # what the warpers would see
     removed: torch.Tensor | None = None
+    changed = False
+
+    def drop(mask: torch.Tensor) -> None:
+        nonlocal view, removed, changed
+        view = view.masked_fill(mask, filter_value)
+        changed = True
+        if tempered:
+            removed = mask if removed is None else removed | mask
 
     if top_k is not None:
         k = top_k.to(device=device, dtype=torch.long)
@@ -337,9 +348,7 @@ def truncate_rows(
         if bool(on.any()):
             k = torch.where(on, k.clamp(min=min_tokens_to_keep, max=vocab), torch.ones_like(k))
             kth = torch.topk(view, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
-            drop = (view < kth) & on[:, None]
-            view = view.masked_fill(drop, filter_value)
-            removed = drop
+            drop(view < kth.masked_fill(~on[:, None], _NEG_INF))  # nothing is below -inf: off rows keep all
 
     if top_p is not None:
         p = top_p.to(device=device, dtype=torch.float64)
@@ -347,27 +356,23 @@ def truncate_rows(
         if bool(on.any()):
             sorted_logits, sorted_indices = torch.sort(view, descending=False)
             cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            drop_sorted = cumulative <= (1.0 - p).to(cumulative.dtype)[:, None]
+            limit = torch.where(on, 1.0 - p, -1.0).to(cumulative.dtype)  # off rows: no cumulative sum is <= -1
+            drop_sorted = cumulative <= limit[:, None]
             drop_sorted[:, -min_tokens_to_keep:] = False
-            drop_sorted &= on[:, None]
-            drop = drop_sorted.scatter(1, sorted_indices, drop_sorted)
-            view = view.masked_fill(drop, filter_value)
-            removed = drop if removed is None else removed | drop
+            drop(drop_sorted.scatter(1, sorted_indices, drop_sorted))
 
     if min_p is not None:
         m = min_p.to(device=device, dtype=torch.float64)
-        on = m > 0.0
-        if bool(on.any()):
+        if bool((m > 0.0).any()):  # rows with min_p = 0 have threshold 0 and keep everything
             probs = torch.softmax(view, dim=-1)
-            threshold = m.to(probs.dtype)[:, None] * probs.amax(dim=-1, keepdim=True)
-            drop = probs < threshold
+            mask = probs < m.to(probs.dtype)[:, None] * probs.amax(dim=-1, keepdim=True)
             keep = torch.topk(probs, min(min_tokens_to_keep, vocab), dim=-1).indices
-            drop.scatter_(-1, keep, False)
-            drop &= on[:, None]
-            removed = drop if removed is None else removed | drop
+            drop(mask.scatter_(-1, keep, False))
 
-    if removed is None:
+    if not changed:
         return scores.clone()
+    if removed is None:
+        return view
     return scores.masked_fill(removed, filter_value)
 
 
