@@ -209,11 +209,12 @@ def weight_table(schedule: Schedule) -> torch.Tensor:
 
 
 class RowValues(NamedTuple):
-    """Per-row truncation: ``top_k`` (long, 0 = off), ``top_p`` (float64, 1.0 = off), ``min_p`` (float64)."""
+    """Per-row truncation: ``top_k`` (long, 0 = off), ``top_p`` (float64, 1.0 = off), ``min_p`` (float64,
+    0.0 = off); ``None`` where a truncation is off in every row at every step (configured off, not widened)."""
 
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    min_p: torch.Tensor
+    top_k: torch.Tensor | None
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
 
 
 class TruncationSchedule:
@@ -260,15 +261,20 @@ class TruncationSchedule:
         w = self.weights(steps_since, active)
         conf, wide = self.configured, self.widen
 
-        def lerp(configured: float, widened: float | None) -> torch.Tensor:
+        def lerp(configured: float, widened: float | None, off: float) -> torch.Tensor | None:
             target = configured if widened is None else widened
+            if configured == off and target == off:
+                return None
             return (1.0 - w) * configured + w * target
 
         k_conf = conf.top_k or vocab_size
         k_wide = k_conf if wide.top_k is None else (wide.top_k or vocab_size)
-        k = torch.round(lerp(float(k_conf), float(k_wide))).long()
-        top_k = torch.where(k >= vocab_size, torch.zeros_like(k), k)
-        return RowValues(top_k, lerp(conf.top_p, wide.top_p), lerp(conf.min_p, wide.min_p))
+        k = lerp(float(k_conf), float(k_wide), float(vocab_size))
+        top_k = None
+        if k is not None:
+            top_k = torch.round(k).long()
+            top_k = torch.where(top_k >= vocab_size, torch.zeros_like(top_k), top_k)
+        return RowValues(top_k, lerp(conf.top_p, wide.top_p, 1.0), lerp(conf.min_p, wide.min_p, 0.0))
 
 
 # -- the per-row warpers ------------------------------------------------------------------------------------

@@ -185,6 +185,14 @@ def test_schedule_mapping() -> None:
     assert values.top_p[5].item() == pytest.approx(0.945)
     idle = plan.row_values(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.bool), 2048)
     assert idle.top_k.tolist() == [50] * 3 and idle.top_p.tolist() == [0.9] * 3 and idle.min_p.tolist() == [0.1] * 3
+    # A truncation that is off in every row at every step is None (truncate_rows skips it).
+    plan = TruncationSchedule(Truncation(top_k=50), Widen(top_k=200), LinearDecay(2.0, 10))
+    values = plan.row_values(steps, torch.ones(12, dtype=torch.bool), 2048)
+    assert values.top_p is None and values.min_p is None and values.top_k is not None
+    plan = TruncationSchedule(Truncation(top_k=50, top_p=0.9), Widen(top_p=1.0), LinearDecay(2.0, 10))
+    values = plan.row_values(steps, torch.ones(12, dtype=torch.bool), 2048)
+    assert values.top_p is not None and values.top_p[0].item() == 1.0 and values.top_p[10].item() == 0.9
+    assert values.top_k is not None and values.top_k.tolist() == [50] * 12
 
 
 def test_schedule_mapping_off_values_and_odd_schedules() -> None:
