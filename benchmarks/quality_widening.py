@@ -24,6 +24,8 @@ window's words that occur in the story before ``E``.
 from __future__ import annotations
 
 import argparse
+import math
+import random
 import re
 import sys
 import time
@@ -179,29 +181,56 @@ def _words(text: str) -> set[str]:
 
 def window_scores(
     judge: Judge, tokenizer: Any, runs: list[Run], cuts: list[int], offset: int, width: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Judge bits/char of tokens [cut + offset, cut + offset + width) of each run, with and without the story
-    before them, and the share of the window's words found in the story before ``cut``."""
-    with_ctx_texts, with_ctx_starts, alone, overlaps = [], [], [], []
+    before them, and the share of the window's words found in the story before ``cut``; pooled, and per pair
+    (``per_pair``: NLL in nats and characters, with and without context, and the word share)."""
+    per_pair: dict[str, list[float]] = {"nll": [], "chars": [], "nll_alone": [], "chars_alone": [], "words": []}
     for run, cut in zip(runs, cuts):
         a, b = cut + offset, cut + offset + width
         full = tokenizer.decode(run.prompt_ids + run.new_ids[:b], skip_special_tokens=True)
         head = tokenizer.decode(run.prompt_ids + run.new_ids[:a], skip_special_tokens=True)
-        with_ctx_texts.append(full)
-        with_ctx_starts.append(_prefix_chars(full, head))
+        nll, chars = judge.nll(full, _prefix_chars(full, head))
         window = tokenizer.decode(run.new_ids[a:b], skip_special_tokens=True)
-        alone.append(window)
+        nll_alone, chars_alone = judge.nll(window, 0)
         story = _words(tokenizer.decode(run.prompt_ids + run.new_ids[:cut], skip_special_tokens=True))
         words = _words(window)
-        overlaps.append(len(words & story) / len(words) if words else 0.0)
-    bpc = judge.bits_per_char(with_ctx_texts, with_ctx_starts)
-    bpc_alone = judge.bits_per_char(alone)
+        for key, value in zip(per_pair, (nll, chars, nll_alone, chars_alone)):
+            per_pair[key].append(float(value))
+        per_pair["words"].append(len(words & story) / len(words) if words else 0.0)
+    return {**_pooled(per_pair, range(len(runs))), "pairs": len(runs), "per_pair": per_pair}
+
+
+def _pooled(per_pair: dict[str, list[float]], index: Sequence[int]) -> dict[str, float]:
+    """Pooled bits/char with and without context, their difference, and the mean word share over ``index``."""
+    sums = {key: sum(values[i] for i in index) for key, values in per_pair.items()}
+    bpc = sums["nll"] / (sums["chars"] * math.log(2))
+    bpc_alone = sums["nll_alone"] / (sums["chars_alone"] * math.log(2))
     return {
         "bpc": bpc,
         "bpc_alone": bpc_alone,
         "context_gain": bpc_alone - bpc,
-        "story_words": sum(overlaps) / len(overlaps) if overlaps else float("nan"),
-        "pairs": len(runs),
+        "story_words": sums["words"] / len(index),
+    }
+
+
+def paired_intervals(
+    arm: dict[str, Any], reference: dict[str, Any], resamples: int = 2000, seed: int = 0
+) -> dict[str, list[float]]:
+    """95 % paired-bootstrap intervals (pairs resampled) of ``arm − reference`` for each pooled statistic:
+    ``[point estimate, low, high]``."""
+    n = reference["pairs"]
+    rng = random.Random(seed)
+    diffs: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        index = [rng.randrange(n) for _ in range(n)]
+        ours, theirs = _pooled(arm["per_pair"], index), _pooled(reference["per_pair"], index)
+        for key, value in ours.items():
+            diffs.setdefault(key, []).append(value - theirs[key])
+    point_ours, point_theirs = _pooled(arm["per_pair"], range(n)), _pooled(reference["per_pair"], range(n))
+    return {
+        key: [point_ours[key] - point_theirs[key], common.percentile(v, 2.5), common.percentile(v, 97.5)]
+        for key, v in diffs.items()
     }
 
 
@@ -256,7 +285,15 @@ def evaluate(runs: dict[str, list[Run]], settings: WideningSettings, tokenizer: 
                 after_starts.append(_prefix_chars(full, head))
             entry["judge_bpc_after"] = judge.bits_per_char(after_texts, after_starts) if after_texts else None
         arms[arm] = entry
-    # Reference: the same runs' own story right before they first wanted to stop, [E - W, E).
+    # Paired differences to the temperature-only arm, on the same pairs and windows.
+    reference_arm = arms[method2[0]]
+    for arm in method2[1:]:
+        entry = arms[arm]
+        if entry["near"] and reference_arm["near"]:
+            entry["vs_temperature_only"] = {
+                where: paired_intervals(entry[where], reference_arm[where]) for where in ("near", "far")
+            }
+    # Reference: the same runs' own story before they first wanted to stop, [E - W, E).
     chosen = [r for key, r in anchor.items() if key in eligible]
     cuts = [(r.first_eviction or 0) - w for r in chosen]
     reference = window_scores(judge, tokenizer, chosen, cuts, 0, w) if chosen else None
@@ -311,6 +348,25 @@ def markdown(out: dict[str, Any]) -> str:
             f"in every Method 2 arm): judge bpc {ref['bpc']:.3f}, context gain {ref['context_gain']:.3f}, story "
             f"words {ref['story_words']:.3f} (words of the window found in the text before it).",
         ]
+    if any(a.get("vs_temperature_only") for a in out["arms"].values()):
+        lines += [
+            "",
+            "Difference to the temperature-only arm on the same pairs and windows (point estimate [95 % paired "
+            "bootstrap interval, pairs resampled]); an interval that contains 0 is no measured difference:",
+            "",
+            "| arm | Δ judge bpc near | Δ judge bpc far | Δ context gain near | Δ context gain far "
+            "| Δ story words near | Δ story words far |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for a in out["arms"].values():
+            vs = a.get("vs_temperature_only")
+            if vs:
+                cells = [
+                    "{:+.3f} [{:+.3f}, {:+.3f}]".format(*vs[where][key])
+                    for key in ("bpc", "context_gain", "story_words")
+                    for where in ("near", "far")
+                ]
+                lines.append(f"| {a['label']} | " + " | ".join(cells) + " |")
     lines += ["", "### Definitions", ""]
     lines += [f"- **{name}**: {text}" for name, text in out["definitions"].items()]
     lines += ["", f"Command: `{out['command']}`; {out['seconds']:.0f} s; {out['environment']['cpu']}.", ""]
