@@ -105,7 +105,7 @@ CHAT_TURN_MARKERS: tuple[str, ...] = (
 Phi-3/Zephyr, Mistral). An assistant that writes one has ended its own turn and is inventing the next, so
 for a chat model they are endings just like the end-of-turn tokens."""
 
-CHAT_END_TOKENS: tuple[str, ...] = KNOWN_END_MARKERS[:-2] + ("[EOS]",) + CHAT_TURN_MARKERS
+CHAT_END_TOKENS: tuple[str, ...] = (*KNOWN_END_MARKERS[:-2], "[EOS]", *CHAT_TURN_MARKERS)
 """Every chat end-of-turn and turn-opening token text that :func:`default_end_phrases` bans with
 ``chat=True``, whether or not the tokenizer at hand has it: a small chat model trained on other families'
 transcripts spells ``<|eot_id|>`` or ``</s>`` out as text. (``<|end_story|>`` is left out: it is a
