@@ -32,6 +32,13 @@ from .schedules import (  # noqa: E402
     StepDecay,
 )
 from .triggers import EarlyTrigger  # noqa: E402
+from .truncation import (  # noqa: E402
+    RowTruncation,
+    Truncation,
+    TruncationSchedule,
+    Widen,
+    take_over_truncation,
+)
 
 __version__ = "0.1.0"
 
@@ -59,12 +66,16 @@ __all__ = [
     "Rewind",
     "RewindRule",
     "RowState",
+    "RowTruncation",
     "RowView",
     "Schedule",
     "StepDecay",
     "StepStats",
     "StepStatsRecorder",
     "SuppressEOSLogitsProcessor",
+    "Truncation",
+    "TruncationSchedule",
+    "Widen",
     "__version__",
     "blockwise",
     "default_end_phrases",
@@ -73,4 +84,5 @@ __all__ = [
     "plot_blockwise",
     "plot_eos_window",
     "step_stats",
+    "take_over_truncation",
 ]

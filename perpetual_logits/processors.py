@@ -33,6 +33,7 @@ from transformers import LogitsProcessor
 from . import _validation
 from .protocol import RowState
 from .schedules import FactorTable, LinearDecay, Schedule, factor_table, multipliers
+from .truncation import Truncation, TruncationSchedule, Widen, truncate_rows
 
 if TYPE_CHECKING:  # triggers -> analysis -> processors: import at call time to avoid the cycle
     from .triggers import EarlyTrigger
@@ -351,8 +352,14 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
     * ``"argmax"``: EOS is the highest-scoring token. Deterministic; the right choice for greedy decoding;
     * a float ``t`` in (0, 1]: EOS probability ``>= t``.
 
-    Widening top-k/top-p after an eviction is not offered: this processor runs before those warpers and
-    cannot change their settings, and faking it here would change the distribution for every row.
+    Widening top-k / top-p / min-p after an eviction (the blog's "higher thresholds"): pass ``widen=`` and the
+    truncation you sample with as ``truncation=``. The processor then applies top-k, top-p and min-p itself,
+    per row: the configured values for rows without an eviction, the widened ones from an eviction on, back to
+    the configured ones as the schedule returns to 1.0 (see :mod:`perpetual_logits.truncation`). The kept set is
+    computed at the effective temperature ``truncation.temperature * multiplier``, as transformers' warpers
+    would compute it after its temperature. ``generate()`` must then not truncate a second time: call it with
+    ``**processor.generate_kwargs()`` (``top_k=0, top_p=1.0, min_p=None`` and the stated temperature); a
+    ``make_perpetual`` model can check this, a plain ``generate()`` cannot.
 
     Args:
         eos_token_id (`int` or `list[int]`): the id(s) that end generation.
@@ -361,6 +368,10 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         early_trigger (`EarlyTrigger`, *optional*): also restart the schedule *before* EOS is chosen, when a
             row's EOS probability averaged over a window, or its entropy trend, says an ending is near (the
             statistics of the scores this processor sees). See :class:`~perpetual_logits.EarlyTrigger`.
+        widen (`Widen`, *optional*): top-k / top-p / min-p at an eviction; they return to ``truncation`` with
+            ``widen.schedule`` (default: ``schedule``). Requires ``truncation``.
+        truncation (`Truncation`, *optional*): the top-k / top-p / min-p / temperature you sample with; only
+            with ``widen`` (then the processor owns truncation, see above).
 
     Example:
 
@@ -385,6 +396,8 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         schedule: Schedule | None = None,
         trigger: str | float = "sample",
         early_trigger: EarlyTrigger | None = None,
+        widen: Widen | None = None,
+        truncation: Truncation | None = None,
     ) -> None:
         from .triggers import EarlyTrigger
 
@@ -407,7 +420,24 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         self.schedule = schedule
         self.trigger = trigger
         self._table: FactorTable = factor_table(schedule)
+        self.widen, self.truncation = widen, truncation
+        self._truncation_plan: TruncationSchedule | None = None
+        if widen is not None or truncation is not None:
+            if not isinstance(truncation, Truncation):
+                raise ValueError(
+                    "`truncation` must be a Truncation stating the top_k/top_p/min_p/temperature you sample with "
+                    f"when `widen` is given (got {truncation!r}); call generate() with **processor.generate_kwargs()"
+                )
+            if not isinstance(widen, Widen):
+                raise ValueError(f"`widen` must be a Widen when `truncation` is given, got {widen!r}")
+            self._truncation_plan = TruncationSchedule(truncation, widen, schedule)
         super().__init__(eos_token_id)
+
+    def generate_kwargs(self) -> dict[str, object]:
+        """``generate()`` kwargs for this processor: with ``widen``, transformers' truncation off (see above)."""
+        if self.truncation is None:
+            return {"do_sample": True}
+        return self.truncation.generate_kwargs()
 
     def _reset_state(self) -> None:
         # (batch,) position of each row's latest restart; _NEVER for a row that has had none.
@@ -458,11 +488,14 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         values = table.on(device)
         if table.exact and not table.forever:
             # The table ends with 1.0: the end of the schedule and rows that never restarted both land there.
-            factor = values[since.clamp_(0, values.shape[0] - 1)]
+            factor = values[since.clamp(0, values.shape[0] - 1)]
         else:
             factor = table.lookup(since, self._last_trigger != _NEVER)
-        out = scores / factor.to(scores.dtype)[:, None]
-        return mask_eos_(out, eos)
+        out = mask_eos_(scores / factor.to(scores.dtype)[:, None], eos)
+        if self._truncation_plan is not None:  # per-row top-k/top-p/min-p, widened after an eviction
+            rows = self._truncation_plan.row_values(since, self._last_trigger != _NEVER, out.shape[-1])
+            out = truncate_rows(out, *rows, temperature=self._truncation_plan.configured.temperature)
+        return out
 
     @property
     def evictions(self) -> list[list[int]]:
