@@ -11,6 +11,7 @@ from .. import _validation
 from ..protocol import RewindRule
 from ..schedules import LinearDecay, Schedule
 from ..triggers import EarlyTrigger
+from ..truncation import Widen
 
 __all__ = ["BackstepConfig", "LoopRewinds"]
 
@@ -124,6 +125,9 @@ class BackstepConfig:
             EOS probability (averaged over a window) or its entropy trend says an ending is near. Needs a
             ``schedule``.
         loops (`LoopRewinds`, *optional*): rewind rows that fall into a repetition loop.
+        widen (`Widen`, *optional*): after each rewind, sample with wider top-k / top-p / min-p that return to
+            the configured values with the schedule (``widen.schedule`` or ``schedule``); the loop replaces
+            ``generate()``'s top-k/top-p/min-p warpers by per-row ones. Needs a ``schedule`` and sampling.
         rules (`list[RewindRule]`, *optional*): your own reasons to rewind (see
             :class:`~perpetual_logits.RewindRule`); each ``generate()`` call works on its own copy.
 
@@ -158,6 +162,7 @@ class BackstepConfig:
     max_phrase_rewinds: int = 200
     early_trigger: EarlyTrigger | None = None
     loops: LoopRewinds | None = None
+    widen: Widen | None = None
     rules: Sequence[RewindRule] = ()
 
     def __post_init__(self) -> None:
@@ -188,6 +193,11 @@ class BackstepConfig:
                 raise ValueError(f"`early_trigger` must be None or an EarlyTrigger, got {self.early_trigger!r}")
             if self.schedule is None:
                 raise ValueError("`early_trigger` starts the temperature schedule: set `schedule` too")
+        if self.widen is not None:
+            if not isinstance(self.widen, Widen):
+                raise ValueError(f"`widen` must be None or a Widen, got {self.widen!r}")
+            if self.schedule is None:
+                raise ValueError("`widen` follows the temperature schedule after a rewind: set `schedule` too")
         if self.loops is not None and not isinstance(self.loops, LoopRewinds):
             raise ValueError(f"`loops` must be None or a LoopRewinds, got {self.loops!r}")
         if isinstance(self.rules, RewindRule) or not isinstance(self.rules, Sequence):

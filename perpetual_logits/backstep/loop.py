@@ -96,7 +96,9 @@ class BackstepLoop:
         self.bans = Bans(self.device)
         self.ring = LogitsRing(int(config.logits_buffer), vocab, self.device)  # type: ignore[arg-type]
         self.temperature = (
-            TemperatureSchedule(config.schedule, config.early_trigger, self.device) if config.schedule else None
+            TemperatureSchedule(config.schedule, config.early_trigger, self.device, config.widen)
+            if config.schedule
+            else None
         )
         self.holdback = HoldBack(streamer, int(config.hold_back))  # type: ignore[arg-type]
         self.records = StepRecords(
@@ -108,6 +110,8 @@ class BackstepLoop:
         processors = per_row_lengths(LogitsProcessorList(list(logits_processor)), lambda: self.rows.lens)
         if self.temperature is not None:
             processors = insert_before_warpers(processors, self.temperature.processor)
+            if self.do_sample:  # greedy decoding has no truncation to widen: the argmax is unaffected
+                processors = self.temperature.widen_truncation(processors, vocab)
         self.processors = processors
         # Length and EOS are handled per row here; every other criterion sees the rows left-padded.
         self.criteria = StoppingCriteriaList(

@@ -11,6 +11,7 @@ from transformers.generation import logits_process as lp
 from ..protocol import RowState
 from ..schedules import Schedule, factor_table, multipliers
 from ..triggers import EarlyTrigger
+from ..truncation import RowTruncation, TruncationSchedule, Widen, take_over_truncation
 
 __all__ = ["WARPERS", "RowTemperature", "TemperatureSchedule", "insert_before_warpers"]
 
@@ -52,12 +53,18 @@ def insert_before_warpers(processors: LogitsProcessorList, processor: LogitsProc
 class TemperatureSchedule(RowState):
     """Per row: where the schedule last started, and the multiplier for the position being chosen.
 
+    With ``widen``, the same restarts also widen each row's top-k / top-p / min-p, back to the configured values
+    on the schedule (:meth:`widen_truncation` hands the loop the per-row processor that replaces the warpers).
+
     Args:
         schedule: multiplier by steps since the start (Method 4: ``LinearDecay(2.0, n_remove)``).
         early_trigger: starts the schedule before EOS is sampled; copied, so concurrent calls do not share it.
+        widen: wider truncation after a restart.
     """
 
-    def __init__(self, schedule: Schedule, early_trigger: EarlyTrigger | None, device: torch.device) -> None:
+    def __init__(
+        self, schedule: Schedule, early_trigger: EarlyTrigger | None, device: torch.device, widen: Widen | None = None
+    ) -> None:
         self.schedule = schedule
         self.table = factor_table(schedule)
         self.forever = schedule.length is None
@@ -68,6 +75,20 @@ class TemperatureSchedule(RowState):
         self.observed: list[int] = []  # positions whose distribution the early trigger has seen
         self.early_positions: list[list[int]] = []
         self.prompt_length = 0
+        self.widen = widen
+        self.truncation: RowTruncation | None = None
+        self.truncation_plan: TruncationSchedule | None = None
+        self.vocab_size = 0
+
+    def widen_truncation(self, processors: LogitsProcessorList, vocab_size: int) -> LogitsProcessorList:
+        """``processors`` with their top-k/top-p/min-p warpers replaced by one per-row processor (with
+        ``widen``; otherwise unchanged)."""
+        if self.widen is None:
+            return processors
+        processors, self.truncation = take_over_truncation(processors)
+        self.truncation_plan = TruncationSchedule(self.truncation.configured, self.widen, self.schedule)
+        self.vocab_size = vocab_size
+        return processors
 
     def start(self, batch_size: int, prompt_length: int) -> None:
         self.started_at = [None] * batch_size
@@ -109,10 +130,10 @@ class TemperatureSchedule(RowState):
                 steps[b], on[b] = lens[b] - start, True
         if not any(on):
             self.processor.factors = None
+            if self.truncation is not None:
+                self.truncation.set_rows()
             return
-        self.processor.factors = multipliers(
-            self.table,
-            torch.tensor(steps, device=self.device),
-            torch.tensor(on, device=self.device),
-            forever=self.forever,
-        )
+        steps_t, on_t = torch.tensor(steps, device=self.device), torch.tensor(on, device=self.device)
+        self.processor.factors = multipliers(self.table, steps_t, on_t, forever=self.forever)
+        if self.truncation is not None and self.truncation_plan is not None:
+            self.truncation.set_rows(*self.truncation_plan.row_values(steps_t, on_t, self.vocab_size))
