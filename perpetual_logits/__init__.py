@@ -14,14 +14,24 @@ check_transformers_version()
 from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_stats  # noqa: E402
 from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
+from .dry import DRYLogitsProcessor  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
-from .phrases import ENDING_PHRASES, PhraseMatch, PhraseMatcher, PhraseScan, default_end_phrases  # noqa: E402
+from .phrases import (  # noqa: E402
+    CHAT_CLOSING_PHRASES,
+    CHAT_END_TOKENS,
+    ENDING_PHRASES,
+    PhraseMatch,
+    PhraseMatcher,
+    PhraseScan,
+    default_end_phrases,
+)
 from .plotting import plot_blockwise, plot_eos_window  # noqa: E402
 from .processors import (  # noqa: E402
     EOSLogitsProcessor,
     PostEOSResamplingLogitsProcessor,
     SuppressEOSLogitsProcessor,
 )
+from .repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids  # noqa: E402
 from .schedules import (  # noqa: E402
     Constant,
     CosineDecay,
@@ -35,6 +45,8 @@ from .triggers import EarlyTrigger  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "CHAT_CLOSING_PHRASES",
+    "CHAT_END_TOKENS",
     "ENDING_PHRASES",
     "BackstepConfig",
     "BackstepEvent",
@@ -42,12 +54,14 @@ __all__ = [
     "BackstepStats",
     "Constant",
     "CosineDecay",
+    "DRYLogitsProcessor",
     "EOSLogitsProcessor",
     "EarlyTrigger",
     "EventSource",
     "EvictionBudgetCriteria",
     "ExponentialDecay",
     "LinearDecay",
+    "LoopMatch",
     "PerpetualGenerationMixin",
     "PhraseMatch",
     "PhraseMatcher",
@@ -63,7 +77,10 @@ __all__ = [
     "blockwise",
     "default_end_phrases",
     "eos_window",
+    "find_line_loop",
+    "find_token_loop",
     "make_perpetual",
+    "newline_token_ids",
     "plot_blockwise",
     "plot_eos_window",
     "step_stats",

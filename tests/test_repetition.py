@@ -4,7 +4,7 @@ repeat is never flagged, and every index returned lies inside the row."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perpetual_logits.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids
