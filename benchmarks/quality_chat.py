@@ -247,13 +247,15 @@ def judge(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Bits/char of each arm in the window after the baseline's stop, and the natural reference."""
     base = {(a.prompt, a.seed): a for a in answers["baseline"]}
+    # Every arm must have a full window after the baseline's stop on the same (prompt, seed).
     eligible = {
         key
         for key, a in base.items()
         if a.ended
         and all(
             len(b.new_ids) >= len(a.new_ids) + window
-            for arm in answers.values()
+            for name, arm in answers.items()
+            if name != "baseline"
             for b in arm
             if (b.prompt, b.seed) == key
         )
@@ -321,6 +323,7 @@ def evaluate(answers: dict[str, list[Answer]], tokenizer: Any, settings: ChatSet
             "answers_with_loops": sum(t + line > 0 for t, line in loops),
             "interventions_per_answer": sum(a.events for a in arm) / len(arm),
             "samples": texts,
+            "new_ids": [a.new_ids for a in arm],
         }
     return arms
 

@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = [
         f"# Why a chat model stops: {name}",
         "",
-        f"Command: `python benchmarks/why_chat_models_stop.py {' '.join(argv or sys.argv[1:])}`".rstrip() + "",
+        f"Command: `{' '.join(['python benchmarks/why_chat_models_stop.py', *(argv or sys.argv[1:])])}`",
         "",
         f"{len(answers)} answers to {len(prompts)} chat prompts (chat template, T 0.7, top-p 0.9, "
         f"max_new_tokens={args.max_new_tokens}); {len(ended)} ended with <|im_end|>, after "
