@@ -12,7 +12,7 @@ from ._compat import check_transformers_version
 check_transformers_version()
 
 from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_stats  # noqa: E402
-from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats  # noqa: E402
+from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats, LoopRewinds  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
 from .dry import DRYLogitsProcessor  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
@@ -31,6 +31,7 @@ from .processors import (  # noqa: E402
     PostEOSResamplingLogitsProcessor,
     SuppressEOSLogitsProcessor,
 )
+from .protocol import Rewind, RewindRule, RowState, RowView  # noqa: E402
 from .repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids  # noqa: E402
 from .schedules import (  # noqa: E402
     Constant,
@@ -41,6 +42,13 @@ from .schedules import (  # noqa: E402
     StepDecay,
 )
 from .triggers import EarlyTrigger  # noqa: E402
+from .truncation import (  # noqa: E402
+    RowTruncation,
+    Truncation,
+    TruncationSchedule,
+    Widen,
+    take_over_truncation,
+)
 
 __version__ = "0.1.0"
 
@@ -62,17 +70,26 @@ __all__ = [
     "ExponentialDecay",
     "LinearDecay",
     "LoopMatch",
+    "LoopRewinds",
     "PerpetualGenerationMixin",
     "PhraseMatch",
     "PhraseMatcher",
     "PhraseScan",
     "PostEOSResamplingLogitsProcessor",
     "RepetitionLoopCriteria",
+    "Rewind",
+    "RewindRule",
+    "RowState",
+    "RowTruncation",
+    "RowView",
     "Schedule",
     "StepDecay",
     "StepStats",
     "StepStatsRecorder",
     "SuppressEOSLogitsProcessor",
+    "Truncation",
+    "TruncationSchedule",
+    "Widen",
     "__version__",
     "blockwise",
     "default_end_phrases",
@@ -84,4 +101,5 @@ __all__ = [
     "plot_blockwise",
     "plot_eos_window",
     "step_stats",
+    "take_over_truncation",
 ]

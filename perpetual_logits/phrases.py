@@ -506,6 +506,8 @@ class PhraseMatcher:
             )
         if not phrases:
             raise ValueError("`phrases` must be a non-empty list of strings or compiled regular expressions")
+        # Empty / whitespace-only strings and regexes that match the empty string are refused here, by name.
+        _validation.phrases(phrases, "phrases")
         compiled: list[_Compiled] = []
         longest = 0
         has_regex = False
