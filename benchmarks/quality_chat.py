@@ -91,6 +91,18 @@ ARMS: dict[str, Arm] = {
         "backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK),
         "logits_processor": [DRYLogitsProcessor.from_tokenizer(ctx.tokenizer)],
     },
+    "Method 4 + chat endings rewound": lambda ctx: {
+        "backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK, end_phrases="chat"),
+        "tokenizer": ctx.tokenizer,
+    },
+    "Method 4 + loop rewinds": lambda ctx: {
+        "backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK, loops=pl.LoopRewinds()),
+        "tokenizer": ctx.tokenizer,
+    },
+    "chat preset (BackstepConfig.chat())": lambda ctx: {
+        "backstep": pl.BackstepConfig.chat(),
+        "tokenizer": ctx.tokenizer,
+    },
 }
 """The arms: name -> function of a :class:`Context` returning ``generate()`` kwargs on top of the shared
 sampling settings. ``backstep=False`` runs plain ``generate()`` on the perpetual model."""
