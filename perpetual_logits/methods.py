@@ -14,7 +14,7 @@ Example:
 ```python
 >>> from perpetual_logits.methods import METHODS, MethodSettings, generation_arguments
 >>> list(METHODS)
-['baseline', 'suppress', 'post-eos', 'backstep', 'dynamic', 'dynamic+phrases']
+['baseline', 'suppress', 'post-eos', 'backstep', 'dynamic', 'dynamic+phrases', 'chat']
 >>> plan = generation_arguments("post-eos", eos=[2], settings=MethodSettings(max_new_tokens=20, peak=1.5))
 >>> type(plan.processor).__name__, plan.processor.schedule
 ('PostEOSResamplingLogitsProcessor', LinearDecay(peak=1.5, steps=10))
@@ -177,15 +177,19 @@ def _backstep(dynamic: bool, phrases: bool) -> Callable[[MethodSettings], Any]:
             n_remove=settings.n_remove,
             schedule=schedule,
             max_backsteps=settings.max_backsteps,
-            ban_phrases="default" if phrases else None,
+            end_phrases="default" if phrases else None,
         )
 
     return build
 
 
-#: The methods by name, in the order tables show them. A new method is one more entry, e.g. a chat preset:
-#: ``Method("chat", "Method 4 + ending control + loop rewinds", "backsteps",
-#: backstep=lambda s: BackstepConfig.chat(n_remove=s.n_remove), needs_tokenizer=True)``.
+def _chat(settings: MethodSettings) -> Any:
+    from . import BackstepConfig
+
+    return BackstepConfig.chat(n_remove=settings.n_remove, peak=settings.peak, max_backsteps=settings.max_backsteps)
+
+
+#: The methods by name, in the order tables show them. A new method is one more entry.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -199,6 +203,13 @@ METHODS: dict[str, Method] = {
             "Method 4 + ending control (ending phrases rewound)",
             "backsteps",
             backstep=_backstep(True, True),
+            needs_tokenizer=True,
+        ),
+        Method(
+            "chat",
+            "chat preset: Method 4 + chat endings rewound + loop rewinds",
+            "backsteps",
+            backstep=_chat,
             needs_tokenizer=True,
         ),
     )

@@ -11,7 +11,8 @@ share one definition of each number:
   that a model writes when it cannot emit EOS (the blog's Method 1 observation);
 * :func:`bits_per_character` — a judge model's total negative log-likelihood turned into bits per character,
   comparable across tokenizers (unlike perplexity per token);
-* :func:`per_thousand` — a count per 1,000 tokens.
+* :func:`per_thousand` — a count per 1,000 tokens;
+* :func:`line_repeats` — the fraction of a text's lines that repeat an earlier line (a loop of lines).
 
 TTR-style metrics favour short texts, so compare them at equal length (per block) where lengths differ.
 """
@@ -36,6 +37,7 @@ __all__ = [
     "count_end_markers",
     "distinct_n",
     "diversity",
+    "line_repeats",
     "ngrams",
     "per_thousand",
     "rep_n",
@@ -278,3 +280,36 @@ def per_thousand(count: float, n_tokens: int) -> float:
             raise ValueError(f"`count` must be 0 when `n_tokens` is 0, got {count!r}")
         return 0.0
     return 1000.0 * count / n_tokens
+
+
+def line_repeats(text: str, min_chars: int = 8) -> float:
+    r"""Fraction of a text's lines that are copies of an earlier line of the same text, in ``[0, 1)``.
+
+    Lines are compared after stripping surrounding whitespace; blank lines and lines shorter than
+    ``min_chars`` characters (list bullets, "---", a lone heading word) are not counted at all. 0.0 for a text
+    with no countable line. A poem with one refrain line in four stanzas scores 3 of its lines; a model
+    stuck repeating two lines for the rest of its output scores close to 1.
+
+    Args:
+        text (`str`): decoded text.
+        min_chars (`int`, defaults to 8): shortest line that counts, >= 1.
+
+    Returns:
+        `float`: repeated lines / counted lines.
+
+    Example:
+
+    >>> line_repeats("A season to cherish,\nA time to forget,\nA season to cherish,\n\nA season to cherish,")
+    0.5
+    >>> line_repeats("One line only")
+    0.0
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"`text` must be a str, got {type(text).__name__}")
+    if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 1:
+        raise ValueError(f"`min_chars` must be an int >= 1, got {min_chars!r}")
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if len(line) >= min_chars]
+    if not lines:
+        return 0.0
+    return 1.0 - len(set(lines)) / len(lines)

@@ -31,6 +31,7 @@ import torch
 from transformers import LogitsProcessor
 
 from . import _validation
+from .protocol import RowState
 from .schedules import FactorTable, LinearDecay, Schedule, factor_table, multipliers
 
 if TYPE_CHECKING:  # triggers -> analysis -> processors: import at call time to avoid the cycle
@@ -94,7 +95,7 @@ _PENDING_ELEMENTS = 1 << 23
 _PENDING_STEPS = 64
 
 
-class EOSLogitsProcessor(LogitsProcessor):
+class EOSLogitsProcessor(LogitsProcessor, RowState):
     """Base class: validates EOS ids and shapes, keeps a per-row position clock and per-step records.
 
     Subclasses implement :meth:`process`. The clock says which sequence position (prompt included) each
@@ -118,6 +119,7 @@ class EOSLogitsProcessor(LogitsProcessor):
         self._scores_shape: torch.Size | None = None
         self._checked = False  # arguments are validated on the first call of a generation only
         self._records: list[_StepRecord] = []
+        self._ended: dict[int, int] = {}  # row -> its final length, for rows the backstep loop finished
         # Deferred statistics: (record, scores) of recent steps, computed a chunk at a time (see _record_scores).
         self._pending: list[tuple[_StepRecord, torch.Tensor]] = []
         self._pending_elements = 0
@@ -137,7 +139,14 @@ class EOSLogitsProcessor(LogitsProcessor):
             self._next_positions = torch.full((self._batch,), self._expected_width, dtype=torch.long)
         dropped = int(self._next_positions[row]) - length  # calls made for positions >= length
         self._next_positions[row] = length
+        self._ended.pop(row, None)
         self._rewind_state(row, length, dropped)
+
+    def finish(self, row: int) -> None:
+        """Row ``row`` is done (the backstep loop calls this): later calls still see the row, but its records
+        stop at its final token."""
+        if self._next_positions is not None:
+            self._ended[row] = int(self._next_positions[row])
 
     def _rewind_state(self, row: int, length: int, dropped: int) -> None:
         """Subclass hook: drop state that belongs to positions >= ``length`` of ``row`` (``dropped`` calls)."""
@@ -238,8 +247,11 @@ class EOSLogitsProcessor(LogitsProcessor):
         if self._pending:
             self._flush()
         kept: list[tuple[int, float]] = []
+        end = self._ended.get(row)
         for record in self._records:
             pos = record.positions if isinstance(record.positions, int) else int(record.positions[row])
+            if end is not None and pos >= end:
+                continue
             while kept and kept[-1][0] >= pos:  # a rewind: this position is being chosen again
                 kept.pop()
             kept.append((pos, float(record.values[name][row])))
