@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--peak", type=_multiplier, default=2.0, help="temperature multiplier after a trigger")
     group.add_argument("--schedule", choices=SCHEDULES, default="linear", help="how the multiplier returns to 1")
     group.add_argument(
-        "--max-backsteps", type=_int_in(0, _BIG), default=50, help="backsteps per row before EOS is suppressed"
+        "--max-backsteps",
+        type=_int_in(0, _BIG),
+        default=None,
+        help="backsteps per row before EOS is suppressed (default 50; 8 for the chat demo)",
     )
 
     model_help = "Hub id, local folder, .gguf file or folder holding one"
@@ -255,7 +258,7 @@ def _settings(args: argparse.Namespace) -> MethodSettings:
         n_remove=getattr(args, "n_remove", 10),
         peak=getattr(args, "peak", 2.0),
         schedule=getattr(args, "schedule", "linear"),
-        max_backsteps=getattr(args, "max_backsteps", 50),
+        max_backsteps=50 if getattr(args, "max_backsteps", None) is None else args.max_backsteps,
     )
 
 
@@ -376,6 +379,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.max_new_tokens is None:
         args.max_new_tokens = 120 if chat else 300
     analysis_runs = args.analysis_runs if args.analysis_runs is not None else (0 if chat else 12)
+    if args.max_backsteps is None and chat:
+        # A chat model that has finished wants EOS at every step: each backstep regenerates n_remove tokens
+        # for all rows of the batch, so the budget bounds the demo's time (under 3 minutes on 2 cores).
+        args.max_backsteps = 8
     settings = _settings(args)
     seeds = list(range(args.seed, args.seed + runs))
     total = len(METHODS) * len(seeds) * len(prompts) + analysis_runs * len(prompts)

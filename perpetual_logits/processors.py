@@ -466,7 +466,9 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         if self.trigger == "argmax":
             evicted = eos_on_top(scores, eos)
         else:
-            p_eos = eos_probability(scores, eos)
+            probs = torch.softmax(scores.float(), dim=-1).index_select(-1, eos)
+            p_eos = probs[:, 0] if probs.shape[1] == 1 else probs.sum(-1)  # a view for the usual single EOS id
+            # A row without any finite score gives NaN, which compares False: no eviction there.
             if self.trigger == "sample":
                 evicted = torch.rand_like(p_eos) < p_eos
             else:

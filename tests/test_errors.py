@@ -108,14 +108,22 @@ def test_bad_out_fails_before_the_runs(capsys, tiny_dir, tmp_path, monkeypatch, 
     assert time.perf_counter() - start < 5.0
 
 
-def test_sliding_window_backstep_is_a_one_line_error_with_a_flag_to_fix_it(capsys, tmp_path):
+def test_sliding_window_backstep_runs_and_its_budget_has_a_flag(capsys, tmp_path):
     folder = save_tiny_model(tmp_path / "mistral", arch="mistral", sliding_window=64)
     capsys.readouterr()  # the save's own progress bar
-    argv = ["generate", "--model", str(folder), "--method", "backstep", "--json", "w1"]
-    code, _, err = run(capsys, *argv, "--max-new-tokens", "80")  # the run would outgrow the window
-    assert_one_line_error(code, err, "max_new_tokens")
-    code, _, err = run(capsys, *argv, "--max-new-tokens", "30")  # the flag the advice points at fixes it
-    assert code == 0, err
+    argv = ["generate", "--model", str(folder), "--method", "backstep", "--max-new-tokens", "30", "--json", "w1"]
+    for extra in ([], ["--max-backsteps", "2"]):  # the setting the library's advice names has a flag
+        code, _, err = run(capsys, *argv, *extra)
+        assert code == 0, err
+
+
+def test_a_library_refusal_inside_generation_is_one_line_exit_2(capsys, tiny_dir, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("backstep generation cannot do this:\nlower max_backsteps")
+
+    monkeypatch.setattr(methods, "run_method", refuse)
+    code, _, err = run(capsys, "generate", "--model", str(tiny_dir), "--method", "backstep", "w1")
+    assert_one_line_error(code, err, "cannot do this: lower max_backsteps")
 
 
 def test_chat_flag_on_a_model_without_chat_template(capsys, tiny_dir):
