@@ -33,6 +33,7 @@ from typing import Any, Protocol, overload
 import torch
 
 from . import _validation
+from .distributions import check_distribution, distribution_stats, in_bits, raw_stats
 from .processors import EOSLogitsProcessor
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "token_label",
 ]
 
-_LN2 = math.log(2.0)
 _NAMES = ("eos_prob", "info", "entropy", "varentropy")
 
 
@@ -93,32 +93,6 @@ class StepStats:
         if not isinstance(index, slice):
             raise TypeError("StepStats supports slicing only, e.g. stats[:10]; use stats.entropy[i] for a value")
         return StepStats(*(getattr(self, name)[index] for name in _NAMES))
-
-
-def distribution_stats(scores: torch.Tensor, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The four statistics of ``softmax(scores)`` per row, as float32 tensors of shape (batch,), in bits.
-
-    Rows must have at least one finite score and no NaN or +inf (checked by the public callers).
-    """
-    return _in_bits(_raw_stats(scores, token_ids))
-
-
-def _in_bits(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The four statistics from :func:`_raw_stats`' log P(set), entropy and varentropy in nats."""
-    log_set = raw["log_set"]
-    return {
-        "eos_prob": log_set.exp(),
-        "info": -log_set / _LN2,  # +inf when every id of the set is at -inf
-        "entropy": (raw["entropy"] / _LN2).clamp_min(0.0),
-        "varentropy": (raw["varentropy"] / _LN2**2).clamp_min(0.0),
-    }
-
-
-def _check_distribution(scores: torch.Tensor, name: str) -> None:
-    if torch.isnan(scores).any() or torch.isposinf(scores).any():
-        raise ValueError(f"`{name}` must not contain NaN or +inf (they do not define a distribution)")
-    if not torch.isfinite(scores).any(-1).all():
-        raise ValueError(f"`{name}` has a row with no finite score (every token at -inf): not a distribution")
 
 
 class StepStatsRecorder(EOSLogitsProcessor):
@@ -191,7 +165,7 @@ class StepStatsRecorder(EOSLogitsProcessor):
     def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = self._ids_by_device[scores.device]
         steps, batch, vocab = scores.shape
-        raw = _raw_stats(scores.reshape(steps * batch, vocab), ids)
+        raw = raw_stats(scores.reshape(steps * batch, vocab), ids)
         return {name: values.reshape(steps, batch) for name, values in raw.items()}
 
     @property
@@ -201,31 +175,12 @@ class StepStatsRecorder(EOSLogitsProcessor):
         result = []
         for row in range(len(columns["log_set"])):
             raw = {name: torch.tensor([v for _, v in columns[name][row]], dtype=torch.float32) for name in _RAW}
-            values = _in_bits(raw)
+            values = in_bits(raw)
             result.append(StepStats(*(values[name].tolist() for name in _NAMES)))
         return result
 
 
 _RAW = ("log_set", "entropy", "varentropy")
-
-
-def _raw_stats(scores: torch.Tensor, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """:func:`distribution_stats` before its conversions: log P(set), entropy and varentropy in nats."""
-    logp = torch.log_softmax(scores.float(), dim=-1)
-    p = logp.exp()
-    # 0 · log 0 = 0: a token with p = 0 (at -inf, or so far below the rest that exp() underflows) must add
-    # nothing. Every token with p > 0 has log p > -104 in float32, so flooring log p at -1e4 changes none of
-    # them, and keeps 0 · (log p)² finite for the rest (a score like -1e30 would otherwise give 0 · inf = NaN).
-    safe_logp = logp.clamp_min(-1e4)
-    entropy = -(p * safe_logp).sum(-1)
-    # Varentropy as Σ p (log p + H)^2 rather than E[(log p)^2] - H^2: no cancellation, so it stays >= 0.
-    varentropy = (p * (safe_logp + entropy[:, None]).square()).sum(-1)
-    return {
-        # log P(set) from the log-probabilities, so that tiny probabilities keep an exact information content.
-        "log_set": torch.logsumexp(logp.index_select(-1, token_ids), dim=-1),
-        "entropy": entropy,
-        "varentropy": varentropy,
-    }
 
 
 def _as_steps(logits: torch.Tensor | Sequence[torch.Tensor], name: str) -> torch.Tensor:
@@ -305,7 +260,7 @@ def step_stats(
     if max(ids) >= vocab:
         raise ValueError(f"`token_id` {max(ids)} is outside the vocabulary of size {vocab}")
     keep = _check_lengths(lengths, steps, batch)
-    _check_distribution(stacked, "logits")
+    check_distribution(stacked, "logits")
     flat = stacked.reshape(steps * batch, vocab)
     values = distribution_stats(flat, torch.tensor(ids, dtype=torch.long, device=flat.device))
     table = {name: v.reshape(steps, batch).T.tolist() for name, v in values.items()}
@@ -508,7 +463,7 @@ def eos_window(
     end = steps if length is None else _check_lengths([length], steps, 1)[0]
     start = max(0, end - last)
     window = stacked[start:end, row]
-    _check_distribution(window, "scores")
+    check_distribution(window, "scores")
     probs = torch.softmax(window.float(), dim=-1)
     top = probs.topk(min(k, vocab), dim=-1)
     result = []

@@ -25,18 +25,16 @@ a handful of tensor operations with no host synchronisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor
 
 from . import _validation
+from .distributions import eos_on_top, eos_probability, mask_eos_, restore_lone_eos
 from .protocol import RowState
 from .schedules import FactorTable, LinearDecay, Schedule, factor_table, multipliers
+from .triggers import EarlyTrigger
 from .truncation import Truncation, TruncationSchedule, Widen, truncate_rows
-
-if TYPE_CHECKING:  # triggers -> analysis -> processors: import at call time to avoid the cycle
-    from .triggers import EarlyTrigger
 
 __all__ = [
     "EOSLogitsProcessor",
@@ -46,43 +44,6 @@ __all__ = [
     "factor_table",
     "multipliers",
 ]
-
-
-def eos_probability(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    """Per-row probability of the EOS set under ``softmax(scores)``, in float32. Shape (batch,)."""
-    # One fused softmax is the cheapest form per step (measured against logsumexp differences).
-    return torch.softmax(scores.float(), dim=-1).index_select(-1, eos).sum(-1).nan_to_num(0.0)
-
-
-def eos_on_top(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    """Per row, whether an EOS id has the highest score (a tie with the best token counts). Shape (batch,)."""
-    return scores.index_select(-1, eos).amax(-1) >= scores.amax(-1)
-
-
-def mask_eos(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    """Return a copy of ``scores`` with the EOS ids at -inf, except in rows where nothing else is finite.
-
-    A row whose only finite scores are EOS ids (another processor banned everything else, e.g. a forced
-    EOS at ``max_length``) is returned unchanged: masking it would leave no token to sample (NaN).
-    """
-    return mask_eos_(scores.clone(), eos)
-
-
-def mask_eos_(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    """:func:`mask_eos` in place, on a tensor the caller owns (saves a copy per step)."""
-    eos_scores = scores.index_select(-1, eos)
-    scores.index_fill_(-1, eos, float("-inf"))
-    return _restore_lone_eos(scores, eos, eos_scores, scores.amax(-1, keepdim=True))
-
-
-def _restore_lone_eos(
-    masked: torch.Tensor, eos: torch.Tensor, eos_scores: torch.Tensor, best_other: torch.Tensor
-) -> torch.Tensor:
-    """Put the EOS scores back in rows where nothing else is finite (``best_other`` is -inf there).
-
-    Works over the EOS columns only, never the vocabulary, and without a host synchronisation.
-    """
-    return masked.index_copy_(-1, eos, eos_scores.masked_fill(best_other > float("-inf"), float("-inf")))
 
 
 @dataclass
@@ -317,7 +278,7 @@ class SuppressEOSLogitsProcessor(EOSLogitsProcessor):
             self._record_scores(positions, scores)
         eos_scores = scores.index_select(-1, eos)
         out = scores.index_fill(-1, eos, float("-inf"))  # a copy: the caller's scores stay as they were
-        return _restore_lone_eos(out, eos, eos_scores, out.amax(-1, keepdim=True))
+        return restore_lone_eos(out, eos, eos_scores, out.amax(-1, keepdim=True))
 
     def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"eos_prob": eos_probability(scores, eos), "eos_top": eos_on_top(scores, eos)}
@@ -399,8 +360,6 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         widen: Widen | None = None,
         truncation: Truncation | None = None,
     ) -> None:
-        from .triggers import EarlyTrigger
-
         if early_trigger is not None and not isinstance(early_trigger, EarlyTrigger):
             raise ValueError(f"`early_trigger` must be None or an EarlyTrigger, got {early_trigger!r}")
         self.early_trigger = early_trigger

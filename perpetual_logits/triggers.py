@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation
-from .analysis import distribution_stats
+from .distributions import distribution_stats
 
 #: The longest history window: far beyond any useful trigger, small enough that its buffers stay tiny.
 _MAX_WINDOW = 1 << 16

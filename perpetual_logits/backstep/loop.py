@@ -24,8 +24,8 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import EosTokenCriteria, MaxLengthCriteria
 
 from .. import _compat
+from ..distributions import eos_probability
 from ..phrases import PhraseMatcher, default_end_phrases
-from ..processors import eos_probability
 from ..protocol import Rewind, RewindRule, RowState
 from ..repetition import newline_token_ids
 from .bans import Bans
