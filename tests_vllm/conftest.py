@@ -71,7 +71,12 @@ def llm(model_path: str):
 def prompts(llm) -> list[str]:
     """Four chat prompts; SmolLM2 answers each in a few dozen tokens and then emits EOS."""
     tokenizer = llm.get_tokenizer()
-    questions = ["What is 2+2?", "Say hello.", "Name a colour.", "Write one sentence about cats."]
+    questions = [
+        "What is the capital of France?",
+        "Is water wet? Answer briefly.",
+        "Give me a synonym for happy.",
+        "How many legs does a dog have?",
+    ]
     return [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         for q in questions
