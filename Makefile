@@ -83,6 +83,8 @@ $(VLLM_STAMP): requirements-vllm.txt pyproject.toml
 	touch $@
 
 test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/ruff check tests_vllm
+	$(BIN)/ruff format --check tests_vllm
 	PERPETUAL_LOGITS_VLLM_MODEL=$(VLLM_MODEL) PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) \
 		$(VLLM_BIN)/python -m pytest -q -o addopts="-p no:cacheprovider" tests_vllm
 

@@ -243,7 +243,8 @@ class _Driver:
         finished = bool(output.finished)
         for i, token in enumerate(new):
             last = finished and i == len(new) - 1
-            if token in self.eos and last and completion.finish_reason == "stop":
+            # An EOS ends its engine request; as the max_tokens-th token it is still an EOS to rewind from.
+            if token in self.eos and last and completion.finish_reason in ("stop", "length"):
                 self._on_eos(row, token, completion)
                 return
             row.kept.append(token)
