@@ -237,7 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=os.environ.get("PERPETUAL_LOGITS_VLLM_MODEL"), help="converted folder")
     parser.add_argument("--counts", default="8,64", help="prompt counts, comma-separated")
-    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--n-remove", type=int, default=10)
     parser.add_argument("--block-sizes", default="32,128", help="vLLM KV block sizes to run (multiples of 32)")
     parser.add_argument("--seed", type=int, default=0)
@@ -260,6 +260,7 @@ def main() -> None:
         got, prompts_by_count = run_vllm_arms(args.model, counts, args.max_tokens, args.n_remove, block_size, args.seed)
         rows += got if not rows else [r for r in got if r["arm"] == "vllm backstep"]
         print(json.dumps(got), flush=True)
+        write_report(rows, args, Path(args.out))  # partial results survive a stopped run
     if args.hf_python:
         for count in [int(c) for c in args.hf_counts.split(",")]:
             prompts_file = Path(args.out) / f".prompts-{count}.json"
@@ -275,7 +276,7 @@ def main() -> None:
                 | {"torch_threads": hf["torch_threads"]}
             )
             print(json.dumps(rows[-1]), flush=True)
-    write_report(rows, args, Path(args.out))
+            write_report(rows, args, Path(args.out))
 
 
 if __name__ == "__main__":

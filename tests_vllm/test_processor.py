@@ -144,3 +144,12 @@ def test_v2_interface_maps_rows_to_slots_and_positions():
 def test_malformed_settings_are_refused_at_admission(extra, message):
     with pytest.raises(ValueError, match=message):
         plv.PerpetualLogitsProcessor.validate_params(SamplingParams(extra_args=extra))
+
+
+def test_importing_perpetual_logits_never_imports_vllm():
+    import subprocess
+    import sys
+
+    code = "import sys, perpetual_logits; print('vllm' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

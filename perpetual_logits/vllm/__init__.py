@@ -4,8 +4,8 @@
 * Methods 1 and 2 per request: ``SamplingParams(extra_args=suppress_eos())`` / ``extra_args=resample_eos(...)``;
 * Methods 3 and 4 and ending control: :func:`generate` ``(llm, prompts, params, backstep=BackstepConfig(...))``.
 
-Importing ``perpetual_logits`` never imports this package, and importing this package does not import vLLM:
-vLLM is imported when an engine is built or a generation runs.
+Importing ``perpetual_logits`` never imports this package. This package imports vLLM where it is installed
+(the processor subclasses vLLM's interfaces) and still imports without it (for the docs and type checks).
 """
 
 from .driver import LLM, PerpetualRequestOutput, RequestStats, eos_token_ids, generate
