@@ -44,11 +44,19 @@ QUESTIONS = [
 ]
 
 
-def chat_prompts(tokenizer: Any, count: int) -> list[list[int]]:
-    """``count`` chat prompts as token ids (the questions repeat with a numbered variation)."""
+CONTEXT = (
+    "The village sat between two hills, and every morning the baker opened her shop before the sun rose. "
+    "Children walked past on their way to school, and the old clockmaker waved from his window. "
+)
+
+
+def chat_prompts(tokenizer: Any, count: int, context_repeats: int = 0) -> list[list[int]]:
+    """``count`` chat prompts as token ids (the questions repeat with a numbered variation), each after
+    ``context_repeats`` copies of a short passage (a long shared context, as in a chat with history)."""
     out = []
     for i in range(count):
         question = QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" (variant {i // len(QUESTIONS)})")
+        question = CONTEXT * context_repeats + question
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
@@ -90,7 +98,7 @@ def run_hf(model_path: str, prompts: list[list[int]], max_tokens: int, n_remove:
 
 
 def run_vllm_arms(
-    model_path: str, counts: list[int], max_tokens: int, n_remove: int, block_size: int, seed: int
+    model_path: str, counts: list[int], max_tokens: int, n_remove: int, block_size: int, seed: int, context: int = 0
 ) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
     from vllm import SamplingParams
 
@@ -115,7 +123,7 @@ def run_vllm_arms(
     # Warm-up (first-call costs are not the method's).
     llm.generate([{"prompt_token_ids": chat_prompts(tokenizer, 1)[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
     for count in counts:
-        prompts = chat_prompts(tokenizer, count)
+        prompts = chat_prompts(tokenizer, count, context)
         all_prompts[count] = prompts
         each = [SamplingParams(temperature=1.0, top_k=0, max_tokens=max_tokens, seed=seed + i) for i in range(count)]
         inputs: list[Any] = [{"prompt_token_ids": p} for p in prompts]
@@ -161,6 +169,7 @@ def run_vllm_arms(
                 recomputed_prefill_per_rewind=(resubmitted - cached) / rewinds if rewinds else None,
                 resampled_per_rewind=(sampled - final) / rewinds if rewinds else None,
                 reached_max_tokens=sum(len(o.token_ids) == max_tokens for o in outs),
+                mean_prompt_tokens=round(sum(len(p) for p in prompts) / count, 1),
             )
         )
     llm.llm_engine.engine_core.shutdown()
@@ -184,6 +193,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
     meta = {
         "model": "SmolLM2-135M-Instruct (converted from GGUF Q4_1, float32)",
         "max_tokens": args.max_tokens,
+        "context_repeats": args.context,
         "n_remove": args.n_remove,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, no GPU",
         "python": platform.python_version(),
@@ -201,7 +211,8 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
         "",
         f"SmolLM2-135M-Instruct, chat prompts, {args.max_tokens} final tokens per prompt, temperature 1.0, "
         f"`BackstepConfig.dynamic({args.n_remove})`; {meta['machine']}; vLLM {meta.get('vllm', '?')} (CPU build, "
-        "V1 model runner, eager, float32). Wall time excludes engine start-up; one run per arm.",
+        "V1 model runner, eager, float32). Wall time excludes engine start-up; one run per arm."
+        + (f" Each prompt starts with {args.context} copies of a ~40-token passage." if args.context else ""),
         "",
         "| arm | prompts | block size | tokens | wall s | tokens/s | rewinds | prefix-cache share | "
         "recomputed prefill / rewind | resampled / rewind |",
@@ -241,6 +252,7 @@ def main() -> None:
     parser.add_argument("--n-remove", type=int, default=10)
     parser.add_argument("--block-sizes", default="32,128", help="vLLM KV block sizes to run (multiples of 32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--context", type=int, default=0, help="copies of a ~40-token passage before each question")
     parser.add_argument("--hf-python", default=None, help="python of the main venv for the HF arm (skip if unset)")
     parser.add_argument("--hf-counts", default="8,64", help="prompt counts of the HF arm")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -257,7 +269,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     prompts_by_count: dict[int, list[list[int]]] = {}
     for block_size in [int(b) for b in args.block_sizes.split(",")]:
-        got, prompts_by_count = run_vllm_arms(args.model, counts, args.max_tokens, args.n_remove, block_size, args.seed)
+        got, prompts_by_count = run_vllm_arms(
+            args.model, counts, args.max_tokens, args.n_remove, block_size, args.seed, args.context
+        )
         rows += got if not rows else [r for r in got if r["arm"] == "vllm backstep"]
         print(json.dumps(got), flush=True)
         write_report(rows, args, Path(args.out))  # partial results survive a stopped run

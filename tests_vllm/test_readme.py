@@ -33,6 +33,7 @@ def test_readme_serving_example_runs(llm, model_path, monkeypatch):
     with contextlib.redirect_stdout(printed):
         exec(compile(serving_example(), str(README), "exec"), {"__name__": "__main__", "model": model_path})
     assert built == [(model_path, {"kv_cache_memory_bytes": 512 << 20})]
+    print(printed.getvalue())  # shown with `pytest -rP`: the README quotes one such run
     lines = printed.getvalue().splitlines()
     assert lines[0] == "[96, 96]"  # Methods 1 and 2 wrote to max_tokens
     assert len(lines) == 3
