@@ -25,14 +25,15 @@ def test_readme_serving_example_runs(llm, model_path, monkeypatch):
     built: list[tuple[str, dict]] = []
 
     def shared_engine(model: str, **kwargs):
-        built.append((model, kwargs))
+        built.append((Path(model).name, kwargs))
         return llm  # the session's engine: starting a second one would cost a minute
 
     monkeypatch.setattr(plv, "LLM", shared_engine)
+    monkeypatch.chdir(README.parent)  # the example's model path is relative to the repository
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(serving_example(), str(README), "exec"), {"__name__": "__main__", "model": model_path})
-    assert built == [(model_path, {"kv_cache_memory_bytes": 512 << 20})]
+        exec(compile(serving_example(), str(README), "exec"), {"__name__": "__main__"})
+    assert built == [(Path(model_path).name, {"kv_cache_memory_bytes": 512 << 20})]
     print(printed.getvalue())  # shown with `pytest -rP`: the README quotes one such run
     lines = printed.getvalue().splitlines()
     assert lines[0] == "[96, 96]"  # Methods 1 and 2 wrote to max_tokens
