@@ -9,12 +9,15 @@ SHARED_MODELS ?= ../shared/models
 # from_pretrained() path; elsewhere the Hub id is resolved by transformers.
 MODEL ?= $(if $(wildcard $(SHARED_MODELS)/tinystories-656k/config.json),$(SHARED_MODELS)/tinystories-656k,raincandy-u/TinyStories-656K)
 PYTEST_ARGS ?=
+# The chat model of `make demo-chat`: a .gguf file or a folder holding one (converted once, then cached).
+CHAT_MODEL ?= $(SHARED_MODELS)/smollm2-135m-instruct
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 STAMP_RUN := $(VENV)/.installed-run
+STAMP_CHAT := $(VENV)/.installed-chat
 
-.PHONY: all venv test lint typecheck pytest demo analyze bench compat test-vllm bench-vllm clean
+.PHONY: all venv test lint typecheck pytest demo demo-chat analyze bench compat test-vllm bench-vllm clean
 
 all: test
 
@@ -27,6 +30,11 @@ $(BIN)/python:
 $(STAMP_RUN): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet -e ".[plot]"
+	touch $@
+
+# GGUF chat models need the `chat` extra (gguf, accelerate).
+$(STAMP_CHAT): $(STAMP_RUN)
+	$(BIN)/python -m pip install --quiet -e ".[plot,chat]"
 	touch $@
 
 $(STAMP): $(STAMP_RUN)
@@ -49,6 +57,10 @@ test: lint typecheck pytest
 
 demo: $(STAMP_RUN)
 	$(BIN)/python -m perpetual_logits demo --model $(MODEL)
+
+# Baseline vs Methods 1-4 on three chat prompts through SmolLM2's chat template (about 2 minutes on 2 cores).
+demo-chat: $(STAMP_CHAT)
+	$(BIN)/python -m perpetual_logits demo --model $(CHAT_MODEL) --out demo-chat-output
 
 analyze: $(STAMP)
 	$(BIN)/python -m perpetual_logits analyze --model $(MODEL) --out analysis-output

@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 import perpetual_logits
 from benchmarks import common
 from benchmarks.llama2c import load_judge
+from perpetual_logits import methods
 from perpetual_logits.metrics import (
     compression_ratio,
     count_end_markers,
@@ -144,6 +145,17 @@ def method_labels() -> dict[str, str]:
     }
 
 
+#: The benchmark's method names → the library's named methods (perpetual_logits.methods.METHODS).
+METHOD_NAMES = {
+    "baseline": "baseline",
+    "Method 1": "suppress",
+    "Method 2": "post-eos",
+    "Method 3": "backstep",
+    "Method 4": "dynamic",
+    "Method 4 + ending control": "dynamic+phrases",
+}
+
+
 def generate(
     method: str,
     model: Any,
@@ -152,46 +164,46 @@ def generate(
     settings: QualitySettings,
     tokenizer: Any = None,
 ) -> tuple[torch.Tensor, float, dict[str, Any]]:
-    """Run one method once; return (sequence incl. prompt, interventions, extra)."""
+    """Run one method once; return (sequence incl. prompt, interventions, extra).
+
+    The ``generate()`` arguments come from :func:`perpetual_logits.methods.generation_arguments`, the same
+    switchboard the command line and the demo use.
+    """
+    if method not in METHOD_NAMES:
+        raise ValueError(f"`method` must be one of {methods_available()}, got {method!r}")
     eos = int(model.config.eos_token_id)
+    method_settings = methods.MethodSettings(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=1.0,
+        n_remove=N_REMOVE,
+        peak=PEAK,
+    )
+    plan = methods.generation_arguments(METHOD_NAMES[method], [eos], method_settings, tokenizer)
     kw: dict[str, Any] = {
-        "do_sample": True,
-        "top_k": settings.top_k,
-        "temperature": settings.temperature,
+        **methods.sampling_kwargs(method_settings),
+        **plan.kwargs,
         "max_new_tokens": settings.max_new_tokens,
         "eos_token_id": eos,
         "pad_token_id": 0,
     }
-    if method == "baseline":
-        return model.generate(prompt_ids, **kw)[0], 0.0, {}
-    if method == "Method 1":
-        proc1 = perpetual_logits.SuppressEOSLogitsProcessor(eos)
-        out = model.generate(prompt_ids, logits_processor=[proc1], **kw)[0]
-        return out, float(sum(proc1.eos_probabilities[0])), {}
-    if method == "Method 2":
-        proc2 = perpetual_logits.PostEOSResamplingLogitsProcessor(
-            eos, schedule=perpetual_logits.LinearDecay(PEAK, N_REMOVE)
-        )
-        out = model.generate(prompt_ids, logits_processor=[proc2], **kw)[0]
-        return out, float(len(proc2.evictions[0])), {}
-    if method in ("Method 3", "Method 4", "Method 4 + ending control"):
-        if method == "Method 3":
-            config = perpetual_logits.BackstepConfig(n_remove=N_REMOVE)
-        elif method == "Method 4":
-            config = perpetual_logits.BackstepConfig.dynamic(n_remove=N_REMOVE, peak=PEAK)
-        else:
-            # Ending control: spelled end markers and ending phrases are rewound like EOS (needs the tokenizer).
-            config = perpetual_logits.BackstepConfig.dynamic(n_remove=N_REMOVE, peak=PEAK, ban_phrases="default")
-            kw["tokenizer"] = tokenizer
-        result = perpetual.generate(prompt_ids, backstep=config, return_dict_in_generate=True, **kw)
-        events = result.backstep_events[0]
-        phrase_rewinds = sum(getattr(e, "reason", "eos") == "phrase" for e in events)
-        return (
-            result.sequences[0],
-            float(len(events)),
-            {"removed": sum(e.removed for e in events), "phrase_rewinds": phrase_rewinds},
-        )
-    raise ValueError(f"`method` must be one of {methods_available()}, got {method!r}")
+    if not plan.perpetual:
+        out = model.generate(prompt_ids, **kw)[0]
+        proc = plan.processor
+        if isinstance(proc, perpetual_logits.SuppressEOSLogitsProcessor):
+            return out, float(sum(proc.eos_probabilities[0])), {}
+        if isinstance(proc, perpetual_logits.PostEOSResamplingLogitsProcessor):
+            return out, float(len(proc.evictions[0])), {}
+        return out, 0.0, {}
+    result = perpetual.generate(prompt_ids, return_dict_in_generate=True, **kw)
+    events = result.backstep_events[0]
+    phrase_rewinds = sum(getattr(e, "reason", "eos") == "phrase" for e in events)
+    return (
+        result.sequences[0],
+        float(len(events)),
+        {"removed": sum(e.removed for e in events), "phrase_rewinds": phrase_rewinds},
+    )
 
 
 def run_all(settings: QualitySettings) -> dict[str, list[Run]]:

@@ -12,7 +12,7 @@ from ._compat import check_transformers_version
 check_transformers_version()
 
 from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_stats  # noqa: E402
-from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats  # noqa: E402
+from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats, LoopRewinds  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
 from .phrases import ENDING_PHRASES, PhraseMatch, PhraseMatcher, PhraseScan, default_end_phrases  # noqa: E402
@@ -22,6 +22,7 @@ from .processors import (  # noqa: E402
     PostEOSResamplingLogitsProcessor,
     SuppressEOSLogitsProcessor,
 )
+from .protocol import Rewind, RewindRule, RowState, RowView  # noqa: E402
 from .schedules import (  # noqa: E402
     Constant,
     CosineDecay,
@@ -31,6 +32,13 @@ from .schedules import (  # noqa: E402
     StepDecay,
 )
 from .triggers import EarlyTrigger  # noqa: E402
+from .truncation import (  # noqa: E402
+    RowTruncation,
+    Truncation,
+    TruncationSchedule,
+    Widen,
+    take_over_truncation,
+)
 
 __version__ = "0.1.0"
 
@@ -48,17 +56,26 @@ __all__ = [
     "EvictionBudgetCriteria",
     "ExponentialDecay",
     "LinearDecay",
+    "LoopRewinds",
     "PerpetualGenerationMixin",
     "PhraseMatch",
     "PhraseMatcher",
     "PhraseScan",
     "PostEOSResamplingLogitsProcessor",
     "RepetitionLoopCriteria",
+    "Rewind",
+    "RewindRule",
+    "RowState",
+    "RowTruncation",
+    "RowView",
     "Schedule",
     "StepDecay",
     "StepStats",
     "StepStatsRecorder",
     "SuppressEOSLogitsProcessor",
+    "Truncation",
+    "TruncationSchedule",
+    "Widen",
     "__version__",
     "blockwise",
     "default_end_phrases",
@@ -67,4 +84,5 @@ __all__ = [
     "plot_blockwise",
     "plot_eos_window",
     "step_stats",
+    "take_over_truncation",
 ]

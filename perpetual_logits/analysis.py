@@ -100,22 +100,17 @@ def distribution_stats(scores: torch.Tensor, token_ids: torch.Tensor) -> dict[st
 
     Rows must have at least one finite score and no NaN or +inf (checked by the public callers).
     """
-    logp = torch.log_softmax(scores.float(), dim=-1)
-    p = logp.exp()
-    # 0 · log 0 = 0: a token with p = 0 (at -inf, or so far below the rest that exp() underflows) must add
-    # nothing. Every token with p > 0 has log p > -104 in float32, so flooring log p at -1e4 changes none of
-    # them, and keeps 0 · (log p)² finite for the rest (a score like -1e30 would otherwise give 0 · inf = NaN).
-    safe_logp = logp.clamp_min(-1e4)
-    entropy_nats = -(p * safe_logp).sum(-1)
-    # Varentropy as Σ p (log p + H)^2 rather than E[(log p)^2] - H^2: no cancellation, so it stays >= 0.
-    varentropy_nats = (p * (safe_logp + entropy_nats[:, None]).square()).sum(-1)
-    # log P(set) from the log-probabilities, so that tiny probabilities keep an exact information content.
-    log_set = torch.logsumexp(logp.index_select(-1, token_ids), dim=-1)
+    return _in_bits(_raw_stats(scores, token_ids))
+
+
+def _in_bits(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The four statistics from :func:`_raw_stats`' log P(set), entropy and varentropy in nats."""
+    log_set = raw["log_set"]
     return {
         "eos_prob": log_set.exp(),
         "info": -log_set / _LN2,  # +inf when every id of the set is at -inf
-        "entropy": (entropy_nats / _LN2).clamp_min(0.0),
-        "varentropy": (varentropy_nats / _LN2**2).clamp_min(0.0),
+        "entropy": (raw["entropy"] / _LN2).clamp_min(0.0),
+        "varentropy": (raw["varentropy"] / _LN2**2).clamp_min(0.0),
     }
 
 
@@ -131,7 +126,8 @@ class StepStatsRecorder(EOSLogitsProcessor):
     varentropy of the next-token distribution at every step, in bits. Returns the scores unchanged.
 
     Put it last in ``logits_processor`` to measure what the sampler is given before temperature and
-    top-k/top-p; put it first to measure the model's own distribution. It needs one softmax per step.
+    top-k/top-p; put it first to measure the model's own distribution. Per step it keeps a copy of the
+    scores; the statistics are computed for 64 steps at a time (and whenever they are read).
 
     Records follow the row's position clock of :class:`~perpetual_logits.EOSLogitsProcessor`: in backstep
     generation the statistics of rewound positions are dropped, so :attr:`stats` describes the final text
@@ -179,22 +175,57 @@ class StepStatsRecorder(EOSLogitsProcessor):
         eos: torch.Tensor,
         positions: int | torch.Tensor,
     ) -> torch.Tensor:
-        if max(self.token_id) >= scores.shape[-1]:
-            raise ValueError(f"`token_id` {max(self.token_id)} is outside the vocabulary of size {scores.shape[-1]}")
-        # No validation pass here: this runs every step inside generate(), where scores come from the model.
         ids = self._ids_by_device.get(scores.device)
         if ids is None:
+            if max(self.token_id) >= scores.shape[-1]:
+                raise ValueError(
+                    f"`token_id` {max(self.token_id)} is outside the vocabulary of size {scores.shape[-1]}"
+                )
             ids = torch.tensor(self.token_id, dtype=torch.long, device=scores.device)
             self._ids_by_device[scores.device] = ids
-        self._record(positions, **distribution_stats(scores, ids))
+        # No validation pass here: this runs every step inside generate(), where scores come from the model.
+        # The statistics are computed a chunk of steps at a time (one copy per step); bits when `stats` is read.
+        self._record_scores(positions, scores)
         return scores
+
+    def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = self._ids_by_device[scores.device]
+        steps, batch, vocab = scores.shape
+        raw = _raw_stats(scores.reshape(steps * batch, vocab), ids)
+        return {name: values.reshape(steps, batch) for name, values in raw.items()}
 
     @property
     def stats(self) -> list[StepStats]:
         """Per row, the statistics of every kept generated step (rewound positions dropped)."""
-        columns = {name: self._per_row(name) for name in _NAMES}
-        rows = len(columns["eos_prob"])
-        return [StepStats(*([v for _, v in columns[name][row]] for name in _NAMES)) for row in range(rows)]
+        columns = {name: self._per_row(name) for name in _RAW}
+        result = []
+        for row in range(len(columns["log_set"])):
+            raw = {name: torch.tensor([v for _, v in columns[name][row]], dtype=torch.float32) for name in _RAW}
+            values = _in_bits(raw)
+            result.append(StepStats(*(values[name].tolist() for name in _NAMES)))
+        return result
+
+
+_RAW = ("log_set", "entropy", "varentropy")
+
+
+def _raw_stats(scores: torch.Tensor, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`distribution_stats` before its conversions: log P(set), entropy and varentropy in nats."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    p = logp.exp()
+    # 0 · log 0 = 0: a token with p = 0 (at -inf, or so far below the rest that exp() underflows) must add
+    # nothing. Every token with p > 0 has log p > -104 in float32, so flooring log p at -1e4 changes none of
+    # them, and keeps 0 · (log p)² finite for the rest (a score like -1e30 would otherwise give 0 · inf = NaN).
+    safe_logp = logp.clamp_min(-1e4)
+    entropy = -(p * safe_logp).sum(-1)
+    # Varentropy as Σ p (log p + H)^2 rather than E[(log p)^2] - H^2: no cancellation, so it stays >= 0.
+    varentropy = (p * (safe_logp + entropy[:, None]).square()).sum(-1)
+    return {
+        # log P(set) from the log-probabilities, so that tiny probabilities keep an exact information content.
+        "log_set": torch.logsumexp(logp.index_select(-1, token_ids), dim=-1),
+        "entropy": entropy,
+        "varentropy": varentropy,
+    }
 
 
 def _as_steps(logits: torch.Tensor | Sequence[torch.Tensor], name: str) -> torch.Tensor:
@@ -369,7 +400,7 @@ class _Tokenizer(Protocol):
     def decode(self, token_ids: list[int], *args: Any, **kwargs: Any) -> str: ...
 
 
-def token_label(tokenizer: _Tokenizer, token_id: int) -> str:
+def token_label(tokenizer: _Tokenizer | None, token_id: int) -> str:
     r"""A readable one-line label for one token: newlines and tabs escaped (``\n``), blanks made visible.
 
     Args:
@@ -388,6 +419,8 @@ def token_label(tokenizer: _Tokenizer, token_id: int) -> str:
 
     ```
     """
+    if tokenizer is None:  # no tokenizer: the id is the label
+        return f"<{int(token_id)}>"
     text = tokenizer.decode([int(token_id)], skip_special_tokens=False)
     if text == "":
         # Pieces such as sentencepiece's lone "▁" decode to nothing; fall back to the raw piece, then the id.
@@ -424,7 +457,7 @@ class WindowStep:
 
 def eos_window(
     scores: torch.Tensor | Sequence[torch.Tensor],
-    tokenizer: _Tokenizer,
+    tokenizer: _Tokenizer | None,
     k: int = 10,
     last: int = 5,
     row: int = 0,
@@ -437,7 +470,8 @@ def eos_window(
 
     Args:
         scores (`tuple[torch.Tensor]` or `torch.Tensor`): as in :func:`step_stats`.
-        tokenizer: anything with ``decode(list[int]) -> str`` (a transformers tokenizer), for the labels.
+        tokenizer: anything with ``decode(list[int]) -> str`` (a transformers tokenizer), for the labels;
+            ``None`` labels tokens by id (``<17>``).
         k (`int`, defaults to 10): tokens per step, >= 1 (capped at the vocabulary size).
         last (`int`, defaults to 5): steps to show, >= 1 (fewer when the run is shorter).
         row (`int`, defaults to 0): which row of the batch.
@@ -468,8 +502,9 @@ def eos_window(
     last = _validation.positive_int(last, "last")
     stacked = _as_steps(scores, "scores")
     steps, batch, vocab = stacked.shape
-    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < batch:
-        raise ValueError(f"`row` must be an int in [0, {batch - 1}], got {row!r}")
+    _validation.positive_int(row, "row", minimum=0, maximum=batch - 1)
+    if tokenizer is not None:
+        _validation.has_decode(tokenizer)
     end = steps if length is None else _check_lengths([length], steps, 1)[0]
     start = max(0, end - last)
     window = stacked[start:end, row]

@@ -11,7 +11,8 @@ share one definition of each number:
   that a model writes when it cannot emit EOS (the blog's Method 1 observation);
 * :func:`bits_per_character` — a judge model's total negative log-likelihood turned into bits per character,
   comparable across tokenizers (unlike perplexity per token);
-* :func:`per_thousand` — a count per 1,000 tokens.
+* :func:`per_thousand` — a count per 1,000 tokens;
+* :func:`line_repeats` — the fraction of a text's lines that repeat an earlier line (a loop of lines).
 
 TTR-style metrics favour short texts, so compare them at equal length (per block) where lengths differ.
 """
@@ -24,6 +25,9 @@ import zlib
 from collections.abc import Hashable, Sequence
 from functools import lru_cache
 
+import torch
+
+from . import _validation
 from .phrases import ENDING_PHRASES, KNOWN_END_MARKERS
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "count_end_markers",
     "distinct_n",
     "diversity",
+    "line_repeats",
     "ngrams",
     "per_thousand",
     "rep_n",
@@ -48,22 +53,16 @@ END_MARKERS: tuple[str, ...] = KNOWN_END_MARKERS + ENDING_PHRASES
 
 
 def _check_n(n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`n` must be an int >= 1, got {n!r}")
-    return n
+    return _validation.positive_int(n, "n")
 
 
 def _check_tokens(tokens: object) -> Sequence[Hashable]:
     # Tensors and arrays are accepted through their .tolist(); a bare iterator is refused because reading it
     # would consume the caller's data.
     tolist = getattr(tokens, "tolist", None)
-    if callable(tolist) and not isinstance(tokens, (str, bytes)):
+    if callable(tolist) and not isinstance(tokens, (str, bytes, torch.Tensor)):
         tokens = tolist()
-        if tokens and isinstance(tokens[0], list):  # type: ignore[index]
-            raise ValueError("`tokens` must be one-dimensional, got a nested (2-D or more) array")
-    if not isinstance(tokens, Sequence):
-        raise ValueError(f"`tokens` must be a sequence (list, tuple, 1-D tensor), got {type(tokens).__name__}")
-    return tokens
+    return _validation.token_sequence(tokens, "tokens")
 
 
 def ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple[Hashable, ...]]:
@@ -162,9 +161,7 @@ def diversity(tokens: Sequence[Hashable], ns: Sequence[int] = (2, 3, 4)) -> floa
         raise ValueError(f"`ns` must be a non-empty sequence of ints >= 1, got {ns!r}")
     out = 1.0
     for n in ns:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`ns` must be a non-empty sequence of ints >= 1, got {ns!r}")
-        out *= 1.0 - rep_n(tokens, n)
+        out *= 1.0 - rep_n(tokens, _validation.positive_int(n, "ns"))
     return out
 
 
@@ -239,8 +236,7 @@ def count_end_markers(text: str, markers: Sequence[str] = END_MARKERS, ignore_ca
         raise ValueError(f"`markers` must be a non-empty sequence of non-empty strings, got {markers!r}")
     if any(not isinstance(m, str) or not m for m in markers):
         raise ValueError(f"`markers` must be a non-empty sequence of non-empty strings, got {markers!r}")
-    if not isinstance(ignore_case, bool):
-        raise ValueError(f"`ignore_case` must be a bool, got {ignore_case!r}")
+    _validation.boolean(ignore_case, "ignore_case")
     return sum(1 for _ in _marker_pattern(tuple(markers), ignore_case).finditer(text))
 
 
@@ -262,13 +258,10 @@ def bits_per_character(total_nll_nats: float, n_chars: int) -> float:
     >>> bits_per_character(math.log(2) * 30, 10)
     3.0
     """
-    if isinstance(total_nll_nats, bool) or not isinstance(total_nll_nats, (int, float)):
-        raise ValueError(f"`total_nll_nats` must be a float >= 0, got {total_nll_nats!r}")
-    if not math.isfinite(total_nll_nats) or total_nll_nats < 0:
+    nll = _validation.finite_float(total_nll_nats, "total_nll_nats")
+    if nll < 0:
         raise ValueError(f"`total_nll_nats` must be a finite float >= 0, got {total_nll_nats!r}")
-    if isinstance(n_chars, bool) or not isinstance(n_chars, int) or n_chars < 1:
-        raise ValueError(f"`n_chars` must be an int >= 1, got {n_chars!r}")
-    return float(total_nll_nats) / (n_chars * math.log(2))
+    return nll / (_validation.positive_int(n_chars, "n_chars") * math.log(2))
 
 
 def per_thousand(count: float, n_tokens: int) -> float:
@@ -279,12 +272,44 @@ def per_thousand(count: float, n_tokens: int) -> float:
     >>> per_thousand(3, 1500)
     2.0
     """
-    if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) or count < 0:
+    if _validation.finite_float(count, "count") < 0:
         raise ValueError(f"`count` must be a finite number >= 0, got {count!r}")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
-        raise ValueError(f"`n_tokens` must be an int >= 0, got {n_tokens!r}")
+    n_tokens = _validation.positive_int(n_tokens, "n_tokens", minimum=0)
     if n_tokens == 0:
         if count:
             raise ValueError(f"`count` must be 0 when `n_tokens` is 0, got {count!r}")
         return 0.0
     return 1000.0 * count / n_tokens
+
+
+def line_repeats(text: str, min_chars: int = 8) -> float:
+    r"""Fraction of a text's lines that are copies of an earlier line of the same text, in ``[0, 1)``.
+
+    Lines are compared after stripping surrounding whitespace; blank lines and lines shorter than
+    ``min_chars`` characters (list bullets, "---", a lone heading word) are not counted at all. 0.0 for a text
+    with no countable line. A poem with one refrain line in four stanzas scores 3 of its lines; a model
+    stuck repeating two lines for the rest of its output scores close to 1.
+
+    Args:
+        text (`str`): decoded text.
+        min_chars (`int`, defaults to 8): shortest line that counts, >= 1.
+
+    Returns:
+        `float`: repeated lines / counted lines.
+
+    Example:
+
+    >>> line_repeats("A season to cherish,\nA time to forget,\nA season to cherish,\n\nA season to cherish,")
+    0.5
+    >>> line_repeats("One line only")
+    0.0
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"`text` must be a str, got {type(text).__name__}")
+    if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 1:
+        raise ValueError(f"`min_chars` must be an int >= 1, got {min_chars!r}")
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if len(line) >= min_chars]
+    if not lines:
+        return 0.0
+    return 1.0 - len(set(lines)) / len(lines)

@@ -7,12 +7,14 @@ the mixin overrides ``_sample`` and ``generate`` and stays out of the way when n
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, cast
 
 import torch
 from transformers import GenerationMixin
 
 from .backstep import BackstepConfig, BackstepLoop
+from .backstep.events import BackstepEvent, BackstepStats
 
 __all__ = ["PerpetualGenerationMixin", "make_perpetual"]
 
@@ -29,6 +31,16 @@ _UNSUPPORTED_KWARGS = {
 }
 _SUPPORTED = "backstep= supports sampling (do_sample=True) and greedy decoding with num_beams=1"
 
+# Call-scoped state lives in context variables, never on the model: one model serves many threads (each thread
+# has its own context), and a call's settings must not leak into a concurrent call.
+_ACTIVE: contextvars.ContextVar[tuple[BackstepConfig, Any] | None] = contextvars.ContextVar(
+    "perpetual_backstep_active", default=None
+)
+_RUNNING: contextvars.ContextVar[BackstepLoop | None] = contextvars.ContextVar("perpetual_backstep_loop", default=None)
+_LAST: contextvars.ContextVar[tuple[list[list[BackstepEvent]], BackstepStats] | None] = contextvars.ContextVar(
+    "perpetual_backstep_last", default=None
+)
+
 
 class PerpetualGenerationMixin(GenerationMixin):
     """Adds ``backstep=`` (Methods 3 and 4) to ``generate()``; without it, generation is unchanged.
@@ -36,21 +48,37 @@ class PerpetualGenerationMixin(GenerationMixin):
     Use it as the first base of a model class, or attach it to a loaded model with :func:`make_perpetual`.
     A default :class:`BackstepConfig` can be set on the model (``model.backstep_config = ...``) so that code
     which only calls ``generate()`` -- a ``pipeline("text-generation")`` -- gets backstep too; pass
-    ``backstep=False`` to turn it off for one call.
+    ``backstep=False`` to turn it off for one call. ``model.backstep_tokenizer`` is used by phrase and
+    line checks when a call passes no ``tokenizer=``.
 
-    After each backstep run, ``model.last_backstep`` holds ``(events, stats)``; with
-    ``return_dict_in_generate=True`` the output carries them as ``backstep_events`` / ``backstep_stats``.
+    Results: with ``return_dict_in_generate=True`` the output carries ``backstep_events`` / ``backstep_stats``.
+    ``model.last_backstep`` holds ``(events, stats)`` of the latest backstep call *of the current thread* (a
+    context variable): concurrent calls from other threads do not overwrite it.
+
+    The model is safe to call from several threads at once with different settings: nothing call-scoped is
+    stored on the model instance.
     """
 
     backstep_config: BackstepConfig | None = None
-    _perpetual_active: BackstepConfig | None = None
-    _perpetual_loop: Any = None
+    backstep_tokenizer: Any = None
+
+    @property
+    def last_backstep(self) -> tuple[list[list[BackstepEvent]], BackstepStats] | None:
+        """``(events, stats)`` of this thread's latest backstep ``generate()`` call, or ``None``."""
+        return _LAST.get()
+
+    @last_backstep.setter
+    def last_backstep(self, value: tuple[list[list[BackstepEvent]], BackstepStats] | None) -> None:
+        _LAST.set(value)
+
+    def _store_last_backstep(self, events: list[list[BackstepEvent]], stats: BackstepStats) -> None:
+        _LAST.set((events, stats))
 
     def event_counts(self, batch_size: int) -> list[int]:
-        """Rewinds per row of the backstep run in progress (the ``EventSource`` protocol of
+        """Rewinds per row of this thread's backstep run in progress (the ``EventSource`` protocol of
         :class:`~perpetual_logits.EvictionBudgetCriteria`); zeros outside a run."""
-        loop = self._perpetual_loop
-        return loop.event_counts() if loop is not None else [0] * batch_size
+        loop = _RUNNING.get()
+        return [len(e) for e in loop.events] if loop is not None else [0] * batch_size
 
     @torch.no_grad()
     def generate(self, *args: Any, backstep: BackstepConfig | bool | None = None, **kwargs: Any) -> Any:
@@ -68,17 +96,18 @@ class PerpetualGenerationMixin(GenerationMixin):
             for name, mode in _UNSUPPORTED_KWARGS.items():
                 if kwargs.get(name) not in (None, False):
                     raise ValueError(f"{_SUPPORTED}; got {mode} ({name}=...)")
+            if kwargs.get("tokenizer") is None and self.backstep_tokenizer is not None and config.reads_text:
+                kwargs["tokenizer"] = self.backstep_tokenizer
         processors = kwargs.get("logits_processor", args[2] if len(args) > 2 else None)
         for proc in processors or ():
             # Processors are reused across calls; a new call starts their records afresh.
             if callable(getattr(proc, "reset", None)):
                 proc.reset()
-        previous = self._perpetual_active
-        self._perpetual_active = config
+        token = _ACTIVE.set((config, kwargs.get("tokenizer")) if config is not None else None)
         try:
             return super().generate(*args, **kwargs)
         finally:
-            self._perpetual_active = previous
+            _ACTIVE.reset(token)
 
     def _sample(
         self,
@@ -90,8 +119,8 @@ class PerpetualGenerationMixin(GenerationMixin):
         streamer: Any = None,
         **model_kwargs: Any,
     ) -> Any:
-        config = self._perpetual_active
-        if config is None:
+        active = _ACTIVE.get()
+        if active is None:
             return super()._sample(  # type: ignore[misc]
                 input_ids,
                 logits_processor,
@@ -103,6 +132,9 @@ class PerpetualGenerationMixin(GenerationMixin):
             )
         if synced_gpus:
             raise ValueError(f"{_SUPPORTED}; synced_gpus is not supported")
+        config, tokenizer = active
+        model_kwargs.pop("tokenizer", None)
+        model_kwargs.pop("assistant_tokenizer", None)
         loop = BackstepLoop(
             self,
             input_ids,
@@ -112,24 +144,63 @@ class PerpetualGenerationMixin(GenerationMixin):
             streamer,
             model_kwargs,
             config,
+            tokenizer,
         )
-        return loop.run()
+        token = _RUNNING.set(loop)
+        try:
+            return loop.run()
+        finally:
+            _RUNNING.reset(token)
+
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: Any,
+        model_kwargs: dict[str, Any],
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> Any:
+        # A fixed-size cache gets max_length slots instead of max_length - 1: a row that reached max_length while a
+        # shorter, rewound row still writes keeps its slots, and the other row's new slot needs one more column.
+        if _ACTIVE.get() is not None:
+            max_cache_length += 1
+        return super()._prepare_cache_for_generation(  # type: ignore[misc]
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     def _beam_search(self, *args: Any, **kwargs: Any) -> Any:
-        if self._perpetual_active is not None:
+        if _ACTIVE.get() is not None:
             raise ValueError(f"{_SUPPORTED}; got beam search (num_beams > 1)")
         return super()._beam_search(*args, **kwargs)  # type: ignore[misc]
 
     def _assisted_decoding(self, *args: Any, **kwargs: Any) -> Any:
-        if self._perpetual_active is not None:
+        if _ACTIVE.get() is not None:
             raise ValueError(f"{_SUPPORTED}; got assisted decoding")
         return super()._assisted_decoding(*args, **kwargs)  # type: ignore[misc]
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A class made by make_perpetual is not importable under its name: pickle the instance as its original
+        # class and attach the mixin again on load (pickle, torch.save and copy.deepcopy all come through here).
+        base = _BASES.get(type(self))
+        reduced = super().__reduce_ex__(protocol)
+        if base is None or not isinstance(reduced, tuple):
+            return reduced
+        func, args, *rest = reduced
+        args = tuple(base if a is type(self) else a for a in args)
+        return (_restore_perpetual, (func, args), *rest)
+
+
+def _restore_perpetual(func: Any, args: tuple[Any, ...]) -> Any:
+    """Unpickling helper: rebuild the instance as its original class, then make it perpetual again."""
+    obj = func(*args)
+    return make_perpetual(obj)
+
 
 _CLASSES: dict[type, type] = {}
+_BASES: dict[type, type] = {}  # perpetual class -> the class it was made from
 
 
-def make_perpetual(model: Any, backstep: BackstepConfig | None = None) -> Any:
+def make_perpetual(model: Any, backstep: BackstepConfig | None = None, tokenizer: Any = None) -> Any:
     """Give a loaded model ``generate(backstep=...)``, in place, and return it.
 
     The model's class is swapped for a subclass with the same name and module, so
@@ -139,6 +210,8 @@ def make_perpetual(model: Any, backstep: BackstepConfig | None = None) -> Any:
     Args:
         model: a transformers causal LM (a ``GenerationMixin``).
         backstep (`BackstepConfig`, *optional*): a default for every ``generate()`` call of this model.
+        tokenizer (*optional*): the tokenizer phrase and line checks read text with, for calls that pass no
+            ``tokenizer=`` (e.g. inside ``pipeline("text-generation")``).
 
     Example:
 
@@ -174,7 +247,12 @@ def make_perpetual(model: Any, backstep: BackstepConfig | None = None) -> Any:
                 {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
             )
             _CLASSES[cls] = perpetual
+            _BASES[perpetual] = cls
         model.__class__ = perpetual
     if backstep is not None:
         cast(PerpetualGenerationMixin, model).backstep_config = backstep
+    if tokenizer is not None:
+        if not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError(f"`tokenizer` must be a tokenizer with decode(), got {type(tokenizer).__name__}")
+        cast(PerpetualGenerationMixin, model).backstep_tokenizer = tokenizer
     return model

@@ -10,11 +10,16 @@ processors see, and act on, the distribution *before* temperature and truncation
 * a temperature multiplier applied here composes with the configured one: ``T_effective = T_config * m``;
 * a probability measured here (EOS probability, a trigger) is measured before temperature and truncation.
 
-State: both processors keep per-row records. They start clean on every new ``generate()`` call: a call is
-recognised as new when the batch size changes or the sequence did not grow by exactly one token since the
-previous call. A new call whose prompt is exactly the previous call's output is indistinguishable from
-one more step of the old call; call :meth:`reset` between such calls (``make_perpetual`` models do it for
-you). Inside backstep generation the loop calls :meth:`rewind` so that the state follows a rewind.
+State: both processors keep per-row records. They start clean on every new ``generate()`` call. A call
+continues the previous one only when its ``input_ids`` are the previous call's ``input_ids`` plus one token
+per row (same batch, same prefix, compared token by token); anything else starts a new generation. Only a
+new call whose prompt is the previous call's *output* (its last ``input_ids`` plus the token sampled from
+them) is indistinguishable from one more step; call :meth:`reset` before such a call (``make_perpetual``
+models do it for you). Inside backstep generation the loop calls :meth:`start` and :meth:`rewind` so that
+the state follows a rewind.
+
+Cost: arguments are checked once per generation (the first call), not per step, and the per-step work is
+a handful of tensor operations with no host synchronisation.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import torch
 from transformers import LogitsProcessor
 
 from . import _validation
-from .schedules import LinearDecay, Schedule
+from .protocol import RowState
+from .schedules import FactorTable, LinearDecay, Schedule, factor_table, multipliers
+from .truncation import Truncation, TruncationSchedule, Widen, truncate_rows
 
 if TYPE_CHECKING:  # triggers -> analysis -> processors: import at call time to avoid the cycle
     from .triggers import EarlyTrigger
@@ -36,6 +43,8 @@ __all__ = [
     "PostEOSResamplingLogitsProcessor",
     "SuppressEOSLogitsProcessor",
     "eos_probability",
+    "factor_table",
+    "multipliers",
 ]
 
 
@@ -63,18 +72,31 @@ def mask_eos_(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     """:func:`mask_eos` in place, on a tensor the caller owns (saves a copy per step)."""
     eos_scores = scores.index_select(-1, eos)
     scores.index_fill_(-1, eos, float("-inf"))
-    has_other = scores.amax(-1, keepdim=True) > float("-inf")
-    # Put the EOS scores back only where nothing else is left: work over the EOS columns, not the vocabulary.
-    return scores.index_copy_(-1, eos, eos_scores.masked_fill(has_other, float("-inf")))
+    return _restore_lone_eos(scores, eos, eos_scores, scores.amax(-1, keepdim=True))
+
+
+def _restore_lone_eos(
+    masked: torch.Tensor, eos: torch.Tensor, eos_scores: torch.Tensor, best_other: torch.Tensor
+) -> torch.Tensor:
+    """Put the EOS scores back in rows where nothing else is finite (``best_other`` is -inf there).
+
+    Works over the EOS columns only, never the vocabulary, and without a host synchronisation.
+    """
+    return masked.index_copy_(-1, eos, eos_scores.masked_fill(best_other > float("-inf"), float("-inf")))
 
 
 @dataclass
 class _StepRecord:
     positions: int | torch.Tensor  # int when every row chose the same position, else (batch,) long
-    values: dict[str, torch.Tensor]  # name -> (batch,)
+    values: dict[str, torch.Tensor]  # name -> (batch,); empty while the step waits in the pending chunk
 
 
-class EOSLogitsProcessor(LogitsProcessor):
+#: Scores (elements) kept for deferred statistics before they are computed in one go: 8 Mi floats, 32 MiB.
+_PENDING_ELEMENTS = 1 << 23
+_PENDING_STEPS = 64
+
+
+class EOSLogitsProcessor(LogitsProcessor, RowState):
     """Base class: validates EOS ids and shapes, keeps a per-row position clock and per-step records.
 
     Subclasses implement :meth:`process`. The clock says which sequence position (prompt included) each
@@ -94,7 +116,14 @@ class EOSLogitsProcessor(LogitsProcessor):
         self._prompt_length: int | None = None
         self._expected_width: int | None = None
         self._next_positions: torch.Tensor | None = None  # set once rows move independently (rewinds)
+        self._last_ids: torch.Tensor | None = None  # the previous call's input_ids: is a call a continuation?
+        self._scores_shape: torch.Size | None = None
+        self._checked = False  # arguments are validated on the first call of a generation only
         self._records: list[_StepRecord] = []
+        self._ended: dict[int, int] = {}  # row -> its final length, for rows the backstep loop finished
+        # Deferred statistics: (record, scores) of recent steps, computed a chunk at a time (see _record_scores).
+        self._pending: list[tuple[_StepRecord, torch.Tensor]] = []
+        self._pending_elements = 0
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -111,7 +140,14 @@ class EOSLogitsProcessor(LogitsProcessor):
             self._next_positions = torch.full((self._batch,), self._expected_width, dtype=torch.long)
         dropped = int(self._next_positions[row]) - length  # calls made for positions >= length
         self._next_positions[row] = length
+        self._ended.pop(row, None)
         self._rewind_state(row, length, dropped)
+
+    def finish(self, row: int) -> None:
+        """Row ``row`` is done (the backstep loop calls this): later calls still see the row, but its records
+        stop at its final token."""
+        if self._next_positions is not None:
+            self._ended[row] = int(self._next_positions[row])
 
     def _rewind_state(self, row: int, length: int, dropped: int) -> None:
         """Subclass hook: drop state that belongs to positions >= ``length`` of ``row`` (``dropped`` calls)."""
@@ -132,21 +168,37 @@ class EOSLogitsProcessor(LogitsProcessor):
             self._eos_by_device[device] = eos
         return eos
 
+    def _continues(self, input_ids: torch.Tensor, scores: torch.Tensor) -> bool:
+        """Whether this call is the next step of the previous one: the same rows grown by one token."""
+        last = self._last_ids
+        if last is None or not isinstance(input_ids, torch.Tensor) or not isinstance(scores, torch.Tensor):
+            return False
+        if input_ids.dim() != 2 or input_ids.shape[0] != last.shape[0] or input_ids.shape[1] != last.shape[1] + 1:
+            return False
+        if scores.shape != self._scores_shape or input_ids.device != last.device:
+            return False
+        # generate() builds a new input_ids tensor per step, so this compares the prefix the model has seen;
+        # a new prompt that merely has the expected length starts a new generation.
+        return last.data_ptr() == input_ids.data_ptr() or torch.equal(input_ids[:, :-1], last)
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        _validation.check_scores(input_ids, scores, self.eos_token_id)
-        batch, width = input_ids.shape
-        if self._next_positions is None and (batch != self._batch or width != self._expected_width):
-            self.reset()  # a new generate() call
-            self._batch, self._prompt_length = batch, width
-        positions: int | torch.Tensor
-        if self._next_positions is not None:
+        if self._next_positions is None:
+            if not self._continues(input_ids, scores):
+                _validation.check_scores(input_ids, scores, self.eos_token_id)
+                self.reset()  # a new generate() call
+                self._batch, self._prompt_length = input_ids.shape[0], input_ids.shape[1]
+                self._scores_shape = scores.shape
+            self._last_ids = input_ids
+            positions: int | torch.Tensor = input_ids.shape[1]
+        else:  # driven by start()/rewind(): the backstep loop says which position each row chooses
+            if not self._checked:
+                _validation.check_scores(input_ids, scores, self.eos_token_id)
+                self._checked = True
             positions = self._next_positions.clone()
             self._next_positions += 1
-        else:
-            positions = width
-        self._expected_width = width + 1
+        self._expected_width = input_ids.shape[1] + 1
         out = self.process(input_ids, scores, self._eos(scores.device), positions)
-        return out.to(scores.dtype)  # type: ignore[return-value]
+        return out if out.dtype == scores.dtype else out.to(scores.dtype)  # type: ignore[return-value]
 
     def process(
         self,
@@ -160,13 +212,47 @@ class EOSLogitsProcessor(LogitsProcessor):
 
     # -- records -----------------------------------------------------------------------------------------
     def _record(self, positions: int | torch.Tensor, **values: torch.Tensor) -> None:
-        self._records.append(_StepRecord(positions, {k: v.detach() for k, v in values.items()}))
+        # generate() runs under no_grad, so the values carry no graph; keep them as they are (no copies).
+        self._records.append(_StepRecord(positions, values))
+
+    def _record_scores(self, positions: int | torch.Tensor, scores: torch.Tensor) -> None:
+        """Record statistics of ``scores`` later: :meth:`_statistics` runs once over a chunk of steps.
+
+        Per step this costs one copy instead of a handful of small kernels (and their dispatch), which is most
+        of a processor's price on a small model; the chunk is bounded (64 steps, 32 MiB of scores).
+        """
+        record = _StepRecord(positions, {})
+        self._records.append(record)
+        self._pending.append((record, scores.detach().clone()))
+        self._pending_elements += scores.numel()
+        if len(self._pending) >= _PENDING_STEPS or self._pending_elements >= _PENDING_ELEMENTS:
+            self._flush()
+
+    def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Subclass hook for :meth:`_record_scores`: (steps, batch, vocab) scores -> name -> (steps, batch)."""
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        """Compute the pending steps' statistics (all at once) and store them in their records."""
+        pending, self._pending, self._pending_elements = self._pending, [], 0
+        by_shape: dict[tuple[tuple[int, ...], torch.device], list[tuple[_StepRecord, torch.Tensor]]] = {}
+        for record, scores in pending:  # one group unless the batch changed (it does not within a generation)
+            by_shape.setdefault((tuple(scores.shape), scores.device), []).append((record, scores))
+        for (_, device), items in by_shape.items():
+            stats = self._statistics(torch.stack([s for _, s in items]), self._eos(device))
+            for i, (record, _) in enumerate(items):
+                record.values = {name: values[i] for name, values in stats.items()}
 
     def _row_history(self, row: int, name: str) -> list[tuple[int, float]]:
         """(position, value) of one row, in order, keeping only the latest record of each kept position."""
+        if self._pending:
+            self._flush()
         kept: list[tuple[int, float]] = []
+        end = self._ended.get(row)
         for record in self._records:
             pos = record.positions if isinstance(record.positions, int) else int(record.positions[row])
+            if end is not None and pos >= end:
+                continue
             while kept and kept[-1][0] >= pos:  # a rewind: this position is being chosen again
                 kept.pop()
             kept.append((pos, float(record.values[name][row])))
@@ -196,7 +282,8 @@ class SuppressEOSLogitsProcessor(EOSLogitsProcessor):
 
     Args:
         eos_token_id (`int` or `list[int]`): the id(s) that end generation.
-        record (`bool`, defaults to `True`): keep the per-step records (costs one softmax per step).
+        record (`bool`, defaults to `True`): keep the per-step records (a copy of the scores per step; the
+            statistics are computed 64 steps at a time).
 
     Example:
 
@@ -227,9 +314,13 @@ class SuppressEOSLogitsProcessor(EOSLogitsProcessor):
         positions: int | torch.Tensor,
     ) -> torch.Tensor:
         if self.record:
-            top = eos_on_top(scores, eos)
-            self._record(positions, eos_prob=eos_probability(scores, eos), eos_top=top)
-        return mask_eos(scores, eos)
+            self._record_scores(positions, scores)
+        eos_scores = scores.index_select(-1, eos)
+        out = scores.index_fill(-1, eos, float("-inf"))  # a copy: the caller's scores stay as they were
+        return _restore_lone_eos(out, eos, eos_scores, out.amax(-1, keepdim=True))
+
+    def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"eos_prob": eos_probability(scores, eos), "eos_top": eos_on_top(scores, eos)}
 
     @property
     def eos_probabilities(self) -> list[list[float]]:
@@ -261,8 +352,14 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
     * ``"argmax"``: EOS is the highest-scoring token. Deterministic; the right choice for greedy decoding;
     * a float ``t`` in (0, 1]: EOS probability ``>= t``.
 
-    Widening top-k/top-p after an eviction is not offered: this processor runs before those warpers and
-    cannot change their settings, and faking it here would change the distribution for every row.
+    Widening top-k / top-p / min-p after an eviction (the blog's "higher thresholds"): pass ``widen=`` and the
+    truncation you sample with as ``truncation=``. The processor then applies top-k, top-p and min-p itself,
+    per row: the configured values for rows without an eviction, the widened ones from an eviction on, back to
+    the configured ones as the schedule returns to 1.0 (see :mod:`perpetual_logits.truncation`). The kept set is
+    computed at the effective temperature ``truncation.temperature * multiplier``, as transformers' warpers
+    would compute it after its temperature. ``generate()`` must then not truncate a second time: call it with
+    ``**processor.generate_kwargs()`` (``top_k=0, top_p=1.0, min_p=None`` and the stated temperature); a
+    ``make_perpetual`` model can check this, a plain ``generate()`` cannot.
 
     Args:
         eos_token_id (`int` or `list[int]`): the id(s) that end generation.
@@ -271,6 +368,10 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         early_trigger (`EarlyTrigger`, *optional*): also restart the schedule *before* EOS is chosen, when a
             row's EOS probability averaged over a window, or its entropy trend, says an ending is near (the
             statistics of the scores this processor sees). See :class:`~perpetual_logits.EarlyTrigger`.
+        widen (`Widen`, *optional*): top-k / top-p / min-p at an eviction; they return to ``truncation`` with
+            ``widen.schedule`` (default: ``schedule``). Requires ``truncation``.
+        truncation (`Truncation`, *optional*): the top-k / top-p / min-p / temperature you sample with; only
+            with ``widen`` (then the processor owns truncation, see above).
 
     Example:
 
@@ -295,6 +396,8 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         schedule: Schedule | None = None,
         trigger: str | float = "sample",
         early_trigger: EarlyTrigger | None = None,
+        widen: Widen | None = None,
+        truncation: Truncation | None = None,
     ) -> None:
         from .triggers import EarlyTrigger
 
@@ -316,8 +419,25 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
             trigger = _validation.probability(trigger, "trigger")
         self.schedule = schedule
         self.trigger = trigger
-        self._table = factor_table(schedule)
+        self._table: FactorTable = factor_table(schedule)
+        self.widen, self.truncation = widen, truncation
+        self._truncation_plan: TruncationSchedule | None = None
+        if widen is not None or truncation is not None:
+            if not isinstance(truncation, Truncation):
+                raise ValueError(
+                    "`truncation` must be a Truncation stating the top_k/top_p/min_p/temperature you sample with "
+                    f"when `widen` is given (got {truncation!r}); call generate() with **processor.generate_kwargs()"
+                )
+            if not isinstance(widen, Widen):
+                raise ValueError(f"`widen` must be a Widen when `truncation` is given, got {widen!r}")
+            self._truncation_plan = TruncationSchedule(truncation, widen, schedule)
         super().__init__(eos_token_id)
+
+    def generate_kwargs(self) -> dict[str, object]:
+        """``generate()`` kwargs for this processor: with ``widen``, transformers' truncation off (see above)."""
+        if self.truncation is None:
+            return {"do_sample": True}
+        return self.truncation.generate_kwargs()
 
     def _reset_state(self) -> None:
         # (batch,) position of each row's latest restart; _NEVER for a row that has had none.
@@ -361,17 +481,21 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         batch, device = scores.shape[0], scores.device
         if self._last_trigger is None or self._last_trigger.shape[0] != batch:
             self._last_trigger = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
-        if self._table.device != device:
-            self._table = self._table.to(device)
         pos = positions.to(device) if isinstance(positions, torch.Tensor) else positions
         self._last_trigger = torch.where(restart, pos, self._last_trigger)
         since = pos - self._last_trigger  # huge for rows that never restarted
-        if self.schedule.length is None:  # a constant forever: the peak for restarted rows, 1.0 for the others
-            index = (since > -_NEVER // 2).long()
-        else:  # the table ends with 1.0: the end of the schedule and rows that never restarted both land there
-            index = since.clamp(0, self._table.shape[0] - 1)
-        out = scores / self._table[index].to(scores.dtype)[:, None]
-        return mask_eos_(out, eos)
+        table = self._table
+        values = table.on(device)
+        if table.exact and not table.forever:
+            # The table ends with 1.0: the end of the schedule and rows that never restarted both land there.
+            factor = values[since.clamp(0, values.shape[0] - 1)]
+        else:
+            factor = table.lookup(since, self._last_trigger != _NEVER)
+        out = mask_eos_(scores / factor.to(scores.dtype)[:, None], eos)
+        if self._truncation_plan is not None:  # per-row top-k/top-p/min-p, widened after an eviction
+            rows = self._truncation_plan.row_values(since, self._last_trigger != _NEVER, out.shape[-1])
+            out = truncate_rows(out, *rows, temperature=self._truncation_plan.configured.temperature)
+        return out
 
     @property
     def evictions(self) -> list[list[int]]:
@@ -399,33 +523,7 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         pos = last if isinstance(last, int) else last.to(self._last_trigger.device)
         since = pos - self._last_trigger
         restarted = self._last_trigger != _NEVER
-        return multipliers(self._table, since, restarted, forever=self.schedule.length is None).tolist()
+        return multipliers(self._table, since, restarted).tolist()
 
 
 _NEVER = -(1 << 40)
-
-
-def factor_table(schedule: Schedule) -> torch.Tensor:
-    """The schedule's multipliers for s = 0 .. length-1, then 1.0, as a float32 tensor.
-
-    A schedule with ``length=None`` (never returns to 1.0) must be constant, like ``Constant(value)``: its
-    table is ``[value, 1.0]`` and lookups pass ``forever=True``.
-    """
-    length = schedule.length
-    if length is None:
-        return torch.tensor([schedule(0), 1.0], dtype=torch.float32)
-    return torch.tensor([schedule(s) for s in range(length)] + [1.0], dtype=torch.float32)
-
-
-def multipliers(
-    table: torch.Tensor, steps_since: torch.Tensor | int, active: torch.Tensor, forever: bool = False
-) -> torch.Tensor:
-    """Vectorised schedule lookup: ``table[min(s, len-1)]`` where ``active``, else 1.0.
-
-    ``forever``: the schedule never ends (``length=None``); active rows always get ``table[0]``.
-    """
-    table = table.to(active.device)
-    s = torch.as_tensor(steps_since, device=active.device).clamp(0, table.shape[0] - 1)
-    if forever:
-        s = torch.zeros_like(s)
-    return torch.where(active, table[s], torch.ones((), device=active.device))

@@ -12,12 +12,13 @@ A caller (the Method 2 processor, the backstep loop) starts its temperature sche
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _validation
 from .analysis import distribution_stats
+
+#: The longest history window: far beyond any useful trigger, small enough that its buffers stay tiny.
+_MAX_WINDOW = 1 << 16
 
 __all__ = ["EarlyTrigger"]
 
@@ -74,18 +75,11 @@ class EarlyTrigger:
         eos_threshold: float | None = 0.1,
         entropy_slope: float | None = None,
     ) -> None:
-        self.window = _validation.positive_int(window, "window")
+        self.window = _validation.positive_int(window, "window", maximum=_MAX_WINDOW)
         if eos_threshold is not None:
             eos_threshold = _validation.probability(eos_threshold, "eos_threshold")
         if entropy_slope is not None:
-            if (
-                isinstance(entropy_slope, bool)
-                or not isinstance(entropy_slope, (int, float))
-                or not math.isfinite(entropy_slope)
-                or entropy_slope <= 0
-            ):
-                raise ValueError(f"`entropy_slope` must be a finite float > 0 (bits per step), got {entropy_slope!r}")
-            entropy_slope = float(entropy_slope)
+            entropy_slope = _validation.positive_float(entropy_slope, "entropy_slope")
             if self.window < 2:
                 raise ValueError(f"`window` must be an int >= 2 when `entropy_slope` is set, got {window!r}")
         if eos_threshold is None and entropy_slope is None:
@@ -192,9 +186,7 @@ class EarlyTrigger:
         """
         if self._eos is None or self._entropy is None or self._valid is None:
             raise RuntimeError("rewind() called before the first update()")
-        batch = self._eos.shape[0]
-        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < batch:
-            raise ValueError(f"`row` must be an int in [0, {batch}), got {row!r}")
+        _validation.positive_int(row, "row", minimum=0, maximum=self._eos.shape[0] - 1)
         n = _validation.positive_int(n_steps, "n_steps", minimum=0)
         if n == 0:
             return

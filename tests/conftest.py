@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(os.environ.get("PERPETUAL_LOGITS_MODELS", REPO.parent / "shared" / "models")).resolve()
 TINYSTORIES = MODELS_DIR / "tinystories-656k"
 STORIES260K = MODELS_DIR / "stories260K"
+SMOLLM2 = MODELS_DIR / "smollm2-135m-instruct"
 REQUIRE_MODELS = os.environ.get("PERPETUAL_LOGITS_REQUIRE_MODELS") == "1"
 
 
@@ -111,6 +112,12 @@ def tinystories(tinystories_path: Path):
 
 
 @pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF folder (converted to safetensors once, cached outside the repo)."""
+    return require_model_dir(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
 def stories260k_path() -> Path:
     return require_model_dir(STORIES260K)
 
@@ -130,3 +137,23 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def save_tiny_model(folder: Path, arch: str = "llama", **config: object) -> Path:
+    """Save a tiny random model of ``arch`` and a word-level tokenizer over its 64 ids into ``folder``.
+
+    Words: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2 (EOS), ``\n`` 3, then ``w0`` ... ``w59``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["<unk>", "<s>", "</s>", "\n"] + [f"w{i}" for i in range(VOCAB - 4)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    tokenizer.save_pretrained(folder)
+    tiny_model(arch, **config).save_pretrained(folder)
+    return folder

@@ -11,9 +11,9 @@ import pytest
 from conftest import REPO, tiny_model
 
 import perpetual_logits
-from perpetual_logits import cli
+from perpetual_logits import cli, methods
 
-METHODS = list(cli.METHODS)
+METHODS = list(methods.METHODS)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,7 +58,7 @@ def test_generate_json(capsys, tiny_dir, method):
     payload = strict_json(out)  # exactly one JSON object on stdout
     assert payload["method"] == method and payload["prompt"] == "w1 w2"
     assert 0 < payload["new_tokens"] <= 25
-    assert payload["intervention_kind"] == cli._INTERVENTION[method]
+    assert payload["intervention_kind"] == methods.METHODS[method].intervention
     if method != "baseline":
         assert not payload["ended_with_eos"]  # every method keeps EOS out of the text
         assert payload["new_tokens"] == 25
@@ -147,9 +147,9 @@ def test_demo_tiny(capsys, tiny_dir, tmp_path):
     )
     assert code == 0, err
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [row.split("|")[1].strip() for row in table[1:]] == list(cli.METHODS)
+    assert [row.split("|")[1].strip() for row in table[1:]] == METHODS
     results = strict_json((out_dir / "results.json").read_text())
-    assert [row["method"] for row in results["table"]] == list(cli.METHODS)
+    assert [row["method"] for row in results["table"]] == METHODS
     assert (out_dir / "blockwise.png").stat().st_size > 0
     assert "## Samples" in (out_dir / "README.md").read_text()
 
@@ -161,7 +161,7 @@ def test_demo_tiny(capsys, tiny_dir, tmp_path):
         (["generate", "--model", "/nonexistent/model-dir", "hi"], "does not exist"),
         (["generate", "--model", "M", "--method", "telepathy", "hi"], "invalid choice"),
         (["generate", "--model", "M", "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
-        (["generate", "--model", "M", "--max-new-tokens", "many", "hi"], "must be an int >= 1"),
+        (["generate", "--model", "M", "--max-new-tokens", "many", "hi"], "must be an int in [1, "),
         (["generate", "--model", "M", "--temperature", "-1", "hi"], "--temperature"),
         (["generate", "--model", "M", "--temperature", "nan", "hi"], "--temperature"),
         (["generate", "--model", "M", "--top-p", "1.5", "hi"], "--top-p"),
@@ -246,8 +246,63 @@ def test_tinystories_demo(capsys, tinystories_path, tmp_path):
     assert code == 0, err
     results = strict_json((out_dir / "results.json").read_text())
     rows = {row["method"]: row for row in results["table"]}
-    assert set(rows) == set(cli.METHODS)
+    assert set(rows) == set(METHODS)
     for method in METHODS[1:]:
         assert rows[method]["new_tokens"] == 200 and rows[method]["stopped_at_eos"] == 0
     for name in ("blockwise.png", "blockwise_end.png", "eos_window.png", "README.md", "analysis.md"):
         assert (out_dir / name).stat().st_size > 0
+
+
+# -- SmolLM2-135M-Instruct (a GGUF chat model; ~60 ms per token on 2 cores: a few tokens only) ----------------
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    return methods.load_model(str(smollm2_path))
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_chat_prompt_goes_through_the_chat_template(smollm2):
+    inputs = methods.encode_prompts(smollm2, ["Explain how rainbows form.", "Hi"], chat=True)
+    first = smollm2.tokenizer.decode(inputs["input_ids"][0])
+    assert "<|im_start|>user\nExplain how rainbows form.<|im_end|>" in first
+    assert first.rstrip().endswith("<|im_start|>assistant")
+    # The shorter prompt is left-padded and masked there.
+    assert inputs["attention_mask"][1, 0] == 0 and inputs["attention_mask"][1, -1] == 1
+    plain = methods.encode_prompts(smollm2, ["Hi"], chat=False)
+    assert "<|im_start|>" not in smollm2.tokenizer.decode(plain["input_ids"][0])
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_chat_generate_and_analyze_on_a_gguf_model(capsys, smollm2_path, tmp_path):
+    gguf = next(smollm2_path.glob("*.gguf"))
+    code, out, err = run(
+        capsys,
+        *("generate", "--model", str(gguf), "--chat", "--method", "dynamic+phrases"),
+        *("--max-new-tokens", "6", "--json", "Write a short poem about autumn."),
+    )
+    assert code == 0, err
+    payload = strict_json(out)
+    assert payload["chat_template"] is True and 0 < payload["new_tokens"] <= 6 and payload["text"].strip()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hello.\n")
+    code, out, err = run(
+        capsys,
+        *("analyze", "--model", str(smollm2_path), "--chat", "--prompts", str(prompts), "--runs", "1"),
+        *("--max-new-tokens", "8", "--block-size", "2", "--out", str(tmp_path / "analysis")),
+    )
+    assert code == 0, err
+    assert strict_json((tmp_path / "analysis" / "analysis.json").read_text())["chat_template"] is True
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_chat_demo_on_smollm2(capsys, smollm2_path, tmp_path):
+    out_dir = tmp_path / "demo-chat"
+    code, _, err = run(capsys, "demo", "--model", str(smollm2_path), "--max-new-tokens", "3", "--out", str(out_dir))
+    assert code == 0, err
+    results = strict_json((out_dir / "results.json").read_text())
+    assert results["chat_template"] is True and len(results["prompts"]) == 3  # the chat prompts, as one batch
+    assert [row["method"] for row in results["table"]] == METHODS
+    assert all(len(results["runs"][m]) == 3 for m in METHODS)
+    assert "(chat template)" in (out_dir / "README.md").read_text()

@@ -1,0 +1,31 @@
+"""Methods 3 and 4: backstep generation with an exact KV-cache rewind, as a package of small units.
+
+When a row samples EOS (or completes an ending phrase, or falls into a loop) the loop cuts that row back,
+rewinds its part of the KV cache and continues from the shorter sequence (Method 3); with a ``schedule`` the row
+samples hotter right after the rewind and cools back by where it ended (Method 4).
+
+Where things are:
+
+* :mod:`.loop` -- the recipe (``BackstepLoop.run``) and the one place a rewind happens (``BackstepLoop.rewind``);
+* :mod:`.rules` -- why a row rewinds (EOS, phrases); :class:`~perpetual_logits.RewindRule` for your own;
+* the units, each owning one piece of per-row state and following rewinds
+  (:class:`~perpetual_logits.RowState`): :mod:`.rows` (tokens), :mod:`.cache` (the cache layout, no holes),
+  :mod:`.buffer` (raw logits, so a rewind needs no forward), :mod:`.bans`, :mod:`.temperature` (Method 4's
+  schedule, early triggers), :mod:`.streaming` (hold-back), :mod:`.records` (output scores/logits);
+* :mod:`.lengths` -- length-dependent processors judged per row; :mod:`.config`, :mod:`.events`.
+"""
+
+from .cache import check_cache
+from .config import BackstepConfig, LoopRewinds
+from .events import BackstepEvent, BackstepOutput, BackstepStats
+from .loop import BackstepLoop
+
+__all__ = [
+    "BackstepConfig",
+    "BackstepEvent",
+    "BackstepLoop",
+    "BackstepOutput",
+    "BackstepStats",
+    "LoopRewinds",
+    "check_cache",
+]

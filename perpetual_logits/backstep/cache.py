@@ -1,0 +1,186 @@
+"""The KV cache of a backstep batch: every row right-aligned, no holes, no longer than plain ``generate()``'s.
+
+Layout. The cache is a rectangle of ``width`` slots per row. Row ``b`` owns its last ``content[b]`` slots; the
+slots before them are padding, masked out (as ``generate()`` itself left-pads a batch). Every active row's
+newest slot is the last one, so one new column serves the whole batch, a static cache keeps one shared fill
+level, and ``torch.compile`` sees the shapes it always sees.
+
+Rewind. Cutting row ``b`` back keeps the first slots of its content. Before the next forward the layout is
+*realigned*: the new width is the longest row's content, and every row whose padding changed is moved by one
+gather per layer (at batch size 1 nothing moves: the cache is simply cropped). So each row's kept tokens
+occupy the cache exactly once, the width never exceeds ``prompt + max_new_tokens``, and memory does not grow
+with rewinds.
+
+Finished rows take part in later forwards with a masked padding slot (their tokens stay where they are);
+those padding slots are dropped at the next realignment and at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import _compat
+from ..protocol import RowState
+
+__all__ = ["CacheLayout", "check_cache"]
+
+
+def check_cache(cache: Any) -> None:
+    """Refuse caches that cannot be rewound exactly."""
+    if cache is None:
+        raise ValueError("backstep generation needs a KV cache: do not pass use_cache=False")
+    for layer in _compat.cache_layers(cache):
+        name = type(layer).__name__
+        if "Quantized" in name:
+            raise ValueError(
+                f"backstep generation cannot rewind a quantized cache ({name}): its entries cannot be moved. "
+                "Use the default DynamicCache or a StaticCache."
+            )
+        if getattr(layer, "is_linear", False) or "Linear" in name:
+            raise ValueError(
+                f"backstep generation cannot rewind {name}: recurrent/linear-attention state has no per-token "
+                "entries to remove."
+            )
+        if _compat.is_static_layer(layer) and getattr(layer, "is_sliding", False):
+            raise ValueError(
+                f"backstep generation cannot rewind {name}: a static sliding-window layer rolls its slots. "
+                "Use the default DynamicCache for sliding-window models."
+            )
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of a model config, when some of its layers use one."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    uses_sliding = layer_types is None or any("sliding" in str(t) for t in layer_types)
+    if isinstance(window, int) and window > 0 and uses_sliding:
+        return window
+    return None
+
+
+class CacheLayout(RowState):
+    """Owns the cache's slot layout, the attention mask and the position of every fed token.
+
+    Slots are counted per row from its first prompt slot: slot ``e`` of row ``b`` holds token ``e - prefix``
+    (``prefix`` is non-zero only when the prompt was given as ``inputs_embeds``, which has no token ids).
+
+    Args:
+        cache: the transformers ``Cache`` filled by the prompt forward.
+        prompt_mask: the prompt's attention mask (batch, slots), or ``None`` for no padding.
+        prompt_length: prompt tokens in ``input_ids`` (0 with ``inputs_embeds``).
+        capacity: the most slots a row may use (``max_length``; the window for sliding-window layers).
+    """
+
+    def __init__(
+        self, cache: Any, prompt_mask: torch.Tensor | None, prompt_length: int, capacity: int, device: torch.device
+    ) -> None:
+        # -- the cache and its shape
+        self.cache = cache
+        self.device = device
+        self.width = int(cache.get_seq_length())
+        self.capacity = capacity
+        self.batch = 0
+        # -- per row: slots owned (content), of which trailing padding slots (finished rows), slot shift
+        self.prefix = self.width - prompt_length
+        self.content: list[int] = []
+        self.pads: list[int] = []
+        self.target: list[int] = []  # content to keep at the next realignment
+        # -- mask and positions
+        self.mask: torch.Tensor | None = None
+        self.padded = prompt_mask is not None
+        self.prompt_mask = prompt_mask
+        self.prompt_positions: list[list[int]] = []
+        self.valid_prompt: list[int] = []
+        # -- counters
+        self.realignments = 0
+        self.peak_width = self.width
+
+    # -- protocol ------------------------------------------------------------------------------------------
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        self.batch = batch_size
+        self.content = [self.width] * batch_size
+        self.pads = [0] * batch_size
+        self.target = list(self.content)
+        if self.prompt_mask is not None:
+            mask = self.prompt_mask.to(self.device, torch.long)
+            self.mask = mask.clone()
+            self.prompt_positions = (mask.cumsum(-1) - 1).clamp(min=0).tolist()
+            self.valid_prompt = mask.sum(-1).tolist()
+        else:
+            self.mask = torch.ones((batch_size, self.width), dtype=torch.long, device=self.device)
+            self.prompt_positions = [list(range(self.width))] * batch_size
+            self.valid_prompt = [self.width] * batch_size
+
+    def rewind(self, row: int, length: int) -> None:
+        """Keep the slots of the row's first ``length`` tokens (the next token is chosen from stored logits, or,
+        if a forward runs anyway, the last kept token is fed again: see :meth:`plan`)."""
+        self.target[row] = min(self.target[row], self.prefix + length)
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def fed(self, row: int) -> int:
+        """Tokens of ``row`` whose slots are in the cache (after pending cuts)."""
+        return self.target[row] - self.pads[row] - self.prefix
+
+    def position(self, row: int, token_index: int) -> int:
+        slot = token_index + self.prefix
+        if slot < len(self.prompt_positions[row]):
+            return int(self.prompt_positions[row][slot])
+        return int(self.valid_prompt[row]) + slot - len(self.prompt_positions[row])
+
+    # -- changes -------------------------------------------------------------------------------------------
+    def drop_last(self, row: int) -> None:
+        """Forget the row's newest kept slot (its token is fed again)."""
+        self.target[row] -= 1
+
+    def realign(self) -> None:
+        """Apply pending cuts and drop padding slots of finished rows: move the rows whose padding changes and
+        shrink the width to the longest row."""
+        for b in range(self.batch):
+            if self.pads[b]:
+                self.target[b] = min(self.target[b], self.content[b] - self.pads[b])
+                self.pads[b] = 0
+        if self.target == self.content:
+            return
+        new_width = max(self.target)
+        old_offsets = [self.width - c for c in self.content]
+        new_offsets = [new_width - t for t in self.target]
+        moving = [b for b in range(self.batch) if old_offsets[b] != new_offsets[b]]
+        rows = torch.tensor(moving, dtype=torch.long, device=self.device)
+        index = torch.empty((len(moving), new_width), dtype=torch.long, device=self.device)
+        if moving:
+            shift = torch.tensor([new_offsets[b] - old_offsets[b] for b in moving], device=self.device)
+            index = (torch.arange(new_width, device=self.device)[None, :] - shift[:, None]).clamp(0, self.width - 1)
+            self.realignments += 1
+        _compat.move_slots(self.cache, rows, index, self.width, new_width)
+        assert self.mask is not None
+        mask = self.mask[:, :new_width].clone()
+        if moving:
+            mask[rows] = self.mask[rows].gather(1, index)
+        columns = torch.arange(new_width, device=self.device)[None, :]
+        offsets = torch.tensor(new_offsets, device=self.device)[:, None]
+        self.mask = mask.masked_fill(columns < offsets, 0)
+        self.padded = bool(any(new_offsets)) or self.prompt_mask is not None or any(self.pads)
+        self.width = new_width
+        self.content = list(self.target)
+
+    def append_column(self, real: list[bool]) -> torch.Tensor | None:
+        """Append one column: ``real[b]`` rows attend to their new slot, the others get a masked padding slot.
+        Returns the attention mask to pass to the model (``None`` when nothing is masked)."""
+        if self.width + 1 > self.capacity:
+            self.realign()
+            if self.width + 1 > self.capacity:
+                raise RuntimeError(f"backstep cache layout overflow: {self.width + 1} slots > {self.capacity}")
+        assert self.mask is not None
+        column = torch.tensor(real, dtype=torch.long, device=self.device)[:, None]
+        self.mask = torch.cat([self.mask, column], dim=-1)
+        for b in range(self.batch):
+            self.content[b] += 1
+            if not real[b]:
+                self.pads[b] += 1
+                self.padded = True
+        self.target = list(self.content)
+        self.width += 1
+        self.peak_width = max(self.peak_width, self.width)
+        return self.mask if self.padded else None

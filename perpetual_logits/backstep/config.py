@@ -1,0 +1,230 @@
+"""``BackstepConfig``: the settings of backstep generation (Methods 3 and 4), validated at construction."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .. import _validation
+from ..protocol import RewindRule
+from ..schedules import LinearDecay, Schedule
+from ..triggers import EarlyTrigger
+from ..truncation import Widen
+
+__all__ = ["BackstepConfig", "LoopRewinds"]
+
+_EXHAUSTED = ("suppress", "stop")
+PhraseList = Sequence[str | re.Pattern[str]]
+
+
+@dataclass(frozen=True)
+class LoopRewinds:
+    """Settings of loop rewinds: a row whose newest tokens repeat an earlier span is cut back to where the
+    repeat began (one copy is kept), the token that started the repeat is forbidden there, and the row
+    resamples (hotter, with a schedule). Detection is :func:`~perpetual_logits.repetition.find_token_loop`
+    and, with a tokenizer, :func:`~perpetual_logits.repetition.find_line_loop`.
+
+    Args:
+        min_span (`int`, defaults to 1): the shortest repeated span of tokens that counts.
+        max_span (`int`, defaults to 32): the longest span looked for (bounds the work per token).
+        min_repeats (`int`, defaults to 3): back-to-back copies of a span that make a loop.
+        min_loop_tokens (`int`, defaults to 8): tokens the copies must cover together (a one-token span needs
+            8 copies: "very, very" is not a loop).
+        line_repeats (`int`, defaults to 2): a finished line that occurs this many times among the last
+            ``window_lines`` lines is a loop too; 0 turns line checks off (they need the tokenizer).
+        min_line_tokens (`int`, defaults to 4): shorter lines (blank lines, list bullets) never count.
+        window_lines (`int`, defaults to 16): recent lines searched for copies.
+        max_rewinds (`int`, defaults to 50): loop rewinds allowed per row; afterwards loops are kept.
+
+    Example:
+
+    ```python
+    >>> from perpetual_logits import LoopRewinds
+    >>> LoopRewinds().max_span
+    32
+    >>> LoopRewinds(min_span=8, max_span=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: `max_span` must be >= min_span (8), got 4
+
+    ```
+    """
+
+    min_span: int = 1
+    max_span: int = 32
+    min_repeats: int = 3
+    min_loop_tokens: int = 8
+    line_repeats: int = 2
+    min_line_tokens: int = 4
+    window_lines: int = 16
+    max_rewinds: int = 50
+
+    def __post_init__(self) -> None:
+        _validation.positive_int(self.min_span, "min_span")
+        _validation.positive_int(self.max_span, "max_span")
+        if self.max_span < self.min_span:
+            raise ValueError(f"`max_span` must be >= min_span ({self.min_span}), got {self.max_span}")
+        _validation.positive_int(self.min_repeats, "min_repeats", minimum=2)
+        _validation.positive_int(self.min_loop_tokens, "min_loop_tokens")
+        _validation.positive_int(self.line_repeats, "line_repeats", minimum=0)
+        if self.line_repeats == 1:
+            raise ValueError("`line_repeats` must be 0 (off) or an int >= 2, got 1")
+        _validation.positive_int(self.min_line_tokens, "min_line_tokens")
+        _validation.positive_int(self.window_lines, "window_lines", minimum=2)
+        _validation.positive_int(self.max_rewinds, "max_rewinds", minimum=0)
+
+
+def _phrases(value: object, name: str) -> Any:
+    if value is None or value in ("default", "chat"):
+        return value
+    accepted = f"`{name}` must be None, 'default', 'chat' or a non-empty list of strings / compiled regexes"
+    if isinstance(value, (str, bytes, re.Pattern)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{accepted}, got {value!r}")
+    return _validation.phrases(value, name)
+
+
+@dataclass(frozen=True)
+class BackstepConfig:
+    """Settings of backstep generation (Methods 3 and 4), passed as ``model.generate(..., backstep=...)``.
+
+    Args:
+        n_remove (`int`, defaults to 10): generated tokens removed when a row samples EOS (or completes an
+            ending phrase).
+        schedule (`Schedule`, *optional*): temperature multiplier after each rewind, by steps since the rewind
+            (the first regenerated token is step 0). ``None`` is Method 3; ``LinearDecay(2.0, n_remove)`` is
+            the blog's Method 4 (see :meth:`dynamic`).
+        max_backsteps (`int`, defaults to 50): EOS rewinds allowed per row; bounds the extra work.
+        on_exhausted (`str`, defaults to `"suppress"`): what a row does with EOS once its rewinds are spent:
+            ``"suppress"`` masks EOS like Method 1 (the row writes until ``max_new_tokens``), ``"stop"`` lets
+            the row end at its next EOS.
+        ban_rewound_token (`bool`, *optional*): forbid, at the rewind point, the token that began the removed
+            span, so the row must take another path. ``None`` (default) bans under greedy decoding, where a
+            plain rewind would regenerate the same tokens, and does not ban when sampling (the blog's rule).
+        hold_back (`int`, *optional*): how many of a row's newest tokens stay revisable. Older tokens are final:
+            streamed and never removed. Defaults to ``2 * n_remove`` (two rewinds can stack).
+        logits_buffer (`int`, *optional*): positions of raw logits kept per row so that a rewind needs no
+            forward pass. Defaults to ``n_remove + 1``; a rewind deeper than the buffer re-feeds one token.
+        end_phrases (`"default"`, `"chat"` or `list[str | re.Pattern]`, *optional*): *endings* written as text
+            -- a spelled end marker (``<|end_story|>``, ``<|im_end|>``), "The End", a chat closing ("I hope
+            this helps"). A completed ending is handled like a sampled EOS: the row is cut back ``n_remove``
+            tokens before where the phrase began, the phrase's first token is forbidden at its start, EOS is
+            forbidden at the rewind point and the schedule starts. ``"default"`` is
+            :func:`~perpetual_logits.default_end_phrases` of the tokenizer; ``"chat"`` adds the end-of-turn
+            and turn-opening markers of every well-known chat template and the closings assistants write
+            (``default_end_phrases(..., chat=True)``).
+        ban_phrases (`"default"` or `list[str | re.Pattern]`, *optional*): words that must not appear, wherever
+            they are (not endings): the row is cut back to the token where the phrase began and that token is
+            forbidden there. For endings prefer ``end_phrases``: banning an ending at its start forces the model,
+            which has finished, to go on at that very point (measured: words glued to the full stop, and less
+            coherent text; see the README).
+        max_phrase_rewinds (`int`, defaults to 200): rewinds for ``end_phrases`` and ``ban_phrases`` allowed per
+            row (a budget of their own); afterwards phrases are kept.
+        early_trigger (`EarlyTrigger`, *optional*): start the ``schedule`` before EOS is sampled, when a row's
+            EOS probability (averaged over a window) or its entropy trend says an ending is near. Needs a
+            ``schedule``.
+        loops (`LoopRewinds`, *optional*): rewind rows that fall into a repetition loop.
+        widen (`Widen`, *optional*): after each rewind, sample with wider top-k / top-p / min-p that return to
+            the configured values with the schedule (``widen.schedule`` or ``schedule``); the loop replaces
+            ``generate()``'s top-k/top-p/min-p warpers by per-row ones. Needs a ``schedule`` and sampling.
+        rules (`list[RewindRule]`, *optional*): your own reasons to rewind (see
+            :class:`~perpetual_logits.RewindRule`); each ``generate()`` call works on its own copy.
+
+    ``end_phrases``, ``ban_phrases`` and line-level loop checks read text: pass ``generate(...,
+    tokenizer=tokenizer)`` or give the tokenizer once to :func:`~perpetual_logits.make_perpetual`.
+
+    Example:
+
+    ```python
+    >>> from perpetual_logits import BackstepConfig, LinearDecay
+    >>> BackstepConfig(n_remove=5).hold_back, BackstepConfig(n_remove=5).logits_buffer
+    (10, 6)
+    >>> BackstepConfig.dynamic(n_remove=4, peak=2.0).schedule
+    LinearDecay(peak=2.0, steps=4)
+    >>> BackstepConfig(n_remove=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `n_remove` must be an int >= 1, got 0
+
+    ```
+    """
+
+    n_remove: int = 10
+    schedule: Schedule | None = None
+    max_backsteps: int = 50
+    on_exhausted: Literal["suppress", "stop"] = "suppress"
+    ban_rewound_token: bool | None = None
+    hold_back: int | None = None
+    logits_buffer: int | None = None
+    end_phrases: Literal["default", "chat"] | PhraseList | None = None
+    ban_phrases: Literal["default"] | PhraseList | None = None
+    max_phrase_rewinds: int = 200
+    early_trigger: EarlyTrigger | None = None
+    loops: LoopRewinds | None = None
+    widen: Widen | None = None
+    rules: Sequence[RewindRule] = ()
+
+    def __post_init__(self) -> None:
+        _validation.positive_int(self.n_remove, "n_remove")
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            raise ValueError(
+                f"`schedule` must be None or a perpetual_logits Schedule (e.g. LinearDecay(2.0, n_remove)), "
+                f"got {self.schedule!r}"
+            )
+        _validation.positive_int(self.max_backsteps, "max_backsteps", minimum=0)
+        if self.on_exhausted not in _EXHAUSTED:
+            raise ValueError(f"`on_exhausted` must be 'suppress' or 'stop', got {self.on_exhausted!r}")
+        if self.ban_rewound_token is not None and not isinstance(self.ban_rewound_token, bool):
+            raise ValueError(f"`ban_rewound_token` must be None or a bool, got {self.ban_rewound_token!r}")
+        if self.hold_back is None:
+            object.__setattr__(self, "hold_back", 2 * self.n_remove)
+        hold_back = _validation.positive_int(self.hold_back, "hold_back")
+        if hold_back < self.n_remove:
+            raise ValueError(f"`hold_back` must be >= n_remove ({self.n_remove}), got {hold_back}")
+        if self.logits_buffer is None:
+            object.__setattr__(self, "logits_buffer", self.n_remove + 1)
+        _validation.positive_int(self.logits_buffer, "logits_buffer")
+        _validation.positive_int(self.max_phrase_rewinds, "max_phrase_rewinds", minimum=0)
+        object.__setattr__(self, "end_phrases", _phrases(self.end_phrases, "end_phrases"))
+        object.__setattr__(self, "ban_phrases", _phrases(self.ban_phrases, "ban_phrases"))
+        if self.early_trigger is not None:
+            if not isinstance(self.early_trigger, EarlyTrigger):
+                raise ValueError(f"`early_trigger` must be None or an EarlyTrigger, got {self.early_trigger!r}")
+            if self.schedule is None:
+                raise ValueError("`early_trigger` starts the temperature schedule: set `schedule` too")
+        if self.widen is not None:
+            if not isinstance(self.widen, Widen):
+                raise ValueError(f"`widen` must be None or a Widen, got {self.widen!r}")
+            if self.schedule is None:
+                raise ValueError("`widen` follows the temperature schedule after a rewind: set `schedule` too")
+        if self.loops is not None and not isinstance(self.loops, LoopRewinds):
+            raise ValueError(f"`loops` must be None or a LoopRewinds, got {self.loops!r}")
+        if isinstance(self.rules, RewindRule) or not isinstance(self.rules, Sequence):
+            raise ValueError(f"`rules` must be a list of RewindRule instances, got {self.rules!r}")
+        for rule in self.rules:
+            if not isinstance(rule, RewindRule):
+                raise ValueError(f"`rules` must contain RewindRule instances, got {rule!r}")
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether generation needs the tokenizer (phrases or line-level loop checks)."""
+        loops_text = self.loops is not None and self.loops.line_repeats > 0
+        return self.end_phrases is not None or self.ban_phrases is not None or loops_text
+
+    @classmethod
+    def dynamic(cls, n_remove: int = 10, peak: float = 2.0, **kwargs: Any) -> BackstepConfig:
+        """Method 4 as in the blog: ``peak`` right after the rewind, linearly back to 1.0 where EOS was."""
+        return cls(n_remove=n_remove, schedule=LinearDecay(peak, n_remove), **kwargs)
+
+    @classmethod
+    def chat(cls, n_remove: int = 12, peak: float = 1.6, **kwargs: Any) -> BackstepConfig:
+        """The preset for chat models: Method 4 + endings rewound like EOS (spelled end-of-turn markers and the
+        closings assistants write, see :func:`~perpetual_logits.default_end_phrases`) + loop rewinds.
+
+        Needs the tokenizer (``generate(..., tokenizer=...)`` or ``make_perpetual(model, tokenizer=...)``).
+        """
+        kwargs.setdefault("end_phrases", "chat")
+        kwargs.setdefault("loops", LoopRewinds())
+        return cls.dynamic(n_remove=n_remove, peak=peak, **kwargs)

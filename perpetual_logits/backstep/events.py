@@ -1,0 +1,79 @@
+"""What a backstep generation reports: one event per rewind, work counters, and the output object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+__all__ = ["BackstepEvent", "BackstepOutput", "BackstepStats"]
+
+
+@dataclass(frozen=True)
+class BackstepEvent:
+    """One rewind of one row.
+
+    Attributes:
+        step: decoding step (loop iteration, from 0) at which the rewind happened.
+        position: generated tokens the row kept, i.e. the generated index where regeneration starts.
+        removed: tokens removed (fewer than asked near the prompt or the final tokens; 0 means only the
+            new token was refused).
+        eos_prob: probability of the EOS ids in the raw distribution at ``position`` (0.0 when a deep rewind
+            had no stored logits for it).
+        deep: the logits buffer did not reach back far enough and one token was re-fed (one extra forward at
+            batch size 1).
+        banned_token: the token forbidden at ``position`` (``ban_rewound_token``, or a phrase's first token).
+        reason: why: ``"eos"`` (EOS sampled), ``"ending"`` (an end phrase completed), ``"phrase"`` (a banned
+            phrase completed), ``"loop"`` (a repetition loop), or a user rule's ``reason``.
+        detail: what triggered it: the phrase, the repeated text.
+    """
+
+    step: int
+    position: int
+    removed: int
+    eos_prob: float
+    deep: bool = False
+    banned_token: int | None = None
+    reason: str = "eos"
+    detail: str | None = None
+
+    @property
+    def phrase(self) -> str | None:
+        """The phrase, for phrase and ending rewinds."""
+        return self.detail if self.reason in ("phrase", "ending") else None
+
+
+@dataclass
+class BackstepStats:
+    """Work counters of one backstep generation (used by tests and benchmarks).
+
+    Attributes:
+        prefill_forwards: prompt forwards (1).
+        decode_forwards: forwards after the prompt.
+        removed_tokens: tokens removed by rewinds, all rows.
+        deep_rewinds: rewinds that re-fed a token because the logits buffer did not reach back.
+        backsteps: rewinds, all rows and reasons.
+        cache_slots: cache length (slots per row) at the end.
+        peak_cache_slots: the largest cache length during the run.
+        realignments: times rows' cache slots were moved (after rewinds in a batch).
+        early_triggers: schedules started early by the ``early_trigger``.
+    """
+
+    prefill_forwards: int = 0
+    decode_forwards: int = 0
+    removed_tokens: int = 0
+    deep_rewinds: int = 0
+    backsteps: int = 0
+    cache_slots: int = 0
+    peak_cache_slots: int = 0
+    realignments: int = 0
+    early_triggers: int = 0
+
+
+@dataclass
+class BackstepOutput(GenerateDecoderOnlyOutput):
+    """``GenerateDecoderOnlyOutput`` plus, per row, the backstep events and the run's work counters."""
+
+    backstep_events: list[list[BackstepEvent]] | None = None
+    backstep_stats: BackstepStats | None = None
+    early_triggers: list[list[int]] | None = None

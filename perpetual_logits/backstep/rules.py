@@ -1,0 +1,170 @@
+"""The reasons to rewind that come with the library: a sampled EOS, a completed ending or banned phrase, a
+repetition loop."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from ..phrases import PhraseMatcher
+from ..protocol import Rewind, RewindRule, RowView
+from ..repetition import find_line_loop, find_token_loop
+from .bans import Bans
+from .config import LoopRewinds
+
+__all__ = ["EOSRule", "LoopRule", "PhraseRule"]
+
+
+class EOSRule(RewindRule):
+    """Methods 3 and 4: a sampled EOS cuts the row back ``n_remove`` tokens (the EOS is refused).
+
+    Once a row has spent ``max_backsteps`` rewinds, ``on_exhausted="suppress"`` forbids EOS for the rest of the
+    row (like Method 1) and ``"stop"`` lets the row end at its next EOS.
+
+    Args:
+        eos: the ids that end a row.
+        n_remove: tokens removed before the EOS.
+        max_backsteps: rewinds allowed per row.
+        suppress_when_exhausted: forbid EOS once the budget is spent (else the row may end).
+        ban_rewound: forbid the first removed token at the rewind point (needed under greedy decoding).
+        bans: the loop's :class:`Bans`, for the EOS suppression after the budget.
+    """
+
+    reason = "eos"
+
+    def __init__(
+        self,
+        eos: Collection[int],
+        n_remove: int,
+        max_backsteps: int,
+        suppress_when_exhausted: bool,
+        ban_rewound: bool,
+        bans: Bans,
+    ) -> None:
+        self.eos = frozenset(eos)
+        self.n_remove = n_remove
+        self.max_backsteps = max_backsteps
+        self.suppress_when_exhausted = suppress_when_exhausted
+        self.ban_rewound = ban_rewound
+        self.bans = bans
+        self.used: list[int] = []
+
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        self.used = [0] * batch_size
+        if self.max_backsteps == 0 and self.suppress_when_exhausted:
+            for row in range(batch_size):
+                self.bans.forbid_always(row, self.eos)
+
+    def check(self, view: RowView) -> Rewind | None:
+        if view.ids[-1] not in self.eos or self.used[view.row] >= self.max_backsteps:
+            return None
+        self.used[view.row] += 1
+        if self.used[view.row] == self.max_backsteps and self.suppress_when_exhausted:
+            self.bans.forbid_always(view.row, self.eos)
+        return Rewind(
+            position=len(view.ids) - 1 - self.n_remove,
+            ban_here=tuple(self.eos),  # the regenerated token must not end the row at once
+            ban_first_removed=self.ban_rewound,
+            reason=self.reason,
+        )
+
+
+class PhraseRule(RewindRule):
+    """Rewinds a row whose decoded text completes a phrase, however the tokens spelled it.
+
+    Two modes:
+
+    * ``"ending"`` (``BackstepConfig.end_phrases``): the phrase is the model ending its text ("The End", a
+      spelled ``<|im_end|>``, "I hope this helps"). Handled like a sampled EOS: the row is cut back
+      ``n_remove`` tokens before the phrase began, the phrase's first token is forbidden at its start, EOS is
+      forbidden at the rewind point and the schedule restarts, so the ending is rewritten (hotter), not glued
+      onto text that had already finished.
+    * ``"ban"`` (``BackstepConfig.ban_phrases``): the phrase is a word to avoid mid-text. The row is cut back to
+      the token where the phrase began, and that token is forbidden there.
+
+    Args:
+        matcher: finds the phrases in a row's text.
+        mode: ``"ending"`` or ``"ban"``.
+        n_remove: tokens removed before an ending.
+        max_rewinds: rewinds allowed per row; afterwards phrases are kept.
+        eos: the EOS ids (forbidden at an ending's rewind point).
+    """
+
+    def __init__(
+        self, matcher: PhraseMatcher, mode: str, n_remove: int, max_rewinds: int, eos: Collection[int]
+    ) -> None:
+        if mode not in ("ending", "ban"):
+            raise ValueError(f"`mode` must be 'ending' or 'ban', got {mode!r}")
+        self.matcher = matcher
+        self.mode = mode
+        self.reason = "ending" if mode == "ending" else "phrase"
+        self.n_remove = n_remove
+        self.max_rewinds = max_rewinds
+        self.eos = tuple(eos)
+        self.used: list[int] = []
+        self.hold: list[int] = []
+
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        self.used = [0] * batch_size
+        self.hold = [0] * batch_size
+
+    def rewind(self, row: int, length: int) -> None:
+        self.hold[row] = 0
+
+    def held(self, row: int) -> int:
+        return self.hold[row]
+
+    def check(self, view: RowView) -> Rewind | None:
+        start = view.text_start
+        scan = self.matcher.scan(view.ids[start:], view.prompt_length - start, 1, final=view.final)
+        # An ending rewinds n_remove tokens before the phrase: those must not be streamed while it may complete.
+        extra = self.n_remove if self.mode == "ending" and scan.hold else 0
+        self.hold[view.row] = scan.hold + extra
+        match = scan.match
+        if match is None or self.used[view.row] >= self.max_rewinds:
+            return None
+        self.used[view.row] += 1
+        begin = match.start + start
+        if self.mode == "ban":
+            return Rewind(position=begin, ban_first_removed=True, reason=self.reason, detail=match.phrase)
+        return Rewind(
+            position=begin - self.n_remove,
+            bans={begin: (view.ids[begin],)},
+            ban_here=self.eos,
+            reason=self.reason,
+            detail=match.phrase,
+        )
+
+
+class LoopRule(RewindRule):
+    """Rewinds a row that fell into a repetition loop to where the repeat began (one copy stays), forbids the
+    token that started the repeat there and restarts the schedule.
+
+    Args:
+        settings: what counts as a loop.
+        newline_ids: ids of tokens that end a line (see :func:`~perpetual_logits.repetition.newline_token_ids`),
+            or ``None`` to check token spans only.
+    """
+
+    reason = "loop"
+
+    def __init__(self, settings: LoopRewinds, newline_ids: Collection[int] | None) -> None:
+        self.settings = settings
+        self.newline_ids = frozenset(newline_ids) if newline_ids is not None else None
+        self.used: list[int] = []
+
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        self.used = [0] * batch_size
+
+    def check(self, view: RowView) -> Rewind | None:
+        s = self.settings
+        if self.used[view.row] >= s.max_rewinds:
+            return None
+        begin = max(view.prompt_length, view.text_start)
+        match = find_token_loop(view.ids, begin, s.min_span, s.max_span, s.min_repeats, s.min_loop_tokens)
+        if match is None and self.newline_ids is not None and s.line_repeats:
+            match = find_line_loop(view.ids, self.newline_ids, begin, s.min_line_tokens, s.window_lines, s.line_repeats)
+        if match is None:
+            return None
+        self.used[view.row] += 1
+        detail = f"{match.kind} loop: span {match.span} x {match.repeats}"
+        return Rewind(position=match.start, ban_first_removed=True, reason=self.reason, detail=detail)

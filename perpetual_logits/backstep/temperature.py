@@ -1,0 +1,139 @@
+"""Method 4's per-row temperature: a schedule restarted by each rewind (or early, by an ``EarlyTrigger``)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation import logits_process as lp
+
+from ..protocol import RowState
+from ..schedules import Schedule, factor_table, multipliers
+from ..triggers import EarlyTrigger
+from ..truncation import RowTruncation, TruncationSchedule, Widen, take_over_truncation
+
+__all__ = ["WARPERS", "RowTemperature", "TemperatureSchedule", "insert_before_warpers"]
+
+# Every sampling warper transformers' `_get_logits_processor` appends after the user's processors. The
+# multiplier must come before all of them: it composes with the configured temperature there and is applied
+# before any truncation measures probability mass. (A test fails when transformers adds a warper not listed.)
+WARPERS: tuple[type, ...] = (
+    lp.TemperatureLogitsWarper,
+    lp.TopHLogitsWarper,
+    lp.TopKLogitsWarper,
+    lp.TopPLogitsWarper,
+    lp.MinPLogitsWarper,
+    lp.TypicalLogitsWarper,
+    lp.EpsilonLogitsWarper,
+    lp.EtaLogitsWarper,
+)
+
+
+class RowTemperature(LogitsProcessor):
+    """Divides each row's scores by its own multiplier; :class:`TemperatureSchedule` sets :attr:`factors`."""
+
+    def __init__(self) -> None:
+        self.factors: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.factors is None:
+            return scores
+        return scores / self.factors.to(scores.dtype)[:, None]  # type: ignore[return-value]
+
+
+def insert_before_warpers(processors: LogitsProcessorList, processor: LogitsProcessor) -> LogitsProcessorList:
+    """A new list with ``processor`` just before the first sampling warper (or ``LogitNormalization``)."""
+    items = list(processors)
+    index = next((i for i, p in enumerate(items) if isinstance(p, (*WARPERS, lp.LogitNormalization))), len(items))
+    items.insert(index, processor)
+    return LogitsProcessorList(items)
+
+
+class TemperatureSchedule(RowState):
+    """Per row: where the schedule last started, and the multiplier for the position being chosen.
+
+    With ``widen``, the same restarts also widen each row's top-k / top-p / min-p, back to the configured values
+    on the schedule (:meth:`widen_truncation` hands the loop the per-row processor that replaces the warpers).
+
+    Args:
+        schedule: multiplier by steps since the start (Method 4: ``LinearDecay(2.0, n_remove)``).
+        early_trigger: starts the schedule before EOS is sampled; copied, so concurrent calls do not share it.
+        widen: wider truncation after a restart.
+    """
+
+    def __init__(
+        self, schedule: Schedule, early_trigger: EarlyTrigger | None, device: torch.device, widen: Widen | None = None
+    ) -> None:
+        self.schedule = schedule
+        self.table = factor_table(schedule)
+        self.forever = schedule.length is None
+        self.early = copy.deepcopy(early_trigger) if early_trigger is not None else None
+        self.device = device
+        self.processor = RowTemperature()
+        self.started_at: list[int | None] = []
+        self.observed: list[int] = []  # positions whose distribution the early trigger has seen
+        self.early_positions: list[list[int]] = []
+        self.prompt_length = 0
+        self.widen = widen
+        self.truncation: RowTruncation | None = None
+        self.truncation_plan: TruncationSchedule | None = None
+        self.vocab_size = 0
+
+    def widen_truncation(self, processors: LogitsProcessorList, vocab_size: int) -> LogitsProcessorList:
+        """``processors`` with their top-k/top-p/min-p warpers replaced by one per-row processor (with
+        ``widen``; otherwise unchanged)."""
+        if self.widen is None:
+            return processors
+        processors, self.truncation = take_over_truncation(processors)
+        self.truncation_plan = TruncationSchedule(self.truncation.configured, self.widen, self.schedule)
+        self.vocab_size = vocab_size
+        return processors
+
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        self.started_at = [None] * batch_size
+        self.observed = [prompt_length] * batch_size
+        self.early_positions = [[] for _ in range(batch_size)]
+        self.prompt_length = prompt_length
+        if self.early is not None:
+            self.early.reset()
+
+    def rewind(self, row: int, length: int) -> None:
+        if self.early is not None and self.observed[row] > length:
+            self.early.rewind(row, self.observed[row] - length)
+        self.observed[row] = min(self.observed[row], length)
+
+    def restart(self, row: int, position: int) -> None:
+        self.started_at[row] = position
+
+    def observe(self, logits: torch.Tensor, rows: list[int], lens: list[int], eos: list[int]) -> int:
+        """Feed the early trigger this step's raw distributions; start the schedule of rows that fire.
+        Returns how many fired."""
+        if self.early is None:
+            return 0
+        fired = self.early.update_from_scores(logits, eos).tolist()
+        count = 0
+        for b in rows:
+            self.observed[b] = lens[b] + 1
+            if fired[b]:
+                self.started_at[b] = lens[b]
+                self.early_positions[b].append(lens[b] - self.prompt_length)
+                count += 1
+        return count
+
+    def set_factors(self, rows: list[int], lens: list[int], batch: int) -> None:
+        """Set the multiplier of every row for the position it chooses now (1.0 when none applies)."""
+        steps, on = [0] * batch, [False] * batch
+        for b in rows:
+            start = self.started_at[b]
+            if start is not None and self.schedule.is_active(lens[b] - start):
+                steps[b], on[b] = lens[b] - start, True
+        if not any(on):
+            self.processor.factors = None
+            if self.truncation is not None:
+                self.truncation.set_rows()
+            return
+        steps_t, on_t = torch.tensor(steps, device=self.device), torch.tensor(on, device=self.device)
+        self.processor.factors = multipliers(self.table, steps_t, on_t, forever=self.forever)
+        if self.truncation is not None and self.truncation_plan is not None:
+            self.truncation.set_rows(*self.truncation_plan.row_values(steps_t, on_t, self.vocab_size))

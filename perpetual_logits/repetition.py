@@ -1,0 +1,249 @@
+"""Loop detection on a growing row of token ids: pure, torch-free functions cheap enough for every step.
+
+A model that is kept writing past its natural end often falls into a loop: SmolLM2-135M-Instruct, asked for
+a poem and denied EOS, writes "A season to cherish, a time to forget," over and over. Two detectors find
+where such a loop began, so that the caller can rewind the row there, forbid the token that started the
+repeat and resample:
+
+* :func:`find_token_loop` — the row's newest tokens are the same span of tokens written back to back
+  (``" forever forever forever ..."``, ``"I'm glad you're sharing your expertise. I'm glad ..."``);
+* :func:`find_line_loop` — the line just completed is a copy of a recent line (the poem above, whose loop
+  alternates between a few lines and so is never one span repeated back to back).
+
+Both only look at the end of the row, so they are meant to be called after every new token (the line
+detector does nothing unless the newest token ends a line). Both return a :class:`LoopMatch` whose
+``start`` is the index of the first token of the *repeat* — the second copy — so that cutting the row back
+to ``start`` tokens keeps one copy, and ``ids[start]`` is the token to forbid at that position.
+
+Defaults (measured on SmolLM2-135M-Instruct, see ``benchmarks/quality_chat.py``): a token loop needs
+``min_repeats=3`` copies and at least ``min_loop_tokens=8`` tokens in all (so a one-token span such as a
+digit of "1,000,000" needs 8 copies), spans up to 32 tokens; a line loop is a line of at least 4 tokens
+seen again within the last 16 lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from . import _validation
+
+__all__ = ["LoopMatch", "find_line_loop", "find_token_loop", "newline_token_ids"]
+
+
+@dataclass(frozen=True)
+class LoopMatch:
+    """A repetition at the end of a row.
+
+    Attributes:
+        start (`int`): index in the row of the first token of the second copy: cut the row back to ``start``
+            tokens to keep one copy, and forbid ``ids[start]`` there. Always ``>= `` the ``start`` argument of
+            the detector and ``< len(ids)``.
+        first (`int`): index of the first token of the first copy (the repeated text begins there).
+        span (`int`): tokens per copy (for a line loop: from the earlier line's first token to the repeat's).
+        repeats (`int`): copies found, the original included (a line loop: occurrences of the line).
+        kind (`str`): ``"token"`` or ``"line"``.
+    """
+
+    start: int
+    first: int
+    span: int
+    repeats: int
+    kind: str
+
+
+def _check_ids(ids: Sequence[int], start: int) -> int:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"`ids` must be a list of token ids, got {type(ids).__name__}")
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(ids):
+        raise ValueError(f"`start` must be an int in [0, len(ids)={len(ids)}], got {start!r}")
+    return start
+
+
+def find_token_loop(
+    ids: Sequence[int],
+    start: int = 0,
+    min_span: int = 1,
+    max_span: int = 32,
+    min_repeats: int = 3,
+    min_loop_tokens: int = 8,
+) -> LoopMatch | None:
+    """Whether the row *ends* with one span of tokens written several times back to back.
+
+    For each span length ``p`` in ``[min_span, max_span]`` the newest ``p * r`` tokens are tested for being
+    ``r`` copies of one span, with ``r = max(min_repeats, ceil(min_loop_tokens / p))``: short spans need more
+    copies, so "very, very" or the zeros of "1,000,000" are not loops, while ``" forever"`` written 8 times
+    is. The shortest such ``p`` wins. The loop is then followed backwards as far as the row stays periodic
+    (never before ``start``), so ``first`` is where the repetition really began and ``start`` of the result
+    is one span later. A match is only reported when the *newest* token completes it, so calling this after
+    every token reports a loop once, as soon as it forms.
+
+    Cost: one comparison per span for rows that do not loop (the newest token against the token one span
+    earlier), ``O(max_span * r)`` list comparisons in C otherwise; no allocation beyond slices.
+
+    Args:
+        ids (`Sequence[int]`): the row's token ids, prompt included.
+        start (`int`, defaults to 0): index of the first token that may be part of a loop (the prompt length,
+            or the first token that can still be rewound); tokens before it are never examined.
+        min_span (`int`, defaults to 1): shortest span, in tokens; >= 1.
+        max_span (`int`, defaults to 32): longest span; >= ``min_span``.
+        min_repeats (`int`, defaults to 3): copies back to back that make a loop; >= 2.
+        min_loop_tokens (`int`, defaults to 8): tokens the copies must cover together; >= 1.
+
+    Returns:
+        `LoopMatch` or `None`.
+
+    Example:
+
+    >>> find_token_loop([7, 1, 2, 1, 2, 1, 2], min_loop_tokens=6)   # (1, 2) three times
+    LoopMatch(start=3, first=1, span=2, repeats=3, kind='token')
+    >>> find_token_loop([7, 1, 2, 1, 2, 1, 2, 1], min_loop_tokens=6) is None   # reported one token ago
+    True
+    >>> find_token_loop([7, 1, 2, 1, 2, 1, 3], min_loop_tokens=6) is None
+    True
+    >>> find_token_loop([7, 1, 2, 1, 2, 1, 2], start=3, min_repeats=2, min_loop_tokens=4)  # from index 3 on
+    LoopMatch(start=5, first=3, span=2, repeats=2, kind='token')
+    """
+    start = _check_ids(ids, start)
+    min_span = _validation.positive_int(min_span, "min_span")
+    max_span = _validation.positive_int(max_span, "max_span", minimum=min_span)
+    min_repeats = _validation.positive_int(min_repeats, "min_repeats", minimum=2)
+    min_loop_tokens = _validation.positive_int(min_loop_tokens, "min_loop_tokens")
+    n = len(ids)
+    p = _loop_span(ids, n, start, min_span, max_span, min_repeats, min_loop_tokens)
+    # Reported only when the newest token completes the loop: if the row was already looping one token
+    # earlier (with any span), it was reported then, or the caller deliberately kept it.
+    if p == 0 or _loop_span(ids, n - 1, start, min_span, max_span, min_repeats, min_loop_tokens):
+        return None
+    first = n - p * max(min_repeats, -(-min_loop_tokens // p))
+    # The loop may have begun earlier than the copies counted: follow the period back.
+    while first > start and ids[first - 1] == ids[first - 1 + p]:
+        first -= 1
+    return LoopMatch(start=first + p, first=first, span=p, repeats=(n - first) // p, kind="token")
+
+
+def _loop_span(
+    ids: Sequence[int], n: int, start: int, min_span: int, max_span: int, min_repeats: int, min_loop_tokens: int
+) -> int:
+    """The shortest span whose required copies make up the end of ``ids[:n]``, or 0."""
+    available = n - start
+    if available < 2:
+        return 0
+    last = ids[n - 1]
+    for p in range(min_span, min(max_span, available // 2) + 1):
+        # Quick reject: a periodic tail has its newest token equal to the one a span earlier.
+        if ids[n - 1 - p] != last:
+            continue
+        need = p * max(min_repeats, -(-min_loop_tokens // p))
+        if need > available:
+            continue
+        if ids[n - need + p : n] == ids[n - need : n - p]:
+            return p
+    return 0
+
+
+def newline_token_ids(tokenizer: object) -> frozenset[int]:
+    r"""Ids of every vocabulary token whose text contains a newline: the line ends for :func:`find_line_loop`.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): anything with ``decode(list[int])`` and ``len()``.
+
+    Example:
+
+    >>> class Vocab:
+    ...     pieces = ["a", "\n", "b", ".\n\n"]
+    ...     def __len__(self):
+    ...         return 4
+    ...     def decode(self, ids, **kwargs):
+    ...         return "".join(self.pieces[i] for i in ids)
+    >>> sorted(newline_token_ids(Vocab()))
+    [1, 3]
+    """
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode):
+        raise ValueError(f"`tokenizer` must have a decode() method, got {type(tokenizer).__name__}")
+    return frozenset(i for i in range(len(tokenizer)) if "\n" in decode([i]))  # type: ignore[arg-type]
+
+
+def find_line_loop(
+    ids: Sequence[int],
+    newline_ids: Collection[int],
+    start: int = 0,
+    min_line_tokens: int = 4,
+    window_lines: int = 16,
+    min_repeats: int = 2,
+    max_lookback: int = 1024,
+) -> LoopMatch | None:
+    r"""Whether the line the newest token just ended is a copy of a recent line.
+
+    Lines are the token runs between tokens in ``newline_ids`` (a token whose text holds a newline ends a
+    line; blank lines are skipped). Lines are compared as token tuples, without their newline token, so
+    ``"A season to cherish,\n"`` equals ``"A season to cherish,\n\n"``. The newest line is a loop when it
+    has at least ``min_line_tokens`` tokens and, counting itself, occurs ``min_repeats`` times among the last
+    ``window_lines`` non-blank lines. The match's ``start`` is the newest line's first token: the caller cuts
+    the row there (keeping the earlier copies) and forbids that token; ``first`` is the first token of the
+    most recent earlier copy.
+
+    The function does nothing (returns ``None`` after one set lookup) unless ``ids[-1]`` ends a line, and
+    reads at most ``max_lookback`` tokens back, so it can be called after every token.
+
+    Args:
+        ids (`Sequence[int]`): the row's token ids, prompt included.
+        newline_ids (`Collection[int]`): ids of tokens that end a line, e.g. :func:`newline_token_ids`
+            (a ``set`` or ``frozenset`` for speed).
+        start (`int`, defaults to 0): index of the first token that may be examined (the prompt length);
+            lines that begin before it are not compared.
+        min_line_tokens (`int`, defaults to 4): shortest line that counts; shorter lines ("---", "1.",
+            a lone word) repeat innocently.
+        window_lines (`int`, defaults to 16): how many recent non-blank lines (the newest included) are
+            searched for copies; >= 2.
+        min_repeats (`int`, defaults to 2): occurrences, the newest included, that make a loop; >= 2.
+        max_lookback (`int`, defaults to 1024): tokens read back at most.
+
+    Returns:
+        `LoopMatch` or `None`.
+
+    Example:
+
+    >>> NL = 0
+    >>> poem = [5, 6, 7, 8, NL, 9, 9, 9, 9, NL, 5, 6, 7, 8, NL]   # line 1, line 2, line 1 again
+    >>> find_line_loop(poem, {NL})
+    LoopMatch(start=10, first=0, span=10, repeats=2, kind='line')
+    >>> find_line_loop(poem[:-1], {NL}) is None   # the line is not finished yet
+    True
+    >>> find_line_loop(poem, {NL}, min_repeats=3) is None
+    True
+    """
+    start = _check_ids(ids, start)
+    min_line_tokens = _validation.positive_int(min_line_tokens, "min_line_tokens")
+    window_lines = _validation.positive_int(window_lines, "window_lines", minimum=2)
+    min_repeats = _validation.positive_int(min_repeats, "min_repeats", minimum=2)
+    max_lookback = _validation.positive_int(max_lookback, "max_lookback")
+    n = len(ids)
+    if n <= start or ids[-1] not in newline_ids:
+        return None
+    floor = max(start, n - max_lookback)
+    lines: list[tuple[int, tuple[int, ...]]] = []  # (first token index, tokens), newest first
+    end = n - 1  # index of the newline token that ends the line being collected
+    i = end - 1
+    while i >= floor - 1 and len(lines) < window_lines:
+        if i < floor or ids[i] in newline_ids:
+            body = tuple(ids[i + 1 : end])
+            # The oldest line may be cut by `floor`; it only counts if it really begins there.
+            complete = i >= floor or i + 1 == start
+            if body and complete:
+                lines.append((i + 1, body))
+            if not lines:  # the newest line is blank or cut: nothing to compare
+                return None
+            end = i
+        i -= 1
+    newest_start, newest = lines[0]
+    if len(newest) < min_line_tokens:
+        return None
+    copies = [s for s, body in lines[1:] if body == newest]
+    if len(copies) + 1 < min_repeats:
+        return None
+    previous = copies[0]
+    return LoopMatch(
+        start=newest_start, first=previous, span=newest_start - previous, repeats=len(copies) + 1, kind="line"
+    )
