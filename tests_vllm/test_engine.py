@@ -62,7 +62,7 @@ def test_driver_with_nothing_to_do_equals_plain_vllm(llm, prompts, baseline):
 def test_backstep_driver_reaches_max_tokens_without_eos_or_banned_phrases(llm, prompts, baseline):
     tokenizer = llm.get_tokenizer()
     eos = set(plv.eos_token_ids(llm))
-    config = pl.BackstepConfig.dynamic(n_remove=4, peak=2.0, ban_phrases=["I hope", *pl.ENDING_PHRASES])
+    config = pl.BackstepConfig.dynamic(n_remove=4, peak=2.0, end_phrases="default", ban_phrases=["I hope"])
     streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     outs = plv.generate(
         llm,
@@ -71,7 +71,8 @@ def test_backstep_driver_reaches_max_tokens_without_eos_or_banned_phrases(llm, p
         backstep=config,
         on_final=lambda i, ids: streamed[i].extend(ids),
     )
-    matcher = PhraseMatcher(list(config.ban_phrases) + default_end_phrases(tokenizer, sorted(eos))[:0], tokenizer)
+    phrases = ["I hope", *default_end_phrases(tokenizer, sorted(eos))]
+    matcher = PhraseMatcher(phrases, tokenizer)
     for i, out in enumerate(outs):
         assert len(out.token_ids) == MAX and not eos & set(out.token_ids)
         assert out.finish_reason == "length"
@@ -85,7 +86,8 @@ def test_backstep_driver_reaches_max_tokens_without_eos_or_banned_phrases(llm, p
             if event.reason == "eos":
                 assert 0.0 < event.eos_prob <= 1.0
             else:
-                assert event.phrase in config.ban_phrases and event.banned_token is not None
+                assert event.reason in ("phrase", "ending")
+                assert event.phrase in phrases and event.banned_token is not None
         # The kept prefix comes back from the prefix cache (whole 32-token blocks only).
         assert out.stats.cached_prompt_tokens > 0
     # The first rewind of a request happens where its baseline sampled EOS: same seed, same tokens until then.

@@ -22,7 +22,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..backstep import BackstepConfig, BackstepEvent
@@ -36,6 +36,7 @@ Prompt = str | Sequence[int]
 OnFinal = Callable[[int, list[int]], None]
 
 _ids = itertools.count()
+_EVENT_FIELDS = {f.name for f in fields(BackstepEvent)}
 
 
 def LLM(model: str, **kwargs: Any) -> Any:
@@ -156,19 +157,24 @@ class _Driver:
         self.delta = RequestOutputKind.DELTA
         self.eos = set(eos_token_ids(llm))
         self.by_id: dict[str, _Row] = {}
-        self.matcher: PhraseMatcher | None = None
+        # (mode, matcher): "ending" for BackstepConfig.end_phrases, "ban" for ban_phrases (fields read by name).
+        self.matchers: list[tuple[str, PhraseMatcher]] = []
         if config is not None:
             hold_back = getattr(config, "hold_back", None)
             self.hold_back = int(hold_back) if hold_back is not None else 2 * config.n_remove
-            phrases = getattr(config, "ban_phrases", None)
-            if phrases is not None:
-                if phrases == "default":
-                    phrases = default_end_phrases(tokenizer, sorted(self.eos))
-                self.matcher = PhraseMatcher(list(phrases), tokenizer)
-            if getattr(config, "early_trigger", None) is not None:
+            for mode, name in (("ending", "end_phrases"), ("ban", "ban_phrases")):
+                phrases = getattr(config, name, None)
+                if phrases is None:
+                    continue
+                if phrases in ("default", "chat"):
+                    chat = {"chat": True} if phrases == "chat" else {}
+                    phrases = default_end_phrases(tokenizer, sorted(self.eos), **chat)
+                self.matchers.append((mode, PhraseMatcher(list(phrases), tokenizer)))
+            unsupported = [name for name in ("early_trigger", "loops", "widen", "rules") if getattr(config, name, None)]
+            if unsupported:
                 warnings.warn(
-                    "BackstepConfig.early_trigger is not supported on vLLM and is ignored (it needs per-step "
-                    "statistics of every request inside the engine)",
+                    f"BackstepConfig fields {unsupported} are not supported on vLLM and are ignored (they need "
+                    "per-step statistics or per-row warpers inside the engine)",
                     stacklevel=3,
                 )
 
@@ -248,7 +254,7 @@ class _Driver:
                 self._on_eos(row, token, completion)
                 return
             row.kept.append(token)
-            if self.matcher is not None and self._scan(row, final=last and completion.finish_reason == "length"):
+            if self.matchers and self._scan(row, final=last and completion.finish_reason == "length"):
                 return
         if finished:
             self._finish(row, completion.finish_reason)
@@ -266,22 +272,48 @@ class _Driver:
         self._rewind(row, len(row.kept) - removed, eos_prob, "eos", None, step=row.stats.sampled_tokens - 1)
 
     def _scan(self, row: _Row, final: bool) -> bool:
-        """Rewind ``row`` if its newest token completed a banned phrase; returns whether it did."""
-        assert self.matcher is not None and self.config is not None
+        """Rewind ``row`` if its newest token completed an ending or a banned phrase; returns whether it did.
+
+        An ending is rewound like an EOS: ``n_remove`` tokens before the phrase, its first token forbidden where
+        it began. A banned phrase is cut back to where it began and that token is forbidden there.
+        """
+        assert self.config is not None
         ids = row.prompt + row.kept
-        scan = self.matcher.scan(ids, len(row.prompt), 1, final=final)
-        row.phrase_hold = scan.hold
-        match = scan.match
-        if match is None or row.phrase_rewinds >= self.config.max_phrase_rewinds:
+        row.phrase_hold = 0
+        found: tuple[str, Any] | None = None
+        for mode, matcher in self.matchers:
+            scan = matcher.scan(ids, len(row.prompt), 1, final=final)
+            # An ending rewinds n_remove tokens before the phrase: hold those back while it may complete.
+            extra = self.config.n_remove if mode == "ending" and scan.hold else 0
+            row.phrase_hold = max(row.phrase_hold, scan.hold + extra)
+            if found is None and scan.match is not None:
+                found = (mode, scan.match)
+        if found is None or row.phrase_rewinds >= self.config.max_phrase_rewinds:
             return False
-        target = max(match.start - len(row.prompt), row.committed)
+        mode, match = found
+        start = match.start - len(row.prompt)
+        if mode == "ending":
+            target = max(start - self.config.n_remove, row.committed)
+            later_ban = (start, row.kept[start]) if start > target else None
+        else:
+            target, later_ban = max(start, row.committed), None
         if row.request_id is not None:
             # The engine request may have sampled further tokens already; they are dropped with it.
             self.engine.abort_request([row.request_id])
-        self._rewind(row, target, 0.0, "phrase", match.phrase, step=row.stats.sampled_tokens - 1)
+        reason = "ending" if mode == "ending" else "phrase"
+        self._rewind(row, target, 0.0, reason, match.phrase, row.stats.sampled_tokens - 1, later_ban)
         return True
 
-    def _rewind(self, row: _Row, p: int, eos_prob: float, reason: str, phrase: str | None, step: int) -> None:
+    def _rewind(
+        self,
+        row: _Row,
+        p: int,
+        eos_prob: float,
+        reason: str,
+        phrase: str | None,
+        step: int,
+        later_ban: tuple[int, int] | None = None,
+    ) -> None:
         cfg = self.config
         assert cfg is not None
         removed = len(row.kept) - p
@@ -293,7 +325,10 @@ class _Driver:
         here = bans.setdefault(p, set())
         here.update(self.eos)  # the regenerated token must not end the request at once
         banned = None
-        if first_removed is not None and (reason == "phrase" or ban_rewound):
+        if later_ban is not None:  # an ending: its first token is forbidden where the phrase began
+            bans.setdefault(later_ban[0], set()).add(later_ban[1])
+            banned = later_ban[1]
+        elif first_removed is not None and (reason == "phrase" or ban_rewound):
             banned = first_removed
             here.add(banned)
         row.bans = bans
@@ -304,18 +339,19 @@ class _Driver:
         else:
             row.phrase_rewinds += 1
         row.phrase_hold = 0
-        row.events.append(
-            BackstepEvent(
-                step=step,
-                position=p,
-                removed=removed,
-                eos_prob=eos_prob,
-                deep=False,
-                banned_token=banned,
-                reason=reason,  # type: ignore[arg-type]
-                phrase=phrase,
-            )
+        # The phrase field is `detail` in newer BackstepEvents (`phrase` before): fill whichever exists.
+        text_field = "detail" if "detail" in _EVENT_FIELDS else "phrase"
+        event: Any = BackstepEvent(
+            step=step,
+            position=p,
+            removed=removed,
+            eos_prob=eos_prob,
+            deep=False,
+            banned_token=banned,
+            reason=reason,
+            **{text_field: phrase},
         )
+        row.events.append(event)
         self._submit(row)
 
     def _finish(self, row: _Row, reason: str | None) -> None:
@@ -369,9 +405,10 @@ def generate(
             counts final tokens); ``n`` must be 1. Defaults to ``SamplingParams(max_tokens=16)``.
         backstep (`BackstepConfig`, *optional*): the rewind rules. ``None`` generates plainly (the output then
             equals ``llm.generate`` for the same seeds). Read by field name: ``n_remove``, ``schedule``,
-            ``max_backsteps``, ``on_exhausted``, ``ban_rewound_token``, ``hold_back``, ``ban_phrases``,
-            ``max_phrase_rewinds``. ``logits_buffer`` has no meaning here (vLLM keeps no logits to reuse; the
-            prefix cache plays its part) and ``early_trigger`` is not supported (a warning says so).
+            ``max_backsteps``, ``on_exhausted``, ``ban_rewound_token``, ``hold_back``, ``end_phrases``,
+            ``ban_phrases``, ``max_phrase_rewinds``. ``logits_buffer`` has no meaning here (vLLM keeps no logits
+            to reuse; the prefix cache plays its part); ``early_trigger``, ``loops``, ``widen`` and ``rules``
+            are not supported (a warning names them).
         on_final (`callable`, *optional*): streaming with hold-back: called as ``on_final(prompt_index,
             token_ids)`` with each request's tokens once they are final (never removed afterwards). The calls of
             one request add up to its returned ``token_ids``.
@@ -407,8 +444,12 @@ def generate(
         if p.max_tokens is None or p.max_tokens < 1:
             raise ValueError(f"`params.max_tokens` must be set (it counts final tokens), got {p.max_tokens!r}")
     rows = [_Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
-    if backstep is not None and backstep.ban_phrases is not None and tokenizer is None:
-        raise ValueError("`ban_phrases` needs the engine's tokenizer")
+    if (
+        backstep is not None
+        and tokenizer is None
+        and any(getattr(backstep, name, None) is not None for name in ("end_phrases", "ban_phrases"))
+    ):
+        raise ValueError("`end_phrases` / `ban_phrases` need the engine's tokenizer")
     driver = _Driver(llm, rows, backstep, tokenizer, on_final)
     try:
         driver.run()
