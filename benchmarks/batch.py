@@ -163,6 +163,43 @@ def compile_arm(model: Any, new_tokens: int) -> dict[str, Any]:
     }
 
 
+def exactness_arm(model: Any, new_tokens: int = 48) -> dict[str, Any]:
+    """Batch 4, left-padded prompts, forced rewinds: the largest difference between the logits recorded for each
+    kept token and a fresh forward over the final row, for the dynamic and the static cache."""
+    device = model.device
+    lengths = [5, 9, 12, 16]
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in lengths]
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - n for n in lengths])[:, None]).long().to(device)
+    result: dict[str, Any] = {}
+    for cache in ("dynamic", "static"):
+        torch.manual_seed(0)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=new_tokens,
+            logits_processor=[ForceEOS(0.1)],
+            backstep=BackstepConfig(n_remove=4, max_backsteps=10**6),
+            return_dict_in_generate=True,
+            output_logits=True,
+            **({"cache_implementation": "static"} if cache == "static" else {}),
+        )
+        worst = 0.0
+        for i, prompt in enumerate(prompts):
+            row = prompt + out.sequences[i, width:].tolist()
+            with torch.no_grad():
+                fresh = model(torch.tensor([row], device=device)).logits[0, len(prompt) - 1 : -1].float()
+            recorded = torch.stack([step[i] for step in out.logits]).float()
+            worst = max(worst, float((recorded - fresh).abs().max()))
+        scale = float(fresh.abs().max())
+        result[cache] = {"rewinds": out.backstep_stats.backsteps, "max_abs_diff": worst, "logit_scale": scale}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gpu", action="store_true")
@@ -183,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         results["batches"].append(arm)
         print(json.dumps(arm), flush=True)
     if args.gpu:
+        results["exactness_bf16"] = exactness_arm(model)
+        print(json.dumps(results["exactness_bf16"]), flush=True)
         results["compile"] = compile_arm(model, new_tokens)
         print(json.dumps(results["compile"]), flush=True)
     out = common.out_dir(args.out, args.smoke)

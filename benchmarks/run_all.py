@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, quality, report, speed
+from benchmarks import common, quality, quality_chat, report, speed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="results folder (default benchmarks/results; a temp folder with --smoke)")
     parser.add_argument("--skip-speed", action="store_true", help="keep the existing speed results")
     parser.add_argument("--skip-quality", action="store_true", help="keep the existing quality results")
+    parser.add_argument("--skip-chat", action="store_true", help="keep the existing chat quality results (SmolLM2)")
     args = parser.parse_args(argv)
     out_dir = common.out_dir(args.out, args.smoke)
     extra = ["--smoke"] if args.smoke else []
@@ -33,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         speed.main(common_args)
     if not args.skip_quality:
         quality.main(common_args)
+    if not args.skip_chat:
+        quality_chat.main(common_args)
     report.write_report(out_dir)
     return 0
 

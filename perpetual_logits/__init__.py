@@ -14,8 +14,17 @@ check_transformers_version()
 from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_stats  # noqa: E402
 from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats, LoopRewinds  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
+from .dry import DRYLogitsProcessor  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
-from .phrases import ENDING_PHRASES, PhraseMatch, PhraseMatcher, PhraseScan, default_end_phrases  # noqa: E402
+from .phrases import (  # noqa: E402
+    CHAT_CLOSING_PHRASES,
+    CHAT_END_TOKENS,
+    ENDING_PHRASES,
+    PhraseMatch,
+    PhraseMatcher,
+    PhraseScan,
+    default_end_phrases,
+)
 from .plotting import plot_blockwise, plot_eos_window  # noqa: E402
 from .processors import (  # noqa: E402
     EOSLogitsProcessor,
@@ -23,6 +32,7 @@ from .processors import (  # noqa: E402
     SuppressEOSLogitsProcessor,
 )
 from .protocol import Rewind, RewindRule, RowState, RowView  # noqa: E402
+from .repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids  # noqa: E402
 from .schedules import (  # noqa: E402
     Constant,
     CosineDecay,
@@ -43,6 +53,8 @@ from .truncation import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "CHAT_CLOSING_PHRASES",
+    "CHAT_END_TOKENS",
     "ENDING_PHRASES",
     "BackstepConfig",
     "BackstepEvent",
@@ -50,12 +62,14 @@ __all__ = [
     "BackstepStats",
     "Constant",
     "CosineDecay",
+    "DRYLogitsProcessor",
     "EOSLogitsProcessor",
     "EarlyTrigger",
     "EventSource",
     "EvictionBudgetCriteria",
     "ExponentialDecay",
     "LinearDecay",
+    "LoopMatch",
     "LoopRewinds",
     "PerpetualGenerationMixin",
     "PhraseMatch",
@@ -80,7 +94,10 @@ __all__ = [
     "blockwise",
     "default_end_phrases",
     "eos_window",
+    "find_line_loop",
+    "find_token_loop",
     "make_perpetual",
+    "newline_token_ids",
     "plot_blockwise",
     "plot_eos_window",
     "step_stats",

@@ -8,7 +8,6 @@ package goes through public API.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
 
@@ -139,28 +138,32 @@ def move_slots(cache: Any, rows: torch.Tensor, index: torch.Tensor, old_width: i
     """Rebuild ``rows`` of every layer so that new slot ``j`` of row ``rows[i]`` holds old slot ``index[i, j]``,
     and shrink every row to ``new_width`` slots (``new_width <= old_width``).
 
-    Rows not listed keep their slots ``[0, new_width)``. Static layers are rewritten in place (their buffers
-    are marked as static addresses for torch.compile) and their fill counter lowered in place; dynamic layers
-    get new tensors.
+    Rows not listed keep their slots ``[0, new_width)``. Only the listed rows are copied: static layers are
+    rewritten in place (their buffers are static addresses for torch.compile) and their fill counter lowered in
+    place; dynamic layers keep their storage too, unless every row moves.
     """
     drop = old_width - new_width
+    everyone = rows.numel() > 0 and rows.numel() == _batch_size(cache)
     for layer in cache_layers(cache):
         if layer_width(layer) == 0:
             continue
         for name in ("keys", "values"):
             tensor = getattr(layer, name)
+            moved = None
             if rows.numel():
                 gather = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
                 moved = tensor[rows, :, :old_width].gather(2, gather)
             if is_static_layer(layer):
-                if rows.numel():
+                if moved is not None:
                     tensor[rows, :, :new_width] = moved
+                continue
+            if everyone and moved is not None:
+                tensor = moved  # every row moved: the gathered tensor is the layer
             else:
                 tensor = tensor[:, :, :new_width]
-                if rows.numel():
-                    tensor = tensor.clone()
-                    tensor[rows] = moved
-                setattr(layer, name, tensor)
+                if moved is not None:
+                    tensor[rows] = moved  # in place: the layer owns this storage
+            setattr(layer, name, tensor)
         if is_static_layer(layer):
             if drop > 0:
                 # The fill level of a static layer is the tensor `cumulative_length` (5.17-5.24); 5.24's crop()
@@ -171,6 +174,8 @@ def move_slots(cache: Any, rows: torch.Tensor, index: torch.Tensor, old_width: i
             layer.cumulative_length = new_width
 
 
-@contextlib.contextmanager
-def no_op() -> Iterator[None]:
-    yield
+def _batch_size(cache: Any) -> int:
+    for layer in cache_layers(cache):
+        if layer_width(layer):
+            return int(layer.keys.shape[0])
+    return 0

@@ -15,6 +15,7 @@ from transformers import GenerationMixin
 
 from .backstep import BackstepConfig, BackstepLoop
 from .backstep.events import BackstepEvent, BackstepStats
+from .truncation import check_no_double_truncation
 
 __all__ = ["PerpetualGenerationMixin", "make_perpetual"]
 
@@ -119,6 +120,8 @@ class PerpetualGenerationMixin(GenerationMixin):
         streamer: Any = None,
         **model_kwargs: Any,
     ) -> Any:
+        # A Method 2 processor with `widen=` truncates itself: generate()'s own top-k/top-p must then be off.
+        check_no_double_truncation(logits_processor, generation_config)
         active = _ACTIVE.get()
         if active is None:
             return super()._sample(  # type: ignore[misc]

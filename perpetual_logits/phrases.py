@@ -105,7 +105,7 @@ CHAT_TURN_MARKERS: tuple[str, ...] = (
 Phi-3/Zephyr, Mistral). An assistant that writes one has ended its own turn and is inventing the next, so
 for a chat model they are endings just like the end-of-turn tokens."""
 
-CHAT_END_TOKENS: tuple[str, ...] = (*KNOWN_END_MARKERS[:-2], "[EOS]", *CHAT_TURN_MARKERS)
+CHAT_END_TOKENS: tuple[str, ...] = (*(m for m in KNOWN_END_MARKERS if m != "<|end_story|>"), *CHAT_TURN_MARKERS)
 """Every chat end-of-turn and turn-opening token text that :func:`default_end_phrases` bans with
 ``chat=True``, whether or not the tokenizer at hand has it: a small chat model trained on other families'
 transcripts spells ``<|eot_id|>`` or ``</s>`` out as text. (``<|end_story|>`` is left out: it is a
@@ -126,7 +126,7 @@ _SENTENCE_START = r"(?<=(?:[.!?:]\s*|\n\s*|\n\s*(?:#+\s*|\*\*\s*)|\*\*))"
 CHAT_CLOSING_PHRASES: tuple[regex.Pattern[str], ...] = (
     # Conclusions: the model announces that the answer is ending.
     regex.compile(r"(?i)" + _SENTENCE_START + r"(?:in conclusion|in summary|to summarize|to sum up|in closing)(?!\w)"),
-    regex.compile(r"(?i)(?<=\n\s*(?:#+\s*|\*\*\s*)?)(?:conclusion|summary|final thoughts)(?:\*\*)?\s*:?\s*\n"),
+    regex.compile(r"(?i)(?<=\n\s*(?:#+\s*|\*\*\s*)?)(?:conclusion|summary|final thoughts)(?:\*\*)?:?(?:\*\*)?[ \t]*\n"),
     # Offers of further help.
     _closing(r"let me know if (?:you (?:have|need|want|would like)|there(?:'s| is) anything)"),
     _closing(r"(?:please )?(?:feel free|don't hesitate|do not hesitate) to (?:ask|reach out|contact|let me know)"),

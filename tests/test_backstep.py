@@ -447,9 +447,12 @@ def test_sliding_window_beyond_the_window_is_refused_clearly() -> None:
     n_remove=st.integers(1, 5),
     seed=st.integers(0, 1000),
     eos=st.sampled_from([[EOS], [EOS, 3]]),
+    static=st.booleans(),
 )
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_property_batches_never_eos_exact_rewind(batch: int, n_remove: int, seed: int, eos: list[int]) -> None:
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_property_batches_never_eos_exact_rewind(
+    batch: int, n_remove: int, seed: int, eos: list[int], static: bool
+) -> None:
     torch.manual_seed(seed)
     model = make_perpetual(tiny_model("qwen2", seed=seed % 3, eos=eos, attn="sdpa"))
     lengths = [3 + (seed + 2 * i) % 4 for i in range(batch)]
@@ -466,8 +469,10 @@ def test_property_batches_never_eos_exact_rewind(batch: int, n_remove: int, seed
         backstep=BackstepConfig(n_remove=n_remove, max_backsteps=6),
         return_dict_in_generate=True,
         output_logits=True,
+        **({"cache_implementation": "static"} if static else {}),
     )
     assert out.sequences.shape == (batch, width + 16)
+    assert out.backstep_stats.peak_cache_slots <= width + 16  # never longer than prompt + max_new_tokens
     assert not torch.isin(out.sequences[:, width:], torch.tensor(eos)).any()
     for i, prompt in enumerate(prompts):
         row = prompt + out.sequences[i, width:].tolist()

@@ -201,6 +201,26 @@ def test_quality_smoke(tmp_path):
     assert (tmp_path / "RESULTS.md").exists()
 
 
+@pytest.mark.models
+@pytest.mark.slow
+def test_quality_chat_smoke(tmp_path):
+    # SmolLM2 is slow on 2 cores: 2 prompts × 12 tokens × every arm, about 40 s.
+    from conftest import MODELS_DIR
+
+    require_model_dir(MODELS_DIR / "smollm2-135m-instruct")
+    from benchmarks import quality_chat
+
+    out = tmp_path / "results"
+    assert quality_chat.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads((out / "quality_chat.json").read_text())
+    assert set(data["arms"]) == set(quality_chat.ARMS)
+    for name, arm in data["arms"].items():
+        assert arm["answers"] == 2, name
+        assert 0.0 <= arm["rep4"] < 1.0 and 0.0 < arm["distinct2"] <= 1.0, name
+    assert "judge limits" in data["definitions"]
+    assert "| baseline |" in (out / "quality_chat.md").read_text()
+
+
 def test_scripts_run_as_files():
     # `python benchmarks/speed.py --help` must work from any directory (the script adds the repo root).
     import subprocess

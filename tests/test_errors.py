@@ -111,10 +111,10 @@ def test_bad_out_fails_before_the_runs(capsys, tiny_dir, tmp_path, monkeypatch, 
 def test_sliding_window_backstep_is_a_one_line_error_with_a_flag_to_fix_it(capsys, tmp_path):
     folder = save_tiny_model(tmp_path / "mistral", arch="mistral", sliding_window=64)
     capsys.readouterr()  # the save's own progress bar
-    argv = ["generate", "--model", str(folder), "--method", "backstep", "--max-new-tokens", "30", "--json", "w1"]
-    code, _, err = run(capsys, *argv)
-    assert_one_line_error(code, err, "max_backsteps")
-    code, _, err = run(capsys, *argv, "--max-backsteps", "2")  # the flag the advice points at exists
+    argv = ["generate", "--model", str(folder), "--method", "backstep", "--json", "w1"]
+    code, _, err = run(capsys, *argv, "--max-new-tokens", "80")  # the run would outgrow the window
+    assert_one_line_error(code, err, "max_new_tokens")
+    code, _, err = run(capsys, *argv, "--max-new-tokens", "30")  # the flag the advice points at fixes it
     assert code == 0, err
 
 

@@ -163,3 +163,30 @@ def test_line_loop_rules():
 def test_newline_token_ids_rejects_non_tokenizers():
     with pytest.raises(ValueError, match="`tokenizer`"):
         newline_token_ids(object())
+
+
+# -- recorded SmolLM2-135M-Instruct answers (tests/data): the defaults catch its loops, nothing else -------------
+def test_defaults_on_recorded_smollm2_answers():
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).parent / "data" / "smollm2_natural_answers.json").read_text())
+    newlines = frozenset(data["newline_ids"])
+    found: dict[str, list[tuple[str, int]]] = {}
+    for prompt, ids in data["token_ids"].items():
+        hits = []
+        for n in range(1, len(ids) + 1):
+            if (m := find_token_loop(ids[:n])) is not None:
+                hits.append(("token", m.start))
+            if (m := find_line_loop(ids[:n], newlines)) is not None:
+                hits.append(("line", m.start))
+        found[prompt] = hits
+    looping = {"Write a short poem about autumn.", "What are the benefits of regular exercise?"}
+    # No loop is reported in the six answers that do not loop.
+    assert {p for p, hits in found.items() if hits} == looping
+    # The poem alternates between a few lines ("A season to cherish, a time to forget,"): the line detector
+    # reports it at its first repeated line, long before the token detector sees a verbatim 22-token cycle.
+    poem = found["Write a short poem about autumn."]
+    assert poem[0] == ("line", 186) and min(s for kind, s in poem if kind == "token") == 250
+    # "I'm glad you're sharing your expertise." written over and over: a 9-token span, found by tokens.
+    assert ("token", 267) in found["What are the benefits of regular exercise?"]

@@ -468,3 +468,17 @@ def test_quality_widening_benchmark_smoke(tmp_path) -> None:
             assert arm["near"]["bpc"] > 0 and arm["far"]["pairs"] == data["eligible_pairs"]
     text = (out / "quality_widening.md").read_text()
     assert "### Definitions" in text and "context gain" in text
+
+
+def test_a_perpetual_model_refuses_double_truncation_with_a_widening_processor() -> None:
+    import perpetual_logits as pl
+
+    model = pl.make_perpetual(tiny_model("llama"))
+    wide = pl.PostEOSResamplingLogitsProcessor(
+        EOS, schedule=pl.LinearDecay(2.0, 4), widen=pl.Widen(top_k=40), truncation=pl.Truncation(top_k=10)
+    )
+    ids = torch.tensor([[1, 5, 6]])
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(ids, do_sample=True, top_k=10, max_new_tokens=3, logits_processor=[wide])
+    out = model.generate(ids, max_new_tokens=3, logits_processor=[wide], **wide.generate_kwargs())
+    assert out.shape == (1, 6)

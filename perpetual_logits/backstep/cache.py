@@ -134,19 +134,33 @@ class CacheLayout(RowState):
         """Forget the row's newest kept slot (its token is fed again)."""
         self.target[row] -= 1
 
-    def realign(self) -> None:
-        """Apply pending cuts and drop padding slots of finished rows: move the rows whose padding changes and
-        shrink the width to the longest row."""
-        for b in range(self.batch):
-            if self.pads[b]:
-                self.target[b] = min(self.target[b], self.content[b] - self.pads[b])
-                self.pads[b] = 0
-        if self.target == self.content:
+    def realign(self, tight: bool = False) -> None:
+        """Apply pending cuts: move the rows whose padding changes.
+
+        Two layouts are possible after a cut: keep the width (only the cut rows move, right by what they lost)
+        or shrink it to the longest row (every row whose padding changes moves: at batch size 1 none does, the
+        cache is just cropped). The one that moves fewer rows is taken, the narrower on a tie. ``tight`` (when
+        the next column would not fit, and at the end) always shrinks, and drops finished rows' padding slots.
+        """
+        if tight:
+            for b in range(self.batch):
+                if self.pads[b]:
+                    self.target[b] = min(self.target[b], self.content[b] - self.pads[b])
+                    self.pads[b] = 0
+        if self.target == self.content and (not tight or self.width == max(self.target)):
             return
-        new_width = max(self.target)
         old_offsets = [self.width - c for c in self.content]
-        new_offsets = [new_width - t for t in self.target]
-        moving = [b for b in range(self.batch) if old_offsets[b] != new_offsets[b]]
+
+        def plan(width: int) -> tuple[list[int], list[int]]:
+            offsets = [width - t for t in self.target]
+            return offsets, [b for b in range(self.batch) if old_offsets[b] != offsets[b]]
+
+        new_width = max(self.target)
+        new_offsets, moving = plan(new_width)
+        if not tight and new_width < self.width:
+            kept_offsets, kept_moving = plan(self.width)
+            if len(kept_moving) < len(moving):
+                new_width, new_offsets, moving = self.width, kept_offsets, kept_moving
         rows = torch.tensor(moving, dtype=torch.long, device=self.device)
         index = torch.empty((len(moving), new_width), dtype=torch.long, device=self.device)
         if moving:
@@ -169,7 +183,7 @@ class CacheLayout(RowState):
         """Append one column: ``real[b]`` rows attend to their new slot, the others get a masked padding slot.
         Returns the attention mask to pass to the model (``None`` when nothing is masked)."""
         if self.width + 1 > self.capacity:
-            self.realign()
+            self.realign(tight=True)
             if self.width + 1 > self.capacity:
                 raise RuntimeError(f"backstep cache layout overflow: {self.width + 1} slots > {self.capacity}")
         assert self.mask is not None

@@ -341,7 +341,7 @@ class BackstepLoop:
     def _output(self) -> BackstepOutput | torch.Tensor:
         rows, records, cache = self.rows, self.records, self.cache
         assert cache is not None
-        cache.realign()  # drop finished rows' padding slots
+        cache.realign(tight=True)  # the returned cache: no padding columns shared by every row
         self.stats.cache_slots = cache.width
         self.stats.peak_cache_slots = cache.peak_width
         self.stats.realignments = cache.realignments
