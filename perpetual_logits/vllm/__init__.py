@@ -1,0 +1,28 @@
+"""perpetual_logits on vLLM (the optional ``vllm`` extra): Methods 1-4 and ending control when serving.
+
+* :func:`LLM` -- a ``vllm.LLM`` with :class:`PerpetualLogitsProcessor` registered;
+* Methods 1 and 2 per request: ``SamplingParams(extra_args=suppress_eos())`` / ``extra_args=resample_eos(...)``;
+* Methods 3 and 4 and ending control: :func:`generate` ``(llm, prompts, params, backstep=BackstepConfig(...))``.
+
+Importing ``perpetual_logits`` never imports this package. This package imports vLLM where it is installed
+(the processor subclasses vLLM's interfaces) and still imports without it (for the docs and type checks).
+"""
+
+from .driver import LLM, PerpetualRequestOutput, RequestStats, eos_token_ids, generate
+from .processor import PerpetualLogitsProcessor
+from .settings import KEY, RequestSettings, ScheduleTable, resample_eos, schedule_table, suppress_eos
+
+__all__ = [
+    "KEY",
+    "LLM",
+    "PerpetualLogitsProcessor",
+    "PerpetualRequestOutput",
+    "RequestSettings",
+    "RequestStats",
+    "ScheduleTable",
+    "eos_token_ids",
+    "generate",
+    "resample_eos",
+    "schedule_table",
+    "suppress_eos",
+]
