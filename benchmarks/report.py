@@ -103,7 +103,7 @@ def _plot_judge(quality: dict[str, Any], out_dir: Path) -> str | None:
     names = list(methods)
     after = [methods[m]["judge_bpc_after"] for m in names]
     window = [methods[m].get("judge_bpc_window") for m in names]
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.4 * len(names)))
+    fig, ax = plt.subplots(figsize=(8, 2.2 + 0.4 * len(names)))
     y = list(range(len(names)))
     height = 0.4
     ax.barh([i - height / 2 for i in y], after, height, color="tab:green", alpha=0.8, label="after stop, to the end")
@@ -130,8 +130,8 @@ def _plot_judge(quality: dict[str, Any], out_dir: Path) -> str | None:
     reference = quality.get("reference", {}).get("judge_bpc_natural")
     if reference is not None:
         ax.axvline(reference, color="black", ls="--", lw=1, label=f"natural stories (baseline): {reference:.3f}")
-    ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("judge bits / character (stories260K)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     ax.set_title("Text after the point where the baseline stopped", fontsize=9)
     fig.tight_layout()
     path = out_dir / "quality_judge_bpc.png"
