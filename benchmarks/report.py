@@ -59,7 +59,7 @@ def _plot_speed(speed: dict[str, Any], out_dir: Path) -> str | None:
 
 
 def _plot_lengths(quality: dict[str, Any], out_dir: Path) -> str | None:
-    """Box plot of new tokens per method."""
+    """Box plot of new tokens per arm (one row per arm)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,12 +70,18 @@ def _plot_lengths(quality: dict[str, Any], out_dir: Path) -> str | None:
         return None
     names = list(methods)
     data = [methods[m]["lengths"] for m in names]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.boxplot(data, whis=(10, 90), showfliers=True)
-    ax.set_xticks(range(1, len(names) + 1))
-    ax.set_xticklabels(names, fontsize=7, rotation=15)
-    ax.set_ylabel("new tokens per run")
-    ax.set_title(f"Length distribution ({quality['settings']['runs']} runs per method; whiskers p10–p90)", fontsize=9)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * len(names)))
+    horizontal = (
+        {"orientation": "horizontal"}
+        if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+        else {"vert": False}
+    )
+    ax.boxplot(data, whis=(10, 90), showfliers=True, **horizontal)
+    ax.set_yticks(range(1, len(names) + 1))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("new tokens per run")
+    ax.set_title(f"Length distribution ({quality['settings']['runs']} runs per arm; whiskers p10–p90)", fontsize=9)
     fig.tight_layout()
     path = out_dir / "quality_lengths.png"
     fig.savefig(path, dpi=110)
@@ -84,7 +90,8 @@ def _plot_lengths(quality: dict[str, Any], out_dir: Path) -> str | None:
 
 
 def _plot_judge(quality: dict[str, Any], out_dir: Path) -> str | None:
-    """Judge bits/char of the text past the baseline's stopping point, per method, with the reference line."""
+    """Judge bits/char past the baseline's stopping point per arm: to the end of the run and in the equal
+    token window (with its 95 % interval), with the natural-stories reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,16 +101,37 @@ def _plot_judge(quality: dict[str, Any], out_dir: Path) -> str | None:
     if not methods:
         return None
     names = list(methods)
-    values = [methods[m]["judge_bpc_after"] for m in names]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(range(len(names)), values, color="tab:green", alpha=0.8)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, fontsize=7, rotation=15)
+    after = [methods[m]["judge_bpc_after"] for m in names]
+    window = [methods[m].get("judge_bpc_window") for m in names]
+    fig, ax = plt.subplots(figsize=(8, 2.2 + 0.4 * len(names)))
+    y = list(range(len(names)))
+    height = 0.4
+    ax.barh([i - height / 2 for i in y], after, height, color="tab:green", alpha=0.8, label="after stop, to the end")
+    if any(w is not None for w in window):
+        tokens = quality.get("reference", {}).get("judge_window_tokens", "?")
+        values = [w if w is not None else 0.0 for w in window]
+        cis = [methods[m].get("judge_bpc_window_ci95") for m in names]
+        err = [
+            [max(v - ci[0], 0) if ci else 0 for v, ci in zip(values, cis)],
+            [max(ci[1] - v, 0) if ci else 0 for v, ci in zip(values, cis)],
+        ]
+        ax.barh(
+            [i + height / 2 for i in y],
+            values,
+            height,
+            xerr=err,
+            color="tab:blue",
+            alpha=0.8,
+            label=f"equal window of {tokens} tokens after stop (95 % CI)",
+        )
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
     reference = quality.get("reference", {}).get("judge_bpc_natural")
     if reference is not None:
-        ax.axhline(reference, color="black", ls="--", lw=1, label=f"natural stories (baseline): {reference:.3f}")
-        ax.legend(fontsize=8)
-    ax.set_ylabel("judge bits / character (stories260K)")
+        ax.axvline(reference, color="black", ls="--", lw=1, label=f"natural stories (baseline): {reference:.3f}")
+    ax.set_xlabel("judge bits / character (stories260K)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     ax.set_title("Text after the point where the baseline stopped", fontsize=9)
     fig.tight_layout()
     path = out_dir / "quality_judge_bpc.png"

@@ -15,7 +15,7 @@ from conftest import EOS, PAD, BoostEOS, tiny_model
 from transformers.generation import logits_process as lp
 
 import perpetual_logits as pl
-from perpetual_logits import BackstepConfig, make_perpetual
+from perpetual_logits import BackstepConfig, _compat, make_perpetual
 from perpetual_logits.backstep.lengths import LENGTH_DEPENDENT, NOT_APPLICABLE, READS_TOKENS_ONLY
 from perpetual_logits.backstep.temperature import WARPERS, RowTemperature, insert_before_warpers
 
@@ -67,14 +67,15 @@ def test_returned_cache_continues_like_a_fresh_prefill_and_has_no_holes() -> Non
     assert any(out.backstep_events), "rows rewind"
     sequences = out.sequences
     assert sequences.shape[1] == ids.shape[1] + 20
-    cache = out.past_key_values
+    cache = getattr(out, _compat.output_cache_field())
     assert cache.get_seq_length() == sequences.shape[1] - 1  # one slot per kept token: no holes
     # Never longer than prompt + max_new_tokens (plain generate() peaks one slot lower; a row that reached the
     # limit while a rewound row still writes costs that one slot).
     assert out.backstep_stats.peak_cache_slots <= sequences.shape[1]
     full_mask = torch.cat([mask, torch.ones_like(sequences[:, ids.shape[1] :])], dim=1)
+    cache_kwarg = {_compat.output_cache_field(): cache}  # `cache` after transformers 5.18, `past_key_values` before
     cont = model.generate(
-        sequences, attention_mask=full_mask, past_key_values=cache, do_sample=False, max_new_tokens=8, backstep=False
+        sequences, attention_mask=full_mask, do_sample=False, max_new_tokens=8, backstep=False, **cache_kwarg
     )
     fresh = model.generate(sequences, attention_mask=full_mask, do_sample=False, max_new_tokens=8, backstep=False)
     assert torch.equal(cont, fresh)

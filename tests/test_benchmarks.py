@@ -187,17 +187,24 @@ def test_quality_smoke(tmp_path):
     assert quality.main(["--smoke", "--out", str(out)]) == 0
     data = json.loads((out / "quality.json").read_text())
     methods = data["methods"]
-    assert {"baseline", "Method 1", "Method 2"} <= set(methods)
+    assert set(methods) == {a.name for a in quality.ARMS}
     runs = data["settings"]["runs"]
     for name, m in methods.items():
         assert m["runs"] == runs
         assert 0.0 <= m["rep"]["4"] <= m["rep"]["2"] < 1.0, name
+        assert m["glued_words_per_1k"] >= 0 and 0.0 <= m["line_repeats"] < 1.0, name
     for name in set(methods) - {"baseline"}:
-        # Every method but the baseline writes to max_new_tokens.
+        # Every arm but the baseline writes to max_new_tokens, so all have the same equal-window pairs.
         assert methods[name]["reached_max"] == runs, name
+        assert methods[name]["judge_runs_window"] == data["reference"]["judge_window_pairs"], name
+    assert methods["Method 4 + loop rewinds"]["rewinds_per_run_by_reason"].keys() <= {"eos", "loop"}
+    assert "ending" not in methods["Method 4 + ban at phrase start"]["rewinds_per_run_by_reason"]
+    assert "phrase" not in methods["Method 4 + endings rewound"]["rewinds_per_run_by_reason"]
     assert data["reference"]["judge_bpc_natural"] > 0
+    assert data["goal"]["arm"] == "Method 4 + endings rewound"
     text = (out / "quality.md").read_text()
-    assert "### Definitions" in text and "judge bpc after stop" in text
+    assert "### Definitions" in text and "judge bpc after stop" in text and "equal window" in text
+    assert "Issue 12's goal" in text
     assert (tmp_path / "RESULTS.md").exists()
 
 
@@ -219,6 +226,16 @@ def test_quality_chat_smoke(tmp_path):
         assert 0.0 <= arm["rep4"] < 1.0 and 0.0 < arm["distinct2"] <= 1.0, name
     assert "judge limits" in data["definitions"]
     assert "| baseline |" in (out / "quality_chat.md").read_text()
+
+
+def test_glued_words_and_arms():
+    from benchmarks import quality
+
+    assert quality.glued_words("They played with.none. They were happy.The end. Mr. Tom.") == 2
+    assert quality.glued_words("It was 3.5 feet. A.") == 0
+    assert len({a.name for a in quality.ARMS}) == len(quality.ARMS)
+    with pytest.raises(SystemExit):
+        quality.main(["--smoke", "--arms", "no such arm"])
 
 
 def test_scripts_run_as_files():
