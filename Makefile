@@ -65,7 +65,7 @@ demo-chat: $(STAMP_CHAT)
 analyze: $(STAMP)
 	$(BIN)/python -m perpetual_logits analyze --model $(MODEL) --out analysis-output
 
-# Regenerates benchmarks/RESULTS.md and benchmarks/results/ (about 11 minutes on 2 cores).
+# Regenerates benchmarks/RESULTS.md and benchmarks/results/ (speed, TinyStories and SmolLM2 quality: tens of minutes on 2 cores).
 bench: $(STAMP)
 	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python benchmarks/run_all.py
 

@@ -182,7 +182,75 @@ def build_markdown(out_dir: Path) -> str:
         ):
             if plot:
                 lines += [f"![{alt}]({rel}/{plot})", ""]
+    lines += _batch_section(out_dir)
+    # Results that other scripts write as markdown of their own (each says its command and machine).
+    for name, title in (
+        ("quality_chat.md", "Quality on a chat model (SmolLM2-135M-Instruct)"),
+        ("chat_preset/quality_chat.md", "The chat preset on SmolLM2 (endings, loops, preset)"),
+        ("quality_widening.md", "Method 2: widened truncation after an eviction"),
+        ("vllm.md", "Serving with vLLM"),
+    ):
+        path = out_dir / name
+        if path.is_file():
+            lines += [f"## {title}", "", f"From [{rel}/{name}]({rel}/{name}).", "", _demote(path.read_text()), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _demote(text: str) -> str:
+    """Nest a results file's own headings under this report's section heading."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+
+
+def _batch_section(out_dir: Path) -> list[str]:
+    """Backstep in batches on a GPU (``python benchmarks/batch.py --gpu``), one table row per run and batch."""
+    runs = sorted(out_dir.glob("batch_gpu*.json"))
+    if not runs:
+        return []
+    lines = [
+        "## Backstep in batches (GPU)",
+        "",
+        "`python benchmarks/batch.py --gpu --repeats 3`: a random-weight Llama of TinyLlama-1.1B's shape in bf16, "
+        "sdpa attention, 16-token prompts, 256 new tokens, sampling; a processor forces EOS on 2% of (row, step) "
+        "pairs, so rows rewind at different times (n_remove 10). *step ratio*: backstep time per forward over plain "
+        "`generate()`'s time per step at the same batch size; *vs ideal*: backstep total time over plain's time per "
+        "step × the forwards backstep took (1.0 = a rewind costs exactly the tokens it regenerates); *peak slots*: "
+        "the largest cache length, against plain `generate()`'s. Medians of interleaved repeats.",
+        "",
+        "| run | device | batch | plain ms/step | backstep ms/forward | step ratio | forwards / plain | vs ideal "
+        "| rewinds | peak slots (plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    extra: list[str] = []
+    for path in runs:
+        data = json.loads(path.read_text())
+        device = "H200" if "h200" in path.name else "GPU"
+        for arm in data.get("batches", []):
+            lines.append(
+                f"| {path.stem} | {device} | {arm['batch']} | {arm['plain_ms_per_step']:.1f} | "
+                f"{arm['backstep_ms_per_forward']:.1f} | {arm['step_ratio']:.2f} | "
+                f"{arm['forward_count_ideal_vs_plain']:.2f} | {arm['total_vs_ideal']:.2f} | {arm['rewinds']:.0f} | "
+                f"{arm['peak_cache_slots']} ({arm['plain_peak_cache_slots']}) |"
+            )
+        compiled = data.get("compile")
+        if compiled:
+            extra.append(
+                f"- {path.stem}: static cache + `torch.compile`, batch 1: plain {compiled['plain_ms_per_step']:.2f} "
+                f"ms/step, backstep without EOS {compiled['backstep_no_eos_ms_per_step']:.2f} ms/step; "
+                f"{compiled['rewinds_in_check_run']} rewinds afterwards changed the dynamo counters by "
+                f"{compiled['dynamo_stat_changes_after_rewinds']} (no recompiles)."
+            )
+        exact = data.get("exactness_bf16")
+        if exact:
+            parts = [
+                f"{k} cache max |Δ| {v['max_abs_diff']:.3g} (logits up to {v['logit_scale']:.3g})"
+                for k, v in exact.items()
+            ]
+            extra.append(
+                f"- {path.stem}: bf16 recorded logits vs a fresh forward, batch 4 with rewinds: "
+                + "; ".join(parts)
+                + "."
+            )
+    return [*lines, "", *extra, ""]
 
 
 def write_report(out_dir: Path, results_md: Path | None = None) -> Path:
