@@ -118,6 +118,22 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def story_tokenizer(tinystories_path: Path):
+    """TinyStories-656K's tokenizer (the scripted ending and loop tests spell its pieces)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tinystories_path)
+
+
+@pytest.fixture(scope="session")
+def scripted_model():
+    """A tiny random perpetual Llama with TinyStories-656K's vocabulary size and EOS, for scripted tests."""
+    from perpetual_logits import make_perpetual
+
+    return make_perpetual(tiny_model("llama", vocab=2048, eos=2, attn="sdpa"))
+
+
+@pytest.fixture(scope="session")
 def stories260k_path() -> Path:
     return require_model_dir(STORIES260K)
 

@@ -43,18 +43,6 @@ class Script(LogitsProcessor):
         return out  # type: ignore[return-value]
 
 
-@pytest.fixture(scope="module")
-def story_tokenizer(tinystories_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tinystories_path)
-
-
-@pytest.fixture(scope="module")
-def scripted_model():
-    return make_perpetual(tiny_model("llama", vocab=2048, eos=2, attn="sdpa"))
-
-
 def run_script(model, tokenizer, script: list[int], max_new_tokens: int = 14, **config) -> tuple:
     prompt = tokenizer("Once upon a time", return_tensors="pt").input_ids
     torch.manual_seed(0)

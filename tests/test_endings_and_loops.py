@@ -13,18 +13,6 @@ import perpetual_logits as pl
 from perpetual_logits import BackstepConfig, LoopRewinds, make_perpetual
 
 
-@pytest.fixture(scope="module")
-def story_tokenizer(tinystories_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tinystories_path)
-
-
-@pytest.fixture(scope="module")
-def scripted_model():
-    return make_perpetual(tiny_model("llama", vocab=2048, eos=2, attn="sdpa"))
-
-
 def test_an_ending_phrase_rewinds_n_remove_tokens_before_it(scripted_model, story_tokenizer) -> None:
     script = [*THEY_WERE_HAPPY, DOT, *SPELLED_END]
     out, generated = run_script(scripted_model, story_tokenizer, script, n_remove=2, end_phrases="default")
