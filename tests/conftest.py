@@ -6,7 +6,10 @@ Tests that need the real models skip with a visible reason when the folder is ab
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,22 @@ def require_model_dir(path: Path) -> Path:
     if REQUIRE_MODELS:
         pytest.fail(message + "; PERPETUAL_LOGITS_REQUIRE_MODELS=1 requires it")
     pytest.skip(message)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail (instead of hanging) when the block runs longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 VOCAB = 64

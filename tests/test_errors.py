@@ -5,16 +5,13 @@ Each test here failed on the code before the fix: a traceback, a wrong result or
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import deadline, save_tiny_model
 
 from perpetual_logits import (
     Constant,
@@ -30,22 +27,6 @@ from perpetual_logits import (
     methods,
 )
 from perpetual_logits.schedules import TABLE_STEPS, factor_table, multipliers
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Fail (instead of hanging) when the block runs longer than ``seconds``."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
