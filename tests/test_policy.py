@@ -340,3 +340,10 @@ def test_an_eos_id_outside_the_vocabulary_with_default_end_phrases(scripted_mode
         tokenizer=story_tokenizer,
     )
     assert out.shape[1] == prompt.shape[1] + 5
+
+
+def test_policy_cost_benchmark_smoke(tmp_path, tinystories_path) -> None:
+    from benchmarks import policy_cost
+
+    assert policy_cost.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "policy_cost.json").is_file() and "| 1 | chat |" in (tmp_path / "policy_cost.md").read_text()
