@@ -32,6 +32,7 @@ expressions stay with the ``regex`` module (partial matching), searched from whe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import ahocorasick
@@ -89,6 +90,7 @@ class PhraseIndex:
         self.matcher = matcher
         self.fold = not matcher.case_sensitive
         self.need_chars: int = matcher._need_chars
+        self.max_match_chars: int = matcher.max_match_chars
         self.automaton: Any = None
         starts_word: set[str] = set()
         starts_other: set[str] = set()
@@ -212,6 +214,9 @@ class PhraseStream:
             self._start(ids, first)
         old_end = stream.end
         stream.push(int(ids[n - 1]))
+        if stream.changed_from is not None:  # the new token rewrote earlier text: look at the tail again
+            old_end = min(old_end, stream.changed_from)
+            self._rescan_from(stream.end - self.index.need_chars)
         if n <= prompt_length:
             return PhraseScan(None, 0)
         return self._analyse(n, prompt_length, old_end, final)
@@ -276,12 +281,16 @@ class PhraseStream:
                 if best is None or candidate[:3] < best[:3]:
                     best = candidate
 
-        # 2. Regular expressions, each searched from where its previous search stopped (within a bounded tail).
+        # 2. Regular expressions, each searched from where its previous search stopped. A match spans at most
+        # max_match_chars characters, so a partial match that began earlier than that before the end is none.
         body = end - base
-        floor = max(head_end, end - 2 * index.need_chars)
+        floor = max(head_end, old_end - index.need_chars) - base
+        earliest = end - index.max_match_chars - base
+        new_from, prompt_end = old_end - base, prompt_chars - base
         for r, (phrase, pattern) in enumerate(index.regexes):
-            position = min(max(self.regex_from[r], floor), end) - base
+            position = min(max(self.regex_from[r] - base, floor), body)
             hold: int | None = None
+            partial_from: int | None = None
             found: tuple[int, int] | None = None
             while position <= body:
                 m = pattern.search(text, position, body, partial=True)
@@ -289,20 +298,22 @@ class PhraseStream:
                     break
                 s, e = m.span()
                 if m.partial or (e >= body and not final):
-                    if e > s:
+                    if e > s and partial_from is None:
+                        partial_from = s
+                    if e > s and s >= earliest:
                         hold = s
                         break
-                    position = s + 1
+                    position = max(s + 1, earliest)
                     continue
-                if e > s and self._new(e, body, final, old_end - base, prompt_chars - base):
+                if e > s and self._new(e, body, final, new_from, prompt_end):
                     found = (s, e)
                     break
                 position = s + 1
-            if hold is not None and found is None:
+            if partial_from is not None and found is None:
                 # A partial match may hide a complete one at or after it: one plain search from there.
-                for m in pattern.finditer(text, hold, body):
+                for m in pattern.finditer(text, partial_from, body):
                     s, e = m.span()
-                    if e > s and (final or e < body) and self._new(e, body, final, old_end - base, prompt_chars - base):
+                    if e > s and (final or e < body) and self._new(e, body, final, new_from, prompt_end):
                         found = (s, e)
                         break
             self.regex_from[r] = base + (hold if hold is not None else body)
@@ -314,15 +325,19 @@ class PhraseStream:
                     best = candidate
 
         # 3. Strings: where the trailing text that may still become a phrase begins.
-        self.string_from = self._string_hold(text, base, end)
+        self.string_from = self._string_hold(text, base, end, final)
 
         generated = n - prompt_length
         if best is not None:
             token, _, _, source, matched = best
             return PhraseScan(PhraseMatch(token, source, matched), n - token)
         hold_from = min([self.string_from, *self.regex_from]) if index.regexes else self.string_from
+        if final and stream.pending:
+            # The last call: the unfinished character counts as text (U+FFFD), which no phrase continues into.
+            hold_from = end
         tokens = n - stream.cut(hold_from) if hold_from < end else 0
-        tokens = max(tokens, stream.pending)
+        if not final:  # bytes of an unfinished character may still become the start of a phrase
+            tokens = max(tokens, stream.pending)
         return PhraseScan(None, min(tokens, generated))
 
     @staticmethod
@@ -331,7 +346,7 @@ class PhraseStream:
         confirm = e - 1 if e >= body else e
         return confirm >= old_end and e > prompt_chars
 
-    def _string_hold(self, text: str, base: int, end: int) -> int:
+    def _string_hold(self, text: str, base: int, end: int, final: bool) -> int:
         index = self.index
         if index.automaton is None or index.starts is None:
             return end
@@ -339,6 +354,14 @@ class PhraseStream:
         automaton = index.automaton
         position = max(self.string_from, self.text.head_end, end - 2 * index.need_chars)
         for m in index.starts.finditer(text, min(position, end) - base, end - base):
-            if automaton.match(_normalize(text[m.start() :], fold)):
+            tail = _normalize(text[m.start() :], fold)
+            if not automaton.match(tail):
+                continue
+            value = automaton.get(tail, None)
+            if value is None or (value[2] and not final):
+                return base + m.start()  # the beginning of a phrase, or one whose end is not confirmed yet
+            # A whole phrase that needs nothing after it was reported (or kept) already: it is held only as
+            # the beginning of a longer phrase.
+            if any(key != tail for key in islice(automaton.keys(tail), 2)):
                 return base + m.start()
         return end

@@ -1,34 +1,43 @@
 """Incremental detokenization of one row: its text grows by the new token's text, and shrinks with a rewind.
 
 Decoding a row's tail again after every token costs a tokenizer call over dozens of tokens plus the prefix
-decodes that map characters back to tokens. :class:`TextStream` instead decodes each new token once, in the
-context of a few tokens before it (a SentencePiece piece's leading space, a byte-level piece that completes a
-UTF-8 character), and records after every token how many characters the row's text has. That record is the
-map from characters back to tokens, and it is also the snapshot a rewind restores: cutting the row back to
-``n`` tokens cuts the text back to the characters those ``n`` tokens produced.
+decodes that map characters back to tokens. :class:`TextStream` instead decodes, per new token, a small window:
+the last few tokens after one *anchor* token, whose text is then cut off. The anchor gives the window's first
+token its real left neighbour (a SentencePiece piece keeps its leading space, a byte-level piece that ends a
+UTF-8 character sees its start), so the window's text is exactly that part of the row's text. When the
+window's text extends what the row had, the new characters are appended (one decode of about eight tokens);
+otherwise -- bytes of an unfinished character, or bytes that turn out invalid and make the decoder rewrite
+text it had shown (a byte-fallback "»" that the next byte turns into U+FFFD) -- each token of the window is
+decoded as a prefix to find which characters are its own, as ``PhraseMatcher.scan`` does.
 
-Tokens whose bytes do not yet form a whole character (byte-fallback ``<0xE2>``, half a byte-level emoji)
-produce no text until a later token completes the character; they are *pending*, and the completed
-character counts as theirs (the first token whose text overlaps it is the first pending one).
+After every token the stream records the row's character count, the map from characters back to tokens and
+also the snapshot a rewind restores: cutting the row back to ``n`` tokens keeps the characters of those
+tokens, and the window before the cut is decoded once more.
 
-The decoding itself is ``tokenizers``' :class:`~tokenizers.decoders.DecodeStream` when the tokenizer has a
-Rust backend whose output ``tokenizer.decode`` does not post-process (about 2 µs a token), and otherwise the
-same prefix/read-offset scheme with ``tokenizer.decode`` calls (vLLM's detokenizer does it this way too).
+Tokens whose bytes do not yet form a whole character are *pending*: their text is not part of the row's text
+yet (a decoder shows it as trailing U+FFFD), and the first token whose text overlaps a character is the first
+token whose prefix text is not a prefix of the text up to that character.
+
+Why not ``tokenizers``' :class:`~tokenizers.decoders.DecodeStream` (about 1.7 µs a token against about 3 µs
+here, measured on this project's CPU): its state cannot be cut back to a token (a rewind would re-feed it),
+a prefill that ends inside a character makes it repeat text, and it raises on text the decoder rewrites,
+where the row's text must follow what ``tokenizer.decode`` says.
 """
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 __all__ = ["TextStream"]
 
 _REPLACEMENT = "\ufffd"  # what decoders show for an incomplete UTF-8 sequence
-_CONTEXT_TOKENS = 6  # tokens decoded before a new one, so that its text is decoded as in the whole row
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_WINDOW = 8  # tokens decoded per step (after the anchor): enough for any piece to see its neighbours
 
 
 def _rust_backend(tokenizer: Any) -> Tokenizer | None:
@@ -42,58 +51,17 @@ def _rust_backend(tokenizer: Any) -> Tokenizer | None:
     return None
 
 
-class _Decoder:
-    """Turns one token at a time into text: the new characters, or ``None`` while a character is unfinished."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.backend = _rust_backend(tokenizer)
-        self.stream: DecodeStream | None = None
-        # The prefix/read-offset fallback: ids since `prefix`, and the text of ids[prefix:read].
-        self.ids: list[int] = []
-        self.read = 0
-        self.prefix_text = ""
-
-    def restart(self, context: Sequence[int]) -> None:
-        """Forget everything; the next token follows ``context`` (whose text is not produced again)."""
-        if self.backend is not None:
-            self.stream = DecodeStream(ids=list(context) or None, skip_special_tokens=False)
-            return
-        self.ids = list(context)
-        self.read = len(self.ids)
-        self.prefix_text = self._decode(self.ids)
-
-    def step(self, token_id: int) -> str | None:
-        if self.stream is not None and self.backend is not None:
-            piece: str | None = self.stream.step(self.backend, token_id)
-            return piece
-        self.ids.append(token_id)
-        text = self._decode(self.ids)
-        if len(text) <= len(self.prefix_text) or text.endswith(_REPLACEMENT):
-            return None  # no new character yet (an unfinished one, or a token that is still being merged)
-        new = text[len(self.prefix_text) :]
-        # Keep a few tokens of context only, so that a step costs the same at token 10 and at token 10,000.
-        drop = max(0, len(self.ids) - _CONTEXT_TOKENS)
-        self.ids = self.ids[drop:]
-        self.read = len(self.ids)
-        self.prefix_text = self._decode(self.ids) if drop else text
-        return new
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=False))
-
-
 class TextStream:
     """The decoded text of one row, token by token, with the character count after every token.
 
     Token indices are the row's (``ids[i]``, prompt and padding included); the stream holds the tokens from
-    :attr:`base` on and the text they produced, which starts at character :attr:`char_base` of an imaginary
-    whole-row text (only differences of character positions are meaningful).
+    :attr:`base` on and the text they produced, which starts at character :attr:`char_base` of the row's text
+    (positions are absolute; only the last few hundred characters are kept).
 
     Args:
         tokenizer (`PreTrainedTokenizerBase` or `tokenizers.Tokenizer`): decodes the row's tokens.
         keep_chars (`int`): characters of text the stream must keep behind its end (the longest match and some
-            slack); older text is dropped as the row grows, so memory stays bounded.
+            slack); older text is dropped as the row grows, so memory and cost stay bounded.
 
     Example:
 
@@ -116,22 +84,28 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: Any, keep_chars: int) -> None:
-        self.decoder = _Decoder(tokenizer)
+        self.tokenizer = tokenizer
+        self.backend = _rust_backend(tokenizer)
         self.keep_chars = keep_chars
-        # The tokens held: ids[base:base + len(tokens)] of the row.
+        # The tokens held: ids[base:base + len(tokens)] of the row, and the token before them (None at the
+        # row's first token), which anchors the first token's text.
         self.base = 0
+        self.anchor: int | None = None
         self.tokens: list[int] = []
-        # ends[i]: characters of text once tokens[:i + 1] are decoded (pending tokens: the end of the character
-        # they are part of, once it is complete). Absolute, like char_base.
+        # ends[i]: characters of the row's text up to and including tokens[i]'s own (absolute); a token without
+        # text of its own ends where the next token with some does. own[i]: whether it has text of its own.
         self.ends: list[int] = []
-        self.emitted: list[bool] = []  # whether the decoder gave text when the token came
+        self.own: list[bool] = []
         self.pending = 0  # trailing tokens whose character is not complete yet
-        # The text: characters char_base .. char_base + len(text).
+        # The text: characters char_base .. char_base + len(text) of the row's text.
         self.char_base = 0
         self.text = ""
-        # The first token may decode differently without its left neighbour (a dropped leading space): its
-        # characters are no place to start a match, unless it is the row's first token.
+        # Characters of the first token held when the stream began mid-row: no match may start there, as in
+        # scan(), whose window's first token may read differently.
         self.head_end = 0
+        # Where the last push or cut changed text that was there before (a rewrite), or None.
+        self.changed_from: int | None = None
+        self._lead: dict[int, str] = {}  # anchor id -> its text alone
 
     # -- state --------------------------------------------------------------------------------------------
     @property
@@ -144,64 +118,58 @@ class TextStream:
         """Absolute position just after the text."""
         return self.char_base + len(self.text)
 
+    def cut(self, char: int) -> int:
+        """Row index of the first token whose text overlaps absolute character ``char`` or later."""
+        return self.base + bisect_right(self.ends, char)
+
+    def chars(self, tokens: int) -> int:
+        """Absolute character position after the row's first ``tokens`` tokens (clamped to the stream)."""
+        i = tokens - self.base
+        if i <= 0:
+            return self.char_base
+        return self.ends[min(i, len(self.ends)) - 1]
+
+    # -- changes ------------------------------------------------------------------------------------------
     def reset(self, ids: Sequence[int], first: int) -> None:
         """Start over from the row's tokens ``ids`` (``ids[first]`` is its first real token): decode enough
         of its tail to hold :attr:`keep_chars` characters."""
         n = len(ids)
         start = max(first, n - max(8, self.keep_chars // 2))
         while True:
-            context = list(ids[max(first, start - _CONTEXT_TOKENS) : start])
-            self._restart(start, context)
+            self.base = start
+            self.anchor = int(ids[start - 1]) if start > first else None
+            self.tokens, self.ends, self.own = [], [], []
+            self.pending = 0
+            self.char_base = 0
+            self.text = ""
             for token_id in ids[start:n]:
                 self.push(int(token_id))
             if start == first or len(self.text) >= self.keep_chars + 8:
                 break
             start = max(first, start - max(8, n - start))  # too little text: double the tokens
-        self.head_end = self.char_base if start == first else (self.ends[0] if self.ends else self.char_base)
-
-    def _restart(self, start: int, context: list[int]) -> None:
-        self.decoder.restart(context)
-        self.base = start
-        self.tokens = []
-        self.ends = []
-        self.emitted = []
-        self.pending = 0
-        self.char_base = 0
-        self.text = ""
+        self.head_end = self.char_base if self.anchor is None else (self.ends[0] if self.ends else self.char_base)
+        self.changed_from = None
 
     def push(self, token_id: int) -> None:
         """Append the row's next token."""
-        piece = self.decoder.step(token_id)
+        self.changed_from = None
         self.tokens.append(token_id)
-        self.emitted.append(piece is not None)
-        if piece is None:
-            self.pending += 1
-            self.ends.append(self.end)
-            return
-        self.text += piece
-        end = self.end
-        if self.pending:  # the completed character belongs to the tokens that began it
-            self.ends[len(self.ends) - self.pending :] = [end] * self.pending
-            self.pending = 0
-        self.ends.append(end)
-        if len(self.text) > 4 * self.keep_chars + 256 and len(self.tokens) > 64:
-            self._trim()
-
-    def _trim(self) -> None:
-        """Drop text and tokens far behind the end (keep twice what a match can need)."""
-        keep_from = self.end - 2 * self.keep_chars - 64
-        drop = bisect_right(self.ends, keep_from)
-        drop = min(drop, len(self.tokens) - 32)
-        if drop <= 0:
-            return
-        new_char_base = self.ends[drop - 1]
-        self.text = self.text[new_char_base - self.char_base :]
-        self.char_base = new_char_base
-        self.base += drop
-        del self.tokens[:drop]
-        del self.ends[:drop]
-        del self.emitted[:drop]
-        self.head_end = max(self.head_end, self.char_base)
+        first = max(0, len(self.tokens) - max(_WINDOW, self.pending + 2))
+        start = self.ends[first - 1] if first > 0 else self.char_base
+        anchor = self.tokens[first - 1] if first > 0 else self.anchor
+        text = self._relative(anchor, self.tokens[first:])
+        if self.pending == 0 and text is not None and not text.endswith(_REPLACEMENT):
+            old = len(self.text) - (start - self.char_base)
+            if text.startswith(self.text[start - self.char_base :]):  # the usual case: new text appended
+                self.text += text[old:]
+                self.ends.append(self.end)
+                self.own.append(True)
+                self._trim()
+                return
+        self.ends.append(self.end)
+        self.own.append(False)
+        self._redecode(first)
+        self._trim()
 
     def truncate(self, length: int) -> bool:
         """Cut the row back to ``length`` tokens. Returns ``False`` when the stream no longer reaches back that
@@ -213,27 +181,104 @@ class TextStream:
         keep = length - self.base
         del self.tokens[keep:]
         del self.ends[keep:]
-        del self.emitted[keep:]
-        # Kept tokens whose character a removed token completed are pending again.
-        pending = 0
-        while pending < keep and not self.emitted[keep - 1 - pending]:
-            pending += 1
-        text_end = self.ends[keep - 1 - pending] if pending < keep else self.char_base
-        self.ends[keep - pending :] = [text_end] * pending
-        self.text = self.text[: text_end - self.char_base]
-        self.pending = pending
-        self.decoder.restart(self.tokens[max(0, keep - pending - _CONTEXT_TOKENS) : keep - pending])
-        for token_id in self.tokens[keep - pending :]:
-            self.decoder.step(token_id)  # an unfinished character again: no text
+        del self.own[keep:]
+        last_own = keep - 1
+        while last_own >= 0 and not self.own[last_own]:
+            last_own -= 1
+        self.text = self.text[: (self.ends[last_own] if last_own >= 0 else self.char_base) - self.char_base]
+        self.pending = 0
+        # The kept tokens may read differently without the removed ones (bytes completed by a removed token).
+        self._redecode(max(0, keep - _WINDOW - 1))
         return True
 
-    def cut(self, char: int) -> int:
-        """Row index of the first token whose text overlaps absolute character ``char`` or later."""
-        return self.base + bisect_right(self.ends, char)
+    # -- internals ---------------------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        if self.backend is not None:
+            return str(self.backend.decode(ids, skip_special_tokens=False))
+        return str(self.tokenizer.decode(ids, skip_special_tokens=False))
 
-    def chars(self, tokens: int) -> int:
-        """Absolute character position after the row's first ``tokens`` tokens (clamped to the stream)."""
-        i = tokens - self.base
-        if i <= 0:
-            return self.char_base
-        return self.ends[min(i, len(self.ends)) - 1]
+    def _relative(self, anchor: int | None, ids: list[int]) -> str | None:
+        """Text of ``ids`` as it reads after ``anchor``, or ``None`` when the anchor cannot tell (its own text
+        does not begin the whole: it ends inside a character, or inside a run of byte-fallback bytes decoded
+        together)."""
+        if anchor is None:
+            return self._decode(ids)
+        lead = self._lead.get(anchor)
+        if lead is None:
+            # A byte-fallback piece ("<0x74>") is decoded together with the byte pieces next to it (an invalid
+            # run becomes one U+FFFD per byte, even for ASCII bytes): never an anchor.
+            lead = "" if _BYTE_PIECE.fullmatch(self._piece(anchor)) else self._decode([anchor])
+            self._lead[anchor] = lead
+        whole = self._decode([anchor, *ids])
+        # An anchor with no text alone (a SentencePiece "▁" or byte whose space is stripped at the start) says
+        # nothing about where its text ends; one ending in U+FFFD ends inside a character.
+        if not lead or lead.endswith(_REPLACEMENT) or not whole.startswith(lead):
+            return None
+        return whole[len(lead) :]
+
+    def _piece(self, token_id: int) -> str:
+        if self.backend is not None:
+            return str(self.backend.id_to_token(token_id) or "")
+        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        return str(convert(token_id) or "") if callable(convert) else ""
+
+    def _redecode(self, first: int) -> None:
+        """Work out tokens[first:]'s text and ends from prefix decodes, as a decode of the whole row sees them:
+        a token whose prefix text is a prefix of the window's text ends there; one that is not (bytes of a
+        character that later tokens complete) ends with the next one that is; trailing U+FFFD is an
+        unfinished character, whose tokens are pending."""
+        # An anchor whose text the window changes (bytes of one character, or one run of byte-fallback bytes
+        # decoded together) cannot anchor: move the window's start back.
+        while first > 0 and self._relative(self.tokens[first - 1], self.tokens[first:]) is None:
+            first -= 1
+        anchor = self.tokens[first - 1] if first > 0 else self.anchor
+        window = self.tokens[first:]
+        start = self.ends[first - 1] if first > 0 else self.char_base
+        whole = self._relative(anchor, window)
+        if whole is None:  # the stream's own anchor ends inside a character: read the window without it
+            anchor, whole = None, self._decode(window)
+        body = whole.rstrip(_REPLACEMENT)
+        ends: list[int | None] = []
+        for j in range(1, len(window) + 1):
+            prefix = self._relative(anchor, window[:j]) if anchor is not None else self._decode(window[:j])
+            own = prefix is not None and len(prefix) <= len(body) and body.startswith(prefix)
+            ends.append(start + len(prefix) if own and prefix is not None else None)
+        own_flags = [end is not None for end in ends]
+        pending = 0
+        while pending < len(window) and not own_flags[len(window) - 1 - pending]:
+            pending += 1
+        following = start + len(body)
+        resolved: list[int] = [0] * len(window)
+        for j in range(len(window) - 1, -1, -1):  # a token without text of its own ends with the next one
+            end = ends[j]
+            if end is not None:
+                following = end
+            resolved[j] = following
+        old = self.text[start - self.char_base :]
+        if not body.startswith(old):
+            same = 0
+            while same < min(len(old), len(body)) and old[same] == body[same]:
+                same += 1
+            self.changed_from = start + same
+        self.text = self.text[: start - self.char_base] + body
+        self.ends[first:] = resolved
+        self.own[first:] = own_flags
+        self.pending = pending
+
+    def _trim(self) -> None:
+        """Drop text and tokens far behind the end (keep twice what a match can need)."""
+        if len(self.text) <= 4 * self.keep_chars + 256 or len(self.tokens) <= 64:
+            return
+        drop = bisect_right(self.ends, self.end - 2 * self.keep_chars - 64)
+        drop = min(drop, len(self.tokens) - 32)
+        if drop <= 0:
+            return
+        new_char_base = self.ends[drop - 1]
+        self.text = self.text[new_char_base - self.char_base :]
+        self.char_base = new_char_base
+        self.anchor = self.tokens[drop - 1]
+        self.base += drop
+        del self.tokens[:drop]
+        del self.ends[:drop]
+        del self.own[:drop]
+        self.head_end = max(self.head_end, self.char_base)
