@@ -7,7 +7,7 @@ rotating start; one untimed warm-up each), on the process's CPU time (one torch 
 * ``dynamic`` -- ``BackstepConfig.dynamic(10)`` (the reference: EOS rule only);
 * ``chat`` -- ``BackstepConfig.chat()`` (chat endings and regexes, loop rewinds);
 * ``ban_N`` -- ``BackstepConfig.dynamic(10, ban_phrases=<N random 2-3-word phrases>)`` (``--phrases``, default
-  10,000; words drawn with a fixed seed from the tokenizer's whole-word pieces).
+  10,000; words drawn with a fixed seed from the tokenizer's alphabetic pieces).
 
 Reported: ms per step (median over repeats), the ratio of medians to ``dynamic`` and the min-max of the
 per-repeat paired ratios (goal: <= 1.10 for ``chat`` and ``ban_N``, issue 21), and the time to build the
@@ -39,14 +39,13 @@ from perpetual_logits.backstep.policy import RewindPolicy
 
 
 def random_phrases(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
-    """``count`` distinct phrases of 2-3 words drawn from the tokenizer's whole-word pieces."""
+    """``count`` distinct phrases of 2-3 words drawn from the tokenizer's alphabetic pieces (the leading-space
+    marker stripped; word pieces like "amaz" are words here too, which only makes matches rarer)."""
     words = sorted(
-        {
-            piece[1:]
-            for piece in tokenizer.get_vocab()
-            if piece.startswith("▁") and piece[1:].isalpha() and len(piece) > 3
-        }
+        {p.lstrip("▁Ġ") for p in tokenizer.get_vocab() if p.lstrip("▁Ġ").isalpha() and len(p.lstrip("▁Ġ")) > 2}
     )
+    if len(words) ** 2 < 2 * count:
+        raise ValueError(f"the tokenizer has {len(words)} usable words: too few for {count} distinct phrases")
     rng = random.Random(seed)
     phrases: set[str] = set()
     while len(phrases) < count:

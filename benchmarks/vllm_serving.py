@@ -165,7 +165,7 @@ def run_vllm_arms(
     eos = set(plv.eos_token_ids(llm))
     # Warm-up (first-call costs are not the method's).
     llm.generate([{"prompt_token_ids": chat_prompts(tokenizer, 1)[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
-    warm = pl.BackstepConfig.chat(n_remove)  # also builds the chat phrase matcher's caches once
+    warm = pl.BackstepConfig.chat(n_remove)  # the driver's and the processor's first-call costs too
     plv.generate(llm, chat_prompts(tokenizer, 1), SamplingParams(max_tokens=8), backstep=warm)
     for count in counts:
         prompts = chat_prompts(tokenizer, count, context)
