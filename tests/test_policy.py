@@ -12,6 +12,7 @@ from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, run_script
 
 from perpetual_logits import BackstepConfig, LoopRewinds, Rewind, RewindRule
 from perpetual_logits.backstep.policy import RewindPlan, RewindPolicy
+from perpetual_logits.backstep.rules import PhraseRule
 from perpetual_logits.protocol import RowView
 
 VOCAB = 64
@@ -348,3 +349,18 @@ def test_policy_cost_benchmark_smoke(tmp_path, tinystories_path) -> None:
 
     assert policy_cost.main(["--smoke", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "policy_cost.json").is_file() and "| 1 | chat |" in (tmp_path / "policy_cost.md").read_text()
+
+
+def test_phrase_matchers_are_built_once_per_tokenizer_and_phrase_list(tokenizer) -> None:
+    first = RewindPolicy(BackstepConfig(ban_phrases=["c d"], end_phrases="default"), [EOS], VOCAB, tokenizer)
+    again = RewindPolicy(BackstepConfig(ban_phrases=["c d"], end_phrases="default"), [EOS], VOCAB, tokenizer)
+    other = RewindPolicy(BackstepConfig(ban_phrases=["c e"]), [EOS], VOCAB, tokenizer)
+    matchers = [[r.matcher for r in p.rules if isinstance(r, PhraseRule)] for p in (first, again, other)]
+    assert len(matchers[0]) == 2 and all(a is b for a, b in zip(matchers[0], matchers[1]))
+    assert matchers[2][0] is not matchers[0][1]
+    # Each policy's rules keep their own per-row state: running one leaves the other's untouched.
+    first.start(1, len(PROMPT))
+    again.start(1, len(PROMPT))
+    ids = list(PROMPT)
+    cut(first, ids, feed(first, ids, [A, C, D, E]))  # type: ignore[arg-type]
+    assert feed(again, list(PROMPT), [A, C, D, E]) != "keep"

@@ -322,9 +322,32 @@ def _phrase_rules(config: BackstepConfig, tokenizer: Any, eos: Sequence[int]) ->
             listed = default_end_phrases(tokenizer, list(eos) or None, chat=phrases == "chat")
         else:
             listed = list(phrases)
-        matcher = PhraseMatcher(listed, tokenizer)
+        matcher = _matcher(listed, tokenizer)
         rules.append(PhraseRule(matcher, mode, config.n_remove, config.max_phrase_rewinds, eos))
     return rules
+
+
+# Compiled phrase matchers per tokenizer and phrase list: a matcher is read-only once built (each row keeps its
+# own matching state), and building one for thousands of phrases takes a noticeable time that every generate()
+# call and every served request with the same settings would otherwise pay again.
+_MATCHERS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], PhraseMatcher]] = weakref.WeakKeyDictionary()
+_MATCHERS_PER_TOKENIZER = 8
+
+
+def _matcher(phrases: list[Any], tokenizer: Any) -> PhraseMatcher:
+    """The matcher of ``phrases`` for ``tokenizer``, built once and reused (the last few phrase lists)."""
+    key = tuple(phrases)
+    try:
+        cached = _MATCHERS.setdefault(tokenizer, {})
+        found = cached.get(key)
+    except TypeError:  # an unhashable phrase or a tokenizer without weak references: build it every time
+        return PhraseMatcher(phrases, tokenizer)
+    if found is None:
+        found = PhraseMatcher(phrases, tokenizer)
+        if len(cached) >= _MATCHERS_PER_TOKENIZER:
+            cached.pop(next(iter(cached)))  # the oldest
+        cached[key] = found
+    return found
 
 
 _NEWLINES: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
