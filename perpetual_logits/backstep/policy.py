@@ -135,7 +135,8 @@ class RewindPolicy(RowState):
         for rule in config.rules:
             self.rules.append(rule.fresh())
             self.limits.append(config.max_rule_rewinds)
-        self.user_rules = len(config.rules)
+        # Rules that can hold tokens back from the streamer (the others always hold none): asked every step.
+        self.holders = [rule for rule in self.rules if type(rule).held is not RewindRule.held]
         # -- per-row state: prompt lengths, budgets spent, bans, schedule restarts, final tokens, events
         self.prompt_lengths: list[int] = []
         self.used: list[list[int]] = []
@@ -286,7 +287,10 @@ class RewindPolicy(RowState):
     # -- hold-back ---------------------------------------------------------------------------------------------
     def held(self, row: int) -> int:
         """Trailing tokens of ``row`` that must stay revisable: ``hold_back``, or more while a rule needs it."""
-        return max(self.hold_back, *(rule.held(row) for rule in self.rules))
+        held = self.hold_back
+        for rule in self.holders:
+            held = max(held, rule.held(row))
+        return held
 
     def settle(self, row: int, length: int, finished: bool) -> tuple[int, int]:
         """Make final what is far enough behind the end of ``row`` (all of it once finished).
