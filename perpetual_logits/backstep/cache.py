@@ -134,6 +134,13 @@ class CacheLayout(RowState):
         """Forget the row's newest kept slot (its token is fed again)."""
         self.target[row] -= 1
 
+    def drop_padding(self, row: int) -> None:
+        """Forget the masked padding slot the row just took while it waited for its buffer. Unlike a finished
+        row's, this slot is not trailing: the row writes again next step, so the slot goes at the next
+        realignment and the row's slots stay one per kept token."""
+        self.pads[row] -= 1
+        self.target[row] -= 1
+
     def realign(self, tight: bool = False) -> None:
         """Apply pending cuts: move the rows whose padding changes.
 

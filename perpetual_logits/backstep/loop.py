@@ -336,6 +336,7 @@ class BackstepLoop:
         ring.store(raw, fed, rows.lens)
         for b in stale:
             raw[b] = ring.get(b, rows.lens[b])
+            cache.drop_padding(b)
         return raw
 
     def _output(self) -> BackstepOutput | torch.Tensor:

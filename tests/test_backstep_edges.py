@@ -1,0 +1,87 @@
+"""Backstep on the HF backend at its edges (issue 19 items 1, 3, 4, 5): batches with an ``inputs_embeds``
+prompt, processors that read the rows' tokens, a huge ``n_remove`` and a static cache sized like stock
+``generate()``'s."""
+
+from __future__ import annotations
+
+import torch
+from conftest import EOS, PAD, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LogitsProcessor
+
+from perpetual_logits import BackstepConfig, make_perpetual
+
+
+class BoostEOSOnRows(LogitsProcessor):
+    """Raises EOS by ``amount`` on the listed batch rows only."""
+
+    def __init__(self, rows: list[int], amount: float) -> None:
+        self.rows, self.amount = rows, amount
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = scores.clone()
+        out[self.rows, EOS] += self.amount
+        return out  # type: ignore[return-value]
+
+
+# -- item 1: inputs_embeds prompts in a batch --------------------------------------------------------------------
+@given(
+    lengths=st.lists(st.integers(1, 5), min_size=2, max_size=3),
+    forced=st.lists(st.booleans(), min_size=3, max_size=3).filter(any),
+    amount=st.sampled_from([2.0, 4.0, 100.0]),
+    n_remove=st.integers(1, 4),
+    logits_buffer=st.sampled_from([None, 1, 2]),
+    seed=st.integers(0, 50),
+)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_property_inputs_embeds_batches_rewind_exactly(
+    lengths: list[int], forced: list[bool], amount: float, n_remove: int, logits_buffer: int | None, seed: int
+) -> None:
+    model = make_perpetual(tiny_model("llama", seed=seed % 3))
+    embed = model.get_input_embeddings()
+    width = max(lengths)
+    prompts = [[1] + [4 + (seed + 3 * i + j) % 50 for j in range(n - 1)] for i, n in enumerate(lengths)]
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = (ids != PAD).long()
+    rows = [b for b in range(len(prompts)) if forced[b]]
+    new = 10
+    with torch.no_grad():
+        out = model.generate(
+            inputs_embeds=embed(ids),
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new,
+            logits_processor=[BoostEOSOnRows(rows, amount)],
+            backstep=BackstepConfig(n_remove=n_remove, max_backsteps=4, logits_buffer=logits_buffer),
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    assert out.sequences.shape == (len(prompts), new)
+    for b, prompt in enumerate(prompts):
+        generated = out.sequences[b].tolist()
+        with torch.no_grad():
+            fresh = model(inputs_embeds=embed(torch.tensor([prompt + generated]))).logits[0, len(prompt) - 1 : -1]
+        recorded = torch.stack([step[b] for step in out.logits])
+        assert (recorded - fresh).abs().max() <= 1e-4, f"row {b} is not what its tokens give"
+
+
+def test_inputs_embeds_batch_where_one_row_rewinds_to_its_first_token() -> None:
+    """The case the adversarial pass found: two rows, all-ones mask, EOS raised on row 0 only."""
+    model = make_perpetual(tiny_model("llama"))
+    prompt = torch.tensor([[1, 5, 6, 7], [1, 9, 3, 4]])
+    embeds = model.get_input_embeddings()(prompt)
+    kwargs = {"do_sample": False, "max_new_tokens": 8, "backstep": BackstepConfig(n_remove=2, max_backsteps=3)}
+    batch = model.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(2, 4, dtype=torch.long),
+        logits_processor=[BoostEOSOnRows([0], 100.0)],
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    assert len(batch.backstep_events[0]) == 3 and not batch.backstep_events[1]
+    for b in range(2):
+        solo = model.generate(
+            inputs_embeds=embeds[b : b + 1], logits_processor=[BoostEOSOnRows([0] if b == 0 else [], 100.0)], **kwargs
+        )
+        assert batch.sequences[b].tolist() == solo[0].tolist()
