@@ -4,11 +4,15 @@ prompt, processors that read the rows' tokens, a huge ``n_remove`` and a static 
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
-from conftest import EOS, PAD, tiny_model
+from conftest import EOS, PAD, BoostEOS, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation import logits_process as lp
 
 from perpetual_logits import BackstepConfig, make_perpetual
 
@@ -85,3 +89,77 @@ def test_inputs_embeds_batch_where_one_row_rewinds_to_its_first_token() -> None:
             inputs_embeds=embeds[b : b + 1], logits_processor=[BoostEOSOnRows([0] if b == 0 else [], 100.0)], **kwargs
         )
         assert batch.sequences[b].tolist() == solo[0].tolist()
+
+
+# -- item 3: processors that read the tokens see each row's own ---------------------------------------------------
+PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9, 3], [1, 4, 4, 11, 12], [1, 7, 7, 7]]
+
+
+TOKEN_READERS = {
+    "repetition_penalty": lambda: {"repetition_penalty": 1.6, "logits_processor": [BoostEOS(1.5)]},
+    "repetition_reward": lambda: {"repetition_penalty": 0.8, "logits_processor": [BoostEOS(3.0)]},
+    "no_repeat_ngram_size": lambda: {"no_repeat_ngram_size": 2, "logits_processor": [BoostEOS(1.5)]},
+}
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "equal-prompts"])
+@pytest.mark.parametrize("name", list(TOKEN_READERS))
+def test_token_reading_processors_see_each_rows_own_tokens(name: str, padded: bool) -> None:
+    """Greedy: a batch row equals its solo run; the padding before a rewound row is not its text (with pad = EOS,
+    a penalty that counted it would penalise EOS in that row)."""
+    model = make_perpetual(tiny_model("llama", attn="sdpa"))
+    prompts = PROMPTS if padded else [p[:3] for p in PROMPTS]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = (ids != PAD).long()
+    cfg = BackstepConfig(n_remove=3, max_backsteps=5)
+    kwargs = {"do_sample": False, "max_new_tokens": 24, "pad_token_id": EOS, "backstep": cfg, **TOKEN_READERS[name]()}
+    batch = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
+    assert len({tuple(e.step for e in events) for events in batch.backstep_events}) > 1, "rows rewind apart"
+    for i in range(len(prompts)):
+        kwargs = {
+            "do_sample": False,
+            "max_new_tokens": 24,
+            "pad_token_id": EOS,
+            "backstep": cfg,
+            **TOKEN_READERS[name](),
+        }
+        solo = model.generate(ids[i : i + 1], attention_mask=mask[i : i + 1], **kwargs)
+        generated = solo[0, width:].tolist()
+        assert batch.sequences[i, width : width + len(generated)].tolist() == generated, f"row {i} differs"
+
+
+def _token_readers() -> list[LogitsProcessor]:
+    from perpetual_logits import DRYLogitsProcessor
+
+    return [
+        lp.RepetitionPenaltyLogitsProcessor(2.0),
+        lp.RepetitionPenaltyLogitsProcessor(2.0, prompt_ignore_length=torch.tensor([0, 1, 0, 2])),
+        lp.SequenceBiasLogitsProcessor({(PAD, PAD, 5): 4.0, (9,): -1.0}),
+        lp.NoBadWordsLogitsProcessor([[PAD, PAD, 6]], eos_token_id=EOS),
+        DRYLogitsProcessor(1.0, 2.0, 1, penalty_last_n=4),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_every_token_reader_judges_a_shorter_row_by_its_own_tokens(index: int) -> None:
+    """The wrapped processor gives each row exactly what it gives that row alone; unwrapped, the padding before
+    the shorter rows counts as their text."""
+    from perpetual_logits.backstep.lengths import per_row_lengths
+
+    own = [[1, 5, 9, 5, 7, 9, 5, EOS, 5], [PAD, 7, PAD], [PAD], [3, 4, 5, 6, 5]]
+    lens = [len(row) for row in own]
+    width = max(lens)
+    padded = torch.tensor([[PAD] * (width - len(row)) + row for row in own])
+    scores = torch.linspace(-3.0, 3.0, 4 * 12).reshape(4, 12)
+    processor = _token_readers()[index]
+    expected = []
+    for b, row in enumerate(own):
+        alone = copy.deepcopy(processor)
+        ignore = getattr(alone, "prompt_ignore_length", None)
+        if isinstance(ignore, torch.Tensor):
+            alone.prompt_ignore_length = ignore[b : b + 1]
+        expected.append(alone(torch.tensor([row]), scores[b : b + 1].clone())[0])
+    wrapped = per_row_lengths(LogitsProcessorList([copy.deepcopy(processor)]), lambda: lens)
+    assert torch.equal(wrapped(padded, scores.clone()), torch.stack(expected))
+    assert not torch.equal(processor(padded, scores.clone()), torch.stack(expected)), "padding matters here"
