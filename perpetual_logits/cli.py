@@ -28,7 +28,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -275,9 +275,15 @@ def _check_prompt_text(prompt: str) -> str:
     return prompt
 
 
-def _summary_line(result: RunResult) -> str:
+def _summary_line(result: RunResult, window: int | None = None) -> str:
+    """``window``: the model's positions, when they lowered the budget (the run stops there, not at the budget)."""
     parts = [f"[{result.method}] {result.new_tokens} new tokens"]
-    parts.append("stopped at EOS" if result.ended_with_eos else "stopped at the token budget")
+    if result.ended_with_eos:
+        parts.append("stopped at EOS")
+    elif window is not None:
+        parts.append(f"stopped at the model's {window}-position window")
+    else:
+        parts.append("stopped at the token budget")
     kind = METHODS[result.method].intervention
     if kind != "none":
         parts.append(f"{kind}: {len(result.interventions)}")
@@ -294,12 +300,22 @@ def _note(text: str) -> None:
 
 # -- commands ------------------------------------------------------------------------------------------------
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .methods import load_model, run_method
+    from .methods import fitted_budget, load_model, run_method
     from .report import finite
 
     prompt = _check_prompt_text(args.prompt)
     settings = _settings(args)
     loaded = load_model(args.model)
+    # The budget is lowered to fit the model's window: say so, and report what the run used.
+    budget = fitted_budget(loaded, prompt, settings.max_new_tokens, chat=args.chat)
+    window = None
+    if budget < settings.max_new_tokens:
+        window = loaded.max_positions
+        _note(
+            f"--max-new-tokens {settings.max_new_tokens} lowered to {budget}: the prompt and its new tokens must fit "
+            f"the model's {window} positions"
+        )
+        settings = replace(settings, max_new_tokens=budget)
     streamer = None
     if args.stream and not args.json:
         from transformers import TextStreamer
@@ -316,6 +332,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "chat_template": args.chat,
             "seed": result.seed,
             "settings": asdict(settings),
+            "max_new_tokens_requested": args.max_new_tokens,
             "text": result.text,
             "new_tokens": result.new_tokens,
             "ended_with_eos": result.ended_with_eos,
@@ -328,7 +345,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 0
     if streamer is None:
         print(prompt + ("\n" if args.chat else "") + result.text)
-    print(_summary_line(result))
+    print(_summary_line(result, window))
     return 0
 
 

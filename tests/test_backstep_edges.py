@@ -163,3 +163,16 @@ def test_every_token_reader_judges_a_shorter_row_by_its_own_tokens(index: int) -
     wrapped = per_row_lengths(LogitsProcessorList([copy.deepcopy(processor)]), lambda: lens)
     assert torch.equal(wrapped(padded, scores.clone()), torch.stack(expected))
     assert not torch.equal(processor(padded, scores.clone()), torch.stack(expected)), "padding matters here"
+
+
+# -- item 4: a huge n_remove allocates nothing for it ---------------------------------------------------------
+def test_a_huge_n_remove_runs_like_one_that_removes_everything() -> None:
+    """(2**31 + 1) buffered positions of logits would be hundreds of GB: the buffer holds what the run can use."""
+    model = make_perpetual(tiny_model("llama"))
+    ids = torch.tensor([[1, 5, 6, 7], [1, 9, 3, 4]])
+    kwargs = {"do_sample": False, "max_new_tokens": 12, "logits_processor": [BoostEOS(2.5)]}
+    huge = model.generate(ids, backstep=BackstepConfig(n_remove=2**31, max_backsteps=3), **kwargs)
+    events = model.last_backstep[0]
+    whole = model.generate(ids, backstep=BackstepConfig(n_remove=13, max_backsteps=3), **kwargs)
+    assert any(events), "rows rewind"
+    assert torch.equal(huge, whole)

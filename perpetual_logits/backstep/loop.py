@@ -94,7 +94,10 @@ class BackstepLoop:
         # -- units: rows, bans, logits buffer, temperature, hold-back, records (the cache comes with the prefill)
         self.rows = Rows(input_ids, self.prompt_mask, max_length, self.pad)
         self.bans = Bans(self.device)
-        self.ring = LogitsRing(int(config.logits_buffer), vocab, self.device)  # type: ignore[arg-type]
+        # A run holds at most max_new_tokens + 1 positions to draw from: a larger buffer (n_remove can be huge)
+        # would only allocate memory no rewind can use.
+        usable = max_length - self.rows.prompt_length + 1
+        self.ring = LogitsRing(min(int(config.logits_buffer), usable), vocab, self.device)  # type: ignore[arg-type]
         self.temperature = (
             TemperatureSchedule(config.schedule, config.early_trigger, self.device, config.widen)
             if config.schedule
