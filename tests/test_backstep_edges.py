@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation import logits_process as lp
 
-from perpetual_logits import BackstepConfig, make_perpetual
+from perpetual_logits import BackstepConfig, _compat, make_perpetual
 
 
 class BoostEOSOnRows(LogitsProcessor):
@@ -176,3 +176,37 @@ def test_a_huge_n_remove_runs_like_one_that_removes_everything() -> None:
     whole = model.generate(ids, backstep=BackstepConfig(n_remove=13, max_backsteps=3), **kwargs)
     assert any(events), "rows rewind"
     assert torch.equal(huge, whole)
+
+
+# -- item 5: a StaticCache sized like stock generate()'s --------------------------------------------------------
+CACHE = _compat.output_cache_field()  # the cache argument: `cache` after transformers 5.18, `past_key_values` before
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_a_static_cache_sized_like_stock_generate_works_alone_and_is_refused_up_front_in_a_batch(batch: int) -> None:
+    from transformers import StaticCache
+
+    model = make_perpetual(tiny_model("llama", attn="sdpa"))
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 9, 3], [1, 4, 4, 11, 12]][:batch]
+    width, new = max(map(len, prompts)), 16
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    kwargs = {
+        "attention_mask": (ids != PAD).long(),
+        "do_sample": False,
+        "max_new_tokens": new,
+        "logits_processor": [BoostEOS(2.5)],
+        "backstep": BackstepConfig(n_remove=3, max_backsteps=6),
+    }
+    expected = model.generate(ids, **kwargs)
+    assert any(model.last_backstep[0]), "rows rewind"
+    stock_size = StaticCache(config=model.config, max_cache_len=width + new - 1)
+    if batch == 1:
+        assert torch.equal(model.generate(ids, **{CACHE: stock_size}, **kwargs), expected)
+        return
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    with pytest.raises(ValueError, match=f"max_cache_len >= {width + new} .*got {width + new - 1}"):
+        model.generate(ids, **{CACHE: stock_size}, **kwargs)
+    assert len(forwards) <= 1, "refused before any token is generated"
+    one_more = StaticCache(config=model.config, max_cache_len=width + new)
+    assert torch.equal(model.generate(ids, **{CACHE: one_more}, **kwargs), expected)
