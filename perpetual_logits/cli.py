@@ -298,23 +298,33 @@ def _note(text: str) -> None:
     print(f"{_PROG}: note: {text}", file=sys.stderr)
 
 
+def _fitted_budget(loaded: Any, prompts: Sequence[str], wanted: int, chat: bool) -> int:
+    """The smallest budget any of ``prompts`` runs with (the model's window lowers it); one note when lowered."""
+    from .methods import fitted_budget
+
+    budget = min(fitted_budget(loaded, prompt, wanted, chat=chat) for prompt in prompts)
+    if budget < wanted:
+        which = "" if len(prompts) == 1 else " for the longest prompt"
+        _note(
+            f"--max-new-tokens {wanted} lowered to {budget}{which}: the prompt and its new tokens must fit the "
+            f"model's {loaded.max_positions} positions"
+        )
+    return budget
+
+
 # -- commands ------------------------------------------------------------------------------------------------
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .methods import fitted_budget, load_model, run_method
+    from .methods import load_model, run_method
     from .report import finite
 
     prompt = _check_prompt_text(args.prompt)
     settings = _settings(args)
     loaded = load_model(args.model)
     # The budget is lowered to fit the model's window: say so, and report what the run used.
-    budget = fitted_budget(loaded, prompt, settings.max_new_tokens, chat=args.chat)
+    budget = _fitted_budget(loaded, [prompt], settings.max_new_tokens, args.chat)
     window = None
     if budget < settings.max_new_tokens:
         window = loaded.max_positions
-        _note(
-            f"--max-new-tokens {settings.max_new_tokens} lowered to {budget}: the prompt and its new tokens must fit "
-            f"the model's {window} positions"
-        )
         settings = replace(settings, max_new_tokens=budget)
     streamer = None
     if args.stream and not args.json:
@@ -359,6 +369,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = output_dir(args.out)  # before the runs: a bad --out fails in a second, not after minutes
     loaded = load_model(args.model)
+    _fitted_budget(loaded, prompts, settings.max_new_tokens, args.chat)
     seeds = list(range(args.seed, args.seed + args.runs))
     with _progress(len(prompts) * len(seeds), "baseline runs") as update:
         analysis = analyze_runs(
@@ -401,6 +412,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         # for all rows of the batch, so the budget bounds the demo's time (under 3 minutes on 2 cores).
         args.max_backsteps = 8
     settings = _settings(args)
+    _fitted_budget(loaded, prompts, settings.max_new_tokens, chat)
     seeds = list(range(args.seed, args.seed + runs))
     total = len(METHODS) * len(seeds) * len(prompts) + analysis_runs * len(prompts)
     with _progress(total, "demo runs") as update:

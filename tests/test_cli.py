@@ -331,3 +331,18 @@ def test_a_budget_lowered_to_fit_the_window_is_said_and_reported(capsys, tiny_di
     code, out, err = run(capsys, *argv, "--no-stream")
     assert code == 0 and len(err.splitlines()) == 1
     assert out.splitlines()[-1].startswith("[suppress] 32 new tokens · stopped at the model's 512-position window")
+
+
+def test_analyze_says_when_the_window_lowers_the_budget(capsys, tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2\n" + " ".join(["w3"] * 500) + "\n")
+    code, _, err = run(
+        capsys,
+        *("analyze", "--model", str(tiny_dir), "--prompts", str(prompts), "--runs", "1", "--block-size", "2"),
+        *("--final-blocks", "2", "--max-new-tokens", "40", "--out", str(tmp_path / "analysis")),
+    )
+    assert code == 0, err
+    assert (
+        "perpetual-logits: note: --max-new-tokens 40 lowered to 12 for the longest prompt: the prompt and its new "
+        "tokens must fit the model's 512 positions"
+    ) in err.splitlines()
