@@ -30,7 +30,7 @@ from ..protocol import Rewind, RewindRule, RowState
 from ..repetition import newline_token_ids
 from .bans import Bans
 from .buffer import LogitsRing
-from .cache import CacheLayout, check_cache, sliding_window
+from .cache import CacheLayout, check_cache, check_static_size, sliding_window
 from .config import BackstepConfig
 from .events import BackstepEvent, BackstepOutput, BackstepStats
 from .lengths import per_row_lengths
@@ -192,7 +192,7 @@ class BackstepLoop:
         self.forward = _compat.decode_forward(self.model, self.gc, kwargs)
         static = [layer.max_cache_len for layer in _compat.cache_layers(cache) if _compat.is_static_layer(layer)]
         prefix = prompt_slots - self.input_ids.shape[1]  # inputs_embeds: max_length counts generated tokens only
-        _check_static_size(static, self.capacity + prefix, self.rows.batch)
+        check_static_size(static, self.capacity + prefix, self.rows.batch)
         capacity = min([self.capacity + prefix, *static])
         self.cache = CacheLayout(cache, self.prompt_mask, self.input_ids.shape[1], capacity, self.device)
         self.stats.prefill_forwards = 1
@@ -383,22 +383,6 @@ def _check_supported(model: Any, input_ids: torch.Tensor, gc: Any, streamer: Any
         raise ValueError("backstep generation streams batch size 1 only (like TextStreamer)")
     if not kwargs.get("use_cache", True):
         raise ValueError("backstep generation needs use_cache=True: the rewind works on the KV cache")
-
-
-def _check_static_size(static: list[int], slots: int, batch: int) -> None:
-    """Refuse, before any token is generated, a fixed-size cache the run could outgrow.
-
-    ``slots``: prompt + max_new_tokens. One row never feeds its last token (``slots - 1``, what stock
-    ``generate()`` allocates). In a batch a row that reached max_new_tokens keeps its slots while a rewound row
-    still writes, and that row's new slot is one more column for every row.
-    """
-    needed = slots - 1 if batch == 1 else slots
-    if static and min(static) < needed:
-        raise ValueError(
-            f"backstep generation needs a StaticCache with max_cache_len >= {needed} (prompt + max_new_tokens"
-            f"{' - 1' if batch == 1 else ', one slot more than stock generate() in a batch'}), got {min(static)}; "
-            'pass a larger one or let generate() build it (cache_implementation="static")'
-        )
 
 
 def _vocab_size(model: Any) -> int:
