@@ -28,7 +28,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -275,9 +275,15 @@ def _check_prompt_text(prompt: str) -> str:
     return prompt
 
 
-def _summary_line(result: RunResult) -> str:
+def _summary_line(result: RunResult, window: int | None = None) -> str:
+    """``window``: the model's positions, when they lowered the budget (the run stops there, not at the budget)."""
     parts = [f"[{result.method}] {result.new_tokens} new tokens"]
-    parts.append("stopped at EOS" if result.ended_with_eos else "stopped at the token budget")
+    if result.ended_with_eos:
+        parts.append("stopped at EOS")
+    elif window is not None:
+        parts.append(f"stopped at the model's {window}-position window")
+    else:
+        parts.append("stopped at the token budget")
     kind = METHODS[result.method].intervention
     if kind != "none":
         parts.append(f"{kind}: {len(result.interventions)}")
@@ -292,6 +298,20 @@ def _note(text: str) -> None:
     print(f"{_PROG}: note: {text}", file=sys.stderr)
 
 
+def _fitted_budget(loaded: Any, prompts: Sequence[str], wanted: int, chat: bool) -> int:
+    """The smallest budget any of ``prompts`` runs with (the model's window lowers it); one note when lowered."""
+    from .methods import fitted_budget
+
+    budget = min(fitted_budget(loaded, prompt, wanted, chat=chat) for prompt in prompts)
+    if budget < wanted:
+        which = "" if len(prompts) == 1 else " for the longest prompt"
+        _note(
+            f"--max-new-tokens {wanted} lowered to {budget}{which}: the prompt and its new tokens must fit the "
+            f"model's {loaded.max_positions} positions"
+        )
+    return budget
+
+
 # -- commands ------------------------------------------------------------------------------------------------
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .methods import load_model, run_method
@@ -300,6 +320,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = _check_prompt_text(args.prompt)
     settings = _settings(args)
     loaded = load_model(args.model)
+    # The budget is lowered to fit the model's window: say so, and report what the run used.
+    budget = _fitted_budget(loaded, [prompt], settings.max_new_tokens, args.chat)
+    window = None
+    if budget < settings.max_new_tokens:
+        window = loaded.max_positions
+        settings = replace(settings, max_new_tokens=budget)
     streamer = None
     if args.stream and not args.json:
         from transformers import TextStreamer
@@ -316,6 +342,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "chat_template": args.chat,
             "seed": result.seed,
             "settings": asdict(settings),
+            "max_new_tokens_requested": args.max_new_tokens,
             "text": result.text,
             "new_tokens": result.new_tokens,
             "ended_with_eos": result.ended_with_eos,
@@ -328,7 +355,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 0
     if streamer is None:
         print(prompt + ("\n" if args.chat else "") + result.text)
-    print(_summary_line(result))
+    print(_summary_line(result, window))
     return 0
 
 
@@ -342,6 +369,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = output_dir(args.out)  # before the runs: a bad --out fails in a second, not after minutes
     loaded = load_model(args.model)
+    _fitted_budget(loaded, prompts, settings.max_new_tokens, args.chat)
     seeds = list(range(args.seed, args.seed + args.runs))
     with _progress(len(prompts) * len(seeds), "baseline runs") as update:
         analysis = analyze_runs(
@@ -384,6 +412,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         # for all rows of the batch, so the budget bounds the demo's time (under 3 minutes on 2 cores).
         args.max_backsteps = 8
     settings = _settings(args)
+    _fitted_budget(loaded, prompts, settings.max_new_tokens, chat)
     seeds = list(range(args.seed, args.seed + runs))
     total = len(METHODS) * len(seeds) * len(prompts) + analysis_runs * len(prompts)
     with _progress(total, "demo runs") as update:

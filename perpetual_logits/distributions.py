@@ -17,6 +17,7 @@ __all__ = [
     "in_bits",
     "mask_eos",
     "mask_eos_",
+    "may_hold_lone_eos",
     "raw_stats",
     "restore_lone_eos",
 ]
@@ -49,6 +50,17 @@ def mask_eos_(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     eos_scores = scores.index_select(-1, eos)
     scores.index_fill_(-1, eos, float("-inf"))
     return restore_lone_eos(scores, eos, eos_scores, scores.amax(-1, keepdim=True))
+
+
+def may_hold_lone_eos(masked: torch.Tensor) -> bool:
+    """Whether a row of ``masked`` (EOS ids already at -inf) may have no finite score left, so that
+    :func:`restore_lone_eos` must run. On the CPU a value read back costs nothing, so the answer is exact and the
+    common case skips the restoring kernels; on an accelerator reading it would be a host synchronisation, so
+    the answer is always ``True`` (restore without looking)."""
+    if masked.device.type != "cpu":
+        return True
+    best = masked.max() if masked.shape[0] == 1 else masked.amax(-1).min()
+    return not bool(best > float("-inf"))  # NaN also takes the careful path
 
 
 def restore_lone_eos(

@@ -407,6 +407,14 @@ def encode_prompts(loaded: LoadedModel, prompts: Sequence[str], chat: bool = Fal
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def fitted_budget(loaded: LoadedModel, prompts: str | Sequence[str], wanted: int, chat: bool = False) -> int:
+    """The new-token budget :func:`run_method` uses: ``wanted``, lowered so that the longest prompt and its new
+    tokens fit the model's position table (raises ``ValueError`` when the prompt alone does not fit)."""
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    width = int(encode_prompts(loaded, batch, chat=chat)["input_ids"].shape[1])
+    return _budget(loaded, width, wanted)
+
+
 def _budget(loaded: LoadedModel, prompt_length: int, wanted: int) -> int:
     """``wanted`` new tokens, capped so that the sequence fits the model's position table."""
     if loaded.max_positions is None:

@@ -19,18 +19,22 @@ models do it for you). Inside backstep generation the loop calls :meth:`start` a
 the state follows a rewind.
 
 Cost: arguments are checked once per generation (the first call), not per step, and the per-step work is
-a handful of tensor operations with no host synchronisation.
+a handful of tensor operations: records are copied into a buffer allocated once and summarised 64 steps at a
+time, and transformers' per-step look at ``__call__``'s signature finds it precomputed. On an accelerator no
+step synchronises with the host; on the CPU, where reading a value back is free, the common case (no row
+whose only finite score is EOS; for Method 2, no row in its schedule) skips the kernels it does not need.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
 
 from . import _validation
-from .distributions import eos_on_top, eos_probability, mask_eos_, restore_lone_eos
+from .distributions import eos_on_top, eos_probability, may_hold_lone_eos, restore_lone_eos
 from .protocol import RowState
 from .schedules import FactorTable, LinearDecay, Schedule, factor_table, multipliers
 from .triggers import EarlyTrigger
@@ -49,7 +53,12 @@ __all__ = [
 @dataclass
 class _StepRecord:
     positions: int | torch.Tensor  # int when every row chose the same position, else (batch,) long
-    values: dict[str, torch.Tensor]  # name -> (batch,); empty while the step waits in the pending chunk
+    values: dict[str, torch.Tensor]  # name -> (batch,), or name -> (steps, batch) of a chunk (see `index`)
+    index: int | None = None  # the step's index in a chunk of deferred statistics; None: `values` is its own
+
+    def value(self, name: str, row: int) -> float:
+        values = self.values[name]
+        return float(values[row] if self.index is None else values[self.index, row])
 
 
 #: Scores (elements) kept for deferred statistics before they are computed in one go: 8 Mi floats, 32 MiB.
@@ -82,9 +91,10 @@ class EOSLogitsProcessor(LogitsProcessor, RowState):
         self._checked = False  # arguments are validated on the first call of a generation only
         self._records: list[_StepRecord] = []
         self._ended: dict[int, int] = {}  # row -> its final length, for rows the backstep loop finished
-        # Deferred statistics: (record, scores) of recent steps, computed a chunk at a time (see _record_scores).
-        self._pending: list[tuple[_StepRecord, torch.Tensor]] = []
-        self._pending_elements = 0
+        # Deferred statistics: the records of recent steps and their scores, copied into one reused chunk
+        # buffer (steps, batch, vocab) and computed a chunk at a time (see _record_scores).
+        self._pending: list[_StepRecord] = []
+        self._chunk: torch.Tensor | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -179,14 +189,25 @@ class EOSLogitsProcessor(LogitsProcessor, RowState):
     def _record_scores(self, positions: int | torch.Tensor, scores: torch.Tensor) -> None:
         """Record statistics of ``scores`` later: :meth:`_statistics` runs once over a chunk of steps.
 
-        Per step this costs one copy instead of a handful of small kernels (and their dispatch), which is most
-        of a processor's price on a small model; the chunk is bounded (64 steps, 32 MiB of scores).
+        Per step this costs one copy into a buffer allocated once per generation, instead of a handful of small
+        kernels (and their dispatch) or an allocation, which is most of a processor's price on a small model;
+        the chunk is bounded (64 steps, 32 MiB of scores).
         """
-        record = _StepRecord(positions, {})
+        chunk = self._chunk
+        if (
+            chunk is None
+            or chunk.shape[1:] != scores.shape
+            or chunk.dtype != scores.dtype
+            or chunk.device != (scores.device)
+        ):
+            self._flush()
+            steps = max(1, min(_PENDING_STEPS, _PENDING_ELEMENTS // max(scores.numel(), 1)))
+            chunk = self._chunk = torch.empty((steps, *scores.shape), dtype=scores.dtype, device=scores.device)
+        record = _StepRecord(positions, {}, index=len(self._pending))
+        chunk[record.index].copy_(scores)
         self._records.append(record)
-        self._pending.append((record, scores.detach().clone()))
-        self._pending_elements += scores.numel()
-        if len(self._pending) >= _PENDING_STEPS or self._pending_elements >= _PENDING_ELEMENTS:
+        self._pending.append(record)
+        if len(self._pending) == chunk.shape[0]:
             self._flush()
 
     def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -195,14 +216,13 @@ class EOSLogitsProcessor(LogitsProcessor, RowState):
 
     def _flush(self) -> None:
         """Compute the pending steps' statistics (all at once) and store them in their records."""
-        pending, self._pending, self._pending_elements = self._pending, [], 0
-        by_shape: dict[tuple[tuple[int, ...], torch.device], list[tuple[_StepRecord, torch.Tensor]]] = {}
-        for record, scores in pending:  # one group unless the batch changed (it does not within a generation)
-            by_shape.setdefault((tuple(scores.shape), scores.device), []).append((record, scores))
-        for (_, device), items in by_shape.items():
-            stats = self._statistics(torch.stack([s for _, s in items]), self._eos(device))
-            for i, (record, _) in enumerate(items):
-                record.values = {name: values[i] for name, values in stats.items()}
+        pending, self._pending = self._pending, []
+        if not pending or self._chunk is None:
+            return
+        stats = self._statistics(self._chunk[: len(pending)], self._eos(self._chunk.device))
+        # The records share the chunk's statistics (a view per record and name would cost more than the step).
+        for record in pending:
+            record.values = stats
 
     def _row_history(self, row: int, name: str) -> list[tuple[int, float]]:
         """(position, value) of one row, in order, keeping only the latest record of each kept position."""
@@ -216,7 +236,7 @@ class EOSLogitsProcessor(LogitsProcessor, RowState):
                 continue
             while kept and kept[-1][0] >= pos:  # a rewind: this position is being chosen again
                 kept.pop()
-            kept.append((pos, float(record.values[name][row])))
+            kept.append((pos, record.value(name, row)))
         return kept
 
     def _per_row(self, name: str) -> list[list[tuple[int, float]]]:
@@ -225,6 +245,11 @@ class EOSLogitsProcessor(LogitsProcessor, RowState):
             return []
         offset = self._prompt_length
         return [[(pos - offset, v) for pos, v in self._row_history(row, name)] for row in range(self._batch)]
+
+
+# transformers' LogitsProcessorList rebuilds every processor's __call__ signature at every step (to see whether
+# it takes extra arguments); a signature stored on the function is read back instead, a third of that price.
+setattr(EOSLogitsProcessor.__call__, "__signature__", inspect.signature(EOSLogitsProcessor.__call__))  # noqa: B010
 
 
 class SuppressEOSLogitsProcessor(EOSLogitsProcessor):
@@ -276,9 +301,10 @@ class SuppressEOSLogitsProcessor(EOSLogitsProcessor):
     ) -> torch.Tensor:
         if self.record:
             self._record_scores(positions, scores)
-        eos_scores = scores.index_select(-1, eos)
         out = scores.index_fill(-1, eos, float("-inf"))  # a copy: the caller's scores stay as they were
-        return restore_lone_eos(out, eos, eos_scores, out.amax(-1, keepdim=True))
+        if not may_hold_lone_eos(out):
+            return out
+        return restore_lone_eos(out, eos, scores.index_select(-1, eos), out.amax(-1, keepdim=True))
 
     def _statistics(self, scores: torch.Tensor, eos: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"eos_prob": eos_probability(scores, eos), "eos_top": eos_on_top(scores, eos)}
@@ -401,6 +427,8 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
     def _reset_state(self) -> None:
         # (batch,) position of each row's latest restart; _NEVER for a row that has had none.
         self._last_trigger: torch.Tensor | None = None
+        # The last position at which some row's multiplier is not 1.0 (kept on the CPU only, see process()).
+        self._hot_until = _NEVER
         if getattr(self, "early_trigger", None) is not None:
             self.early_trigger.reset()  # type: ignore[union-attr]
 
@@ -442,17 +470,31 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         batch, device = scores.shape[0], scores.device
         if self._last_trigger is None or self._last_trigger.shape[0] != batch:
             self._last_trigger = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
+            self._hot_until = _NEVER
+        table = self._table
+        # On the CPU, where reading a value back is free: when no row restarts and every row's schedule has
+        # ended (most steps), the multiplier is 1.0 everywhere and only EOS needs masking.
+        tracked = device.type == "cpu" and isinstance(positions, int) and table.exact and not table.forever
+        if tracked and self._truncation_plan is None and positions > self._hot_until and not bool(restart.any()):
+            out = scores.index_fill(-1, eos, float("-inf"))
+            if may_hold_lone_eos(out):
+                out = restore_lone_eos(out, eos, scores.index_select(-1, eos), out.amax(-1, keepdim=True))
+            return out
         pos = positions.to(device) if isinstance(positions, torch.Tensor) else positions
         self._last_trigger = torch.where(restart, pos, self._last_trigger)
         since = pos - self._last_trigger  # huge for rows that never restarted
-        table = self._table
         values = table.on(device)
+        if tracked:  # the table's last entry is 1.0: a row is hot while since < len(values) - 1
+            self._hot_until = int(self._last_trigger.max()) + values.shape[0] - 2
         if table.exact and not table.forever:
             # The table ends with 1.0: the end of the schedule and rows that never restarted both land there.
             factor = values[since.clamp(0, values.shape[0] - 1)]
         else:
             factor = table.lookup(since, self._last_trigger != _NEVER)
-        out = mask_eos_(scores / factor.to(scores.dtype)[:, None], eos)
+        divisor = factor.to(scores.dtype)[:, None]
+        out = (scores / divisor).index_fill_(-1, eos, float("-inf"))
+        if may_hold_lone_eos(out):  # the caller's scores still hold the EOS scores to put back
+            out = restore_lone_eos(out, eos, scores.index_select(-1, eos) / divisor, out.amax(-1, keepdim=True))
         if self._truncation_plan is not None:  # per-row top-k/top-p/min-p, widened after an eviction
             rows = self._truncation_plan.row_values(since, self._last_trigger != _NEVER, out.shape[-1])
             out = truncate_rows(out, *rows, temperature=self._truncation_plan.configured.temperature)

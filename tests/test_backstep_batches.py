@@ -16,7 +16,7 @@ from transformers.generation import logits_process as lp
 
 import perpetual_logits as pl
 from perpetual_logits import BackstepConfig, _compat, make_perpetual
-from perpetual_logits.backstep.lengths import LENGTH_DEPENDENT, NOT_APPLICABLE, READS_TOKENS_ONLY
+from perpetual_logits.backstep.lengths import LENGTH_DEPENDENT, NOT_APPLICABLE, READS_TOKENS
 from perpetual_logits.backstep.temperature import WARPERS, RowTemperature, insert_before_warpers
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9, 3], [1, 4, 4, 11, 12]]
@@ -112,7 +112,7 @@ def test_length_dependent_processors_judge_each_row_by_its_own_length(length_kwa
 
 def test_every_length_reading_processor_is_handled_or_listed_as_not_applicable() -> None:
     """Fails when transformers adds a processor that reads the sequence length and we do not handle it."""
-    handled = set(LENGTH_DEPENDENT) | set(NOT_APPLICABLE) | set(READS_TOKENS_ONLY)
+    handled = set(LENGTH_DEPENDENT) | set(NOT_APPLICABLE) | set(READS_TOKENS)
     missing = []
     for name, cls in vars(lp).items():
         if not (isinstance(cls, type) and issubclass(cls, lp.LogitsProcessor)) or cls in handled:

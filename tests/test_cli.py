@@ -306,3 +306,43 @@ def test_chat_demo_on_smollm2(capsys, smollm2_path, tmp_path):
     assert [row["method"] for row in results["table"]] == METHODS
     assert all(len(results["runs"][m]) == 3 for m in METHODS)
     assert "(chat template)" in (out_dir / "README.md").read_text()
+
+
+# -- issue 19: budgets --------------------------------------------------------------------------------------
+def test_a_huge_n_remove_runs(capsys, tiny_dir):
+    argv = ["generate", "--model", str(tiny_dir), "--method", "backstep", "--max-new-tokens", "5", "--json", "w1"]
+    code, out, err = run(capsys, *argv, "--n-remove", str(2**31))
+    assert code == 0, err
+    assert strict_json(out)["new_tokens"] == 5
+
+
+def test_a_budget_lowered_to_fit_the_window_is_said_and_reported(capsys, tiny_dir):
+    prompt = " ".join(["w1"] * 480)  # 480 tokens of a 512-position model: 32 new tokens fit
+    argv = ["generate", "--model", str(tiny_dir), "--method", "suppress", "--max-new-tokens", "600", prompt]
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0
+    assert err.splitlines() == [
+        "perpetual-logits: note: --max-new-tokens 600 lowered to 32: the prompt and its new tokens must fit the "
+        "model's 512 positions"
+    ]
+    payload = strict_json(out)
+    assert payload["new_tokens"] == 32
+    assert payload["settings"]["max_new_tokens"] == 32 and payload["max_new_tokens_requested"] == 600
+    code, out, err = run(capsys, *argv, "--no-stream")
+    assert code == 0 and len(err.splitlines()) == 1
+    assert out.splitlines()[-1].startswith("[suppress] 32 new tokens · stopped at the model's 512-position window")
+
+
+def test_analyze_says_when_the_window_lowers_the_budget(capsys, tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2\n" + " ".join(["w3"] * 500) + "\n")
+    code, _, err = run(
+        capsys,
+        *("analyze", "--model", str(tiny_dir), "--prompts", str(prompts), "--runs", "1", "--block-size", "2"),
+        *("--final-blocks", "2", "--max-new-tokens", "40", "--out", str(tmp_path / "analysis")),
+    )
+    assert code == 0, err
+    assert (
+        "perpetual-logits: note: --max-new-tokens 40 lowered to 12 for the longest prompt: the prompt and its new "
+        "tokens must fit the model's 512 positions"
+    ) in err.splitlines()

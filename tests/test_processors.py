@@ -311,3 +311,45 @@ def test_tinystories_method2_raises_temperature_after_evictions(tinystories) -> 
             assert torch.allclose(ratio, torch.full_like(ratio, 2.0), rtol=1e-4)
             checked += 1
     assert checked >= 4
+
+
+# --- the cheap paths (issue 19 item 9): the same results as the general path --------------------------------
+@given(
+    batch=st.integers(1, 3),
+    peak=st.floats(1.1, 4.0),
+    length=st.integers(1, 6),
+    tops=st.lists(st.lists(st.booleans(), min_size=3, max_size=3), min_size=1, max_size=14),
+)
+@settings(max_examples=60, deadline=None)
+def test_method2_multiplier_follows_each_rows_schedule_step_by_step(
+    batch: int, peak: float, length: int, tops: list[list[bool]]
+) -> None:
+    """Steps where no row is hot take a shortcut on the CPU; every step must still use each row's multiplier."""
+    schedule = LinearDecay(peak, length)
+    proc = PostEOSResamplingLogitsProcessor(EOS, schedule=schedule, trigger="argmax")
+    last: list[int | None] = [None] * batch
+    for step, top in enumerate(tops):
+        scores = torch.tensor([[0.0, 1.0, 9.0 if top[b] else -9.0, 3.0] for b in range(batch)])
+        out = proc(torch.ones(batch, 4 + step, dtype=torch.long), scores)
+        for b in range(batch):
+            if top[b]:
+                last[b] = step
+            since = None if last[b] is None else step - last[b]
+            expected = 1.0 if since is None or since >= length else schedule.factor(since)
+            assert out[b, 3].item() == pytest.approx(3.0 / expected, rel=1e-5), (step, b)
+            assert out[b, EOS].item() == float("-inf")
+
+
+@pytest.mark.parametrize("hot", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_method2_row_with_only_eos_finite_keeps_it(batch: int, hot: bool) -> None:
+    proc = PostEOSResamplingLogitsProcessor(EOS, schedule=LinearDecay(2.0, 3), trigger="argmax")
+    if hot:  # an eviction first: the next steps divide by the multiplier
+        proc(torch.ones(batch, 4, dtype=torch.long), torch.tensor([[0.0, 0.0, 9.0, 1.0]] * batch))
+    lone = [float("-inf"), float("-inf"), 0.4, float("-inf")]
+    scores = torch.tensor([lone, [0.0, 1.0, 2.0, 3.0]][:batch])
+    out = proc(torch.ones(batch, 4 + hot, dtype=torch.long), scores)
+    assert out[0, EOS].item() == pytest.approx(0.4 / 2.0)  # a lone EOS is on top: an eviction, at the peak
+    assert not torch.isnan(torch.softmax(out, -1)).any()
+    if batch == 2:
+        assert out[1, EOS].item() == float("-inf")

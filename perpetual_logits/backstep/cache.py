@@ -24,7 +24,7 @@ import torch
 from .. import _compat
 from ..protocol import RowState
 
-__all__ = ["CacheLayout", "check_cache"]
+__all__ = ["CacheLayout", "check_cache", "check_static_size"]
 
 
 def check_cache(cache: Any) -> None:
@@ -48,6 +48,23 @@ def check_cache(cache: Any) -> None:
                 f"backstep generation cannot rewind {name}: a static sliding-window layer rolls its slots. "
                 "Use the default DynamicCache for sliding-window models."
             )
+
+
+def check_static_size(static: list[int], slots: int, batch: int) -> None:
+    """Refuse, before any token is generated, a fixed-size cache the run could outgrow.
+
+    ``static``: the ``max_cache_len`` of each fixed-size layer; ``slots``: prompt + max_new_tokens. One row
+    never feeds its last token (``slots - 1``, what stock ``generate()`` allocates). In a batch a row that
+    reached max_new_tokens keeps its slots while a rewound row still writes, and that row's new slot is one more
+    column for every row.
+    """
+    needed = slots - 1 if batch == 1 else slots
+    if static and min(static) < needed:
+        raise ValueError(
+            f"backstep generation needs a StaticCache with max_cache_len >= {needed} (prompt + max_new_tokens"
+            f"{' - 1' if batch == 1 else ', one slot more than stock generate() in a batch'}), got {min(static)}; "
+            'pass a larger one or let generate() build it (cache_implementation="static")'
+        )
 
 
 def sliding_window(config: Any) -> int | None:
@@ -132,6 +149,13 @@ class CacheLayout(RowState):
     # -- changes -------------------------------------------------------------------------------------------
     def drop_last(self, row: int) -> None:
         """Forget the row's newest kept slot (its token is fed again)."""
+        self.target[row] -= 1
+
+    def drop_padding(self, row: int) -> None:
+        """Forget the masked padding slot the row just took while it waited for its buffer. Unlike a finished
+        row's, this slot is not trailing: the row writes again next step, so the slot goes at the next
+        realignment and the row's slots stay one per kept token."""
+        self.pads[row] -= 1
         self.target[row] -= 1
 
     def realign(self, tight: bool = False) -> None:

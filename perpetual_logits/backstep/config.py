@@ -105,7 +105,8 @@ class BackstepConfig:
         hold_back (`int`, *optional*): how many of a row's newest tokens stay revisable. Older tokens are final:
             streamed and never removed. Defaults to ``2 * n_remove`` (two rewinds can stack).
         logits_buffer (`int`, *optional*): positions of raw logits kept per row so that a rewind needs no
-            forward pass. Defaults to ``n_remove + 1``; a rewind deeper than the buffer re-feeds one token.
+            forward pass. Defaults to ``n_remove + 1``; a rewind deeper than the buffer re-feeds one token. A run
+            allocates at most ``max_new_tokens + 1`` positions, whatever the value.
         end_phrases (`"default"`, `"chat"` or `list[str | re.Pattern]`, *optional*): *endings* written as text
             -- a spelled end marker (``<|end_story|>``, ``<|im_end|>``), "The End", a chat closing ("I hope
             this helps"). A completed ending is handled like a sampled EOS: the row is cut back ``n_remove``

@@ -28,7 +28,7 @@ from .. import _compat
 from ..distributions import eos_probability
 from ..protocol import RowState
 from .buffer import LogitsRing
-from .cache import CacheLayout, check_cache, sliding_window
+from .cache import CacheLayout, check_cache, check_static_size, sliding_window
 from .config import BackstepConfig
 from .events import BackstepEvent, BackstepOutput, BackstepStats
 from .lengths import per_row_lengths
@@ -94,7 +94,10 @@ class BackstepLoop:
 
         # -- units: rows, logits buffer, temperature, streaming, records (the cache comes with the prefill)
         self.rows = Rows(input_ids, self.prompt_mask, max_length, self.pad)
-        self.ring = LogitsRing(int(config.logits_buffer), vocab, self.device)  # type: ignore[arg-type]
+        # A run holds at most max_new_tokens + 1 positions to draw from: a larger buffer (n_remove can be huge)
+        # would only allocate memory no rewind can use.
+        usable = max_length - self.rows.prompt_length + 1
+        self.ring = LogitsRing(min(int(config.logits_buffer), usable), vocab, self.device)  # type: ignore[arg-type]
         self.temperature = (
             TemperatureSchedule(config.schedule, config.early_trigger, self.device, config.widen)
             if config.schedule
@@ -175,6 +178,7 @@ class BackstepLoop:
         self.forward = _compat.decode_forward(self.model, self.gc, kwargs)
         static = [layer.max_cache_len for layer in _compat.cache_layers(cache) if _compat.is_static_layer(layer)]
         prefix = prompt_slots - self.input_ids.shape[1]  # inputs_embeds: max_length counts generated tokens only
+        check_static_size(static, self.capacity + prefix, self.rows.batch)
         capacity = min([self.capacity + prefix, *static])
         self.cache = CacheLayout(cache, self.prompt_mask, self.input_ids.shape[1], capacity, self.device)
         self.stats.prefill_forwards = 1
@@ -305,6 +309,7 @@ class BackstepLoop:
         ring.store(raw, fed, rows.lens)
         for b in stale:
             raw[b] = ring.get(b, rows.lens[b])
+            cache.drop_padding(b)
         return raw
 
     def _output(self) -> BackstepOutput | torch.Tensor:
