@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -27,8 +28,9 @@ from typing import Any
 
 from ..backstep import BackstepConfig, BackstepEvent
 from ..phrases import PhraseMatcher, default_end_phrases
-from .processor import PerpetualLogitsProcessor
-from .settings import KEY, schedule_table
+from ..truncation import Truncation
+from .processor import PerpetualLogitsProcessor, check_truncation_off, processor_for_vocabulary
+from .settings import KEY, EarlySettings, RequestSettings, WidenSettings, schedule_table
 
 __all__ = ["LLM", "PerpetualRequestOutput", "RequestStats", "eos_token_ids", "generate"]
 
@@ -50,10 +52,22 @@ def LLM(model: str, **kwargs: Any) -> Any:
     """
     import vllm
 
-    processors = list(kwargs.pop("logits_processors", None) or [])
-    if PerpetualLogitsProcessor not in processors:
-        processors.append(PerpetualLogitsProcessor)
+    ours = _processor_class(model, bool(kwargs.get("trust_remote_code", False)))
+    processors = [p for p in kwargs.pop("logits_processors", None) or [] if p is not PerpetualLogitsProcessor]
+    if ours not in processors:
+        processors.append(ours)
     return vllm.LLM(model, logits_processors=processors, **kwargs)
+
+
+def _processor_class(model: str, trust_remote_code: bool) -> Any:
+    """The processor whose admission check knows the model's vocabulary (the plain class if it cannot be read)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return processor_for_vocabulary(int(config.get_text_config().vocab_size))
+    except Exception:  # an unreadable config: the worker still ignores ids outside the logits
+        return PerpetualLogitsProcessor
 
 
 def eos_token_ids(llm: Any) -> tuple[int, ...]:
@@ -157,6 +171,7 @@ class _Driver:
         self.delta = RequestOutputKind.DELTA
         self.eos = set(eos_token_ids(llm))
         self.by_id: dict[str, _Row] = {}
+        self.key = uuid.uuid4().hex  # early triggers keep each row's history in the processor under this key
         # (mode, matcher): "ending" for BackstepConfig.end_phrases, "ban" for ban_phrases (fields read by name).
         self.matchers: list[tuple[str, PhraseMatcher]] = []
         if config is not None:
@@ -170,7 +185,7 @@ class _Driver:
                     chat = {"chat": True} if phrases == "chat" else {}
                     phrases = default_end_phrases(tokenizer, sorted(self.eos), **chat)
                 self.matchers.append((mode, PhraseMatcher(list(phrases), tokenizer)))
-            unsupported = [name for name in ("early_trigger", "loops", "widen", "rules") if getattr(config, name, None)]
+            unsupported = [name for name in ("loops", "rules") if getattr(config, name, None)]
             if unsupported:
                 warnings.warn(
                     f"BackstepConfig fields {unsupported} are not supported on vLLM and are ignored (they need "
@@ -194,6 +209,8 @@ class _Driver:
             ours = self._settings(row)
             if ours:
                 params.extra_args = {**(row.params.extra_args or {}), KEY: ours}
+            if "widen" in ours:  # the processor truncates (see WidenSettings); vLLM's truncation would narrow it
+                params.top_k, params.top_p, params.min_p = 0, 1.0, 0.0
         row.request_id = f"pl-{next(_ids)}-{row.index}"
         row.start = len(row.kept)
         self.by_id[row.request_id] = row
@@ -217,13 +234,17 @@ class _Driver:
         if row.used >= cfg.max_backsteps and cfg.on_exhausted == "suppress":
             ours["suppress_eos"] = True
         schedule = getattr(cfg, "schedule", None)
-        if schedule is not None and row.schedule_from is not None:
-            table = schedule_table(schedule)
-            offset = start - row.schedule_from
-            if table.forever:
-                ours["schedule"] = table.to_data()
-            elif offset < len(table.factors):
-                ours["schedule"] = {"factors": list(table.factors[offset:]), "forever": False}
+        early, widen = getattr(cfg, "early_trigger", None), getattr(cfg, "widen", None)
+        greedy = (row.params.temperature or 0.0) < 1e-5
+        if schedule is not None and (row.schedule_from is not None or early is not None):
+            # The whole table and where it started (relative to this request; None: not yet): the processor
+            # restarts it where the early trigger fires.
+            started = None if row.schedule_from is None else row.schedule_from - start
+            ours["schedule"] = {**schedule_table(schedule).to_data(), "started": started}
+            if early is not None:
+                ours["early"] = EarlySettings.of(early, f"{self.key}-{row.index}", start).to_data()
+            if widen is not None and not greedy:
+                ours["widen"] = WidenSettings.of(widen, schedule, _configured(row.params)).to_data()
         return ours if set(ours) != {"eos"} else {}
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -372,6 +393,12 @@ class _Driver:
             row.committed = target
 
 
+def _configured(params: Any) -> Truncation:
+    """The top-k / top-p / min-p and temperature a request samples with, as a :class:`Truncation`."""
+    top_k = params.top_k if params.top_k and params.top_k > 0 else 0
+    return Truncation(top_k, float(params.top_p), float(params.min_p or 0.0), float(params.temperature))
+
+
 def _sampled_probability(completion: Any, token: int) -> float:
     """exp(logprob) of the sampled ``token`` at the last step (vLLM's raw log-probabilities), or NaN."""
     try:
@@ -379,6 +406,13 @@ def _sampled_probability(completion: Any, token: int) -> float:
         return float(math.exp(entry[token].logprob))
     except (TypeError, IndexError, KeyError, AttributeError):
         return float("nan")
+
+
+def _with_truncation_off(params: Any) -> Any:
+    """A copy of ``params`` as the driver submits it with ``widen`` (vLLM's top-k / top-p / min-p off)."""
+    copy = params.clone()
+    copy.top_k, copy.top_p, copy.min_p = 0, 1.0, 0.0
+    return copy
 
 
 def _tokenize(tokenizer: Any, prompt: object, index: int) -> list[int]:
@@ -443,6 +477,11 @@ def generate(
             raise ValueError(f"`params.n` must be 1 (backstep follows one sequence per prompt), got {p.n}")
         if p.max_tokens is None or p.max_tokens < 1:
             raise ValueError(f"`params.max_tokens` must be set (it counts final tokens), got {p.max_tokens!r}")
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    for p in per_prompt:  # refused here, before any request runs (the engine's workers must never see them)
+        RequestSettings.parse(p.extra_args, vocab_size=vocab)
+        if backstep is not None and backstep.widen is not None and p.temperature >= 1e-5:
+            check_truncation_off(_with_truncation_off(p))
     rows = [_Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
     if (
         backstep is not None
