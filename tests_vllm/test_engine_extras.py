@@ -53,17 +53,50 @@ def test_the_processors_own_truncation_equals_vllms_where_nothing_is_widened(llm
     assert got == expected
 
 
-def test_backstep_with_early_trigger_and_widen_runs_without_a_warning(llm, prompts):
+def test_backstep_with_early_trigger_and_widen_runs_and_passes_them_to_the_processor(llm, prompts, monkeypatch):
     config = pl.BackstepConfig.dynamic(
         4, widen=pl.Widen(top_k=200), early_trigger=pl.EarlyTrigger(window=2, eos_threshold=0.02)
     )
-    params = SamplingParams(temperature=0.8, top_k=20, max_tokens=32, seed=3)
+    submitted = []
+    engine = llm.llm_engine
+    real_add = engine.add_request
+
+    def spy(request_id, prompt, params, *args, **kwargs):
+        submitted.append((len(prompt["prompt_token_ids"]), params))
+        return real_add(request_id, prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "add_request", spy)
+    tokenizer = llm.get_tokenizer()
+    params = [SamplingParams(temperature=0.7, top_k=20, max_tokens=40, seed=104 + i) for i in range(2)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # old main: "fields ['early_trigger', 'widen'] are not supported"
         outs = plv.generate(llm, prompts[:2], params, backstep=config)
+    monkeypatch.undo()
     eos = set(plv.eos_token_ids(llm))
-    assert all(len(o.token_ids) == 32 and not eos & set(o.token_ids) for o in outs)
+    assert all(len(o.token_ids) == 40 and not eos & set(o.token_ids) for o in outs)
+    assert sum(len(o.backstep_events) for o in outs) >= 1  # these seeds end early on plain vLLM
+    prompt_lengths = {len(tokenizer.encode(p)) for p in prompts[:2]}
+    rows = {}
+    for length, sent in submitted:
+        ours = sent.extra_args[plv.KEY]
+        # Widening from the first token (the early trigger may start it anywhere): vLLM's truncation is off.
+        assert (sent.top_k, sent.top_p, sent.min_p) == (0, 1.0, 0.0) and ours["widen"]["configured"]["top_k"] == 20
+        early = ours["early"]
+        first = early["row"] not in rows
+        rows.setdefault(early["row"], length - early["at"])
+        assert length - early["at"] == rows[early["row"]] and rows[early["row"]] in prompt_lengths
+        assert ours["schedule"]["started"] == (None if first else 0)  # a rewind restarts it where it resumes
+    assert len(rows) == 2 and len(submitted) > 2
+
+
+def test_backstep_refuses_widen_that_vllm_could_not_honour(llm, prompts):
+    config = pl.BackstepConfig.dynamic(4, widen=pl.Widen(top_k=200))
+    with pytest.raises(ValueError, match="narrower than the configured top_k=0"):  # vLLM's default: no top-k
+        plv.generate(llm, prompts[:1], SamplingParams(temperature=0.8, max_tokens=4), backstep=config)
     with pytest.raises(ValueError, match="repetition_penalty"):
         plv.generate(
-            llm, prompts[:1], SamplingParams(temperature=0.8, repetition_penalty=1.2, max_tokens=4), backstep=config
+            llm,
+            prompts[:1],
+            SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.2, max_tokens=4),
+            backstep=config,
         )

@@ -280,3 +280,16 @@ def test_vllm_truncation_keeps_what_vllms_sampler_keeps():
         theirs.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * m[:, None], float("-inf"))
         theirs = apply_top_k_top_p_pytorch(theirs, torch.where(k > 0, k, 50), p)
         assert torch.equal(vllm_truncation(logits, k, p.float(), m.float()), torch.isfinite(theirs))
+
+
+def test_early_trigger_histories_are_bounded(monkeypatch):
+    monkeypatch.setattr(plv.processor, "_MAX_HISTORIES", 2)
+    proc = v1_processor()
+    for row in range(3):
+        settings = {
+            "schedule": {"factors": [2.0], "started": None},
+            "early": plv.EarlySettings.of(pl.EarlyTrigger(window=2), f"row-{row}", 0).to_data(),
+        }
+        add(proc, row, SamplingParams(extra_args={plv.KEY: settings}), [])
+    assert list(proc.histories) == ["row-1", "row-2"]  # the least recently used went first
+    proc.apply(torch.zeros(3, VOCAB))  # row 0 keeps its own history while it runs

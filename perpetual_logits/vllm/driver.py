@@ -440,9 +440,10 @@ def generate(
         backstep (`BackstepConfig`, *optional*): the rewind rules. ``None`` generates plainly (the output then
             equals ``llm.generate`` for the same seeds). Read by field name: ``n_remove``, ``schedule``,
             ``max_backsteps``, ``on_exhausted``, ``ban_rewound_token``, ``hold_back``, ``end_phrases``,
-            ``ban_phrases``, ``max_phrase_rewinds``. ``logits_buffer`` has no meaning here (vLLM keeps no logits
-            to reuse; the prefix cache plays its part); ``early_trigger``, ``loops``, ``widen`` and ``rules``
-            are not supported (a warning names them).
+            ``ban_phrases``, ``max_phrase_rewinds``, ``early_trigger`` and ``widen`` (in the processor; ``widen``
+            with vLLM's penalties is refused). ``logits_buffer`` has no meaning here (vLLM keeps no logits
+            to reuse; the prefix cache plays its part); ``loops`` and ``rules`` are not supported (a warning
+            names them).
         on_final (`callable`, *optional*): streaming with hold-back: called as ``on_final(prompt_index,
             token_ids)`` with each request's tokens once they are final (never removed afterwards). The calls of
             one request add up to its returned ``token_ids``.
@@ -480,8 +481,11 @@ def generate(
     vocab = llm.llm_engine.model_config.get_vocab_size()
     for p in per_prompt:  # refused here, before any request runs (the engine's workers must never see them)
         RequestSettings.parse(p.extra_args, vocab_size=vocab)
-        if backstep is not None and backstep.widen is not None and p.temperature >= 1e-5:
+        # Greedy decoding sends no widening (it never changes the argmax); sampling: no penalties, not narrower.
+        widen = backstep.widen if backstep is not None and p.temperature >= 1e-5 else None
+        if widen is not None and backstep is not None and backstep.schedule is not None:
             check_truncation_off(_with_truncation_off(p))
+            WidenSettings.of(widen, backstep.schedule, _configured(p))
     rows = [_Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
     if (
         backstep is not None

@@ -1,4 +1,5 @@
-"""Methods 1 and 2, and the backstep driver's per-request temperature and bans, as one vLLM logits processor.
+"""Methods 1 and 2, and the backstep driver's temperature, bans, early triggers and widening, as one vLLM logits
+processor.
 
 vLLM 0.32 has two logits-processor interfaces, one per model runner:
 
@@ -38,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: vLLM's threshold below which a temperature means greedy decoding (truncation then changes nothing).
 _GREEDY_BELOW = 1e-5
-#: Early-trigger histories kept for rows between their engine requests (a resubmission follows at once).
+#: Early-trigger histories kept for rows between their engine requests (a resubmission follows at once), and
+#: the steps they may hold together (a trigger keeps ``window`` steps): the least recently used go first.
 _MAX_HISTORIES = 4096
+_MAX_HISTORY_STEPS = 1 << 22
 
 _BASES: list[type] = []
 try:  # the V1 model runner's interface
@@ -256,8 +259,10 @@ class _ProcessorCore:
             found = _RowHistory(early)
         found.seek(early.at)
         self.histories[early.row] = found  # most recently used last
-        while len(self.histories) > _MAX_HISTORIES:
-            self.histories.popitem(last=False)
+        steps = sum(h.trigger.window for h in self.histories.values())
+        while len(self.histories) > 1 and (len(self.histories) > _MAX_HISTORIES or steps > _MAX_HISTORY_STEPS):
+            _, dropped = self.histories.popitem(last=False)
+            steps -= dropped.trigger.window
         return found
 
     @staticmethod
@@ -314,15 +319,19 @@ class _ProcessorCore:
     def _early(self, logits: torch.Tensor, rows: list[tuple[int, _Live, int]]) -> None:
         """Feed each early trigger this step's distribution (before bans and masking, as on the HF backend);
         a row that fires starts its schedule (and widening) at this position."""
-        for row, live, index in rows:
-            history, early = live.history, live.settings.early
-            if history is None or early is None:
-                continue
-            eos = torch.tensor(live.eos or (0,), device=logits.device)
-            stats = distribution_stats(logits[row : row + 1], eos)
-            eos_prob = float(stats["eos_prob"][0]) if live.eos else 0.0
-            if history.update(early.at + index, eos_prob, float(stats["entropy"][0])):
-                live.started = index
+        groups: dict[tuple[int, ...], list[tuple[int, _Live, int]]] = {}
+        for item in rows:
+            if item[1].history is not None:
+                groups.setdefault(item[1].eos, []).append(item)
+        for eos, members in groups.items():  # one softmax per set of EOS ids (usually one set per batch)
+            picked = torch.tensor([row for row, _, _ in members], device=logits.device)
+            ids = torch.tensor(eos or (0,), device=logits.device)
+            stats = distribution_stats(logits.index_select(0, picked), ids)
+            eos_probs = stats["eos_prob"].tolist() if eos else [0.0] * len(members)
+            for (_, live, index), eos_prob, entropy in zip(members, eos_probs, stats["entropy"].tolist()):
+                assert live.history is not None and live.settings.early is not None
+                if live.history.update(live.settings.early.at + index, eos_prob, entropy):
+                    live.started = index
 
     @staticmethod
     def _truncate(logits: torch.Tensor, rows: list[tuple[int, _Live, int]]) -> None:
