@@ -293,3 +293,29 @@ def test_early_trigger_histories_are_bounded(monkeypatch):
         add(proc, row, SamplingParams(extra_args={plv.KEY: settings}), [])
     assert list(proc.histories) == ["row-1", "row-2"]  # the least recently used went first
     proc.apply(torch.zeros(3, VOCAB))  # row 0 keeps its own history while it runs
+
+
+def test_a_preempted_request_keeps_its_trigger_history_and_schedule_when_it_comes_back():
+    schedule, trigger = pl.LinearDecay(2.0, 6), pl.EarlyTrigger(window=2, eos_threshold=0.3)
+    settings = {
+        "eos": [EOS],
+        "schedule": {**plv.schedule_table(schedule).to_data(), "started": None},
+        "early": plv.EarlySettings.of(trigger, "row-p", 0).to_data(),
+    }
+    steps = [logits_eos_on_top() * (0.1 * i) for i in range(10)]  # EOS probability rising: fires early on
+
+    def run(preempt_at: int | None) -> list[float]:
+        proc, output = v1_processor(), []
+        add(proc, 0, SamplingParams(extra_args={plv.KEY: settings}), output)
+        factors = []
+        for i, logits in enumerate(steps):
+            if i == preempt_at:  # vLLM removes the request and adds it back with the tokens it has
+                proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[]))
+                add(proc, 0, SamplingParams(extra_args={plv.KEY: settings}), output)
+            factors.append(_factor_of(proc.apply(logits.clone() + 0.01), logits + 0.01))
+            output.append(3)
+        return factors
+
+    uninterrupted = run(None)
+    assert 2.0 in uninterrupted[:5] and uninterrupted[5] != 1.0  # fired before the preemption, still decaying
+    assert run(5) == uninterrupted

@@ -71,6 +71,7 @@ class _RowHistory:
         self.key = (settings.window, settings.eos_threshold, settings.entropy_slope)
         self.trigger = settings.trigger()
         self.observed = 0
+        self.fired_at: int | None = None  # the latest firing still in the row's text
 
     def seek(self, position: int) -> None:
         if position < self.observed:
@@ -78,13 +79,17 @@ class _RowHistory:
         elif position > self.observed:
             self.trigger.reset()
         self.observed = position
+        if self.fired_at is not None and self.fired_at >= position:
+            self.fired_at = None  # fired at a removed position: that start is gone with it
 
     def update(self, position: int, eos_prob: float, entropy: float) -> bool:
         """Add the step at ``position``; returns whether the trigger fires there."""
         self.seek(position)
-        fired = self.trigger.update(torch.tensor([eos_prob]), torch.tensor([entropy]))
+        fired = bool(self.trigger.update(torch.tensor([eos_prob]), torch.tensor([entropy]))[0])
         self.observed = position + 1
-        return bool(fired[0])
+        if fired:
+            self.fired_at = position
+        return fired
 
 
 @dataclass
@@ -236,8 +241,9 @@ class _ProcessorCore:
         # Bans and EOS masking change the argmax.
         return False
 
-    def _new(self, params: Any) -> _Live | None:
-        """The state of a new request. Never raises: an exception here would take the engine down."""
+    def _new(self, params: Any, generated: int = 0) -> _Live | None:
+        """The state of a new request that has ``generated`` tokens already (a preempted request coming back).
+        Never raises: an exception here would take the engine down."""
         try:
             settings = RequestSettings.parse(getattr(params, "extra_args", None))
         except ValueError as error:  # validate_params refuses these at admission; this is a second guard
@@ -249,15 +255,18 @@ class _ProcessorCore:
         live.started = settings.started
         live.bans = dict(settings.bans or {})
         if settings.early is not None:
-            live.history = self._history(settings.early)
+            live.history = self._history(settings.early, generated)
+            if live.history.fired_at is not None:  # the latest start wins: a firing after the driver's start
+                fired = live.history.fired_at - settings.early.at
+                live.started = fired if live.started is None else max(live.started, fired)
         return live
 
-    def _history(self, early: EarlySettings) -> _RowHistory:
-        """The row's history, positioned at the request's first generated position."""
+    def _history(self, early: EarlySettings, generated: int) -> _RowHistory:
+        """The row's history, positioned at the request's next generated position."""
         found = self.histories.pop(early.row, None)
         if found is None or found.key != (early.window, early.eos_threshold, early.entropy_slope):
             found = _RowHistory(early)
-        found.seek(early.at)
+        found.seek(early.at + generated)
         self.histories[early.row] = found  # most recently used last
         steps = sum(h.trigger.window for h in self.histories.values())
         while len(self.histories) > 1 and (len(self.histories) > _MAX_HISTORIES or steps > _MAX_HISTORY_STEPS):
@@ -411,7 +420,7 @@ class _ProcessorCore:
         for index in batch_update.removed:
             self.requests.pop(index, None)
         for index, params, _prompt, output in batch_update.added:
-            live = self._new(params)
+            live = self._new(params, len(output) if output is not None else 0)
             if live is None:
                 self.requests.pop(index, None)
             else:
