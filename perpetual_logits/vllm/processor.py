@@ -136,8 +136,8 @@ def check_truncation_off(params: Any) -> None:
     """Refuse a request with ``widen`` whose own top-k / top-p / min-p or penalties vLLM would still apply.
 
     vLLM truncates after the logits processors with one value for the whole request, so it would cut every
-    widened step back to the configured set; and it applies penalties after the processors too, so a set the
-    processor computes could not be the one vLLM would compute after them.
+    widened step back to the configured set; and its V1 model runner applies penalties after the processors
+    too, so a set the processor computes could not be the one vLLM would compute after them.
     """
     top_k, top_p, min_p = getattr(params, "top_k", 0), getattr(params, "top_p", 1.0), getattr(params, "min_p", 0.0)
     if top_k not in (0, -1, None) or (top_p is not None and top_p < 1.0) or (min_p or 0.0) > 0.0:
@@ -154,9 +154,9 @@ def check_truncation_off(params: Any) -> None:
     active = [f"{name}={value}" for name, (value, off) in penalties.items() if value is not None and value != off]
     if active:
         raise ValueError(
-            f"`widen` cannot be combined with {', '.join(active)} on vLLM: vLLM applies penalties after the logits "
-            "processors, so the widened top-k / top-p / min-p could not be computed on the penalised logits as "
-            "vLLM's own truncation is"
+            f"`widen` cannot be combined with {', '.join(active)} on vLLM: its V1 model runner applies penalties "
+            "after the logits processors, so the widened top-k / top-p / min-p could not be computed on the "
+            "penalised logits as vLLM's own truncation is (admission cannot tell which runner serves the request)"
         )
 
 
