@@ -275,11 +275,14 @@ def test_vllm_truncation_keeps_what_vllms_sampler_keeps():
         p = torch.where(torch.rand(6, generator=gen) < 0.3, 1.0, torch.rand(6, generator=gen) * 0.9 + 0.05)
         m = torch.where(torch.rand(6, generator=gen) < 0.5, 0.0, torch.rand(6, generator=gen) * 0.3)
         # vLLM: min-p (its built-in processor's arithmetic), then top-k and top-p.
-        theirs = logits.clone()
-        probs = theirs.softmax(dim=-1)
-        theirs.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * m[:, None], float("-inf"))
-        theirs = apply_top_k_top_p_pytorch(theirs, torch.where(k > 0, k, 50), p)
+        after_min_p = logits.clone()
+        probs = after_min_p.softmax(dim=-1)
+        after_min_p.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * m[:, None], float("-inf"))
+        theirs = apply_top_k_top_p_pytorch(after_min_p.clone(), torch.where(k > 0, k, 50), p)
         assert torch.equal(vllm_truncation(logits, k, p.float(), m.float()), torch.isfinite(theirs))
+        # Top-k alone: vLLM takes its path without a sort, and so do we.
+        theirs = apply_top_k_top_p_pytorch(after_min_p.clone(), torch.where(k > 0, k, 50), None, allow_cpu_sync=True)
+        assert torch.equal(vllm_truncation(logits, k, torch.ones(6), m.float()), torch.isfinite(theirs))
 
 
 def test_early_trigger_histories_are_bounded(monkeypatch):

@@ -132,6 +132,17 @@ def _generator(settings: RequestSettings, params: Any) -> torch.Generator | None
     return generator
 
 
+def _trigger_stats(scores: torch.Tensor, eos: torch.Tensor, entropy: bool) -> tuple[list[float], list[float]]:
+    """Per row: P(EOS) and (when ``entropy``) the entropy in bits, as ``distribution_stats`` computes them (the
+    same arithmetic, so the trigger fires where the HF backend's does), skipping what the trigger does not use."""
+    if entropy:
+        stats = distribution_stats(scores, eos)
+        return stats["eos_prob"].tolist(), stats["entropy"].tolist()
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    eos_prob = torch.logsumexp(logp.index_select(-1, eos), dim=-1).exp()
+    return eos_prob.tolist(), [0.0] * scores.shape[0]
+
+
 def check_truncation_off(params: Any) -> None:
     """Refuse a request with ``widen`` whose own top-k / top-p / min-p or penalties vLLM would still apply.
 
@@ -190,7 +201,13 @@ def vllm_truncation(view: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         view.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], float("-inf"))
     vocab = view.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    if bool((k < vocab).any()) or bool((top_p < 1.0).any()):
+    if not bool((top_p < 1.0).any()):
+        if bool((k < vocab).any()):  # top-k alone: no sort of the vocabulary (vLLM's apply_top_k_only)
+            off = k == vocab
+            k = k.masked_fill(off, 1)  # rows without top-k gather a value they then ignore
+            kth = view.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+            view.masked_fill_(view < kth.masked_fill(off[:, None], float("-inf")), float("-inf"))
+    else:
         ordered, order = view.sort(dim=-1, descending=False)
         kth = ordered.gather(1, (vocab - k)[:, None])
         ordered.masked_fill_(ordered < kth, float("-inf"))
@@ -335,9 +352,14 @@ class _ProcessorCore:
         for eos, members in groups.items():  # one softmax per set of EOS ids (usually one set per batch)
             picked = torch.tensor([row for row, _, _ in members], device=logits.device)
             ids = torch.tensor(eos or (0,), device=logits.device)
-            stats = distribution_stats(logits.index_select(0, picked), ids)
-            eos_probs = stats["eos_prob"].tolist() if eos else [0.0] * len(members)
-            for (_, live, index), eos_prob, entropy in zip(members, eos_probs, stats["entropy"].tolist()):
+            entropy_needed = any(
+                live.settings.early is not None and live.settings.early.entropy_slope is not None
+                for _, live, _ in members
+            )
+            eos_probs, entropies = _trigger_stats(logits.index_select(0, picked), ids, entropy_needed)
+            if not eos:
+                eos_probs = [0.0] * len(members)
+            for (_, live, index), eos_prob, entropy in zip(members, eos_probs, entropies):
                 assert live.history is not None and live.settings.early is not None
                 if live.history.update(live.settings.early.at + index, eos_prob, entropy):
                     live.started = index
