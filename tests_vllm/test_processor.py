@@ -163,6 +163,8 @@ def test_importing_perpetual_logits_never_imports_vllm():
         plv.suppress_eos([EOS, 10**6]),
         {plv.KEY: {"bans": [[0, [4, 60000]]]}},
         plv.resample_eos(eos_token_id=[EOS, 60000], trigger="argmax"),
+        plv.resample_eos(eos_token_id=60000, trigger="argmax"),
+        plv.suppress_eos(10**6),
     ],
 )
 def test_ids_outside_the_vocabulary_never_raise_in_the_worker(extra):
@@ -172,8 +174,10 @@ def test_ids_outside_the_vocabulary_never_raise_in_the_worker(extra):
     add(proc, 0, SamplingParams(extra_args=extra), [])
     out = proc.apply(logits_eos_on_top())
     assert torch.isfinite(out).any()
-    masked = {EOS} if plv.KEY in extra and "bans" not in extra[plv.KEY] else {4}
+    ids = extra[plv.KEY].get("eos", [])
+    masked = {4} if "bans" in extra[plv.KEY] else ({EOS} if EOS in ids else set())
     assert all(out[0, t] == float("-inf") for t in masked)
+    assert all(torch.isfinite(out[0, t]) for t in set(range(VOCAB)) - masked)
 
 
 def test_admission_knows_the_vocabulary_of_the_class_registered_for_a_model():

@@ -227,10 +227,11 @@ class _ProcessorCore:
 
     1. Method 2 decides an eviction on the incoming logits (``"sample"``: with the EOS probability, drawn
        from the request's own generator; ``"argmax"``; or a threshold);
-    2. bans of this position are set to -inf;
-    3. the logits are divided by the multiplier (Method 2's schedule since the eviction, or the driver's
-       schedule since position 0);
-    4. EOS is masked (Methods 1 and 2).
+    2. the early trigger sees the incoming logits; where it fires, the driver's schedule starts here;
+    3. bans of this position are set to -inf, and EOS is masked (Methods 1 and 2);
+    4. the logits are divided by the multiplier (Method 2's schedule since the eviction, or the driver's
+       schedule since it started);
+    5. with ``widen``: top-k / top-p / min-p, wider since the schedule started (vLLM's own are off).
 
     A row whose every token would be masked keeps its logits (it emits what is left rather than NaN).
     """
@@ -407,6 +408,8 @@ class _ProcessorCore:
         probs = torch.softmax(sub, dim=-1)
         for j, i in enumerate(todo):
             live = rows[i][1]
+            if not live.eos:  # every EOS id was outside the vocabulary: EOS can never come, nothing to evict
+                continue
             eos = torch.tensor(live.eos, device=logits.device)
             trigger = live.settings.trigger
             if trigger == "argmax":
