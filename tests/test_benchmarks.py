@@ -256,3 +256,11 @@ def test_scripts_run_as_files():
         )
         assert proc.returncode == 0, proc.stderr
         assert "usage" in proc.stdout
+
+
+def test_vllm_processor_cost_smoke(capsys):
+    from benchmarks import vllm_processor_cost
+
+    vllm_processor_cost.main(["--batch", "2", "--vocab", "64", "--steps", "1", "--repeats", "1"])
+    table = capsys.readouterr().out
+    assert "| early |" in table and "| widen top-k + top-p |" in table

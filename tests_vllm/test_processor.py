@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -153,3 +154,175 @@ def test_importing_perpetual_logits_never_imports_vllm():
     code = "import sys, perpetual_logits; print('vllm' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# -- issue 19 item 10: ids outside the vocabulary ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra",
+    [
+        plv.suppress_eos([EOS, 10**6]),
+        {plv.KEY: {"bans": [[0, [4, 60000]]]}},
+        plv.resample_eos(eos_token_id=[EOS, 60000], trigger="argmax"),
+        plv.resample_eos(eos_token_id=60000, trigger="argmax"),
+        plv.suppress_eos(10**6),
+    ],
+)
+def test_ids_outside_the_vocabulary_never_raise_in_the_worker(extra):
+    # Old main: IndexError inside the worker (the engine died). Admission refuses them where the vocabulary is
+    # known; a worker that still meets one ignores it (it can never be sampled) and masks the rest.
+    proc = v1_processor()
+    add(proc, 0, SamplingParams(extra_args=extra), [])
+    out = proc.apply(logits_eos_on_top())
+    assert torch.isfinite(out).any()
+    ids = extra[plv.KEY].get("eos", [])
+    masked = {4} if "bans" in extra[plv.KEY] else ({EOS} if EOS in ids else set())
+    assert all(out[0, t] == float("-inf") for t in masked)
+    assert all(torch.isfinite(out[0, t]) for t in set(range(VOCAB)) - masked)
+
+
+def test_admission_knows_the_vocabulary_of_the_class_registered_for_a_model():
+    cls = plv.processor.processor_for_vocabulary(VOCAB)
+    assert issubclass(cls, plv.PerpetualLogitsProcessor)
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):
+        cls.validate_params(SamplingParams(extra_args=plv.suppress_eos(VOCAB)))
+    cls.validate_params(SamplingParams(extra_args=plv.suppress_eos(VOCAB - 1)))
+    # vLLM's worker processes unpickle it by name.
+    import pickle
+
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+# -- early triggers: the HF backend's TemperatureSchedule, step for step -----------------------------------
+def _factor_of(out: torch.Tensor, logits: torch.Tensor) -> float:
+    return round(float(logits[0, 3] / out[0, 3]), 5)
+
+
+def test_early_trigger_restarts_the_schedule_as_on_the_hf_backend_across_a_resubmission():
+    from perpetual_logits.backstep.temperature import TemperatureSchedule
+
+    schedule, trigger = pl.LinearDecay(2.0, 3), pl.EarlyTrigger(window=3, eos_threshold=0.2, entropy_slope=0.3)
+    hf = TemperatureSchedule(schedule, trigger, torch.device("cpu"))
+    hf.start(1, 0)
+    gen = torch.Generator().manual_seed(0)
+    first = [torch.randn(1, VOCAB, generator=gen) * 2 + torch.tensor([0, 0, 1.5, 1, 0, 0, 0, 0]) for _ in range(12)]
+    second = [torch.randn(1, VOCAB, generator=gen) * 2 + torch.tensor([0, 0, 1.5, 1, 0, 0, 0, 0]) for _ in range(10)]
+
+    def hf_factor(logits: torch.Tensor, position: int) -> float:
+        hf.observe(logits, [0], [position], [EOS])
+        hf.set_factors([0], [position], 1)
+        return 1.0 if hf.processor.factors is None else round(float(hf.processor.factors[0]), 5)
+
+    def request(at: int, started: int | None) -> tuple[Any, list[int]]:
+        proc_settings = {
+            "eos": [EOS],
+            "schedule": {**plv.schedule_table(schedule).to_data(), "started": started},
+            "early": plv.EarlySettings.of(trigger, "row-0", at).to_data(),
+        }
+        output: list[int] = []
+        add(proc, 0, SamplingParams(extra_args={plv.KEY: proc_settings}), output)
+        return proc, output
+
+    proc = v1_processor()
+    _, output = request(0, None)  # the first request: nothing started
+    ours, theirs = [], []
+    for position, logits in enumerate(first):
+        ours.append(_factor_of(proc.apply(logits.clone()), logits))
+        theirs.append(hf_factor(logits, position))
+        output.append(3)
+    # A rewind to position 7 that restarts the schedule: a new engine request from there.
+    hf.rewind(0, 7)
+    hf.restart(0, 7)
+    proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[]))
+    _, output = request(7, 0)
+    for step, logits in enumerate(second):
+        ours.append(_factor_of(proc.apply(logits.clone()), logits))
+        theirs.append(hf_factor(logits, 7 + step))
+        output.append(3)
+    assert ours == theirs
+    assert ours.count(2.0) >= 3  # the rewind's restart and at least two early firings
+
+
+# -- widen: the processor truncates itself ------------------------------------------------------------------
+def test_widen_truncates_wide_at_the_start_and_returns_to_the_configured_values():
+    widen = plv.WidenSettings.of(pl.Widen(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
+    extra = {plv.KEY: {"schedule": {"factors": [2.0, 1.5], "started": 0}, "widen": widen.to_data()}}
+    proc = v1_processor()
+    output: list[int] = []
+    add(proc, 0, SamplingParams(extra_args=extra), output)
+    kept = []
+    for _ in range(4):
+        kept.append(int(torch.isfinite(proc.apply(torch.arange(VOCAB, dtype=torch.float32)[None])).sum()))
+        output.append(3)
+    assert kept == [VOCAB, 5, 2, 2]  # top-k: the whole vocabulary, half-way back (round(0.5 * 2 + 0.5 * 8)), 2
+
+
+def test_widen_is_refused_with_vllms_own_truncation_or_penalties():
+    widen = plv.WidenSettings.of(pl.Widen(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
+    extra = {plv.KEY: {"schedule": {"factors": [2.0, 1.5]}, "widen": widen.to_data()}}
+    with pytest.raises(ValueError, match=r"top_k=0, top_p=1\.0, min_p=0\.0"):
+        plv.PerpetualLogitsProcessor.validate_params(SamplingParams(top_k=2, extra_args=extra))
+    with pytest.raises(ValueError, match=r"repetition_penalty=1\.2"):
+        plv.PerpetualLogitsProcessor.validate_params(SamplingParams(repetition_penalty=1.2, extra_args=extra))
+    plv.PerpetualLogitsProcessor.validate_params(SamplingParams(extra_args=extra))
+
+
+def test_vllm_truncation_keeps_what_vllms_sampler_keeps():
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    from perpetual_logits.vllm.processor import vllm_truncation
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        logits = torch.randn(6, 50, generator=gen) * 3
+        logits[0, :10] = 1.0  # ties
+        k = torch.randint(0, 51, (6,), generator=gen)
+        p = torch.where(torch.rand(6, generator=gen) < 0.3, 1.0, torch.rand(6, generator=gen) * 0.9 + 0.05)
+        m = torch.where(torch.rand(6, generator=gen) < 0.5, 0.0, torch.rand(6, generator=gen) * 0.3)
+        # vLLM: min-p (its built-in processor's arithmetic), then top-k and top-p.
+        after_min_p = logits.clone()
+        probs = after_min_p.softmax(dim=-1)
+        after_min_p.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * m[:, None], float("-inf"))
+        theirs = apply_top_k_top_p_pytorch(after_min_p.clone(), torch.where(k > 0, k, 50), p)
+        assert torch.equal(vllm_truncation(logits, k, p.float(), m.float()), torch.isfinite(theirs))
+        # Top-k alone: vLLM takes its path without a sort, and so do we.
+        theirs = apply_top_k_top_p_pytorch(after_min_p.clone(), torch.where(k > 0, k, 50), None, allow_cpu_sync=True)
+        assert torch.equal(vllm_truncation(logits, k, torch.ones(6), m.float()), torch.isfinite(theirs))
+
+
+def test_early_trigger_histories_are_bounded(monkeypatch):
+    monkeypatch.setattr(plv.processor, "_MAX_HISTORIES", 2)
+    proc = v1_processor()
+    for row in range(3):
+        settings = {
+            "schedule": {"factors": [2.0], "started": None},
+            "early": plv.EarlySettings.of(pl.EarlyTrigger(window=2), f"row-{row}", 0).to_data(),
+        }
+        add(proc, row, SamplingParams(extra_args={plv.KEY: settings}), [])
+    assert list(proc.histories) == ["row-1", "row-2"]  # the least recently used went first
+    proc.apply(torch.zeros(3, VOCAB))  # row 0 keeps its own history while it runs
+
+
+def test_a_preempted_request_keeps_its_trigger_history_and_schedule_when_it_comes_back():
+    schedule, trigger = pl.LinearDecay(2.0, 6), pl.EarlyTrigger(window=2, eos_threshold=0.3)
+    settings = {
+        "eos": [EOS],
+        "schedule": {**plv.schedule_table(schedule).to_data(), "started": None},
+        "early": plv.EarlySettings.of(trigger, "row-p", 0).to_data(),
+    }
+    steps = [logits_eos_on_top() * (0.1 * i) for i in range(10)]  # EOS probability rising: fires early on
+
+    def run(preempt_at: int | None) -> list[float]:
+        proc, output = v1_processor(), []
+        add(proc, 0, SamplingParams(extra_args={plv.KEY: settings}), output)
+        factors = []
+        for i, logits in enumerate(steps):
+            if i == preempt_at:  # vLLM removes the request and adds it back with the tokens it has
+                proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[]))
+                add(proc, 0, SamplingParams(extra_args={plv.KEY: settings}), output)
+            factors.append(_factor_of(proc.apply(logits.clone() + 0.01), logits + 0.01))
+            output.append(3)
+        return factors
+
+    uninterrupted = run(None)
+    assert 2.0 in uninterrupted[:5] and uninterrupted[5] != 1.0  # fired before the preemption, still decaying
+    assert run(5) == uninterrupted

@@ -9,19 +9,31 @@ Importing ``perpetual_logits`` never imports this package. This package imports 
 """
 
 from .driver import LLM, PerpetualRequestOutput, RequestStats, eos_token_ids, generate
-from .processor import PerpetualLogitsProcessor
-from .settings import KEY, RequestSettings, ScheduleTable, resample_eos, schedule_table, suppress_eos
+from .processor import PerpetualLogitsProcessor, processor_for_vocabulary
+from .settings import (
+    KEY,
+    EarlySettings,
+    RequestSettings,
+    ScheduleTable,
+    WidenSettings,
+    resample_eos,
+    schedule_table,
+    suppress_eos,
+)
 
 __all__ = [
     "KEY",
     "LLM",
+    "EarlySettings",
     "PerpetualLogitsProcessor",
     "PerpetualRequestOutput",
     "RequestSettings",
     "RequestStats",
     "ScheduleTable",
+    "WidenSettings",
     "eos_token_ids",
     "generate",
+    "processor_for_vocabulary",
     "resample_eos",
     "schedule_table",
     "suppress_eos",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +29,9 @@ from typing import Any
 from ..backstep import BackstepConfig, BackstepEvent
 from ..backstep.policy import RewindPlan, RewindPolicy
 from ..protocol import RowView
-from .processor import PerpetualLogitsProcessor
-from .settings import KEY, schedule_table
+from ..truncation import Truncation
+from .processor import PerpetualLogitsProcessor, check_truncation_off, processor_for_vocabulary
+from .settings import KEY, EarlySettings, RequestSettings, WidenSettings, schedule_table
 
 __all__ = ["LLM", "PerpetualRequestOutput", "RequestStats", "eos_token_ids", "generate"]
 
@@ -51,10 +52,22 @@ def LLM(model: str, **kwargs: Any) -> Any:
     """
     import vllm
 
-    processors = list(kwargs.pop("logits_processors", None) or [])
-    if PerpetualLogitsProcessor not in processors:
-        processors.append(PerpetualLogitsProcessor)
+    ours = _processor_class(model, bool(kwargs.get("trust_remote_code", False)))
+    processors = [p for p in kwargs.pop("logits_processors", None) or [] if p is not PerpetualLogitsProcessor]
+    if ours not in processors:
+        processors.append(ours)
     return vllm.LLM(model, logits_processors=processors, **kwargs)
+
+
+def _processor_class(model: str, trust_remote_code: bool) -> Any:
+    """The processor whose admission check knows the model's vocabulary (the plain class if it cannot be read)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return processor_for_vocabulary(int(config.get_text_config().vocab_size))
+    except Exception:  # an unreadable config: the worker still ignores ids outside the logits
+        return PerpetualLogitsProcessor
 
 
 def eos_token_ids(llm: Any) -> tuple[int, ...]:
@@ -175,14 +188,8 @@ class _Driver:
         self.eos = set(eos_token_ids(llm))
         self.by_id: dict[str, _Row] = {}
         self.policy: RewindPolicy | None = None
+        self.key = uuid.uuid4().hex  # early triggers keep each row's history in the processor under this key
         if config is not None:
-            unsupported = [name for name in ("early_trigger", "widen") if getattr(config, name, None)]
-            if unsupported:
-                warnings.warn(
-                    f"BackstepConfig fields {unsupported} are not supported on vLLM and are ignored (they need "
-                    "per-step statistics or per-row warpers inside the engine)",
-                    stacklevel=3,
-                )
             self.policy = RewindPolicy(config, sorted(self.eos), _vocab_size(llm, tokenizer), tokenizer)
             greedy = [(row.params.temperature or 0.0) < 1e-5 for row in rows]
             self.policy.start_rows([len(row.prompt) for row in rows], greedy)
@@ -203,6 +210,8 @@ class _Driver:
             ours = self._settings(row)
             if ours:
                 params.extra_args = {**(row.params.extra_args or {}), KEY: ours}
+            if "widen" in ours:  # the processor truncates (see WidenSettings); vLLM's truncation would narrow it
+                params.top_k, params.top_p, params.min_p = 0, 1.0, 0.0
         row.request_id = f"pl-{next(_ids)}-{row.index}"
         row.start = row.generated
         self.by_id[row.request_id] = row
@@ -227,13 +236,17 @@ class _Driver:
             ours["suppress_eos"] = True
         schedule = getattr(cfg, "schedule", None)
         restarted = policy.schedule_from[row.index]
-        if schedule is not None and restarted is not None:
-            table = schedule_table(schedule)
-            offset = start - restarted
-            if table.forever:
-                ours["schedule"] = table.to_data()
-            elif offset < len(table.factors):
-                ours["schedule"] = {"factors": list(table.factors[offset:]), "forever": False}
+        early, widen = getattr(cfg, "early_trigger", None), getattr(cfg, "widen", None)
+        greedy = (row.params.temperature or 0.0) < 1e-5
+        if schedule is not None and (restarted is not None or early is not None):
+            # The whole table and where it started (relative to this request; None: not yet): the processor
+            # restarts it where the early trigger fires.
+            started = None if restarted is None else restarted - start
+            ours["schedule"] = {**schedule_table(schedule).to_data(), "started": started}
+            if early is not None:
+                ours["early"] = EarlySettings.of(early, f"{self.key}-{row.index}", row.generated).to_data()
+            if widen is not None and not greedy:
+                ours["widen"] = WidenSettings.of(widen, schedule, _configured(row.params)).to_data()
         return ours if set(ours) != {"eos"} else {}
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -337,6 +350,19 @@ def _sampled_probability(completion: Any, index: int, token: int) -> float:
         return float("nan")
 
 
+def _configured(params: Any) -> Truncation:
+    """The top-k / top-p / min-p and temperature a request samples with, as a :class:`Truncation`."""
+    top_k = params.top_k if params.top_k and params.top_k > 0 else 0
+    return Truncation(top_k, float(params.top_p), float(params.min_p or 0.0), float(params.temperature))
+
+
+def _with_truncation_off(params: Any) -> Any:
+    """A copy of ``params`` as the driver submits it with ``widen`` (vLLM's top-k / top-p / min-p off)."""
+    copy = params.clone()
+    copy.top_k, copy.top_p, copy.min_p = 0, 1.0, 0.0
+    return copy
+
+
 def _check_extra_args(params: Any) -> None:
     """With ``backstep=``, the driver writes our ``extra_args`` key itself (the EOS ids it rewinds on, the bans,
     the schedule); a request that sets it would make the processor mask other ids than the driver rewinds on."""
@@ -379,8 +405,9 @@ def generate(
             equals ``llm.generate`` for the same seeds). Every field means what it means on the HF backend
             (``loops`` and ``rules`` included: each call works on ``rule.fresh()``); ``logits_buffer`` has no
             meaning here (vLLM keeps no logits to reuse; the prefix cache plays its part); ``early_trigger``
-            and ``widen`` are not supported (a warning names them). ``params.extra_args`` must then not set
-            our key (:data:`~perpetual_logits.vllm.KEY`): the driver sets it.
+            and ``widen`` run in the processor (``widen`` with vLLM's penalties, or narrower than the request's
+            own truncation, is refused). ``params.extra_args`` must then not set our key
+            (:data:`~perpetual_logits.vllm.KEY`): the driver sets it.
         on_final (`callable`, *optional*): streaming with hold-back: called as ``on_final(prompt_index,
             token_ids)`` with each request's tokens once they are final (never removed afterwards). The calls of
             one request add up to its returned ``token_ids``.
@@ -417,6 +444,14 @@ def generate(
             raise ValueError(f"`params.max_tokens` must be set (it counts final tokens), got {p.max_tokens!r}")
         if backstep is not None:
             _check_extra_args(p)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    for p in per_prompt:  # refused here, before any request runs (the engine's workers must never see them)
+        RequestSettings.parse(p.extra_args, vocab_size=vocab)
+        # Greedy decoding sends no widening (it never changes the argmax); sampling: no penalties, not narrower.
+        widen = backstep.widen if backstep is not None and p.temperature >= 1e-5 else None
+        if widen is not None and backstep is not None and backstep.schedule is not None:
+            check_truncation_off(_with_truncation_off(p))
+            WidenSettings.of(widen, backstep.schedule, _configured(p))
     rows = [_Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
     if (
         backstep is not None

@@ -18,9 +18,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _validation
-from ..schedules import Schedule
+from ..schedules import MAX_MULTIPLIER, MIN_MULTIPLIER, Schedule
+from ..triggers import EarlyTrigger
+from ..truncation import Truncation, Widen
 
-__all__ = ["KEY", "RequestSettings", "ScheduleTable", "resample_eos", "schedule_table", "suppress_eos"]
+__all__ = [
+    "KEY",
+    "EarlySettings",
+    "RequestSettings",
+    "ScheduleTable",
+    "WidenSettings",
+    "resample_eos",
+    "schedule_table",
+    "suppress_eos",
+]
 
 #: The key of ``SamplingParams.extra_args`` this package reads; other keys are left to other processors.
 KEY = "perpetual_logits"
@@ -33,7 +44,8 @@ class ScheduleTable:
     """A schedule as plain data: ``factors[s]`` for ``s < len(factors)``, then 1.0 (or ``factors[0]`` for ever).
 
     Args:
-        factors (`tuple[float, ...]`): the multipliers from step 0 on; all > 0.
+        factors (`tuple[float, ...]`): the multipliers from step 0 on, each in [0.001, 1000] (the bounds of the
+            public schedule classes: a factor of 1e-300 would turn sampling into an overflow).
         forever (`bool`): the schedule never returns to 1.0 (``Constant``): every step uses ``factors[0]``.
     """
 
@@ -44,8 +56,16 @@ class ScheduleTable:
         if not self.factors:
             raise ValueError("`factors` must hold at least one multiplier")
         for f in self.factors:
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0:
-                raise ValueError(f"`factors` must hold finite floats > 0, got {f!r}")
+            if (
+                isinstance(f, bool)
+                or not isinstance(f, (int, float))
+                or not math.isfinite(f)
+                or not MIN_MULTIPLIER <= f <= MAX_MULTIPLIER
+            ):
+                raise ValueError(
+                    f"`factors` must hold floats in [{MIN_MULTIPLIER:g}, {MAX_MULTIPLIER:g}] (as the schedule "
+                    f"classes do), got {f!r}"
+                )
         if not isinstance(self.forever, bool):
             raise ValueError(f"`forever` must be a bool, got {self.forever!r}")
 
@@ -54,6 +74,10 @@ class ScheduleTable:
         if self.forever:
             return float(self.factors[0])
         return float(self.factors[s]) if 0 <= s < len(self.factors) else 1.0
+
+    def active(self, s: int) -> bool:
+        """Whether step ``s`` is still inside the schedule (``Schedule.is_active``)."""
+        return self.forever or s < len(self.factors)
 
     def to_data(self) -> dict[str, Any]:
         return {"factors": list(self.factors), "forever": self.forever}
@@ -66,6 +90,152 @@ class ScheduleTable:
         if isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):
             raise ValueError(f"`{name}.factors` must be a list of floats, got {factors!r}")
         return cls(tuple(factors), bool(data.get("forever", False)))
+
+
+@dataclass(frozen=True)
+class EarlySettings:
+    """An :class:`~perpetual_logits.EarlyTrigger` as plain data, plus where its history lives.
+
+    The trigger watches a *row* (one prompt of the backstep driver) across its engine requests: a rewind is a
+    new engine request, and the processor keeps each row's history under ``row`` so that a resubmission from
+    generated position ``at`` drops the steps from ``at`` on and keeps the older ones -- what
+    ``EarlyTrigger.rewind`` does on the HF backend.
+
+    Args:
+        window (`int`), eos_threshold (`float` or `None`), entropy_slope (`float` or `None`): as in
+            :class:`~perpetual_logits.EarlyTrigger` (validated by it).
+        row (`str`): the row's key, unique per driver row.
+        at (`int`): the row's generated position of this engine request's first token.
+    """
+
+    window: int
+    eos_threshold: float | None
+    entropy_slope: float | None
+    row: str
+    at: int
+
+    def __post_init__(self) -> None:
+        self.trigger()  # EarlyTrigger validates the three statistics' settings and names the bad one
+        if not isinstance(self.row, str) or not 0 < len(self.row) <= 200:
+            raise ValueError(f"`early.row` must be a non-empty string of at most 200 characters, got {self.row!r}")
+        _validation.positive_int(self.at, "early.at", minimum=0)
+
+    def trigger(self) -> EarlyTrigger:
+        """A fresh trigger with these settings."""
+        return EarlyTrigger(self.window, self.eos_threshold, self.entropy_slope)
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "eos_threshold": self.eos_threshold,
+            "entropy_slope": self.entropy_slope,
+            "row": self.row,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_data(cls, data: object) -> EarlySettings:
+        keys = {"window", "eos_threshold", "entropy_slope", "row", "at"}
+        if not isinstance(data, Mapping) or set(data) != keys:
+            raise ValueError(f"`early` must be a dict with exactly the keys {sorted(keys)}, got {data!r}")
+        return cls(data["window"], data["eos_threshold"], data["entropy_slope"], data["row"], data["at"])
+
+    @classmethod
+    def of(cls, trigger: EarlyTrigger, row: str, at: int) -> EarlySettings:
+        """The settings of ``trigger`` for the engine request of ``row`` that starts at generated position ``at``."""
+        if not isinstance(trigger, EarlyTrigger):
+            raise ValueError(f"`trigger` must be an EarlyTrigger, got {trigger!r}")
+        return cls(trigger.window, trigger.eos_threshold, trigger.entropy_slope, row, at)
+
+
+@dataclass(frozen=True)
+class WidenSettings:
+    """:class:`~perpetual_logits.Widen` as plain data: the processor truncates each request itself.
+
+    vLLM applies a request's top-k / top-p / min-p after the logits processors, with one value for the whole
+    request, so it can only narrow what a processor leaves. A request with ``widen`` is therefore submitted with
+    vLLM's truncation off, and the processor applies the configured values at every step -- in vLLM's order
+    (min-p, top-k, top-p) and at the request's temperature, so a step that is not widened keeps exactly the
+    tokens vLLM would have kept -- and the wider values after a schedule start, returning on ``weights``.
+
+    Args:
+        weights (`tuple[float, ...]`): ``w(s)`` by steps since the schedule started (1 = wide, 0 = configured),
+            the last entry holding for later steps (see :mod:`perpetual_logits.truncation`).
+        forever (`bool`): the weight schedule never ends: every step uses ``weights[0]``.
+        wide (`Widen`): the values at the start (``None`` fields stay configured).
+        configured (`Truncation`): the request's own top-k / top-p / min-p and temperature.
+    """
+
+    weights: tuple[float, ...]
+    forever: bool
+    wide: Widen
+    configured: Truncation
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise ValueError("`widen.weights` must hold at least one weight")
+        for w in self.weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+                raise ValueError(f"`widen.weights` must hold floats in [0, 1], got {w!r}")
+        if not isinstance(self.forever, bool):
+            raise ValueError(f"`widen.forever` must be a bool, got {self.forever!r}")
+        if not isinstance(self.wide, Widen) or not isinstance(self.configured, Truncation):
+            raise ValueError("`widen` needs a Widen and the configured Truncation")
+        self.wide.check(self.configured)
+
+    def weight(self, s: int) -> float:
+        """``w`` at ``s`` steps after the schedule started."""
+        if self.forever:
+            return float(self.weights[0])
+        return float(self.weights[min(max(s, 0), len(self.weights) - 1)])
+
+    def values(self, w: float, vocab_size: int) -> tuple[int, float, float]:
+        """``(top_k, top_p, min_p)`` at weight ``w``: ``TruncationSchedule.row_values`` for one row."""
+        conf, wide = self.configured, self.wide
+        k_conf = conf.top_k or vocab_size
+        k_wide = k_conf if wide.top_k is None else (wide.top_k or vocab_size)
+        top_k = round((1.0 - w) * k_conf + w * k_wide)
+        top_p = (1.0 - w) * conf.top_p + w * (conf.top_p if wide.top_p is None else wide.top_p)
+        min_p = (1.0 - w) * conf.min_p + w * (conf.min_p if wide.min_p is None else wide.min_p)
+        return (0 if top_k >= vocab_size else top_k), top_p, min_p
+
+    def to_data(self) -> dict[str, Any]:
+        conf = self.configured
+        return {
+            "weights": list(self.weights),
+            "forever": self.forever,
+            "top_k": self.wide.top_k,
+            "top_p": self.wide.top_p,
+            "min_p": self.wide.min_p,
+            "configured": {"top_k": conf.top_k, "top_p": conf.top_p, "min_p": conf.min_p, "temp": conf.temperature},
+        }
+
+    @classmethod
+    def from_data(cls, data: object) -> WidenSettings:
+        keys = {"weights", "forever", "top_k", "top_p", "min_p", "configured"}
+        if not isinstance(data, Mapping) or set(data) != keys:
+            raise ValueError(f"`widen` must be a dict with exactly the keys {sorted(keys)}, got {data!r}")
+        weights, conf = data["weights"], data["configured"]
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+            raise ValueError(f"`widen.weights` must be a list of floats, got {weights!r}")
+        if not isinstance(conf, Mapping) or set(conf) != {"top_k", "top_p", "min_p", "temp"}:
+            raise ValueError(f"`widen.configured` must be a dict of top_k, top_p, min_p, temp; got {conf!r}")
+        wide = Widen(data["top_k"], data["top_p"], data["min_p"])
+        configured = Truncation(conf["top_k"], conf["top_p"], conf["min_p"], conf["temp"])
+        return cls(tuple(weights), data["forever"], wide, configured)
+
+    @classmethod
+    def of(cls, widen: Widen, schedule: Schedule, configured: Truncation) -> WidenSettings:
+        """The settings of ``widen`` returning on ``widen.schedule`` (else ``schedule``), around ``configured``."""
+        from ..truncation import weight_table
+
+        if not isinstance(widen, Widen):
+            raise ValueError(f"`widen` must be a Widen, got {widen!r}")
+        chosen = widen.schedule if widen.schedule is not None else schedule
+        if not isinstance(chosen, Schedule):
+            raise ValueError(f"`schedule` must be a Schedule when `widen.schedule` is None, got {chosen!r}")
+        weights = tuple(float(w) for w in weight_table(chosen).tolist())
+        return cls(weights, chosen.length is None, Widen(widen.top_k, widen.top_p, widen.min_p), configured)
 
 
 def schedule_table(schedule: Schedule) -> ScheduleTable:
@@ -175,8 +345,12 @@ class RequestSettings:
         resample (`ScheduleTable` or `None`): Method 2's schedule.
         trigger (`str` or `float`): Method 2's trigger.
         seed (`int` or `None`): seeds Method 2's ``"sample"`` trigger.
-        schedule (`ScheduleTable` or `None`): a multiplier from position 0 on (the backstep driver's Method 4).
+        schedule (`ScheduleTable` or `None`): the backstep driver's multiplier (Method 4).
         bans (`dict[int, tuple[int, ...]]`): tokens forbidden at given positions.
+        started (`int` or `None`): the position where ``schedule`` started (0 or less: before this request;
+            ``None``: not started, only an early trigger starts it). ``schedule["started"]``, default 0.
+        early (`EarlySettings` or `None`): an early trigger that (re)starts ``schedule`` where it fires.
+        widen (`WidenSettings` or `None`): per-request truncation, wider after each start of ``schedule``.
     """
 
     eos: tuple[int, ...] | None = None
@@ -186,10 +360,17 @@ class RequestSettings:
     seed: int | None = None
     schedule: ScheduleTable | None = None
     bans: Mapping[int, tuple[int, ...]] | None = None
+    started: int | None = 0
+    early: EarlySettings | None = None
+    widen: WidenSettings | None = None
 
     @classmethod
-    def parse(cls, extra_args: Mapping[str, Any] | None) -> RequestSettings | None:
+    def parse(cls, extra_args: Mapping[str, Any] | None, vocab_size: int | None = None) -> RequestSettings | None:
         """The settings in ``extra_args``, or ``None`` when the request asks nothing of this processor.
+
+        Args:
+            extra_args: a request's ``SamplingParams.extra_args``.
+            vocab_size (`int`, *optional*): when given, every token id (``eos``, ``bans``) must be below it.
 
         Raises:
             ValueError: a setting is malformed (the message names it).
@@ -201,11 +382,16 @@ class RequestSettings:
         True
         >>> RequestSettings.parse({KEY: {"bans": [[0, [2, 7]]], "schedule": {"factors": [2.0]}}})
         RequestSettings(eos=None, suppress_eos=False, resample=None, trigger='sample', seed=None,
-                        schedule=ScheduleTable(factors=(2.0,), forever=False), bans={0: (2, 7)})
+                        schedule=ScheduleTable(factors=(2.0,), forever=False), bans={0: (2, 7)}, started=0,
+                        early=None, widen=None)
         >>> RequestSettings.parse({KEY: {"supress_eos": True}})
         Traceback (most recent call last):
         ...
         ValueError: `extra_args['perpetual_logits']` has unknown keys ['supress_eos'] (known: ...)
+        >>> RequestSettings.parse(suppress_eos(60000), vocab_size=49152)
+        Traceback (most recent call last):
+        ...
+        ValueError: `extra_args['perpetual_logits']['eos']` holds the token id 60000, outside this model's ...
 
         ```
         """
@@ -214,7 +400,7 @@ class RequestSettings:
         data = extra_args[KEY]
         if not isinstance(data, Mapping):
             raise ValueError(f"`extra_args[{KEY!r}]` must be a dict, got {data!r}")
-        known = {"bans", "eos", "resample", "schedule", "suppress_eos"}
+        known = {"bans", "early", "eos", "resample", "schedule", "suppress_eos", "widen"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"`extra_args[{KEY!r}]` has unknown keys {unknown} (known: {sorted(known)})")
@@ -230,11 +416,45 @@ class RequestSettings:
             seed = spec.get("seed")
             if seed is not None:
                 seed = _validation.positive_int(seed, "resample.seed", minimum=0)
-        schedule = ScheduleTable.from_data(data["schedule"], "schedule") if data.get("schedule") is not None else None
+        schedule, started = None, 0
+        if data.get("schedule") is not None:
+            schedule = ScheduleTable.from_data(data["schedule"], "schedule")
+            started = data["schedule"].get("started", 0)
+            if started is not None and (isinstance(started, bool) or not isinstance(started, int) or started > 0):
+                raise ValueError(f"`schedule.started` must be None or an int <= 0, got {started!r}")
         bans = _parse_bans(data.get("bans"))
+        early = EarlySettings.from_data(data["early"]) if data.get("early") is not None else None
+        widen = WidenSettings.from_data(data["widen"]) if data.get("widen") is not None else None
+        if (early is not None or widen is not None) and schedule is None:
+            raise ValueError("`early` and `widen` follow the temperature schedule: set `schedule` too")
+        if vocab_size is not None:
+            _check_vocabulary(eos, bans, vocab_size)
         if not (suppress or resample or schedule or bans):
             return None
-        return cls(eos, suppress, resample, trigger if trigger is not None else "sample", seed, schedule, bans)
+        return cls(
+            eos,
+            suppress,
+            resample,
+            trigger if trigger is not None else "sample",
+            seed,
+            schedule,
+            bans,
+            started,
+            early,
+            widen,
+        )
+
+
+def _check_vocabulary(eos: tuple[int, ...] | None, bans: Mapping[int, tuple[int, ...]] | None, vocab: int) -> None:
+    """Refuse token ids the model does not have (the worker would index outside its logits)."""
+    named = [("eos", eos or ())] + [("bans", tokens) for tokens in (bans or {}).values()]
+    for name, ids in named:
+        for token in ids:
+            if token >= vocab:
+                raise ValueError(
+                    f"`extra_args[{KEY!r}][{name!r}]` holds the token id {token}, outside this model's vocabulary "
+                    f"(ids 0 to {vocab - 1})"
+                )
 
 
 def _parse_bans(data: object) -> dict[int, tuple[int, ...]] | None:
