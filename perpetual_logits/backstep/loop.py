@@ -16,6 +16,7 @@ forward the other rows need anyway, which keeps the cache free of holes.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from typing import Any, cast
 
@@ -39,6 +40,7 @@ from .rows import Rows
 from .rules import EOSRule, LoopRule, PhraseRule
 from .streaming import HoldBack
 from .temperature import TemperatureSchedule, insert_before_warpers
+from .window import ContextWindow, model_window
 
 __all__ = ["BackstepLoop"]
 
@@ -105,6 +107,8 @@ class BackstepLoop:
             bool(gc.return_dict_in_generate and gc.output_scores), bool(gc.return_dict_in_generate and gc.output_logits)
         )
         self.cache: CacheLayout | None = None
+        self.window: ContextWindow | None = None  # the context shift (built with the cache)
+        _check_window(model, config, self.rows.text_start, max_length, self.prompt_mask)
 
         # -- processors and criteria, as generate() built them, adapted to rows of different lengths
         processors = per_row_lengths(LogitsProcessorList(list(logits_processor)), lambda: self.rows.lens)
@@ -191,6 +195,15 @@ class BackstepLoop:
         prefix = prompt_slots - self.input_ids.shape[1]  # inputs_embeds: max_length counts generated tokens only
         capacity = min([self.capacity + prefix, *static])
         self.cache = CacheLayout(cache, self.prompt_mask, self.input_ids.shape[1], capacity, self.device)
+        if self.config.window is not None:
+            if prefix:
+                raise ValueError("BackstepConfig(window=...) needs the prompt as input_ids, not inputs_embeds")
+            self.window = ContextWindow(
+                self.config.window, self.model, self.rows.text_start, self.rows.prompt_length, cache_key
+            )
+            # A row's slots never pass its left padding + the limit; a wider layout is tightened instead (one more
+            # column: a row that finished with a full window takes a masked slot while another row writes).
+            self.cache.capacity = min(self.cache.capacity, self.window.limit + max(self.rows.text_start) + 1)
         self.stats.prefill_forwards = 1
         return outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=self.device)
 
@@ -211,6 +224,8 @@ class BackstepLoop:
             units.append(self.cache)
         if self.temperature is not None:
             units.append(self.temperature)
+        if self.window is not None:
+            units.append(self.window)
         units += self.rules
         units += [p for p in self.processors if isinstance(p, RowState)]
         return units
@@ -240,7 +255,8 @@ class BackstepLoop:
         rows = self.rows
         assert self.cache is not None
         length = rows.lens[row]
-        position = min(max(request.position, self.holdback.final[row], rows.prompt_length), length - 1)
+        floor = self.window.floor(row) if self.window is not None else 0  # never back into text a shift dropped
+        position = min(max(request.position, self.holdback.final[row], rows.prompt_length, floor), length - 1)
         if position == 0 and not self.ring.has(row, 0):
             position = 1  # an inputs_embeds prompt has no token to feed again for the first position
         old_ids = rows.ids[row]
@@ -314,6 +330,9 @@ class BackstepLoop:
             if rows.lens[b] > 0:
                 cache.drop_last(b)
         cache.realign()
+        if self.window is not None:
+            feeding = {b: rows.lens[b] - 1 for b in active if b not in stale}
+            self.window.shift_if_needed(cache, rows.ids, feeding)
         tokens, positions, real = [self.pad] * rows.batch, [0] * rows.batch, [False] * rows.batch
         for b in active:
             if b not in stale:
@@ -345,6 +364,7 @@ class BackstepLoop:
         self.stats.cache_slots = cache.width
         self.stats.peak_cache_slots = cache.peak_width
         self.stats.realignments = cache.realignments
+        self.stats.context_shifts = self.window.shifts if self.window is not None else 0
         sequences = rows.sequences()
         self.model._store_last_backstep(self.events, self.stats)
         if not self.gc.return_dict_in_generate:
@@ -378,6 +398,32 @@ def _check_supported(model: Any, input_ids: torch.Tensor, gc: Any, streamer: Any
         raise ValueError("backstep generation streams batch size 1 only (like TextStreamer)")
     if not kwargs.get("use_cache", True):
         raise ValueError("backstep generation needs use_cache=True: the rewind works on the KV cache")
+
+
+def _check_window(
+    model: Any, config: BackstepConfig, text_start: list[int], max_length: int, prompt_mask: torch.Tensor | None
+) -> None:
+    """Without a context shift, warn (one line) when a row may pass the model's window; with one, check that
+    positions can be recomputed after a shift (left padding only)."""
+    window = model_window(model)
+    longest = max_length - min(text_start, default=0)
+    if config.window is None:
+        if window is not None and longest > window:
+            warnings.warn(
+                f"backstep generation: a row may reach {longest} positions, past the model's window of {window} "
+                "(max_position_embeddings), where text degrades; pass BackstepConfig(window=ContextShift()) to "
+                "write on with a bounded cache, or lower max_new_tokens",
+                UserWarning,
+                stacklevel=2,
+            )
+        return
+    if prompt_mask is not None:
+        for row in prompt_mask.tolist():
+            text = row[row.index(1) :] if 1 in row else []
+            if 0 in text:
+                raise ValueError(
+                    "BackstepConfig(window=...) needs a left-padded attention_mask (zeros only before the text)"
+                )
 
 
 def _vocab_size(model: Any) -> int:
