@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import EOS, PAD, BoostEOS
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from perpetual_logits import BackstepConfig, ContextShift, Rewind, RewindRule, RowView, _compat, make_perpetual
@@ -107,13 +107,14 @@ def test_rerotating_a_deep_model_is_not_exact_and_that_is_measured() -> None:
     assert before < 1e-4 < after, "kept states above the first layer saw the dropped tokens"
 
 
-def test_a_left_padded_batch_whose_rows_shift_at_different_steps() -> None:
-    model = window_model()
+@pytest.mark.parametrize("method", ["reprefill", "rerotate"])
+def test_a_left_padded_batch_whose_rows_shift_at_different_steps(method: str) -> None:
+    model = window_model(layers=2 if method == "reprefill" else 1)
     prompts = [[1, 5, 6, 7, 8, 9, 10], [1, 9]]
     width = max(map(len, prompts))
     ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
     mask = (ids != PAD).long()
-    out = run(model, ids, ContextShift(keep=KEEP, discard=DISCARD), 30, mask=mask)
+    out = run(model, ids, ContextShift(keep=KEEP, discard=DISCARD, method=method), 30, mask=mask)
     shifts_at = []
     for b, prompt in enumerate(prompts):
         ids_b = out.sequences[b].tolist()
@@ -124,6 +125,31 @@ def test_a_left_padded_batch_whose_rows_shift_at_different_steps() -> None:
             torch.testing.assert_close(out.logits[j][b], reference_logits(model, context), atol=1e-4, rtol=0)
     assert shifts_at[0] != shifts_at[1], "the rows must shift at different steps"
     assert out.backstep_stats.peak_cache_slots <= LIMIT + (width - min(map(len, prompts))) + 1
+
+
+class StopRowAt(StoppingCriteria):
+    """Ends row 0 once it holds ``length`` tokens (the other rows go on)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        done[0] = input_ids.shape[-1] >= self.length
+        return done  # type: ignore[return-value]
+
+
+def test_a_row_that_ends_with_a_full_window_while_another_writes_on() -> None:
+    # Row 0 ends holding LIMIT + 1 tokens (LIMIT of them cached); row 1 shifts at that very step and writes on
+    # beside it: the layout takes one masked column more than the window, never an overflow.
+    model = window_model()
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    out = run(model, ids, ContextShift(keep=KEEP, discard=DISCARD), 30, stopping_criteria=[StopRowAt(LIMIT + 1)])
+    row0, row1 = out.sequences[0].tolist(), out.sequences[1].tolist()
+    assert row0[LIMIT + 1 :] == [PAD] * (len(row0) - LIMIT - 1) and len(row1) == 4 + 30
+    for j, (context, _) in enumerate(contexts(row1, 0, 4, KEEP, DISCARD, LIMIT)):
+        torch.testing.assert_close(out.logits[j][1], reference_logits(model, context), atol=1e-4, rtol=0)
+    assert out.backstep_stats.peak_cache_slots == LIMIT + 1
 
 
 def test_keep_prompt_keeps_each_rows_whole_prompt() -> None:
