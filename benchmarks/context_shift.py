@@ -76,7 +76,16 @@ class Settings:
 
     @classmethod
     def smoke(cls) -> Settings:
-        return cls(new_tokens=320, prompts=2, seeds=1, judge_window=40, limit=96, time_span=60, smollm2_tokens=200)
+        return cls(
+            new_tokens=320,
+            prompts=2,
+            seeds=1,
+            judge_window=40,
+            limit=96,
+            time_span=60,
+            smollm2_tokens=200,
+            smollm2_limit=128,
+        )
 
 
 @dataclass
@@ -403,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="force a smaller window than the model's")
     parser.add_argument("--smollm2", action="store_true", help="add the SmolLM2 arm (slow: ~60 ms/token on 2 cores)")
     parser.add_argument("--smollm2-tokens", type=int)
+    parser.add_argument("--only-smollm2", action="store_true", help="skip the TinyStories arms")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     s = Settings.smoke() if args.smoke else Settings()
@@ -415,7 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"--arms: unknown {sorted(unknown)}; accepted: {','.join(ARMS)}")
     s.batch = not args.no_batch
-    s.smollm2 = args.smollm2
+    s.smollm2 = args.smollm2 or args.only_smollm2
+    if args.only_smollm2:
+        s.arms = ()
     if not 1 <= s.prompts <= len(PROMPTS):
         parser.error(f"--prompts must be in [1, {len(PROMPTS)}]")
     out_dir = common.out_dir(args.out, args.smoke)
@@ -457,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["smollm2"] = smollm2_arm(s)
     common.write_json(out_dir / "context_shift.json", out)
     (out_dir / "context_shift.md").write_text(markdown(out))
-    figure(results, out_dir / "context_shift.png", limit)
+    if results:
+        figure(results, out_dir / "context_shift.png", limit)
     print(markdown(out))
     print(f"written to {out_dir}")
     return 0
