@@ -11,7 +11,8 @@ Where things are:
 * the units, each owning one piece of per-row state and following rewinds
   (:class:`~perpetual_logits.RowState`): :mod:`.rows` (tokens), :mod:`.cache` (the cache layout, no holes),
   :mod:`.buffer` (raw logits, so a rewind needs no forward), :mod:`.bans`, :mod:`.temperature` (Method 4's
-  schedule, early triggers), :mod:`.streaming` (hold-back), :mod:`.records` (output scores/logits);
+  schedule, early triggers), :mod:`.streaming` (hold-back), :mod:`.records` (output scores/logits),
+  :mod:`.window` (the context shift past the model's window);
 * :mod:`.lengths` -- length-dependent processors judged per row; :mod:`.config`, :mod:`.events`.
 """
 
