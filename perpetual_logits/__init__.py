@@ -13,6 +13,7 @@ check_transformers_version()
 
 from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_stats  # noqa: E402
 from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats, LoopRewinds  # noqa: E402
+from .backstep.window import ContextShift  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
 from .dry import DRYLogitsProcessor  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
@@ -61,6 +62,7 @@ __all__ = [
     "BackstepOutput",
     "BackstepStats",
     "Constant",
+    "ContextShift",
     "CosineDecay",
     "DRYLogitsProcessor",
     "EOSLogitsProcessor",

@@ -179,3 +179,37 @@ def _batch_size(cache: Any) -> int:
         if layer_width(layer):
             return int(layer.keys.shape[0])
     return 0
+
+
+# -- context shift -----------------------------------------------------------------------------------------
+def fresh_cache(model: Any) -> Any:
+    """An empty ``DynamicCache`` for the model (the context shift re-feeds kept tokens into one)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def rotary_inv_freq(model: Any) -> torch.Tensor:
+    """The rotary embedding's frequencies (``inv_freq`` of the model's rotary module): cached keys are stored
+    already rotated, and moving them to other positions means rotating them again."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            return inv_freq.detach().float()
+    raise ValueError(
+        f"ContextShift(method='rerotate') needs a rotary-embedding model; {type(model).__name__} has none "
+        "(use method='reprefill')"
+    )
+
+
+def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys (heads, slots, head_dim) rotated as if their positions moved by ``delta``, in the rotate-half layout
+    transformers' Llama-family models use (a partial rotary rotates the first ``2 * len(inv_freq)`` dims)."""
+    angles = delta * inv_freq.to(keys.device)
+    cos = torch.cat([angles, angles]).cos().to(keys.dtype)
+    sin = torch.cat([angles, angles]).sin().to(keys.dtype)
+    dims = cos.numel()
+    rotary, rest = keys[..., :dims], keys[..., dims:]
+    half = dims // 2
+    rotated_half = torch.cat([-rotary[..., half:], rotary[..., :half]], dim=-1)
+    return torch.cat([rotary * cos + rotated_half * sin, rest], dim=-1)

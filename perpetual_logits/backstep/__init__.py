@@ -13,7 +13,8 @@ Where things are:
 * the units, each owning one piece of per-row state and following rewinds
   (:class:`~perpetual_logits.RowState`): :mod:`.rows` (tokens), :mod:`.cache` (the cache layout, no holes),
   :mod:`.buffer` (raw logits, so a rewind needs no forward), :mod:`.bans` (kept by the policy),
-  :mod:`.temperature` (Method 4's schedule, early triggers), :mod:`.records` (output scores/logits);
+  :mod:`.temperature` (Method 4's schedule, early triggers), :mod:`.records` (output scores/logits),
+  :mod:`.window` (the context shift past the model's window);
   :mod:`.streaming` hands the streamer what the policy made final;
 * :mod:`.lengths` -- length-dependent processors judged per row; :mod:`.config`, :mod:`.events`.
 """

@@ -81,7 +81,8 @@ class CacheLayout(RowState):
     """Owns the cache's slot layout, the attention mask and the position of every fed token.
 
     Slots are counted per row from its first prompt slot: slot ``e`` of row ``b`` holds token ``e - prefix``
-    (``prefix`` is non-zero only when the prompt was given as ``inputs_embeds``, which has no token ids).
+    (``prefix`` is non-zero only when the prompt was given as ``inputs_embeds``, which has no token ids), or, past
+    the head of a row whose middle a context shift dropped, token ``e - prefix + dropped[b]``.
 
     Args:
         cache: the transformers ``Cache`` filled by the prompt forward.
@@ -104,6 +105,7 @@ class CacheLayout(RowState):
         self.content: list[int] = []
         self.pads: list[int] = []
         self.target: list[int] = []  # content to keep at the next realignment
+        self.dropped: list[int] = []  # tokens a context shift removed after the row's head (see window.py)
         # -- mask and positions
         self.mask: torch.Tensor | None = None
         self.padded = prompt_mask is not None
@@ -120,6 +122,7 @@ class CacheLayout(RowState):
         self.content = [self.width] * batch_size
         self.pads = [0] * batch_size
         self.target = list(self.content)
+        self.dropped = [0] * batch_size
         if self.prompt_mask is not None:
             mask = self.prompt_mask.to(self.device, torch.long)
             self.mask = mask.clone()
@@ -133,15 +136,15 @@ class CacheLayout(RowState):
     def rewind(self, row: int, length: int) -> None:
         """Keep the slots of the row's first ``length`` tokens (the next token is chosen from stored logits, or,
         if a forward runs anyway, the last kept token is fed again: see :meth:`plan`)."""
-        self.target[row] = min(self.target[row], self.prefix + length)
+        self.target[row] = min(self.target[row], self.prefix + length - self.dropped[row])
 
     # -- queries -------------------------------------------------------------------------------------------
     def fed(self, row: int) -> int:
         """Tokens of ``row`` whose slots are in the cache (after pending cuts)."""
-        return self.target[row] - self.pads[row] - self.prefix
+        return self.target[row] - self.pads[row] - self.prefix + self.dropped[row]
 
     def position(self, row: int, token_index: int) -> int:
-        slot = token_index + self.prefix
+        slot = token_index + self.prefix - self.dropped[row]
         if slot < len(self.prompt_positions[row]):
             return int(self.prompt_positions[row][slot])
         return int(self.valid_prompt[row]) + slot - len(self.prompt_positions[row])

@@ -12,6 +12,7 @@ from ..protocol import RewindRule
 from ..schedules import LinearDecay, Schedule
 from ..triggers import EarlyTrigger
 from ..truncation import Widen
+from .window import ContextShift
 
 __all__ = ["BackstepConfig", "LoopRewinds"]
 
@@ -129,6 +130,9 @@ class BackstepConfig:
         widen (`Widen`, *optional*): after each rewind, sample with wider top-k / top-p / min-p that return to
             the configured values with the schedule (``widen.schedule`` or ``schedule``); the loop replaces
             ``generate()``'s top-k/top-p/min-p warpers by per-row ones. Needs a ``schedule`` and sampling.
+        window (`ContextShift`, *optional*): write on past the model's context window: a row that reaches it
+            keeps its head and its recent tokens, drops the middle from its cache and goes on (the returned
+            sequence keeps every token). Without it, a run longer than the window is warned about.
         rules (`list[RewindRule]`, *optional*): your own reasons to rewind (see
             :class:`~perpetual_logits.RewindRule`); each ``generate()`` call works on its own copy
             (``RewindRule.fresh()``, a deep copy unless the rule overrides it).
@@ -169,6 +173,7 @@ class BackstepConfig:
     widen: Widen | None = None
     rules: Sequence[RewindRule] = ()
     max_rule_rewinds: int = 50
+    window: ContextShift | None = None
 
     def __post_init__(self) -> None:
         _validation.positive_int(self.n_remove, "n_remove")
@@ -205,6 +210,8 @@ class BackstepConfig:
                 raise ValueError("`widen` follows the temperature schedule after a rewind: set `schedule` too")
         if self.loops is not None and not isinstance(self.loops, LoopRewinds):
             raise ValueError(f"`loops` must be None or a LoopRewinds, got {self.loops!r}")
+        if self.window is not None and not isinstance(self.window, ContextShift):
+            raise ValueError(f"`window` must be None or a ContextShift, got {self.window!r}")
         if isinstance(self.rules, RewindRule) or not isinstance(self.rules, Sequence):
             raise ValueError(f"`rules` must be a list of RewindRule instances, got {self.rules!r}")
         for rule in self.rules:

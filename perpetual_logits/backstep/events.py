@@ -61,6 +61,7 @@ class BackstepStats:
         peak_cache_slots: the largest cache length during the run.
         realignments: times rows' cache slots were moved (after rewinds in a batch).
         early_triggers: schedules started early by the ``early_trigger``.
+        context_shifts: times a row's middle was dropped from the cache (``BackstepConfig.window``), all rows.
     """
 
     prefill_forwards: int = 0
@@ -72,6 +73,7 @@ class BackstepStats:
     peak_cache_slots: int = 0
     realignments: int = 0
     early_triggers: int = 0
+    context_shifts: int = 0
 
 
 @dataclass

@@ -18,6 +18,7 @@ free of holes.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, cast
 
 import torch
@@ -37,6 +38,7 @@ from .records import StepRecords
 from .rows import Rows
 from .streaming import HoldBack
 from .temperature import TemperatureSchedule, insert_before_warpers
+from .window import ContextWindow, model_window
 
 __all__ = ["BackstepLoop"]
 
@@ -108,6 +110,8 @@ class BackstepLoop:
             bool(gc.return_dict_in_generate and gc.output_scores), bool(gc.return_dict_in_generate and gc.output_logits)
         )
         self.cache: CacheLayout | None = None
+        self.window: ContextWindow | None = None  # the context shift (built with the cache)
+        _check_window(model, config, self.rows.text_start, max_length, self.prompt_mask)
 
         # -- processors and criteria, as generate() built them, adapted to rows of different lengths
         processors = per_row_lengths(LogitsProcessorList(list(logits_processor)), lambda: self.rows.lens)
@@ -181,6 +185,15 @@ class BackstepLoop:
         check_static_size(static, self.capacity + prefix, self.rows.batch)
         capacity = min([self.capacity + prefix, *static])
         self.cache = CacheLayout(cache, self.prompt_mask, self.input_ids.shape[1], capacity, self.device)
+        if self.config.window is not None:
+            if prefix:
+                raise ValueError("BackstepConfig(window=...) needs the prompt as input_ids, not inputs_embeds")
+            self.window = ContextWindow(
+                self.config.window, self.model, self.rows.text_start, self.rows.prompt_length, cache_key
+            )
+            # A row's slots never pass its left padding + the limit; a wider layout is tightened instead (one more
+            # column: a row that finished with a full window takes a masked slot while another row writes).
+            self.cache.capacity = min(self.cache.capacity, self.window.limit + max(self.rows.text_start) + 1)
         self.stats.prefill_forwards = 1
         return outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=self.device)
 
@@ -200,6 +213,8 @@ class BackstepLoop:
             units.append(self.cache)
         if self.temperature is not None:
             units.append(self.temperature)
+        if self.window is not None:
+            units.append(self.window)
         units += [p for p in self.processors if isinstance(p, RowState)]
         return units
 
@@ -215,6 +230,8 @@ class BackstepLoop:
         self.records.add_token(row, step)
         # A prompt given as inputs_embeds has no token to feed again before the first generated position.
         floor = 1 if rows.prompt_length == 0 and not self.ring.has(row, 0) else 0
+        if self.window is not None:  # never back into text a context shift dropped
+            floor = max(floor, self.window.floor(row))
         decision = self.policy.after_token(rows.view_of(row), floor)
         if decision == "keep":
             return True
@@ -287,6 +304,9 @@ class BackstepLoop:
             if rows.lens[b] > 0:
                 cache.drop_last(b)
         cache.realign()
+        if self.window is not None:
+            feeding = {b: rows.lens[b] - 1 for b in active if b not in stale}
+            self.window.shift_if_needed(cache, rows.ids, feeding)
         tokens, positions, real = [self.pad] * rows.batch, [0] * rows.batch, [False] * rows.batch
         for b in active:
             if b not in stale:
@@ -319,6 +339,7 @@ class BackstepLoop:
         self.stats.cache_slots = cache.width
         self.stats.peak_cache_slots = cache.peak_width
         self.stats.realignments = cache.realignments
+        self.stats.context_shifts = self.window.shifts if self.window is not None else 0
         sequences = rows.sequences()
         self.model._store_last_backstep(self.policy.events, self.stats)
         if not self.gc.return_dict_in_generate:
@@ -352,6 +373,32 @@ def _check_supported(model: Any, input_ids: torch.Tensor, gc: Any, streamer: Any
         raise ValueError("backstep generation streams batch size 1 only (like TextStreamer)")
     if not kwargs.get("use_cache", True):
         raise ValueError("backstep generation needs use_cache=True: the rewind works on the KV cache")
+
+
+def _check_window(
+    model: Any, config: BackstepConfig, text_start: list[int], max_length: int, prompt_mask: torch.Tensor | None
+) -> None:
+    """Without a context shift, warn (one line) when a row may pass the model's window; with one, check that
+    positions can be recomputed after a shift (left padding only)."""
+    window = model_window(model)
+    longest = max_length - min(text_start, default=0)
+    if config.window is None:
+        if window is not None and longest > window:
+            warnings.warn(
+                f"backstep generation: a row may reach {longest} positions, past the model's window of {window} "
+                "(max_position_embeddings), where text degrades; pass BackstepConfig(window=ContextShift()) to "
+                "write on with a bounded cache, or lower max_new_tokens",
+                UserWarning,
+                stacklevel=2,
+            )
+        return
+    if prompt_mask is not None:
+        for row in prompt_mask.tolist():
+            text = row[row.index(1) :] if 1 in row else []
+            if 0 in text:
+                raise ValueError(
+                    "BackstepConfig(window=...) needs a left-padded attention_mask (zeros only before the text)"
+                )
 
 
 def _vocab_size(model: Any) -> int:

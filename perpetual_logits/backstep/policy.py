@@ -202,7 +202,8 @@ class RewindPolicy(RowState):
         Args:
             view: the row right after the token was appended.
             floor: the fewest tokens a rewind may keep besides the prompt and the final tokens (the HF loop
-                passes 1 for a prompt given as ``inputs_embeds`` whose first logits are gone).
+                passes 1 for a prompt given as ``inputs_embeds`` whose first logits are gone, and the context shift's
+                floor).
         """
         row = view.row
         for index, rule in enumerate(self.rules):

@@ -387,6 +387,23 @@ def _tokenize(tokenizer: Any, prompt: object, index: int) -> list[int]:
     raise ValueError(f"`prompts[{index}]` must be a string or a non-empty list of token ids, got {prompt!r}")
 
 
+def _check_model_length(llm: Any, rows: list[_Row]) -> None:
+    """Refuse a request that cannot fit the engine's context: the driver has no context shift (a rewind resubmits
+    prompt + kept tokens as one prompt, which vLLM refuses past ``max_model_len``, and vLLM itself would end the
+    request there with finish reason "length", short of ``max_tokens``)."""
+    limit = getattr(getattr(llm.llm_engine, "model_config", None), "max_model_len", None)
+    if not isinstance(limit, int):
+        return
+    for row in rows:
+        total = len(row.prompt) + int(row.params.max_tokens)
+        if total > limit:
+            raise ValueError(
+                f"prompt {row.index}: prompt ({len(row.prompt)} tokens) + max_tokens ({row.params.max_tokens}) = "
+                f"{total} exceeds the engine's max_model_len ({limit}); the vLLM driver has no context shift: lower "
+                "max_tokens, or use the HF backend with BackstepConfig(window=ContextShift())"
+            )
+
+
 def generate(
     llm: Any,
     prompts: Prompt | Sequence[Prompt],
@@ -453,6 +470,8 @@ def generate(
             check_truncation_off(_with_truncation_off(p))
             WidenSettings.of(widen, backstep.schedule, _configured(p))
     rows = [_Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
+    if backstep is not None:
+        _check_model_length(llm, rows)
     if (
         backstep is not None
         and tokenizer is None
