@@ -16,13 +16,15 @@ class HoldBack(RowState):
     receives tokens that stay.
 
     Args:
-        streamer: a transformers streamer (batch size 1), or ``None``.
+        streamer: a transformers streamer (batch size 1), a row streamer (any batch size: it has
+            ``put_row(row, tokens)`` and receives each row's final tokens separately), or ``None``.
         hold_back: the newest tokens of a row that stay revisable.
     """
 
     def __init__(self, streamer: Any, hold_back: int) -> None:
         self.streamer = streamer
         self.hold_back = hold_back
+        self.put_row = getattr(streamer, "put_row", None)
         self.final: list[int] = []
 
     def start(self, batch_size: int, prompt_length: int) -> None:
@@ -37,7 +39,9 @@ class HoldBack(RowState):
         for b, length in enumerate(lens):
             target = length if finished[b] else max(self.final[b], length - max(self.hold_back, held[b]))
             if target > self.final[b]:
-                if self.streamer is not None:
+                if self.put_row is not None:
+                    self.put_row(b, tokens[b, self.final[b] : target].cpu())
+                elif self.streamer is not None:
                     self.streamer.put(tokens[b, self.final[b] : target].cpu())
                 self.final[b] = target
 
