@@ -8,7 +8,7 @@ Every refusal is an OpenAI-style JSON error (``{"error": {"message", "type", "pa
 queue full, 503 not serving. A client that disconnects cancels its request, whether it waits in the queue or runs.
 
 Responses carry one extra field, ``backstep``: ``{"preset", "rewinds", "removed_tokens", "reasons"}`` (``reasons``
-counts rewinds by cause: ``eos``, ``ending``, ``ban``, ``loop``...), or ``null`` when the request ran without
+counts rewinds by cause: ``eos``, ``ending``, ``phrase``, ``loop``), or ``null`` when the request ran without
 backstep. ``usage.completion_tokens`` counts the tokens returned; rewound tokens are in ``removed_tokens``.
 """
 

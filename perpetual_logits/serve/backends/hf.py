@@ -139,6 +139,10 @@ class HFBackend:
         self.running: list[Job] = []
         self.stopping = False
         self.worker: threading.Thread | None = None
+        # -- counters (read by tests and benchmarks)
+        self.batches = 0  # generate() calls
+        self.rows = 0  # requests run
+        self.aborted = 0  # requests whose client left while they ran
 
     # -- prompts -------------------------------------------------------------------------------------------
     def encode_completion(self, prompt: str) -> list[int]:
@@ -280,8 +284,11 @@ class HFBackend:
         with torch.inference_mode():
             out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         events = getattr(out, "backstep_events", None)
+        self.batches += 1
+        self.rows += len(jobs)
         for b, job in enumerate(jobs):
             if job.cancelled.is_set():
+                self.aborted += 1
                 continue
             tokens = out.sequences[b, longest:].tolist()
             stop = next((i for i, t in enumerate(tokens) if t in self.eos), None)
@@ -290,6 +297,8 @@ class HFBackend:
             text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
             report = RewindReport.of(events[b]) if events is not None and first.backstep is not None else None
             rest = streamer.texts[b].rest(text)
+            if streamer.texts[b].sent != text:
+                log.error("request %d: the streamed text differs from the final text", job.id)
             if job.stream and rest:
                 job.emit("delta", rest)
             job.emit("done", Result(text, len(tokens), finish, report))
