@@ -119,8 +119,8 @@ class BackstepConfig:
             forbidden there. For endings prefer ``end_phrases``: banning an ending at its start forces the model,
             which has finished, to go on at that very point (measured: words glued to the full stop, and less
             coherent text; see the README).
-        max_phrase_rewinds (`int`, defaults to 200): rewinds for ``end_phrases`` and ``ban_phrases`` allowed per
-            row (a budget of their own); afterwards phrases are kept.
+        max_phrase_rewinds (`int`, defaults to 200): rewinds allowed per row for ``end_phrases``, and as many
+            again for ``ban_phrases`` (a budget each); afterwards phrases are kept.
         early_trigger (`EarlyTrigger`, *optional*): start the ``schedule`` before EOS is sampled, when a row's
             EOS probability (averaged over a window) or its entropy trend says an ending is near. Needs a
             ``schedule``.
@@ -129,7 +129,10 @@ class BackstepConfig:
             the configured values with the schedule (``widen.schedule`` or ``schedule``); the loop replaces
             ``generate()``'s top-k/top-p/min-p warpers by per-row ones. Needs a ``schedule`` and sampling.
         rules (`list[RewindRule]`, *optional*): your own reasons to rewind (see
-            :class:`~perpetual_logits.RewindRule`); each ``generate()`` call works on its own copy.
+            :class:`~perpetual_logits.RewindRule`); each ``generate()`` call works on its own copy
+            (``RewindRule.fresh()``, a deep copy unless the rule overrides it).
+        max_rule_rewinds (`int`, defaults to 50): rewinds each of ``rules`` may ask for per row (a budget per
+            rule); afterwards its requests are ignored.
 
     ``end_phrases``, ``ban_phrases`` and line-level loop checks read text: pass ``generate(...,
     tokenizer=tokenizer)`` or give the tokenizer once to :func:`~perpetual_logits.make_perpetual`.
@@ -164,6 +167,7 @@ class BackstepConfig:
     loops: LoopRewinds | None = None
     widen: Widen | None = None
     rules: Sequence[RewindRule] = ()
+    max_rule_rewinds: int = 50
 
     def __post_init__(self) -> None:
         _validation.positive_int(self.n_remove, "n_remove")
@@ -206,6 +210,7 @@ class BackstepConfig:
             if not isinstance(rule, RewindRule):
                 raise ValueError(f"`rules` must contain RewindRule instances, got {rule!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
+        _validation.positive_int(self.max_rule_rewinds, "max_rule_rewinds", minimum=0)
 
     @property
     def reads_text(self) -> bool:
