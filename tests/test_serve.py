@@ -3,12 +3,8 @@ started here on a free loopback port (TinyStories-656K)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,34 +18,13 @@ from conftest import TINYSTORIES, deadline, require_model_dir  # noqa: E402
 
 from perpetual_logits.cli import main  # noqa: E402
 from perpetual_logits.methods import load_model  # noqa: E402
-from perpetual_logits.serve import MethodDefaults, ServerSettings, create_app  # noqa: E402
+from perpetual_logits.serve import MethodDefaults, ServerSettings, create_app, running  # noqa: E402
 from perpetual_logits.serve.backends.hf import HFBackend  # noqa: E402
 
 MODEL = "tinystories"
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% if not loop.last %} {% endif %}{% endfor %}"
 PROMPT = "Once upon a time"
 pytestmark = pytest.mark.models
-
-
-@contextlib.contextmanager
-def running(app, timeout: float = 20.0) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    end = time.monotonic() + timeout
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < end, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

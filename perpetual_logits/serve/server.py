@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +18,7 @@ from .backends.base import Backend
 from .methods import MethodDefaults
 from .schemas import BackstepSettings
 
-__all__ = ["ServeOptions", "build_backend", "run"]
+__all__ = ["ServeOptions", "build_backend", "run", "running"]
 
 API_KEY_ENV = "PERPETUAL_LOGITS_API_KEY"
 
@@ -108,3 +113,35 @@ def run(options: ServeOptions) -> int:
     app: Any = create_app(backend, settings)
     uvicorn.run(app, host=options.host, port=options.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
+
+
+@contextlib.contextmanager
+def running(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a background thread for the duration of a ``with`` block; yields the base URL
+    (``port=0``: a free port). For tests, notebooks and benchmarks; the command line uses :func:`run`.
+
+    Args:
+        app: the ASGI app (:func:`~perpetual_logits.serve.create_app`).
+        host: the address to bind (loopback by default).
+        port: the port, 0 for any free one.
+        timeout: seconds to wait for start-up and for shutdown.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="perpetual-logits-serve", daemon=True)
+    thread.start()
+    end = time.monotonic() + timeout
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > end:
+                raise RuntimeError("the server did not start (see the log above)")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
