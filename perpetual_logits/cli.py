@@ -255,6 +255,9 @@ def _add_serve(sub: Any, model_help: str) -> None:
     serve.add_argument(
         "--default-max-tokens", type=_int_in(1, _BIG), default=256, help="max_tokens of requests that give none"
     )
+    serve.add_argument(
+        "--vllm-args", metavar="JSON", help="vllm: more engine arguments, e.g. '{\"kv_cache_memory_bytes\": 268435456}'"
+    )
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -453,23 +456,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{_PROG} serve needs the [serve] extra ({err.name} is missing): pip install 'perpetual-logits[serve]'"
         ) from None
-    names = (
-        "model",
-        "backend",
-        "host",
-        "port",
-        "served_model_name",
-        "api_key",
-        "preset",
-        "backstep",
-        "max_batch",
-        "max_queue",
-        "batch_wait_ms",
-        "max_model_len",
-        "chat_template",
-        "default_max_tokens",
-    )
-    return run(ServeOptions(**{name: getattr(args, name) for name in names}))
+    from dataclasses import fields
+
+    return run(ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)}))
 
 
 # -- entry point ---------------------------------------------------------------------------------------------

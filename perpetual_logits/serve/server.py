@@ -41,6 +41,7 @@ class ServeOptions:
     max_model_len: int | None = None
     chat_template: str | None = None  # a file, or the template itself
     default_max_tokens: int = 256
+    vllm_args: str | None = None  # JSON object of more AsyncEngineArgs fields
 
 
 def _method_defaults(options: ServeOptions) -> MethodDefaults:
@@ -91,12 +92,21 @@ def build_backend(options: ServeOptions) -> Backend:
     if options.backend == "vllm":
         from .backends.vllm import VLLMBackend
 
+        engine_args = None
+        if options.vllm_args is not None:
+            try:
+                engine_args = json.loads(options.vllm_args)
+            except ValueError as err:
+                raise ValueError(f"`--vllm-args` must be a JSON object: {err}") from None
+            if not isinstance(engine_args, dict):
+                raise ValueError(f"`--vllm-args` must be a JSON object, got {options.vllm_args!r}")
         return VLLMBackend(
             options.model,
             name,
             max_queue=options.max_queue,
             context_length=options.max_model_len,
             chat_template=template,
+            engine_args=engine_args,
         )
     raise ValueError(f"`--backend` must be 'hf' or 'vllm', got {options.backend!r}")
 

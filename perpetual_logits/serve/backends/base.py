@@ -14,8 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ...backstep.config import BackstepConfig
+from ..errors import APIError
 
-__all__ = ["Backend", "IncrementalText", "Job", "Result", "RewindReport", "Sampling"]
+__all__ = [
+    "Backend",
+    "IncrementalText",
+    "Job",
+    "Result",
+    "RewindReport",
+    "Sampling",
+    "encode_chat",
+    "encode_completion",
+    "final_tokens",
+]
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,45 @@ class IncrementalText:
         delta = final[len(self.sent) :] if final.startswith(self.sent) else ""
         self.sent = final if final.startswith(self.sent) else self.sent
         return delta
+
+
+def encode_completion(tokenizer: Any, prompt: str) -> list[int]:
+    """A completion prompt's ids, special tokens (BOS) added as the tokenizer does by default (as vLLM does)."""
+    return [int(i) for i in tokenizer(prompt)["input_ids"]]
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]], model_name: str) -> list[int]:
+    """A conversation through the tokenizer's chat template, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400,
+            f"model {model_name!r} has no chat template: use /v1/completions, or start the server with --chat-template",
+            param="messages",
+        )
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # a template may raise on a conversation it does not accept (e.g. roles)
+        raise APIError(400, f"the chat template refused these messages: {err}", param="messages") from None
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def final_tokens(tokens: Sequence[int], eos: Sequence[int], max_tokens: int) -> tuple[list[int], str]:
+    """A row's returned tokens (up to its first EOS, which is not text) and why it ended (``"stop"`` at an EOS,
+    ``"length"`` at ``max_tokens``).
+
+    Example:
+
+    ```python
+    >>> final_tokens([5, 6, 2, 0, 0], eos=[2], max_tokens=5), final_tokens([5, 6, 7], eos=[2], max_tokens=3)
+    (([5, 6], 'stop'), ([5, 6, 7], 'length'))
+
+    ```
+    """
+    ends = set(eos)
+    stop = next((i for i, t in enumerate(tokens) if t in ends), None)
+    if stop is not None:
+        return [int(t) for t in tokens[:stop]], "stop"
+    return [int(t) for t in tokens[:max_tokens]], "length"
 
 
 @runtime_checkable

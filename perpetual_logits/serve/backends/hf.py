@@ -25,7 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ...methods import LoadedModel
 from ...mixin import make_perpetual
 from ..errors import APIError
-from .base import IncrementalText, Job, Result, RewindReport
+from .base import IncrementalText, Job, Result, RewindReport, encode_chat, encode_completion, final_tokens
 
 __all__ = ["HFBackend", "RowStreamer"]
 
@@ -146,21 +146,10 @@ class HFBackend:
 
     # -- prompts -------------------------------------------------------------------------------------------
     def encode_completion(self, prompt: str) -> list[int]:
-        return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+        return encode_completion(self.tokenizer, prompt)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(
-                400,
-                f"model {self.model_name!r} has no chat template: use /v1/completions, or start the server with "
-                "--chat-template",
-                param="messages",
-            )
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as err:  # a template may raise on a conversation it does not accept (e.g. roles)
-            raise APIError(400, f"the chat template refused these messages: {err}", param="messages") from None
-        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return encode_chat(self.tokenizer, messages, self.model_name)
 
     # -- the queue -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -290,10 +279,7 @@ class HFBackend:
             if job.cancelled.is_set():
                 self.aborted += 1
                 continue
-            tokens = out.sequences[b, longest:].tolist()
-            stop = next((i for i, t in enumerate(tokens) if t in self.eos), None)
-            finish = "stop" if stop is not None else "length"
-            tokens = tokens[:stop] if stop is not None else tokens[: job.max_tokens]
+            tokens, finish = final_tokens(out.sequences[b, longest:].tolist(), self.eos, job.max_tokens)
             text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
             report = RewindReport.of(events[b]) if events is not None and first.backstep is not None else None
             rest = streamer.texts[b].rest(text)
