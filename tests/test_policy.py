@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from conftest import build_tokenizer, deadline
-from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, Script, run_script
+from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, run_script
 
 from perpetual_logits import BackstepConfig, LoopRewinds, Rewind, RewindRule
 from perpetual_logits.backstep.policy import RewindPlan, RewindPolicy
@@ -204,10 +204,10 @@ def test_hold_back_grows_while_an_ending_may_complete(tokenizer) -> None:
 def test_an_eos_outside_the_vocabulary_with_default_end_phrases(tokenizer) -> None:
     policy = RewindPolicy(BackstepConfig(end_phrases="default"), [10**6], VOCAB, tokenizer)
     policy.start(1, len(PROMPT))
-    assert policy.eos == frozenset()
-    plan = feed(policy, list(PROMPT), [A, B, EOS])  # "</s>" is still the tokenizer's end marker
-    assert feed(policy, list(PROMPT), [A, B, C]) == "keep"
-    assert plan == "keep" or (isinstance(plan, RewindPlan) and plan.reason == "ending")
+    assert policy.eos == frozenset()  # it can never be sampled
+    plan = feed(policy, list(PROMPT), [A, B, EOS])  # the tokenizer's own end marker is still an ending
+    assert isinstance(plan, RewindPlan) and (plan.reason, plan.detail, plan.position) == ("ending", "</s>", 3)
+    assert plan.bans == {len(PROMPT) + 2: frozenset({EOS})}
 
 
 class Locked(RewindRule):
@@ -340,3 +340,10 @@ def test_an_eos_id_outside_the_vocabulary_with_default_end_phrases(scripted_mode
         tokenizer=story_tokenizer,
     )
     assert out.shape[1] == prompt.shape[1] + 5
+
+
+def test_policy_cost_benchmark_smoke(tmp_path, tinystories_path) -> None:
+    from benchmarks import policy_cost
+
+    assert policy_cost.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "policy_cost.json").is_file() and "| 1 | chat |" in (tmp_path / "policy_cost.md").read_text()
