@@ -202,6 +202,8 @@ def test_disconnect_aborts_streaming_and_waiting_requests(url, backend):
 BAD = [
     ("completions", b"{not json", 400, None),
     ("completions", b"[1, 2]", 400, None),
+    ("completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    ("completions", b"\xff\xfe{}", 400, None),
     ("completions", {"model": MODEL}, 400, "prompt"),
     ("completions", {"model": MODEL, "prompt": "a", "temprature": 1}, 400, "temprature"),
     ("completions", {"model": MODEL, "prompt": 5}, 400, "prompt"),

@@ -112,6 +112,8 @@ class _Handlers:
             return json.loads(bytes(body))
         except (UnicodeDecodeError, ValueError) as err:
             raise APIError(400, f"the request body is not valid JSON: {err}") from None
+        except RecursionError:  # hostile nesting ([[[[...) exhausts the parser's stack
+            raise APIError(400, "the request body nests JSON too deeply") from None
 
     def _check_model(self, name: str) -> None:
         if name != self.backend.model_name:
