@@ -134,6 +134,56 @@ def test_stream_equals_final_text_and_never_retracts(client, chat):
     assert report == full.model_extra["backstep"]
 
 
+def test_streams_batched_together_add_up_to_their_final_text(url, backend):
+    """Eight streaming clients with equal settings share a generate(); each stream adds up to its row's final text
+    (the backend compares them) and returns max_tokens tokens, rewinds included."""
+    _idle(backend)
+    batches, mismatches = backend.batches, backend.stream_mismatches
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 160, "stream": True, "preset": "backstep"}
+    body["stream_options"] = {"include_usage": True}
+
+    def stream(_: int) -> tuple[str, dict]:
+        text, usage = "", {}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    text += "".join(c["text"] for c in chunk["choices"])
+        return text, usage
+
+    with deadline(120), ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(stream, range(8)))
+    assert backend.batches - batches < 8 and backend.stream_mismatches == mismatches
+    assert all(usage["completion_tokens"] == 160 and len(text) > 300 for text, usage in results)
+    assert len({text for text, _ in results}) > 1  # sampled rows of one batch differ
+
+
+def test_incremental_text_releases_exactly_the_final_text(loaded):
+    """Deltas of any chunking of any token list, plus the rest at the end, are the decoded text: never retracted."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from perpetual_logits.serve.backends.base import IncrementalText
+
+    tok = loaded.tokenizer
+    vocab = len(tok)
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, vocab - 1), max_size=40), st.lists(st.integers(1, 5), min_size=1, max_size=40))
+    def check(ids, cuts):
+        text = IncrementalText(tok, skip=loaded.eos)
+        released, i, k = "", 0, 0
+        while i < len(ids):
+            step = cuts[k % len(cuts)]
+            released += text.add(ids[i : i + step])
+            i, k = i + step, k + 1
+        final = tok.decode([t for t in ids if t not in loaded.eos], skip_special_tokens=True)
+        assert released + text.rest(final) == final
+
+    check()
+
+
 # -- concurrency ---------------------------------------------------------------------------------------------------
 def test_sixteen_clients_with_different_settings(client, backend):
     """16 clients at once in four groups of settings: each response shows its own group's behaviour, and the

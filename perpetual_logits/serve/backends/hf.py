@@ -143,6 +143,7 @@ class HFBackend:
         self.batches = 0  # generate() calls
         self.rows = 0  # requests run
         self.aborted = 0  # requests whose client left while they ran
+        self.stream_mismatches = 0  # streams whose text differs from the final text (0 by design)
 
     # -- prompts -------------------------------------------------------------------------------------------
     def encode_completion(self, prompt: str) -> list[int]:
@@ -284,6 +285,7 @@ class HFBackend:
             report = RewindReport.of(events[b]) if events is not None and first.backstep is not None else None
             rest = streamer.texts[b].rest(text)
             if streamer.texts[b].sent != text:
+                self.stream_mismatches += 1
                 log.error("request %d: the streamed text differs from the final text", job.id)
             if job.stream and rest:
                 job.emit("delta", rest)
