@@ -48,6 +48,13 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+def _wait_for(condition, seconds: float = 20.0) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
 def _idle(backend: HFBackend, seconds: float = 20.0) -> None:
     end = time.monotonic() + seconds
     while backend.running or backend.pending():
@@ -336,6 +343,21 @@ def test_full_queue_is_429_and_api_key_is_required(loaded):
         assert refused.json()["error"]["code"] == "queue_full"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="sekret", max_retries=0)
         assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+
+        # A waiting request whose client leaves frees its queue slot and never runs.
+        _idle(backend)
+        rows = backend.rows
+        with ThreadPoolExecutor(1) as pool:
+            running_one = pool.submit(long, 7)
+            _wait_for(lambda: backend.running)
+            body = {"model": MODEL, "prompt": PROMPT}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=0.5)
+            _wait_for(lambda: backend.pending() == 0)
+            assert not running_one.done()  # the slot was freed at the disconnect, not when its turn came
+            assert running_one.result().status_code == 200
+        _idle(backend)
+        assert backend.rows == rows + 1
 
 
 # -- the command line ----------------------------------------------------------------------------------------------
