@@ -276,6 +276,7 @@ def test_forward_count_formula_holds_for_user_rule_rewinds(scripted_model) -> No
     out, _ = generate(scripted_model, BackstepConfig(n_remove=3, rules=[Twice()]), max_new_tokens=20)
     stats, events = out.backstep_stats, out.backstep_events[0]
     assert [e.reason for e in events] == ["twice", "twice"] and [e.removed for e in events] == [2, 2]
+    assert [e.step for e in events] == [5, 13]  # tokens sampled before the trigger: 5; then 6 + 7
     # The README: decode forwards = final new tokens + removed tokens + deep rewinds - 1, whatever the reason.
     assert stats.decode_forwards == 20 + stats.removed_tokens + stats.deep_rewinds - 1
 

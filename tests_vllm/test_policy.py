@@ -43,7 +43,7 @@ def test_user_rules_rewind_on_vllm(llm, prompts):
     for out in outs:
         assert len(out.token_ids) == MAX and out.finish_reason == "length"
         events = out.backstep_events
-        assert [(e.reason, e.position, e.removed) for e in events] == [("twice", 3, 2), ("twice", 8, 2)]
+        assert [(e.reason, e.position, e.removed, e.step) for e in events] == [("twice", 3, 2, 5), ("twice", 8, 2, 13)]
         assert all(e.banned_token is not None for e in events)
         assert out.stats.submissions == 1 + len(events)
     assert not hasattr(rule, "fired")  # the call worked on its own copy
