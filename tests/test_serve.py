@@ -407,3 +407,25 @@ def test_backstep_streams_each_row_of_a_batch_to_a_row_streamer(loaded):
     prompt = batch.input_ids.shape[1]
     for row in range(3):
         assert recorder.rows[row] == out.sequences[row, prompt:].tolist()
+
+
+# -- method settings: preset, server defaults, request fields --------------------------------------------------------
+def test_request_settings_override_server_defaults_over_the_preset():
+    from perpetual_logits.schedules import LinearDecay
+    from perpetual_logits.serve.errors import APIError
+    from perpetual_logits.serve.methods import resolve_backstep
+    from perpetual_logits.serve.schemas import BackstepSettings
+
+    server = MethodDefaults("chat", BackstepSettings(n_remove=6, peak=1.2))
+    name, config = resolve_backstep(server, None, None)  # the server's fields over its preset
+    assert name == "chat" and config.n_remove == 6 and config.schedule == LinearDecay(1.2, 6)
+    assert config.end_phrases == "chat" and config.loops is not None
+    name, config = resolve_backstep(server, None, BackstepSettings(n_remove=4, schedule="none"))
+    assert (config.n_remove, config.schedule, config.end_phrases) == (4, None, "chat")
+    name, config = resolve_backstep(server, "backstep", None)  # a named preset starts from the preset alone
+    assert (name, config.n_remove, config.schedule, config.end_phrases) == ("backstep", 10, None, None)
+    assert resolve_backstep(server, "none", None) == ("none", None)
+    with pytest.raises(APIError, match="preset other than 'none'"):
+        resolve_backstep(MethodDefaults("none"), None, BackstepSettings(n_remove=3))
+    with pytest.raises(ValueError, match="hold_back"):
+        MethodDefaults("dynamic", BackstepSettings(hold_back=3))  # a bad server default fails at start-up
