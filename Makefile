@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-dev
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_CHAT := $(VENV)/.installed-chat
 
-.PHONY: all venv test lint typecheck pytest demo demo-chat analyze bench compat test-vllm bench-vllm clean
+.PHONY: all venv test lint typecheck pytest demo demo-chat analyze bench compat test-vllm bench-vllm bench-serve clean
 
 all: test
 
@@ -103,6 +103,11 @@ test-vllm: $(STAMP) $(VLLM_STAMP)
 # Writes benchmarks/results/vllm.md and vllm.json (backstep on vLLM vs on HF generate vs plain vLLM).
 bench-vllm: $(STAMP) $(VLLM_STAMP)
 	PERPETUAL_LOGITS_VLLM_MODEL=$(VLLM_MODEL) $(VLLM_BIN)/python benchmarks/vllm_serving.py --hf-python $(BIN)/python
+
+# Writes benchmarks/results/serve.md and serve.json: our HTTP server (vLLM backend, chat preset) vs `vllm serve` vs
+# plv.generate at 16 and 64 clients, and the HF backend at 8 clients.
+bench-serve: $(STAMP) $(VLLM_STAMP)
+	PERPETUAL_LOGITS_VLLM_MODEL=$(VLLM_MODEL) $(VLLM_BIN)/python benchmarks/serve.py --hf-python $(BIN)/python
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) $(VLLM_VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

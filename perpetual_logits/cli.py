@@ -6,7 +6,8 @@ Subcommands:
   prints one JSON object instead);
 * ``analyze`` — the blog's motivating experiments: sampled baseline runs to EOS, per-step statistics (bits),
   the block-wise and EOS-window figures, a JSON of every number and a markdown summary;
-* ``demo`` — every method side by side: a table, sample texts and the figures.
+* ``demo`` — every method side by side: a table, sample texts and the figures;
+* ``serve`` — an OpenAI-compatible HTTP server with backstep (:mod:`perpetual_logits.serve`, the ``[serve]`` extra).
 
 The work is done by the library (:mod:`perpetual_logits.methods`, :mod:`perpetual_logits.report`); this module
 parses arguments, shows progress bars and turns the library's ``ValueError`` into one line on stderr.
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,analyze,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,analyze,demo,serve}")
 
     sampling = _Parser(add_help=False)
     group = sampling.add_argument_group("sampling")
@@ -216,7 +217,48 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--block-size", type=_int_in(1, _BIG), default=25, help="tokens per block (default 25)")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     demo.set_defaults(func=_cmd_demo)
+    _add_serve(sub, model_help)
     return parser
+
+
+def _add_serve(sub: Any, model_help: str) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with backstep",
+        description=(
+            "Serve /v1/completions, /v1/chat/completions (with streaming), /v1/models and /health. Requests choose "
+            'their method with "preset" and "backstep" fields next to the standard ones (see the README).'
+        ),
+    )
+    serve.add_argument("--model", required=True, help=model_help + " (vllm: a transformers folder)")
+    serve.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="hf (embedded, default) or vllm")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port (default 8000)")
+    serve.add_argument("--served-model-name", help="the name clients pass as `model` (default: the folder name)")
+    serve.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` on /v1/* (or set PERPETUAL_LOGITS_API_KEY)"
+    )
+    serve.add_argument(
+        "--preset",
+        choices=("none", "backstep", "dynamic", "chat"),
+        default="dynamic",
+        help="method of requests that name no preset (default dynamic: Method 4)",
+    )
+    serve.add_argument("--backstep", metavar="JSON", help="server-wide backstep fields, e.g. '{\"n_remove\": 8}'")
+    serve.add_argument("--max-batch", type=_int_in(1, 4096), default=16, help="hf: requests per generate()")
+    serve.add_argument("--max-queue", type=_int_in(1, 1_000_000), default=256, help="waiting requests before 429")
+    serve.add_argument(
+        "--batch-wait-ms", type=_float_in(0.0, 10_000.0), default=10.0, help="hf: wait for requests to batch"
+    )
+    serve.add_argument("--max-model-len", type=_int_in(2, _BIG), help="context length (default: the model's)")
+    serve.add_argument("--chat-template", help="a Jinja chat template (file or text) for models without one")
+    serve.add_argument(
+        "--default-max-tokens", type=_int_in(1, _BIG), default=256, help="max_tokens of requests that give none"
+    )
+    serve.add_argument(
+        "--vllm-args", metavar="JSON", help="vllm: more engine arguments, e.g. '{\"kv_cache_memory_bytes\": 268435456}'"
+    )
+    serve.set_defaults(func=_cmd_serve)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -434,6 +476,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for path in paths.values():
         print(f"wrote {path}")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve.server import ServeOptions, run
+    except ImportError as err:
+        raise CLIError(
+            f"{_PROG} serve needs the [serve] extra ({err.name} is missing): pip install 'perpetual-logits[serve]'"
+        ) from None
+    from dataclasses import fields
+
+    return run(ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)}))
 
 
 # -- entry point ---------------------------------------------------------------------------------------------

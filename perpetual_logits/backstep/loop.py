@@ -369,8 +369,11 @@ def _check_supported(model: Any, input_ids: torch.Tensor, gc: Any, streamer: Any
         raise ValueError(
             "backstep generation does not record attentions or hidden states; use output_scores / output_logits"
         )
-    if streamer is not None and input_ids.shape[0] > 1:
-        raise ValueError("backstep generation streams batch size 1 only (like TextStreamer)")
+    if streamer is not None and input_ids.shape[0] > 1 and not callable(getattr(streamer, "put_row", None)):
+        raise ValueError(
+            "backstep generation streams batch size 1 only (like TextStreamer), or any batch size to a "
+            "row streamer (one with put_row(row, tokens))"
+        )
     if not kwargs.get("use_cache", True):
         raise ValueError("backstep generation needs use_cache=True: the rewind works on the KV cache")
 

@@ -15,15 +15,21 @@ class HoldBack:
     that stay.
 
     Args:
-        streamer: a transformers streamer (batch size 1), or ``None``.
+        streamer: a transformers streamer (batch size 1), a row streamer (any batch size: it has
+            ``put_row(row, tokens)`` and receives each row's final tokens separately), or ``None``.
     """
 
     def __init__(self, streamer: Any) -> None:
         self.streamer = streamer
+        self.put_row = getattr(streamer, "put_row", None)
 
     def put(self, tokens: torch.Tensor, row: int, begin: int, end: int) -> None:
         """Stream ``tokens[row, begin:end]`` (positions ``begin`` to ``end`` just became final)."""
-        if self.streamer is not None and end > begin:
+        if end <= begin:
+            return
+        if self.put_row is not None:
+            self.put_row(row, tokens[row, begin:end].cpu())
+        elif self.streamer is not None:
             self.streamer.put(tokens[row, begin:end].cpu())
 
     def end(self) -> None:

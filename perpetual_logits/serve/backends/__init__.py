@@ -1,0 +1,1 @@
+"""Serving backends: ``hf`` (transformers, embedded) and ``vllm`` (vLLM's async engine)."""
