@@ -131,3 +131,17 @@ def test_long_rows_stay_bounded_and_agree():
     stream = replay(matcher, [], 0, 0, steps, SENTENCEPIECE)
     assert len(stream.text.text) < 4 * matcher._need_chars + 300
     assert len(stream.text.tokens) < 4 * matcher._need_chars + 300
+
+
+def test_matching_benchmark_smoke(tinystories_path, tmp_path, capsys):
+    """benchmarks/matching.py runs end to end on tiny sizes and writes its table (no timing is asserted)."""
+    import json
+
+    from benchmarks import matching
+
+    assert matching.main(["--phrases", "50", "--rows", "1", "--tokens", "30", "--old-tokens", "2", "--repeats", "1",
+                          "--out", str(tmp_path)]) == 0  # fmt: skip
+    data = json.loads((tmp_path / "matching.json").read_text())
+    assert set(data["per_row_per_token_us"]) == {"default", "chat", "random 50"}
+    assert all(v["stream"] > 0 and v["scan"] > 0 for v in data["per_row_per_token_us"].values())
+    assert "scan/stream" in capsys.readouterr().out
