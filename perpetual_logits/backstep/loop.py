@@ -27,7 +27,7 @@ from .. import _compat
 from ..distributions import eos_probability
 from ..phrases import PhraseMatcher, default_end_phrases
 from ..protocol import Rewind, RewindRule, RowState
-from ..repetition import newline_token_ids
+from ..repetition import newline_token_ids, word_token_ids
 from .bans import Bans
 from .buffer import LogitsRing
 from .cache import CacheLayout, check_cache, sliding_window
@@ -133,7 +133,8 @@ class BackstepLoop:
         self.rules += _phrase_rules(config, tokenizer, self.eos)
         if config.loops is not None:
             lines = config.loops.line_repeats > 0 and tokenizer is not None
-            self.rules.append(LoopRule(config.loops, _newline_ids(tokenizer) if lines else None))
+            words = _word_ids(tokenizer) if tokenizer is not None else None
+            self.rules.append(LoopRule(config.loops, _newline_ids(tokenizer) if lines else None, words))
         self.rules += [_fresh_copy(rule) for rule in config.rules]
 
         # -- outcome
@@ -408,6 +409,7 @@ def _phrase_rules(config: BackstepConfig, tokenizer: Any, eos: list[int]) -> lis
 
 
 _NEWLINES: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+_WORDS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 
 
 def _newline_ids(tokenizer: Any) -> frozenset[int]:
@@ -418,6 +420,17 @@ def _newline_ids(tokenizer: Any) -> frozenset[int]:
         ids = newline_token_ids(tokenizer)
         with contextlib.suppress(TypeError):
             _NEWLINES[tokenizer] = ids
+        return ids
+
+
+def _word_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of tokens with a letter, computed once per tokenizer (it decodes the whole vocabulary)."""
+    try:
+        return _WORDS[tokenizer]
+    except (KeyError, TypeError):
+        ids = word_token_ids(tokenizer)
+        with contextlib.suppress(TypeError):
+            _WORDS[tokenizer] = ids
         return ids
 
 
