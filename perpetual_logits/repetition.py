@@ -10,15 +10,20 @@ repeat and resample:
 * :func:`find_line_loop` — the line just completed is a copy of a recent line (the poem above, whose loop
   alternates between a few lines and so is never one span repeated back to back).
 
-Both only look at the end of the row, so they are meant to be called after every new token (the line
+:class:`LoopTracker` is what the loop rewinds use: per row and incremental, and stricter about what a loop is
+(only text written again back to back; a line repeated with others between is structure, not a loop).
+
+Both functions only look at the end of the row, so they are meant to be called after every new token (the line
 detector does nothing unless the newest token ends a line). Both return a :class:`LoopMatch` whose
 ``start`` is the index of the first token of the *repeat* — the second copy — so that cutting the row back
 to ``start`` tokens keeps one copy, and ``ids[start]`` is the token to forbid at that position.
 
 Defaults (measured on SmolLM2-135M-Instruct, see ``benchmarks/quality_chat.py``): a token loop needs
 ``min_repeats=3`` copies and at least ``min_loop_tokens=8`` tokens in all (so a one-token span such as a
-digit of "1,000,000" needs 8 copies), spans up to 32 tokens; a line loop is a line of at least 4 tokens
-seen again within the last 16 lines.
+digit of "1,000,000" needs 8 copies), spans up to 32 tokens; :func:`find_line_loop`'s line loop is a line of
+at least 4 tokens seen again within the last 16 lines. The loop rewinds (:class:`LoopTracker`, the defaults of
+``LoopRewinds``) keep the token rule, ask 64 tokens of spans without letters or across a line end, and count
+lines only when a block of them is repeated back to back.
 """
 
 from __future__ import annotations
