@@ -145,3 +145,48 @@ def test_matching_benchmark_smoke(tinystories_path, tmp_path, capsys):
     assert set(data["per_row_per_token_us"]) == {"default", "chat", "random 50"}
     assert all(v["stream"] > 0 and v["scan"] > 0 for v in data["per_row_per_token_us"].values())
     assert "scan/stream" in capsys.readouterr().out
+
+
+def test_ten_thousand_phrases_and_a_hundred_regexes_work(story_tokenizer):
+    """The anti-slop scale: 10,000 string phrases and 100 regular expressions in one matcher. A planted phrase
+    is found where it begins, and the stream agrees with scan() (checked on the last tokens only: scan() is
+    slow at this size, which is the point of the stream)."""
+    rng = random.Random(3)
+    words = [
+        "the",
+        "a",
+        "big",
+        "little",
+        "dog",
+        "cat",
+        "ball",
+        "park",
+        "play",
+        "mom",
+        "dad",
+        "tree",
+        "sun",
+        "run",
+        "jump",
+        "happy",
+        "sad",
+        "red",
+        "blue",
+        "green",
+    ]
+    phrases = sorted({" ".join(rng.choice(words) for _ in range(rng.choice((2, 3)))) + f" {i}" for i in range(10_000)})
+    regexes = [regex.compile(rf"(?i)zebra{i}q+") for i in range(100)]
+    matcher = PhraseMatcher([*phrases, *regexes], story_tokenizer)
+    planted = phrases[1234]
+    text = "Once upon a time the dog ran to the park. " + planted + ". Then they went home."
+    ids = story_tokenizer.encode(text, add_special_tokens=False)
+    stream = PhraseStream(matcher)
+    found = None
+    for n in range(1, len(ids) + 1):
+        scan = stream.feed(ids[:n])
+        if n > len(ids) - 2:
+            assert scan == matcher.scan(ids[:n])
+        if scan.match is not None and found is None:
+            found = scan.match
+    assert found is not None and found.phrase == planted
+    assert story_tokenizer.decode(ids[found.start :]).lstrip().startswith(planted)
