@@ -43,10 +43,11 @@ from typing import TYPE_CHECKING, Any
 import ahocorasick
 import regex
 
+from .phrases import PhraseMatch, PhraseScan
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
-    from .phrases import PhraseMatcher, PhraseScan
+    from .phrases import PhraseMatcher
 
 __all__ = ["PhraseIndex", "PhraseStream"]
 
@@ -260,8 +261,6 @@ class PhraseStream:
             `PhraseScan`: as :meth:`PhraseMatcher.scan` with ``new_tokens=1`` on ``ids[first:]``, in the row's
             own indices.
         """
-        from .phrases import PhraseScan
-
         n = len(ids)
         stream = self.text
         if not (
@@ -294,8 +293,6 @@ class PhraseStream:
         self.regex_from = [start] * len(self.index.regexes)
 
     def _analyse(self, n: int, prompt_length: int, old_end: int, final: bool) -> PhraseScan:
-        from .phrases import PhraseMatch, PhraseScan
-
         index = self.index
         stream = self.text
         text = stream.text
