@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -190,3 +191,14 @@ def test_ten_thousand_phrases_and_a_hundred_regexes_work(story_tokenizer):
             found = scan.match
     assert found is not None and found.phrase == planted
     assert story_tokenizer.decode(ids[found.start :]).lstrip().startswith(planted)
+
+
+@pytest.mark.parametrize("text", ["Max liked to run", "She said the summ", "Then they went home and had fun"])
+def test_chat_closings_hold_back_nothing_in_plain_prose(text):
+    """The conclusion patterns' lookbehinds used to make the regex module report partial matches that no text
+    can complete ("to run" for "to sum up"), so scan() held prose back from a streamer for no reason."""
+    matcher = PhraseMatcher(list(CHAT_CLOSING_PHRASES[:2]), SENTENCEPIECE)
+    ids = ids_of(SENTENCEPIECE, list(text))
+    assert matcher.scan(ids).hold == 0
+    stream = PhraseStream(matcher)
+    assert [stream.feed(ids[:n]).hold for n in range(1, len(ids) + 1)][-1] == 0
