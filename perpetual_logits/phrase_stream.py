@@ -20,17 +20,22 @@ completed phrase, the tokens to hold back) from state it keeps per row:
 
 A rewind cuts the row's text back to the characters of the kept tokens and re-examines a bounded tail once.
 
-Why pyahocorasick: measured on this project's 2-core CPU for 10,000 random 2-3-word phrases (see
-``benchmarks/matching.py``), pyahocorasick builds in about 11 ms and scans a 70-character tail in about
-0.7 µs; ahocorasick-rs builds as fast and scans in about 0.4 µs, and Hyperscan (block mode) scans in about
-0.5 µs but takes about 0.2 s to compile. What decides is that pyahocorasick alone can also answer "is this
-text a prefix of some phrase?" (``Automaton.match``), which hold-back needs; Hyperscan's streaming mode would
-keep the automaton state itself, but a rewind would need a copy of every row's stream per token. Regular
-expressions stay with the ``regex`` module (partial matching), searched from where the previous step stopped.
+Why pyahocorasick: on this project's 2-core CPU (smoke timings on a shared, loaded machine, so only their
+order matters), for 10,000 random 2-3-word phrases pyahocorasick built in about 11 ms and scanned a
+70-character tail in about 0.7 µs; ahocorasick-rs built as fast and scanned in about 0.4 µs; Hyperscan (block
+mode) scanned in about 0.5 µs but took about 0.2 s to compile. All three are far below the rest of a step
+(Python bookkeeping, one small decode). What decides is that pyahocorasick alone also answers "is this text a
+prefix of some phrase?" (``Automaton.match``), which hold-back needs, and it ships wheels for every platform
+we test. Hyperscan's streaming mode would keep the automaton state itself, but a rewind would need a copy of
+every row's stream per token, and it does not do partial matches of regular expressions. Regular expressions
+stay with the ``regex`` module (its partial matching), searched from where the previous step stopped, behind
+one search of their alternation that usually finds nothing.
 """
 
 from __future__ import annotations
 
+import re
+from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -38,43 +43,97 @@ from typing import TYPE_CHECKING, Any
 import ahocorasick
 import regex
 
+from .phrases import PhraseMatch, PhraseScan
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
-    from .phrases import PhraseMatcher, PhraseScan
+    from .phrases import PhraseMatcher
 
 __all__ = ["PhraseIndex", "PhraseStream"]
 
-_WS = regex.compile(r"\s+")
 _WORD = regex.compile(r"\w")
+# Every whitespace character of the `regex` module's \s (the reference's), as a space: one character for one.
+_SPACE_TABLE = {code: " " for code in range(0x3001) if regex.match(r"\s", chr(code))}
+_ASCII_SPACES = "\t\n\x0b\x0c\r"
+_RUNS = re.compile(" {2,}")
 
 
 def _is_word(char: str) -> bool:
     return _WORD.match(char) is not None
 
 
+def _spaces_as_one(raw: str) -> str:
+    """``raw`` with each whitespace character replaced by a space (same length)."""
+    if raw.isascii():
+        for char in _ASCII_SPACES:
+            if char in raw:
+                raw = raw.replace(char, " ")
+        return raw
+    return raw.translate(_SPACE_TABLE)
+
+
+class _Normalized:
+    """A tail of the row's text as the automaton reads it: whitespace runs as one space, case folded when
+    matching ignores case, and the way back to raw character offsets."""
+
+    __slots__ = ("fold_map", "run_starts", "shifts", "text")
+
+    def __init__(self, raw: str, fold: bool) -> None:
+        text = _spaces_as_one(raw)
+        self.fold_map: list[int] | None = None  # normalized index -> raw index, when folding changes lengths
+        self.run_starts: list[int] = []  # normalized index of each collapsed run's space
+        self.shifts: list[int] = []  # raw minus normalized index after that run
+        if "  " in text:
+            shift = 0
+            for m in _RUNS.finditer(text):
+                self.run_starts.append(m.start() - shift)
+                shift += m.end() - m.start() - 1
+                self.shifts.append(shift)
+            text = _RUNS.sub(" ", text)
+        if fold:
+            folded = text.lower()
+            if len(folded) != len(text):  # a character whose lower case is longer ("İ")
+                self.fold_map = [i for i, char in enumerate(text) for _ in char.lower()]
+            text = folded
+        self.text = text
+
+    def raw(self, index: int) -> int:
+        """Raw offset of the normalized character ``index`` (a collapsed run maps to its first character)."""
+        if self.fold_map is not None:
+            index = self.fold_map[index] if index < len(self.fold_map) else index - len(self.fold_map) + len(self.text)
+        if not self.shifts:
+            return index
+        k = bisect_right(self.run_starts, index - 1)  # runs whose space lies before `index`
+        return index + (self.shifts[k - 1] if k else 0)
+
+
 def _normalize(text: str, fold: bool) -> str:
-    text = _WS.sub(" ", text)
-    return text.lower() if fold else text
+    return _Normalized(text, fold).text
 
 
-def _normalize_map(raw: str, fold: bool) -> tuple[str, list[int]]:
-    """Normalized text and, for each of its characters, the index of the raw character it came from."""
-    out: list[str] = []
-    where: list[int] = []
-    space = False
-    for i, char in enumerate(raw):
-        if char.isspace() and _WS.match(char):
-            if not space:
-                out.append(" ")
-                where.append(i)
-            space = True
-            continue
-        space = False
-        folded = char.lower() if fold else char
-        out.append(folded)
-        where.extend([i] * len(folded))
-    return "".join(out), where
+_BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\\g<")
+_SCOPABLE_FLAGS = regex.IGNORECASE | regex.UNICODE | regex.ASCII | regex.V0 | regex.V1
+
+
+def _gate(patterns: list[Any]) -> Any:
+    """One pattern that matches (or partially matches) wherever any of ``patterns`` does: their alternation,
+    each with its case flag scoped to its branch. One search of it tells that none of them has anything new,
+    which is the usual step. ``None`` when the patterns' flags cannot be scoped (then each is searched)."""
+    if len(patterns) < 2:
+        return None
+    branches = []
+    for pattern in patterns:
+        source = pattern.pattern
+        ignore_case = bool(pattern.flags & regex.IGNORECASE)
+        if source.startswith("(?i)"):
+            source, ignore_case = source[4:], True
+        if pattern.flags & ~_SCOPABLE_FLAGS or _BACKREFERENCE.search(source):
+            return None  # group numbers shift in an alternation; other flags would apply to every branch
+        branches.append(f"(?i:{source})" if ignore_case else f"(?:{source})")
+    try:
+        return regex.compile("|".join(branches), regex.V0)
+    except regex.error:
+        return None
 
 
 class PhraseIndex:
@@ -121,6 +180,7 @@ class PhraseIndex:
         if starts_other:
             parts.append("[" + "".join(regex.escape(c) for c in sorted(starts_other)) + "]")
         self.starts: Any = regex.compile("|".join(parts), flags) if parts else None
+        self.gate = _gate([pattern for _, pattern in self.regexes])
 
     @classmethod
     def of(cls, matcher: PhraseMatcher) -> PhraseIndex:
@@ -201,8 +261,6 @@ class PhraseStream:
             `PhraseScan`: as :meth:`PhraseMatcher.scan` with ``new_tokens=1`` on ``ids[first:]``, in the row's
             own indices.
         """
-        from .phrases import PhraseScan
-
         n = len(ids)
         stream = self.text
         if not (
@@ -235,8 +293,6 @@ class PhraseStream:
         self.regex_from = [start] * len(self.index.regexes)
 
     def _analyse(self, n: int, prompt_length: int, old_end: int, final: bool) -> PhraseScan:
-        from .phrases import PhraseMatch, PhraseScan
-
         index = self.index
         stream = self.text
         text = stream.text
@@ -250,16 +306,13 @@ class PhraseStream:
         # 1. String phrases completed by the new text: the automaton over the tail that a new match can span.
         if index.automaton is not None and end > old_end:
             lo = max(base, old_end - index.need_chars)
-            raw = text[lo - base :]
-            norm = _normalize(raw, index.fold)
-            where: list[int] | None = None
-            if len(norm) != len(raw):
-                norm, where = _normalize_map(raw, index.fold)
-            for norm_end, (length, head, tail, phrase) in index.automaton.iter(norm):
-                if where is None:
+            norm = _Normalized(text[lo - base :], index.fold)
+            identity = not norm.shifts and norm.fold_map is None
+            for norm_end, (length, head, tail, phrase) in index.automaton.iter(norm.text):
+                if identity:
                     s, e = lo + norm_end + 1 - length, lo + norm_end + 1
                 else:
-                    s, e = lo + where[norm_end + 1 - length], lo + where[norm_end] + 1
+                    s, e = lo + norm.raw(norm_end + 1 - length), lo + norm.raw(norm_end) + 1
                 if e <= prompt_chars or s < head_end:
                     continue
                 if head and s > base and _is_word(text[s - base - 1]):
@@ -287,8 +340,27 @@ class PhraseStream:
         floor = max(head_end, old_end - index.need_chars) - base
         earliest = end - index.max_match_chars - base
         new_from, prompt_end = old_end - base, prompt_chars - base
-        for r, (phrase, pattern) in enumerate(index.regexes):
-            position = min(max(self.regex_from[r] - base, floor), body)
+        todo: Sequence[int] = range(len(index.regexes))
+        skip_to = floor
+        if index.regexes and index.gate is not None:
+            # One search of the alternation of all of them: usually nothing (then nothing is new or held),
+            # otherwise none of them has anything before where it found something. A second one over the new
+            # text only: when it finds nothing, only the regexes that were holding text need a look.
+            lowest = min(max(min(self.regex_from) - base, floor), body)
+            m = index.gate.search(text, lowest, body, partial=True)
+            if m is None or m.start() == m.end() == body:  # (the empty partial match at the very end: nothing)
+                todo = range(0)
+                self.regex_from = [end] * len(index.regexes)
+            else:
+                skip_to = max(floor, m.start())
+                fresh = max(skip_to, min(old_end - base, body))
+                m = index.gate.search(text, fresh, body, partial=True) if fresh > skip_to else m
+                if fresh > skip_to and (m is None or m.start() == m.end() == body):
+                    todo = [r for r, position in enumerate(self.regex_from) if position < old_end]
+                    self.regex_from = [position if position < old_end else end for position in self.regex_from]
+        for r in todo:
+            phrase, pattern = index.regexes[r]
+            position = min(max(self.regex_from[r] - base, skip_to), body)
             hold: int | None = None
             partial_from: int | None = None
             found: tuple[int, int] | None = None

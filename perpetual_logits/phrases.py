@@ -120,13 +120,17 @@ def _closing(pattern: str) -> regex.Pattern[str]:
 
 
 # A conclusion opener counts only at the start of a sentence, a line or a Markdown heading/bold run: "the
-# data in summary form" or "jump to conclusions" is prose, "...  In summary, ..." is a wrap-up.
-_SENTENCE_START = r"(?<=(?:[.!?:]\s*|\n\s*|\n\s*(?:#+\s*|\*\*\s*)|\*\*))"
+# data in summary form" or "jump to conclusions" is prose, "...  In summary, ..." is a wrap-up. (Written
+# without an optional group inside the lookbehind: with one, the regex module reports partial matches that
+# no text can complete -- "to run" for "to sum up" -- and the streaming hold-back would keep them.)
+_SENTENCE_START = r"(?<=(?:[.!?:]|\n|\n\s*#+|\n\s*\*\*)\s*|\*\*)"
 
 CHAT_CLOSING_PHRASES: tuple[regex.Pattern[str], ...] = (
     # Conclusions: the model announces that the answer is ending.
     regex.compile(r"(?i)" + _SENTENCE_START + r"(?:in conclusion|in summary|to summarize|to sum up|in closing)(?!\w)"),
-    regex.compile(r"(?i)(?<=\n\s*(?:#+\s*|\*\*\s*)?)(?:conclusion|summary|final thoughts)(?:\*\*)?:?(?:\*\*)?[ \t]*\n"),
+    regex.compile(
+        r"(?i)(?<=(?:\n|\n\s*#+|\n\s*\*\*)\s*)(?:conclusion|summary|final thoughts)(?:\*\*)?:?(?:\*\*)?[ \t]*\n"
+    ),
     # Offers of further help.
     _closing(r"let me know if (?:you (?:have|need|want|would like)|there(?:'s| is) anything)"),
     _closing(r"(?:please )?(?:feel free|don't hesitate|do not hesitate) to (?:ask|reach out|contact|let me know)"),
@@ -302,18 +306,33 @@ class PhraseScan:
     hold: int
 
 
-@dataclass(frozen=True)
 class _Compiled:
-    source: str  # the phrase as given, or the pattern's text
-    pattern: Any  # a `regex` pattern
-    # A complete match that ends exactly at the end of the text stays a match whatever text follows (a
-    # literal phrase whose last character needs no word-boundary check). Otherwise it is only confirmed by
-    # the next character.
-    stable_at_end: bool
-    literal: bool = False  # a string phrase (matched by the automaton of PhraseStream), not a regex
+    """One phrase, ready for :meth:`PhraseMatcher.scan`. A string phrase's regular expression is compiled on
+    first use: the incremental matcher (``PhraseStream``) never needs it, and compiling 10,000 of them takes
+    seconds."""
+
+    __slots__ = ("_pattern", "flags", "literal", "source", "stable_at_end")
+
+    def __init__(self, source: str, pattern: Any, stable_at_end: bool, literal: bool = False, flags: int = 0):
+        self.source = source  # the phrase as given, or the pattern's text
+        self._pattern = pattern  # a `regex` pattern, or (text, head, tail) of a string phrase until first use
+        self.flags = flags
+        # A complete match that ends exactly at the end of the text stays a match whatever text follows (a
+        # literal phrase whose last character needs no word-boundary check). Otherwise it is only confirmed by
+        # the next character.
+        self.stable_at_end = stable_at_end
+        self.literal = literal  # a string phrase (matched by the automaton of PhraseStream), not a regex
+
+    @property
+    def pattern(self) -> Any:
+        if isinstance(self._pattern, tuple):
+            self._pattern = regex.compile(_string_pattern(*self._pattern), self.flags)
+        return self._pattern
 
 
 _WORD = regex.compile(r"\w")
+_SPACES = re.compile(r"\s+")
+_SPACES_SPLIT = re.compile(r"(\s+)")
 _REPLACEMENT = "\ufffd"  # what decoders show for an incomplete UTF-8 sequence (byte-fallback, byte-level BPE)
 _SLACK_CHARS = 16  # extra text decoded before the longest phrase: whitespace runs, lookbehind, a ragged start
 _DEFAULT_REGEX_CHARS = 64
@@ -323,15 +342,18 @@ def _compile_string(phrase: str, case_sensitive: bool, word_boundaries: bool) ->
     text = phrase.strip()
     if not text:
         raise ValueError(f"`phrases` must not contain empty or whitespace-only strings, got {phrase!r}")
-    parts = [r"\s+" if piece.isspace() else regex.escape(piece) for piece in re.split(r"(\s+)", text) if piece]
-    body = "".join(parts)
     head = word_boundaries and bool(_WORD.match(text[0]))
     tail = word_boundaries and bool(_WORD.match(text[-1]))
-    pattern = ("(?<!\\w)" if head else "") + body + ("(?!\\w)" if tail else "")
     flags = regex.V0 | (0 if case_sensitive else regex.IGNORECASE)
     # The longest text a match can span: whitespace runs count as one character; the slack covers more.
-    length = len(re.sub(r"\s+", " ", text))
-    return _Compiled(phrase, regex.compile(pattern, flags), stable_at_end=not tail, literal=True), length
+    length = len(_SPACES.sub(" ", text))
+    return _Compiled(phrase, (text, head, tail), stable_at_end=not tail, literal=True, flags=flags), length
+
+
+def _string_pattern(text: str, head: bool, tail: bool) -> str:
+    """The regular expression of a string phrase (see the module notes)."""
+    parts = [r"\s+" if piece.isspace() else regex.escape(piece) for piece in _SPACES_SPLIT.split(text) if piece]
+    return ("(?<!\\w)" if head else "") + "".join(parts) + ("(?!\\w)" if tail else "")
 
 
 def _compile_pattern(pattern: Any) -> _Compiled:

@@ -10,15 +10,20 @@ repeat and resample:
 * :func:`find_line_loop` — the line just completed is a copy of a recent line (the poem above, whose loop
   alternates between a few lines and so is never one span repeated back to back).
 
-Both only look at the end of the row, so they are meant to be called after every new token (the line
+:class:`LoopTracker` is what the loop rewinds use: per row and incremental, and stricter about what a loop is
+(only text written again back to back; a line repeated with others between is structure, not a loop).
+
+Both functions only look at the end of the row, so they are meant to be called after every new token (the line
 detector does nothing unless the newest token ends a line). Both return a :class:`LoopMatch` whose
 ``start`` is the index of the first token of the *repeat* — the second copy — so that cutting the row back
 to ``start`` tokens keeps one copy, and ``ids[start]`` is the token to forbid at that position.
 
 Defaults (measured on SmolLM2-135M-Instruct, see ``benchmarks/quality_chat.py``): a token loop needs
 ``min_repeats=3`` copies and at least ``min_loop_tokens=8`` tokens in all (so a one-token span such as a
-digit of "1,000,000" needs 8 copies), spans up to 32 tokens; a line loop is a line of at least 4 tokens
-seen again within the last 16 lines.
+digit of "1,000,000" needs 8 copies), spans up to 32 tokens; :func:`find_line_loop`'s line loop is a line of
+at least 4 tokens seen again within the last 16 lines. The loop rewinds (:class:`LoopTracker`, the defaults of
+``LoopRewinds``) keep the token rule, ask 64 tokens of spans without letters or across a line end, and count
+lines only when a block of them is repeated back to back.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 
 from . import _validation
 
-__all__ = ["LoopMatch", "find_line_loop", "find_token_loop", "newline_token_ids"]
+__all__ = ["LoopMatch", "LoopTracker", "find_line_loop", "find_token_loop", "newline_token_ids", "word_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -247,3 +252,204 @@ def find_line_loop(
     return LoopMatch(
         start=newest_start, first=previous, span=newest_start - previous, repeats=len(copies) + 1, kind="line"
     )
+
+
+def word_token_ids(tokenizer: object) -> frozenset[int]:
+    """Ids of every vocabulary token whose text holds a letter: spans without one (``"|---"``, ``", 0"``,
+    ``"="``) repeat innocently in tables, arrays and rules, so :class:`LoopTracker` asks more of them.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): anything with ``decode(list[int])`` and ``len()``.
+
+    Example:
+
+    >>> class Vocab:
+    ...     pieces = ["a", "|", "---", "é1"]
+    ...     def __len__(self):
+    ...         return 4
+    ...     def decode(self, ids, **kwargs):
+    ...         return "".join(self.pieces[i] for i in ids)
+    >>> sorted(word_token_ids(Vocab()))
+    [0, 3]
+    """
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode):
+        raise ValueError(f"`tokenizer` must have a decode() method, got {type(tokenizer).__name__}")
+    return frozenset(
+        i
+        for i in range(len(tokenizer))  # type: ignore[arg-type]
+        if any(char.isalpha() for char in decode([i]))
+    )
+
+
+class LoopTracker:
+    """One row's incremental loop detection: what a *degenerate* repetition is, decided per new token in time
+    that does not grow with the row (no window is rescanned).
+
+    A loop is text written again **back to back**:
+
+    * **a span of tokens repeated**: the newest tokens are ``r`` copies of one span of ``p`` tokens with
+      ``r >= min_repeats`` and ``p * r >= min_loop_tokens`` (``" forever forever forever"``, a sentence
+      written three times in a row). For each span length the tracker keeps how many newest tokens equal the
+      token ``p`` before them (one comparison per span length per token). A span without a letter
+      (``"|---"``, ``", 0"``, ``"="``: table rules, zero arrays) or one that crosses a line end (``"i++;\\n"``)
+      is ordinary structure until its copies cover ``symbol_loop_tokens`` tokens.
+    * **lines cycling**: the newest ``k`` lines are the same as the ``k`` lines before them, ``line_repeats``
+      times over (a single line needs one copy more), all within the last ``window_lines`` lines, the block
+      holding at least ``min_line_tokens`` tokens (the poem that alternates between a few lines). Lines are
+      compared as token tuples, blank lines skipped; each finished line is hashed once.
+
+    Not a loop: a repeated line with other lines between (a JSON object per user, a repeated ``for`` header
+    or ``print`` line, a chorus after each verse, the rows of a table, the steps of a recipe).
+
+    Args:
+        min_span, max_span, min_repeats, min_loop_tokens: the token-span rule (see :func:`find_token_loop`).
+        symbol_loop_tokens (`int`): tokens a span without letters, or crossing a line end, must cover.
+        line_repeats (`int`): back-to-back copies of a block of lines (0: no line rule).
+        min_line_tokens (`int`): tokens a repeated block of lines must hold.
+        window_lines (`int`): the copies lie within this many newest non-blank lines.
+        newline_ids (`Collection[int]` or `None`): tokens that end a line (:func:`newline_token_ids`); without
+            them there is no line rule and no line-end exception.
+        word_ids (`Collection[int]` or `None`): tokens with a letter (:func:`word_token_ids`); without them
+            every span counts as words.
+
+    Example:
+
+    >>> tracker = LoopTracker(min_repeats=3, min_loop_tokens=6)
+    >>> tracker.start([7], 1)
+    >>> [tracker.push(t) for t in [1, 2, 1, 2, 1, 2]][-1]
+    LoopMatch(start=3, first=1, span=2, repeats=3, kind='token')
+    """
+
+    def __init__(
+        self,
+        min_span: int = 1,
+        max_span: int = 32,
+        min_repeats: int = 3,
+        min_loop_tokens: int = 8,
+        symbol_loop_tokens: int = 64,
+        line_repeats: int = 2,
+        min_line_tokens: int = 4,
+        window_lines: int = 16,
+        newline_ids: Collection[int] | None = None,
+        word_ids: Collection[int] | None = None,
+    ) -> None:
+        self.min_span = min_span
+        self.max_span = max_span
+        self.min_repeats = min_repeats
+        self.min_loop_tokens = min_loop_tokens
+        self.symbol_loop_tokens = symbol_loop_tokens
+        self.line_repeats = line_repeats
+        self.min_line_tokens = min_line_tokens
+        self.window_lines = window_lines
+        self.newline_ids = frozenset(newline_ids) if newline_ids is not None else None
+        self.word_ids = frozenset(word_ids) if word_ids is not None else None
+        # The row, from `begin` on (tokens before it are never part of a loop).
+        self.ids: list[int] = []
+        self.begin = 0
+        # runs[p]: how many newest tokens equal the token p before them (within the row from `begin`).
+        self.runs = [0] * (max_span + 1)
+        self.looping = False  # the previous token already ended a loop (reported then, or kept)
+        # Finished non-blank lines: (first token index, token tuple), oldest first, and where the current
+        # line began.
+        self.lines: list[tuple[int, tuple[int, ...]]] = []
+        self.line_start = 0
+
+    def start(self, ids: Sequence[int], begin: int) -> None:
+        """Begin with the row ``ids`` (prompt included); loops may start at ``begin`` or later."""
+        self.ids = [int(i) for i in ids]
+        self.begin = begin
+        self._recount()
+
+    def rewind(self, length: int) -> None:
+        """The row was cut back to ``length`` tokens."""
+        del self.ids[max(length, 0) :]
+        self._recount()
+
+    def push(self, token_id: int) -> LoopMatch | None:
+        """Append the row's next token; a loop the newest token completes, or ``None``."""
+        ids = self.ids
+        ids.append(token_id)
+        n = len(ids)
+        available = n - self.begin
+        runs = self.runs
+        span = 0
+        for p in range(1, min(self.max_span, available - 1) + 1):
+            runs[p] = runs[p] + 1 if ids[n - 1 - p] == token_id else 0
+            if not span and p >= self.min_span and runs[p] >= self._need(p) - p and self._counts(p):
+                span = p
+        for p in range(max(1, available), self.max_span + 1):
+            runs[p] = 0
+        match = None
+        if span and not self.looping:
+            first = n - span - runs[span]
+            match = LoopMatch(start=first + span, first=first, span=span, repeats=(n - first) // span, kind="token")
+        self.looping = bool(span)
+        line = self._line(token_id)
+        return match if match is not None else line
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _need(self, p: int) -> int:
+        return p * max(self.min_repeats, -(-self.min_loop_tokens // p))
+
+    def _counts(self, p: int) -> bool:
+        """Whether the span of the newest ``p`` tokens makes a loop at the copies it has."""
+        span = self.ids[len(self.ids) - p :]
+        plain = (self.word_ids is None or any(t in self.word_ids for t in span)) and (
+            self.newline_ids is None or not any(t in self.newline_ids for t in span)
+        )
+        return plain or p + self.runs[p] >= max(self._need(p), self.symbol_loop_tokens)
+
+    def _recount(self) -> None:
+        """Rebuild the per-span runs and the line records from the row (after a start or a rewind)."""
+        ids, n = self.ids, len(self.ids)
+        self.runs = [0] * (self.max_span + 1)
+        for p in range(1, self.max_span + 1):
+            run = 0
+            i = n - 1
+            while i - p >= self.begin and ids[i] == ids[i - p]:
+                run += 1
+                i -= 1
+            self.runs[p] = run
+        self.looping = False
+        self.lines = []
+        self.line_start = self.begin
+        if self.newline_ids is None:
+            return
+        start = self.begin
+        for i in range(self.begin, n):
+            if ids[i] in self.newline_ids:
+                if i > start:
+                    self.lines.append((start, tuple(ids[start:i])))
+                start = i + 1
+        self.line_start = start
+        del self.lines[: max(0, len(self.lines) - self.window_lines)]
+
+    def _line(self, token_id: int) -> LoopMatch | None:
+        if self.newline_ids is None or token_id not in self.newline_ids:
+            return None
+        n = len(self.ids)
+        start, self.line_start = self.line_start, n
+        if n - 1 <= start:
+            return None  # a blank line
+        self.lines.append((start, tuple(self.ids[start : n - 1])))
+        if len(self.lines) > self.window_lines:
+            del self.lines[0]
+        if not self.line_repeats:
+            return None
+        lines = self.lines
+        for k in range(1, len(lines) // self.line_repeats + 1):
+            copies = self.line_repeats + (1 if k == 1 else 0)
+            if k * copies > len(lines):
+                break
+            block = [body for _, body in lines[-k:]]
+            if sum(len(body) for body in block) < self.min_line_tokens:
+                continue
+            if self.word_ids is not None and not any(t in self.word_ids for body in block for t in body):
+                continue
+            if all([body for _, body in lines[len(lines) - (c + 1) * k : len(lines) - c * k]] == block
+                   for c in range(1, copies)):  # fmt: skip
+                previous = lines[len(lines) - 2 * k][0]
+                newest = lines[len(lines) - k][0]
+                return LoopMatch(start=newest, first=previous, span=newest - previous, repeats=copies, kind="line")
+        return None

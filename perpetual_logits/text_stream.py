@@ -18,8 +18,8 @@ Tokens whose bytes do not yet form a whole character are *pending*: their text i
 yet (a decoder shows it as trailing U+FFFD), and the first token whose text overlaps a character is the first
 token whose prefix text is not a prefix of the text up to that character.
 
-Why not ``tokenizers``' :class:`~tokenizers.decoders.DecodeStream` (about 1.7 µs a token against about 3 µs
-here, measured on this project's CPU): its state cannot be cut back to a token (a rewind would re-feed it),
+Why not ``tokenizers``' :class:`~tokenizers.decoders.DecodeStream` (about 1.7 µs a token against a few µs
+here, smoke timings on a loaded machine): its state cannot be cut back to a token (a rewind would re-feed it),
 a prefill that ends inside a character makes it repeat text, and it raises on text the decoder rewrites,
 where the row's text must follow what ``tokenizer.decode`` says.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -131,3 +132,73 @@ def test_long_rows_stay_bounded_and_agree():
     stream = replay(matcher, [], 0, 0, steps, SENTENCEPIECE)
     assert len(stream.text.text) < 4 * matcher._need_chars + 300
     assert len(stream.text.tokens) < 4 * matcher._need_chars + 300
+
+
+def test_matching_benchmark_smoke(tinystories_path, tmp_path, capsys):
+    """benchmarks/matching.py runs end to end on tiny sizes and writes its table (no timing is asserted)."""
+    import json
+
+    from benchmarks import matching
+
+    assert matching.main(["--phrases", "50", "--rows", "1", "--tokens", "30", "--old-tokens", "2", "--repeats", "1",
+                          "--out", str(tmp_path)]) == 0  # fmt: skip
+    data = json.loads((tmp_path / "matching.json").read_text())
+    assert set(data["per_row_per_token_us"]) == {"default", "chat", "random 50"}
+    assert all(v["stream"] > 0 and v["scan"] > 0 for v in data["per_row_per_token_us"].values())
+    assert "scan/stream" in capsys.readouterr().out
+
+
+def test_ten_thousand_phrases_and_a_hundred_regexes_work(story_tokenizer):
+    """The anti-slop scale: 10,000 string phrases and 100 regular expressions in one matcher. A planted phrase
+    is found where it begins, and the stream agrees with scan() (checked on the last tokens only: scan() is
+    slow at this size, which is the point of the stream)."""
+    rng = random.Random(3)
+    words = [
+        "the",
+        "a",
+        "big",
+        "little",
+        "dog",
+        "cat",
+        "ball",
+        "park",
+        "play",
+        "mom",
+        "dad",
+        "tree",
+        "sun",
+        "run",
+        "jump",
+        "happy",
+        "sad",
+        "red",
+        "blue",
+        "green",
+    ]
+    phrases = sorted({" ".join(rng.choice(words) for _ in range(rng.choice((2, 3)))) + f" {i}" for i in range(10_000)})
+    regexes = [regex.compile(rf"(?i)zebra{i}q+") for i in range(100)]
+    matcher = PhraseMatcher([*phrases, *regexes], story_tokenizer)
+    planted = phrases[1234]
+    text = "Once upon a time the dog ran to the park. " + planted + ". Then they went home."
+    ids = story_tokenizer.encode(text, add_special_tokens=False)
+    stream = PhraseStream(matcher)
+    found = None
+    for n in range(1, len(ids) + 1):
+        scan = stream.feed(ids[:n])
+        if n > len(ids) - 2:
+            assert scan == matcher.scan(ids[:n])
+        if scan.match is not None and found is None:
+            found = scan.match
+    assert found is not None and found.phrase == planted
+    assert story_tokenizer.decode(ids[found.start :]).lstrip().startswith(planted)
+
+
+@pytest.mark.parametrize("text", ["Max liked to run", "She said the summ", "Then they went home and had fun"])
+def test_chat_closings_hold_back_nothing_in_plain_prose(text):
+    """The conclusion patterns' lookbehinds used to make the regex module report partial matches that no text
+    can complete ("to run" for "to sum up"), so scan() held prose back from a streamer for no reason."""
+    matcher = PhraseMatcher(list(CHAT_CLOSING_PHRASES[:2]), SENTENCEPIECE)
+    ids = ids_of(SENTENCEPIECE, list(text))
+    assert matcher.scan(ids).hold == 0
+    stream = PhraseStream(matcher)
+    assert [stream.feed(ids[:n]).hold for n in range(1, len(ids) + 1)][-1] == 0

@@ -33,10 +33,15 @@ class LoopRewinds:
         min_repeats (`int`, defaults to 3): back-to-back copies of a span that make a loop.
         min_loop_tokens (`int`, defaults to 8): tokens the copies must cover together (a one-token span needs
             8 copies: "very, very" is not a loop).
-        line_repeats (`int`, defaults to 2): a finished line that occurs this many times among the last
-            ``window_lines`` lines is a loop too; 0 turns line checks off (they need the tokenizer).
-        min_line_tokens (`int`, defaults to 4): shorter lines (blank lines, list bullets) never count.
-        window_lines (`int`, defaults to 16): recent lines searched for copies.
+        symbol_loop_tokens (`int`, defaults to 64): a span without letters (``"|---"``, ``", 0"``) or one
+            that crosses a line end is structure (table rules, arrays, repeated short statements) until its
+            copies cover this many tokens.
+        line_repeats (`int`, defaults to 2): the newest lines repeating the block of lines just before them,
+            this many copies back to back (a single line: one more), are a loop too; 0 turns line checks off
+            (they need the tokenizer). A line repeated with other lines between is not a loop.
+        min_line_tokens (`int`, defaults to 4): a repeated block of lines must hold this many tokens (blank
+            lines, list bullets and lone braces never count).
+        window_lines (`int`, defaults to 16): the copies lie within this many newest non-blank lines.
         max_rewinds (`int`, defaults to 50): loop rewinds allowed per row; afterwards loops are kept.
 
     Example:
@@ -61,6 +66,7 @@ class LoopRewinds:
     min_line_tokens: int = 4
     window_lines: int = 16
     max_rewinds: int = 50
+    symbol_loop_tokens: int = 64
 
     def __post_init__(self) -> None:
         _validation.positive_int(self.min_span, "min_span")
@@ -75,6 +81,7 @@ class LoopRewinds:
         _validation.positive_int(self.min_line_tokens, "min_line_tokens")
         _validation.positive_int(self.window_lines, "window_lines", minimum=2)
         _validation.positive_int(self.max_rewinds, "max_rewinds", minimum=0)
+        _validation.positive_int(self.symbol_loop_tokens, "symbol_loop_tokens")
 
 
 def _phrases(value: object, name: str) -> Any:

@@ -20,15 +20,14 @@ Settled between the backends (they used to differ):
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..phrases import PhraseMatcher, default_end_phrases
 from ..protocol import Rewind, RewindRule, RowState, RowView
-from ..repetition import newline_token_ids
+from ..repetition import newline_token_ids, word_token_ids
 from .bans import Bans
 from .config import BackstepConfig
 from .events import BackstepEvent
@@ -130,7 +129,8 @@ class RewindPolicy(RowState):
             self.limits.append(config.max_phrase_rewinds)
         if config.loops is not None:
             lines = config.loops.line_repeats > 0 and tokenizer is not None
-            self.rules.append(LoopRule(config.loops, _newline_ids(tokenizer) if lines else None))
+            words = _word_ids(tokenizer) if tokenizer is not None else None
+            self.rules.append(LoopRule(config.loops, _newline_ids(tokenizer) if lines else None, words))
             self.limits.append(config.loops.max_rewinds)
         for rule in config.rules:
             self.rules.append(rule.fresh())
@@ -355,15 +355,28 @@ def _matcher(phrases: list[Any], tokenizer: Any) -> PhraseMatcher:
     return found
 
 
-_NEWLINES: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+# Token-id sets that decode the whole vocabulary, computed once per tokenizer and kind.
+_VOCAB_SETS: weakref.WeakKeyDictionary[Any, dict[str, frozenset[int]]] = weakref.WeakKeyDictionary()
+
+
+def _vocab_set(tokenizer: Any, kind: str, compute: Callable[[Any], frozenset[int]]) -> frozenset[int]:
+    try:
+        known = _VOCAB_SETS[tokenizer]
+    except KeyError:
+        known = {}
+        _VOCAB_SETS[tokenizer] = known
+    except TypeError:  # a tokenizer that cannot be weakly referenced: computed each time
+        return compute(tokenizer)
+    if kind not in known:
+        known[kind] = compute(tokenizer)
+    return known[kind]
 
 
 def _newline_ids(tokenizer: Any) -> frozenset[int]:
-    """Line-ending token ids of a tokenizer, computed once per tokenizer (it decodes the whole vocabulary)."""
-    try:
-        return _NEWLINES[tokenizer]
-    except (KeyError, TypeError):
-        ids = newline_token_ids(tokenizer)
-        with contextlib.suppress(TypeError):
-            _NEWLINES[tokenizer] = ids
-        return ids
+    """Line-ending token ids of a tokenizer (see :func:`~perpetual_logits.repetition.newline_token_ids`)."""
+    return _vocab_set(tokenizer, "newlines", newline_token_ids)
+
+
+def _word_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of tokens with a letter (see :func:`~perpetual_logits.repetition.word_token_ids`)."""
+    return _vocab_set(tokenizer, "words", word_token_ids)

@@ -8,7 +8,7 @@ from collections.abc import Collection
 from ..phrase_stream import PhraseStream
 from ..phrases import PhraseMatcher
 from ..protocol import Rewind, RewindRule, RowView
-from ..repetition import find_line_loop, find_token_loop
+from ..repetition import LoopTracker
 from .config import LoopRewinds
 
 __all__ = ["EOSRule", "LoopRule", "PhraseRule"]
@@ -121,32 +121,58 @@ class PhraseRule(RewindRule):
 
 class LoopRule(RewindRule):
     """Rewinds a row that fell into a repetition loop to where the repeat began (one copy stays), forbids the
-    token that started the repeat there and restarts the schedule.
+    token that started the repeat there and restarts the schedule. What counts as a loop: see
+    :class:`~perpetual_logits.repetition.LoopTracker` (one per row, fed one token at a time).
 
     Args:
         settings: what counts as a loop.
         newline_ids: ids of tokens that end a line (see :func:`~perpetual_logits.repetition.newline_token_ids`),
             or ``None`` to check token spans only.
+        word_ids: ids of tokens with a letter (:func:`~perpetual_logits.repetition.word_token_ids`), or ``None``
+            to treat every span as words.
     """
 
     reason = "loop"
 
-    def __init__(self, settings: LoopRewinds, newline_ids: Collection[int] | None) -> None:
+    def __init__(
+        self, settings: LoopRewinds, newline_ids: Collection[int] | None, word_ids: Collection[int] | None = None
+    ) -> None:
         self.settings = settings
         self.newline_ids = frozenset(newline_ids) if newline_ids is not None else None
+        self.word_ids = frozenset(word_ids) if word_ids is not None else None
         self.used: list[int] = []
+        self.trackers: list[LoopTracker | None] = []
 
     def start(self, batch_size: int, prompt_length: int) -> None:
         self.used = [0] * batch_size
+        self.trackers = [None] * batch_size
+
+    def rewind(self, row: int, length: int) -> None:
+        tracker = self.trackers[row] if row < len(self.trackers) else None
+        if tracker is not None:
+            tracker.rewind(length)
 
     def check(self, view: RowView) -> Rewind | None:
         s = self.settings
         if self.used[view.row] >= s.max_rewinds:
             return None
-        begin = max(view.prompt_length, view.text_start)
-        match = find_token_loop(view.ids, begin, s.min_span, s.max_span, s.min_repeats, s.min_loop_tokens)
-        if match is None and self.newline_ids is not None and s.line_repeats:
-            match = find_line_loop(view.ids, self.newline_ids, begin, s.min_line_tokens, s.window_lines, s.line_repeats)
+        tracker = self.trackers[view.row]
+        n = len(view.ids)
+        if tracker is None or len(tracker.ids) != n - 1 or (n > 1 and tracker.ids and tracker.ids[-1] != view.ids[-2]):
+            tracker = self.trackers[view.row] = LoopTracker(
+                s.min_span,
+                s.max_span,
+                s.min_repeats,
+                s.min_loop_tokens,
+                s.symbol_loop_tokens,
+                s.line_repeats,
+                s.min_line_tokens,
+                s.window_lines,
+                self.newline_ids if s.line_repeats else None,
+                self.word_ids,
+            )
+            tracker.start(view.ids[: n - 1], max(view.prompt_length, view.text_start))
+        match = tracker.push(int(view.ids[-1]))
         if match is None:
             return None
         self.used[view.row] += 1

@@ -1,0 +1,198 @@
+"""What the default LoopRewinds() calls a loop (issue 19 item 2): degenerate repetition is rewound, repetitive
+structure (JSON, YAML, tables, code, lists, recipes, song choruses) never is. Texts are tokenized with
+TinyStories-656K's tokenizer and fed to the loop rule one token at a time, as generation does."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perpetual_logits import LoopRewinds
+from perpetual_logits.backstep.rules import LoopRule
+from perpetual_logits.protocol import RowView
+from perpetual_logits.repetition import LoopTracker, find_token_loop, newline_token_ids, word_token_ids
+
+LEGITIMATE = {
+    "json array (the issue's case)": """[
+  {"name": "Alice", "active": true},
+  {"name": "Bob", "active": true},
+  {"name": "Carol", "active": true},
+  {"name": "Dave", "active": true}
+]
+""",
+    "json, one field a line": """[
+  {
+    "name": "Alice",
+    "active": true
+  },
+  {
+    "name": "Bob",
+    "active": true
+  },
+  {
+    "name": "Carol",
+    "active": true
+  }
+]
+""",
+    "json numbers": '{"weights": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], "ids": [1, 1, 1, 1, 1, 1, 1, 1]}\n',
+    "yaml": """users:
+  - name: Alice
+    active: true
+    role: admin
+  - name: Bob
+    active: true
+    role: admin
+  - name: Carol
+    active: true
+    role: admin
+""",
+    "markdown table": """| Name | Age | City | Team | Role | Level |
+|------|-----|------|------|------|-------|
+|---|---|---|---|---|---|
+| Alice | 30 | Paris | Red | Lead | 3 |
+| Bob | 30 | Paris | Red | Lead | 3 |
+| Carol | 30 | Paris | Red | Lead | 3 |
+""",
+    "python": """def main():
+    print("Starting the job")
+    for item in items:
+        print("-" * 20)
+        print("Item:", item)
+        print("-" * 20)
+    if not items:
+        raise ValueError("no items given")
+    if len(items) > 100:
+        raise ValueError("no items given")
+    count += 1
+    count += 1
+    return count
+""",
+    "c loops": """for (int i = 0; i < n; i++) {
+    a[i] = 0;
+}
+for (int i = 0; i < n; i++) {
+    b[i] = 1;
+}
+for (int i = 0; i < n; i++) {
+    c[i] = a[i] + b[i];
+}
+""",
+    "recipe": """1. Put the flour in a big bowl and stir well.
+2. Add the milk and stir well.
+3. Stir well.
+4. Add the eggs and stir well.
+5. Stir well.
+6. Add the sugar and stir well.
+""",
+    "song with a chorus": """Verse 1:
+The sun comes up over the hill,
+The birds all sing, the world is still.
+
+Chorus:
+We sing, we dance, we run all day,
+We laugh and play the happy way.
+
+Verse 2:
+The moon comes out, the stars are bright,
+We hold our hands and say good night.
+
+Chorus:
+We sing, we dance, we run all day,
+We laugh and play the happy way.
+""",
+    "list": "- apples\n- pears\n- apples\n- milk\n- apples\n- bread\n",
+    "numbers and rules": "The prize was 1,000,000,000 coins.\n\nTitle\n=====\n\nMore text follows here.\n----------\n",
+    "emphasis": "She was very, very, very happy. It was a big, big, big day.\n",
+}
+
+LOOPS = {
+    "a word phrase": "They said they would be friends forever and ever and ever and ever and ever and ever.",
+    "a sentence over and over": "I'm glad you're sharing your expertise. I'm glad you're sharing your expertise. "
+    "I'm glad you're sharing your expertise. I'm glad you're sharing your expertise.",
+    "a poem cycling two lines": "A season to cherish, a time to forget,\nA moment to treasure, a love to regret,\n"
+    "A season to cherish, a time to forget,\nA moment to treasure, a love to regret,\n",
+    "one line three times": "The cat sat on the big red mat.\nThe cat sat on the big red mat.\n"
+    "The cat sat on the big red mat.\n",
+    "a json object three times": '[\n  {"name": "Alice", "active": true},\n  {"name": "Alice", "active": true},\n'
+    '  {"name": "Alice", "active": true},\n',
+    "runaway symbols": "[" + ", ".join(["0"] * 60) + "]",
+}
+
+
+@pytest.fixture(scope="module")
+def classes(story_tokenizer):
+    return newline_token_ids(story_tokenizer), word_token_ids(story_tokenizer)
+
+
+def loops_in(tokenizer, classes, text: str, settings: LoopRewinds | None = None) -> list[str]:
+    """The loops the default rule finds while the text is generated token by token (after a short prompt);
+    a found loop is kept (not rewound), as when the rule's budget is spent."""
+    newlines, words = classes
+    rule = LoopRule(settings or LoopRewinds(), newlines, words)
+    # One encode of prompt and text, so that the text's first line is spelled like the lines after it.
+    prompt = len(tokenizer.encode("Here it is:", add_special_tokens=False))
+    ids = tokenizer.encode("Here it is:\n" + text, add_special_tokens=False)
+    rule.start(1, prompt)
+    found = []
+    for n in range(prompt + 1, len(ids) + 1):
+        request = rule.check(RowView(0, ids[:n], prompt, 0))
+        if request is not None:
+            found.append(f"{request.detail} at {tokenizer.decode(ids[request.position : n])!r}")
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(LEGITIMATE))
+def test_legitimate_repetitive_text_is_never_rewound(story_tokenizer, classes, name):
+    assert loops_in(story_tokenizer, classes, LEGITIMATE[name]) == []
+
+
+@pytest.mark.parametrize("name", sorted(LOOPS))
+def test_degenerate_repetition_is_rewound(story_tokenizer, classes, name):
+    assert loops_in(story_tokenizer, classes, LOOPS[name]) != []
+
+
+def test_a_loop_is_cut_where_the_repeat_begins(story_tokenizer, classes):
+    newlines, words = classes
+    text = LOOPS["a poem cycling two lines"]
+    ids = story_tokenizer.encode("Here:\n" + text, add_special_tokens=False)
+    rule = LoopRule(LoopRewinds(), newlines, words)
+    rule.start(1, 2)
+    requests = [rule.check(RowView(0, ids[:n], 2, 0)) for n in range(3, len(ids) + 1)]
+    request = next(r for r in requests if r is not None)
+    kept = story_tokenizer.decode(ids[: request.position])
+    assert kept.endswith("a love to regret,\n") and kept.count("A season") == 1  # the first copy stays
+    assert request.detail.startswith("line loop")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 3), min_size=1, max_size=60),
+    begin=st.integers(0, 5),
+    min_repeats=st.integers(2, 4),
+    min_loop_tokens=st.integers(1, 10),
+    cuts=st.lists(st.integers(1, 60), max_size=4),
+    seed=st.integers(0, 1000),
+)
+def test_tracker_finds_the_token_loops_find_token_loop_finds(ids, begin, min_repeats, min_loop_tokens, cuts, seed):
+    """Without token classes the incremental tracker reports exactly what find_token_loop reports after every
+    token, through random rewinds."""
+    begin = min(begin, len(ids) - 1)
+    tracker = LoopTracker(max_span=8, min_repeats=min_repeats, min_loop_tokens=min_loop_tokens, line_repeats=0)
+    tracker.start(ids[:begin], begin)
+    rng = random.Random(seed)
+    row = ids[:begin]
+    cut_at = {rng.randrange(begin, len(ids) + 1): c for c in cuts}
+    for n in range(begin, len(ids)):
+        if n in cut_at and len(row) > begin:
+            row = row[: max(begin, len(row) - cut_at[n])]
+            tracker.rewind(len(row))
+        row.append(ids[n])
+        got = tracker.push(ids[n])
+        want = find_token_loop(row, begin, 1, 8, min_repeats, min_loop_tokens)
+        if tracker.looping and got is None and want is not None:
+            continue  # a loop kept across a rewind: the tracker reported it before the cut
+        assert got == want, (row, begin)
