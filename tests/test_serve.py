@@ -3,9 +3,13 @@ started here on a free loopback port (TinyStories-656K)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Any
 
 import pytest
 
@@ -53,6 +57,58 @@ def _wait_for(condition, seconds: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.01)
+
+
+class _Gate:
+    """Holds the model's forwards: none runs until :meth:`allow` or :meth:`open` lets it. Tests use it so that a request
+    is still running, at a known step, when its client leaves, however fast the machine is."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.allowance = 0
+        self.is_open = False
+        self.held = 0  # forwards waiting at the gate now (0 or 1: one worker)
+
+    def pass_through(self) -> None:
+        with self.cond:
+            self.held += 1
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: self.is_open or self.allowance > 0, timeout=60), "the gate never opened"
+            if not self.is_open:
+                self.allowance -= 1
+            self.held -= 1
+
+    def allow(self, forwards: int) -> None:
+        with self.cond:
+            self.allowance += forwards
+            self.cond.notify_all()
+
+    def wait_until_held(self) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.held > 0, timeout=60), "no forward came to the gate"
+
+    def open(self) -> None:
+        with self.cond:
+            self.is_open = True
+            self.cond.notify_all()
+
+
+@contextlib.contextmanager
+def _gated(model: Any) -> Iterator[_Gate]:
+    """Route every forward of ``model`` through a closed :class:`_Gate`; the gate opens when the block ends."""
+    gate = _Gate()
+    forward = model.forward
+
+    def gated_forward(*args: Any, **kwargs: Any) -> Any:
+        gate.pass_through()
+        return forward(*args, **kwargs)
+
+    model.forward = gated_forward
+    try:
+        yield gate
+    finally:
+        gate.open()
+        del model.forward
 
 
 def _idle(backend: HFBackend, seconds: float = 20.0) -> None:
@@ -238,17 +294,41 @@ def test_sixteen_clients_with_different_settings(client, backend):
 
 
 # -- disconnects ---------------------------------------------------------------------------------------------------
-def test_disconnect_aborts_streaming_and_waiting_requests(url, backend):
+def test_disconnect_aborts_streaming_and_waiting_requests(url, backend, loaded):
+    """A client that leaves while its request runs, streaming or not, ends that request at the next step. The model's
+    forwards pass a gate one at a time, so the request is mid-way whatever the machine's speed."""
     _idle(backend)
     aborted = backend.aborted
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 480, "preset": "backstep", "stream": True}
+
+    def running_job_was_cancelled() -> bool:
+        jobs = list(backend.running)
+        return bool(jobs) and all(job.cancelled.is_set() for job in jobs)
+
     with deadline(60):
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
-            assert response.status_code == 200
-            next(response.iter_lines())  # generation has started
+        with _gated(loaded.model) as gate, ThreadPoolExecutor(1) as pool:
+
+            def first_line() -> str:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+                    assert response.status_code == 200
+                    return next(response.iter_lines())  # then the client leaves
+
+            reader = pool.submit(first_line)
+            while not reader.done():  # one forward at a time until the first text has reached the client
+                gate.wait_until_held()
+                gate.allow(1)
+                time.sleep(0.01)
+            assert reader.result().startswith("data: ")
+            _wait_for(running_job_was_cancelled)
+        _idle(backend)
+        assert backend.aborted == aborted + 1
         # a non-streaming client that gives up (read timeout) closes its connection too
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        with _gated(loaded.model) as gate, ThreadPoolExecutor(1) as pool:
+            gone = pool.submit(httpx.post, f"{url}/v1/completions", json={**body, "stream": False}, timeout=2)
+            gate.wait_until_held()
+            with pytest.raises(httpx.ReadTimeout):
+                gone.result()
+            _wait_for(running_job_was_cancelled)
         _idle(backend)
     assert backend.aborted == aborted + 2  # both rows were finished early, not run to 480 tokens
     out = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3}, timeout=30)
@@ -335,8 +415,11 @@ def test_full_queue_is_429_and_api_key_is_required(loaded):
             body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 300, "seed": i}
             return httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
 
-        with ThreadPoolExecutor(3) as pool:
+        with _gated(loaded.model) as gate, ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(long, i) for i in range(3)]
+            done, _ = wait(futures, timeout=60, return_when=FIRST_COMPLETED)
+            assert [f.result().status_code for f in done] == [429]  # refused while the other two run and wait
+            gate.open()
             statuses = sorted(f.result().status_code for f in futures)
         assert statuses == [200, 200, 429]  # one runs, one waits, one is refused
         refused = next(f.result() for f in futures if f.result().status_code == 429)
@@ -344,17 +427,19 @@ def test_full_queue_is_429_and_api_key_is_required(loaded):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="sekret", max_retries=0)
         assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
 
-        # A waiting request whose client leaves frees its queue slot and never runs.
+        # A waiting request whose client leaves frees its queue slot and never runs. The running request is held
+        # at its forwards, so on a fast machine it cannot finish before the disconnect is seen.
         _idle(backend)
         rows = backend.rows
-        with ThreadPoolExecutor(1) as pool:
+        with _gated(loaded.model) as gate, ThreadPoolExecutor(1) as pool:
             running_one = pool.submit(long, 7)
-            _wait_for(lambda: backend.running)
+            gate.wait_until_held()
             body = {"model": MODEL, "prompt": PROMPT}
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=0.5)
             _wait_for(lambda: backend.pending() == 0)
             assert not running_one.done()  # the slot was freed at the disconnect, not when its turn came
+            gate.open()
             assert running_one.result().status_code == 200
         _idle(backend)
         assert backend.rows == rows + 1
