@@ -11,13 +11,15 @@ Where things are:
 * the units, each owning one piece of per-row state and following rewinds
   (:class:`~perpetual_logits.RowState`): :mod:`.rows` (tokens), :mod:`.cache` (the cache layout, no holes),
   :mod:`.buffer` (raw logits, so a rewind needs no forward), :mod:`.bans`, :mod:`.temperature` (Method 4's
-  schedule, early triggers), :mod:`.streaming` (hold-back), :mod:`.records` (output scores/logits);
+  schedule, early triggers), :mod:`.streaming` (hold-back), :mod:`.records` (output scores/logits), :mod:`.landing` (the
+  length mode's minimum, the landing before ``max_new_tokens``);
 * :mod:`.lengths` -- length-dependent processors judged per row; :mod:`.config`, :mod:`.events`.
 """
 
 from .cache import check_cache
 from .config import BackstepConfig, LoopRewinds
 from .events import BackstepEvent, BackstepOutput, BackstepStats
+from .landing import Landing
 from .loop import BackstepLoop
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "BackstepLoop",
     "BackstepOutput",
     "BackstepStats",
+    "Landing",
     "LoopRewinds",
     "check_cache",
 ]

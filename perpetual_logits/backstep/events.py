@@ -57,6 +57,8 @@ class BackstepStats:
         peak_cache_slots: the largest cache length during the run.
         realignments: times rows' cache slots were moved (after rewinds in a batch).
         early_triggers: schedules started early by the ``early_trigger``.
+        landing_cuts: rows cut back at ``max_new_tokens`` (to a sentence end, or dropping an unfinished phrase);
+            the tokens cut count in ``removed_tokens``.
     """
 
     prefill_forwards: int = 0
@@ -68,6 +70,7 @@ class BackstepStats:
     peak_cache_slots: int = 0
     realignments: int = 0
     early_triggers: int = 0
+    landing_cuts: int = 0
 
 
 @dataclass

@@ -24,6 +24,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import EosTokenCriteria, MaxLengthCriteria
 
 from .. import _compat
+from ..boundaries import cut_point
 from ..distributions import eos_probability
 from ..phrases import PhraseMatcher, default_end_phrases
 from ..protocol import Rewind, RewindRule, RowState
@@ -33,6 +34,7 @@ from .buffer import LogitsRing
 from .cache import CacheLayout, check_cache, sliding_window
 from .config import BackstepConfig
 from .events import BackstepEvent, BackstepOutput, BackstepStats
+from .landing import Landing, LandingBias, RowText
 from .lengths import per_row_lengths
 from .records import StepRecords
 from .rows import Rows
@@ -112,6 +114,22 @@ class BackstepLoop:
             processors = insert_before_warpers(processors, self.temperature.processor)
             if self.do_sample:  # greedy decoding has no truncation to widen: the argmax is unaffected
                 processors = self.temperature.widen_truncation(processors, vocab)
+        # -- the length mode and the landing: what the text says per row, EOS raised at sentence ends
+        self.tokenizer = tokenizer
+        landing = config.landing if isinstance(config.landing, Landing) else None
+        self.text: RowText | None = None
+        if landing is not None or config.length_mode:
+            if tokenizer is None and (landing is not None or config.min_words):
+                raise ValueError(
+                    "the landing and `min_words` read the text: call generate(..., tokenizer=tokenizer) or "
+                    "make_perpetual(model, tokenizer=tokenizer)"
+                )
+            self.text = RowText(
+                tokenizer, lambda row: self.rows.ids[row], config.min_tokens, config.min_words, landing, max_length
+            )
+            if landing is not None:
+                bias = LandingBias(self.text, lambda: self.rows.lens, self.eos)
+                processors = LogitsProcessorList([bias, *processors])
         self.processors = processors
         # Length and EOS are handled per row here; every other criterion sees the rows left-padded.
         self.criteria = StoppingCriteriaList(
@@ -212,6 +230,8 @@ class BackstepLoop:
         if self.temperature is not None:
             units.append(self.temperature)
         units += self.rules
+        if self.text is not None:
+            units.append(self.text)
         units += [p for p in self.processors if isinstance(p, RowState)]
         return units
 
@@ -225,15 +245,46 @@ class BackstepLoop:
         rows = self.rows
         rows.append(row, token)
         self.records.add_token(row, step)
+        text = self.text
+        if text is not None:
+            reached = text.minimum_reached(row)
+            text.observe(row)
+            if not reached and text.minimum_reached(row):
+                self.bans.always[row].difference_update(self.eos)  # an exhausted EOS budget no longer holds
+            if token in self.eos and text.accepts_end(row, rows.lens[row]):
+                self._finish(row)  # the length mode's minimum is reached, or the row lands at a sentence end
+                return True
         view = rows.view_of(row)
         for rule in self.rules:
             request = rule.check(view)
             if request is not None:
+                if request.reason == "ending" and self.config.accept_end_phrases and text and text.minimum_reached(row):
+                    break  # the length mode keeps the model's own ending once the minimum is reached
                 self.rewind(row, request, step, scores)
                 return False
-        if token in self.eos or rows.full(row):
+        if token in self.eos:
+            self._finish(row)
+        elif rows.full(row):
+            self._land(row)
             self._finish(row)
         return True
+
+    def _land(self, row: int) -> None:
+        """A row at ``max_new_tokens``: drop an unfinished held-back phrase from its end (in every mode) and, with
+        the landing, cut it back to its last complete sentence -- never below what is final (streamed)."""
+        rows = self.rows
+        length = rows.lens[row]
+        partial = max((getattr(rule, "partial", lambda _: 0)(row) for rule in self.rules), default=0)
+        floor = max(self.holdback.final[row], rows.prompt_length)
+        cut = max(length - partial, floor)
+        text = self.text
+        if text is not None and text.landing is not None and text.landing.cut_back:
+            cut = cut_point(self.tokenizer, rows.ids[row][:cut], floor, rows.prompt_length)
+        if cut < length:
+            self.stats.landing_cuts += 1
+            self.stats.removed_tokens += length - cut
+            for unit in self._units():
+                unit.rewind(row, cut)
 
     def rewind(self, row: int, request: Rewind, step: int, scores: torch.Tensor) -> None:
         """Cut ``row`` back as ``request`` asks (never into the prompt or into final tokens), and tell every unit."""
@@ -287,7 +338,10 @@ class BackstepLoop:
                 self._finish(b)
 
     def _held(self) -> list[int]:
-        return [max((rule.held(b) for rule in self.rules), default=0) for b in range(self.rows.batch)]
+        held = [max((rule.held(b) for rule in self.rules), default=0) for b in range(self.rows.batch)]
+        if self.text is not None:
+            held = [max(h, self.text.held(b, self.rows.lens[b])) for b, h in enumerate(held)]
+        return held
 
     def _forward(self, current: torch.Tensor) -> torch.Tensor:
         """Feed every active row's newest token in one forward; return each row's logits for its next position.
