@@ -61,7 +61,8 @@ class Rewind:
     The loop never cuts into the prompt or into tokens already final (streamed); it clamps ``position``.
 
     Attributes:
-        position: tokens to keep (prompt included).
+        position: tokens to keep (prompt included). ``len(view.ids)`` or more keeps every token: nothing is
+            removed, so the request is no rewind at all (no event, no bans, no budget spent).
         ban_here: tokens forbidden at the position the row is actually cut back to (after clamping).
         ban_first_removed: also forbid there the token that stood at that position (the first removed one), so
             that the row must take another path.
@@ -79,6 +80,18 @@ class Rewind:
     reason: str = "rule"
     detail: str | None = None
     restart_schedule: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.position, bool) or not isinstance(self.position, int):
+            raise TypeError(f"`position` must be an int (tokens to keep, prompt included), got {self.position!r}")
+        groups = [("ban_here", self.ban_here), *((f"bans[{pos!r}]", tokens) for pos, tokens in self.bans.items())]
+        for name, tokens in groups:
+            for token in tokens:
+                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                    raise ValueError(f"`{name}` must hold token ids (ints >= 0), got {token!r}")
+        for pos in self.bans:
+            if isinstance(pos, bool) or not isinstance(pos, int):
+                raise TypeError(f"`bans` keys must be int positions, got {pos!r}")
 
 
 class RewindRule(RowState):
@@ -103,3 +116,18 @@ class RewindRule(RowState):
     def held(self, row: int) -> int:
         """Trailing tokens of ``row`` this rule may still take back (kept from the streamer)."""
         return 0
+
+    def fresh(self) -> RewindRule:
+        """The copy one generation works on (``generate()`` calls this once per call, so that concurrent calls
+        never share per-row state). Defaults to a deep copy; override it when the rule holds something that
+        cannot or must not be copied (a lock, a client, a large table) -- e.g. return a new instance that
+        shares it."""
+        import copy
+
+        try:
+            return copy.deepcopy(self)
+        except TypeError as exc:
+            raise TypeError(
+                f"{type(self).__name__} cannot be deep-copied ({exc}); each generation works on its own copy of "
+                "a rule: override `fresh()` to return a new instance that shares what cannot be copied"
+            ) from exc

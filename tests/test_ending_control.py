@@ -65,7 +65,7 @@ def test_spelled_end_marker_rewinds_to_its_first_piece(scripted_model, story_tok
     events = [e for e in out.backstep_events[0] if e.reason == "phrase"]
     assert events, "the spelled <|end_story|> must be caught"
     first = events[0]
-    assert (first.phrase, first.position, first.removed, first.banned_token) == ("<|end_story|>", 4, 4, 208)
+    assert (first.phrase, first.position, first.removed, first.banned_token) == ("<|end_story|>", 4, 3, 208)
     assert generated[:4] == [*THEY_WERE_HAPPY, DOT] and generated[4] != 208  # banned there
     assert "<|end_story|>" not in story_tokenizer.decode(generated)
 
@@ -76,7 +76,7 @@ def test_multi_token_phrase_starting_inside_a_token(scripted_model, story_tokeni
     out, generated = run_script(scripted_model, story_tokenizer, script, ban_phrases=["The End"])
     first = out.backstep_events[0][0]
     assert (first.reason, first.phrase, first.position, first.banned_token) == ("phrase", "The End", 3, DOT_THE)
-    assert first.removed == 4  # ".▁The▁", "E", "nd", and the "." that confirmed the word ended
+    assert first.removed == 3  # ".▁The▁", "E", "nd"; the "." that confirmed the word ended is refused, not removed
     assert generated[3] != DOT_THE
 
 
@@ -133,8 +133,8 @@ def test_phrase_rewinds_stay_exact_and_cost_no_extra_forward(scripted_model, sto
     stats = out.backstep_stats
     assert stats.backsteps >= 1
     phrase_rewinds = sum(e.reason == "phrase" for e in out.backstep_events[0])
-    # The token that completes a phrase is removed before it is ever fed: one forward less per phrase rewind.
-    assert stats.decode_forwards == 20 + stats.removed_tokens + stats.deep_rewinds - 1 - phrase_rewinds
+    # The token that completes a phrase is refused before it is ever fed, and not counted as removed.
+    assert phrase_rewinds and stats.decode_forwards == 20 + stats.removed_tokens + stats.deep_rewinds - 1
     with torch.no_grad():
         fresh = scripted_model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
     assert (torch.stack(out.logits)[:, 0] - fresh).abs().max() <= 1e-4

@@ -21,7 +21,8 @@ def test_an_ending_phrase_rewinds_n_remove_tokens_before_it(scripted_model, stor
     first = events[0]
     # The phrase began at generated index 4; the rewind goes n_remove = 2 tokens further back.
     assert (first.detail, first.position) == ("<|end_story|>", 2)
-    assert first.removed == 2 + len(SPELLED_END)  # the two tokens before the phrase and the whole phrase
+    # The two tokens before the phrase and the phrase; its completing token is refused (never fed, not counted).
+    assert first.removed == 2 + len(SPELLED_END) - 1
     assert generated[:2] == THEY_WERE_HAPPY[:2]
     assert "<|end_story|>" not in story_tokenizer.decode(generated)
 
@@ -50,7 +51,7 @@ def test_ending_rewinds_are_exact_and_forward_counted(scripted_model, story_toke
     stats, events = out.backstep_stats, out.backstep_events[0]
     non_eos = sum(e.reason != "eos" for e in events)
     assert non_eos >= 1
-    assert stats.decode_forwards == 20 + stats.removed_tokens + stats.deep_rewinds - 1 - non_eos
+    assert stats.decode_forwards == 20 + stats.removed_tokens + stats.deep_rewinds - 1  # the README's formula
     with torch.no_grad():
         fresh = scripted_model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
     assert (torch.stack(out.logits)[:, 0] - fresh).abs().max() <= 1e-4
@@ -118,7 +119,7 @@ def test_a_token_loop_is_rewound_to_where_the_repeat_began_and_its_first_token_b
         fresh = model(out.sequences).logits[0, len(prompt) - 1 : -1]
     assert (torch.stack(out.logits)[:, 0] - fresh).abs().max() <= 1e-4
     stats, events = out.backstep_stats, out.backstep_events[0]
-    assert stats.decode_forwards == 24 + stats.removed_tokens + stats.deep_rewinds - 1 - len(events)
+    assert events and stats.decode_forwards == 24 + stats.removed_tokens + stats.deep_rewinds - 1
 
 
 def test_a_streamer_never_shows_a_loop_that_is_removed() -> None:

@@ -1,4 +1,5 @@
-"""Tokens forbidden per row and position: what a rewind must not simply write again."""
+"""Tokens forbidden per row and position: what a rewind must not simply write again (owned by the rewind
+policy; the HF loop applies them to its logits, the vLLM driver sends them to its processor)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ class Bans(RowState):
     whose every finite logit would be banned keeps its logits (never NaN).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self.at: list[dict[int, set[int]]] = []
         self.always: list[set[int]] = []
 
@@ -47,7 +47,7 @@ class Bans(RowState):
             pairs.extend((b, t) for t in banned)
         if not pairs:
             return logits
-        index = torch.tensor(pairs, device=self.device).T
-        masked = logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=self.device))
+        index = torch.tensor(pairs, device=logits.device).T
+        masked = logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device))
         has_other = torch.isfinite(masked).any(-1, keepdim=True)
         return torch.where(has_other, masked, logits)

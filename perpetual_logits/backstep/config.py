@@ -120,8 +120,8 @@ class BackstepConfig:
             forbidden there. For endings prefer ``end_phrases``: banning an ending at its start forces the model,
             which has finished, to go on at that very point (measured: words glued to the full stop, and less
             coherent text; see the README).
-        max_phrase_rewinds (`int`, defaults to 200): rewinds for ``end_phrases`` and ``ban_phrases`` allowed per
-            row (a budget of their own); afterwards phrases are kept.
+        max_phrase_rewinds (`int`, defaults to 200): rewinds allowed per row for ``end_phrases``, and as many
+            again for ``ban_phrases`` (a budget each); afterwards phrases are kept.
         early_trigger (`EarlyTrigger`, *optional*): start the ``schedule`` before EOS is sampled, when a row's
             EOS probability (averaged over a window) or its entropy trend says an ending is near. Needs a
             ``schedule``.
@@ -130,7 +130,10 @@ class BackstepConfig:
             the configured values with the schedule (``widen.schedule`` or ``schedule``); the loop replaces
             ``generate()``'s top-k/top-p/min-p warpers by per-row ones. Needs a ``schedule`` and sampling.
         rules (`list[RewindRule]`, *optional*): your own reasons to rewind (see
-            :class:`~perpetual_logits.RewindRule`); each ``generate()`` call works on its own copy.
+            :class:`~perpetual_logits.RewindRule`); each ``generate()`` call works on its own copy
+            (``RewindRule.fresh()``, a deep copy unless the rule overrides it).
+        max_rule_rewinds (`int`, defaults to 50): rewinds each of ``rules`` may ask for per row (a budget per
+            rule); afterwards its requests are ignored.
         min_tokens (`int`, defaults to 0): the length mode, in tokens: before a row has this many new tokens,
             EOS and endings are rewound as usual; from then on the model's own EOS is accepted and the row
             finishes there. 0: no minimum.
@@ -178,6 +181,7 @@ class BackstepConfig:
     loops: LoopRewinds | None = None
     widen: Widen | None = None
     rules: Sequence[RewindRule] = ()
+    max_rule_rewinds: int = 50
     min_tokens: int = 0
     min_words: int = 0
     accept_end_phrases: bool = False
@@ -224,6 +228,7 @@ class BackstepConfig:
             if not isinstance(rule, RewindRule):
                 raise ValueError(f"`rules` must contain RewindRule instances, got {rule!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
+        _validation.positive_int(self.max_rule_rewinds, "max_rule_rewinds", minimum=0)
         _validation.positive_int(self.min_tokens, "min_tokens", minimum=0)
         _validation.positive_int(self.min_words, "min_words", minimum=0)
         if not isinstance(self.accept_end_phrases, bool):

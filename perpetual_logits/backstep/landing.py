@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from transformers import LogitsProcessor
 
 from .. import _validation
 from ..boundaries import count_words, ends_sentence
-from ..protocol import RowState
+from ..protocol import RowState, RowView
 
 __all__ = ["Landing", "LandingBias", "RowText"]
 
@@ -66,81 +66,94 @@ class Landing:
 
 
 class RowText(RowState):
-    """What each row's decoded text says, kept up to date token by token (a few tokens decoded per step).
+    """What each row's decoded text says, kept up to date token by token (a few tokens decoded per step):
+    whether it ends a sentence now, where its sentence and line ends are, whether its minimum is reached.
+    Backend-neutral: it sees a row only through :class:`~perpetual_logits.protocol.RowView`\\ s.
 
     Args:
-        tokenizer: decodes token ids.
-        ids: returns a row's tokens (prompt included).
+        tokenizer: decodes token ids (``None`` only with ``min_tokens`` alone and no landing).
         min_tokens: generated tokens a row must have before its own end is accepted (0: none).
         min_words: words (see :func:`~perpetual_logits.boundaries.count_words`) it must have (0: none).
         landing: the landing settings, or ``None``.
-        max_length: the most tokens a row may hold (prompt included).
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        ids: Callable[[int], Sequence[int]],
-        min_tokens: int,
-        min_words: int,
-        landing: Landing | None,
-        max_length: int,
-    ) -> None:
+    def __init__(self, tokenizer: Any, min_tokens: int, min_words: int, landing: Landing | None) -> None:
+        if tokenizer is None and (landing is not None or min_words):
+            raise ValueError(
+                "the landing and `min_words` read the text: pass the tokenizer (generate(..., tokenizer=tokenizer) "
+                "or make_perpetual(model, tokenizer=tokenizer))"
+            )
         # -- settings
         self.tokenizer = tokenizer
-        self.ids = ids
         self.min_tokens = min_tokens
         self.min_words = min_words
         self.landing = landing
-        self.max_length = max_length
-        self.prompt_length = 0
-        # -- per row: the end of the text, its sentence/line ends (lengths, ascending), the minimum
-        self.tail: list[str] = []
-        self.pending: list[bool] = []  # the text ends with sentence punctuation not yet confirmed by a space
+        # -- per row: prompt length, the most tokens it may hold, the end of its text after each generated
+        #    token, whether that end is sentence punctuation not yet confirmed by a space, its sentence/line ends
+        #    (lengths, ascending), where its minimum was reached
+        self.prompt_lengths: list[int] = []
+        self.limits: list[int | None] = []
+        self.tails: list[list[str]] = []
+        self.pending: list[list[bool]] = []
         self.boundaries: list[list[int]] = []
         self.reached_at: list[int | None] = []
 
     # -- protocol ------------------------------------------------------------------------------------------
     def start(self, batch_size: int, prompt_length: int) -> None:
-        self.prompt_length = prompt_length
-        self.tail = [""] * batch_size
-        self.pending = [False] * batch_size
-        self.boundaries = [[] for _ in range(batch_size)]
-        self.reached_at = [None] * batch_size
+        self.start_rows([prompt_length] * batch_size)
+
+    def start_rows(self, prompt_lengths: Sequence[int], limits: Sequence[int | None] | None = None) -> None:
+        """Start rows with these prompt lengths and, per row, the most tokens it may hold (prompt included)."""
+        batch = len(prompt_lengths)
+        self.prompt_lengths = list(prompt_lengths)
+        self.limits = list(limits) if limits is not None else [None] * batch
+        self.tails = [[] for _ in range(batch)]
+        self.pending = [[] for _ in range(batch)]
+        self.boundaries = [[] for _ in range(batch)]
+        self.reached_at = [None] * batch
+
+    def set_limits(self, limits: Sequence[int | None]) -> None:
+        """Per row, the most tokens it may hold (prompt included; ``None``: unknown, no landing)."""
+        self.limits = list(limits)
 
     def rewind(self, row: int, length: int) -> None:
+        generated = max(0, length - self.prompt_lengths[row])
+        del self.tails[row][generated:]
+        del self.pending[row][generated:]
         kept = self.boundaries[row]
         while kept and kept[-1] > length:
             kept.pop()
         reached = self.reached_at[row]
         if reached is not None and reached > length:
             self.reached_at[row] = None
-        ids = self.ids(row)
-        self.tail[row] = self._decode(ids[max(self.prompt_length, length - 4) : length])[-16:]
-        tail = self.tail[row]
-        self.pending[row] = ends_sentence(tail) and tail == tail.rstrip(" \t\n")
 
     # -- updates -------------------------------------------------------------------------------------------
-    def observe(self, row: int) -> None:
-        """Read the row's newest token."""
-        ids = self.ids(row)
+    def observe(self, view: RowView) -> bool:
+        """Read the row's newest token; returns whether the row has just reached its minimum."""
+        row, ids = view.row, view.ids
         length = len(ids)
-        before = self._decode(ids[max(self.prompt_length, length - 5) : length - 1])
-        after = self._decode(ids[max(self.prompt_length, length - 5) : length])
-        piece = after[len(before) :] if after.startswith(before) else after[-1:]
-        if piece:
-            if self.pending[row] and piece[0].isspace():
-                self._mark(row, length - 1)
-            tail = (self.tail[row] + piece)[-16:]
-            self.tail[row] = tail
-            stripped = tail.rstrip(" \t")
-            if stripped.endswith("\n") or (stripped != tail and ends_sentence(stripped)):
-                self._mark(row, length)
-                self.pending[row] = False
-            else:
-                self.pending[row] = ends_sentence(tail)
+        prompt = self.prompt_lengths[row]
+        tail, pending = (self.tails[row][-1], self.pending[row][-1]) if self.tails[row] else ("", False)
+        if self.tokenizer is not None:
+            before = self._decode(ids[max(prompt, length - 5) : length - 1])
+            after = self._decode(ids[max(prompt, length - 5) : length])
+            piece = after[len(before) :] if after.startswith(before) else after[-1:]
+            if piece:
+                if pending and piece[0].isspace():
+                    self._mark(row, length - 1)
+                tail = (tail + piece)[-16:]
+                stripped = tail.rstrip(" \t")
+                if stripped.endswith("\n") or (stripped != tail and ends_sentence(stripped)):
+                    self._mark(row, length)
+                    pending = False
+                else:
+                    pending = ends_sentence(tail)
+        self.tails[row].append(tail)
+        self.pending[row].append(pending)
         if self.reached_at[row] is None and self._minimum_met(row, ids):
             self.reached_at[row] = length
+            return True
+        return False
 
     def _mark(self, row: int, length: int) -> None:
         kept = self.boundaries[row]
@@ -148,73 +161,78 @@ class RowText(RowState):
             kept.append(length)
 
     def _minimum_met(self, row: int, ids: Sequence[int]) -> bool:
-        generated = len(ids) - self.prompt_length
+        generated = len(ids) - self.prompt_lengths[row]
         if generated < self.min_tokens or (self.min_tokens == 0 and self.min_words == 0):
             return False
         if self.min_words == 0:
             return True
         if 2 * generated < self.min_words:  # a word takes at least half a token: no need to decode yet
             return False
-        return count_words(self._decode(ids[self.prompt_length :])) >= self.min_words
+        return count_words(self._decode(ids[self.prompt_lengths[row] :])) >= self.min_words
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     # -- queries -------------------------------------------------------------------------------------------
+    def length(self, row: int) -> int:
+        return self.prompt_lengths[row] + len(self.tails[row])
+
     def minimum_reached(self, row: int) -> bool:
         """The row has its minimum (the length mode is on and the row wrote enough)."""
         return self.reached_at[row] is not None
 
     def at_sentence_end(self, row: int) -> bool:
         """The text (special tokens skipped) ends with a sentence or line end now."""
-        return ends_sentence(self.tail[row])
+        return bool(self.tails[row]) and ends_sentence(self.tails[row][-1])
 
     def due(self, row: int) -> int | None:
         """The length from which EOS is favoured at sentence ends (``None``: no landing)."""
+        limit = self.limits[row] if row < len(self.limits) else None
         if self.landing is None:
             return None
-        due = self.max_length - self.landing.margin
         reached = self.reached_at[row]
-        return due if reached is None else min(due, reached)
+        due = None if limit is None else limit - self.landing.margin
+        if reached is not None:
+            due = reached if due is None else min(due, reached)
+        return due
 
-    def accepts_end(self, row: int, length: int) -> bool:
-        """Whether an EOS sampled by ``row`` (its text ``length - 1`` tokens long) ends the row: the minimum is
-        reached, or the row is landing and its text ends a sentence."""
+    def accepts_end(self, row: int) -> bool:
+        """Whether an EOS just sampled by ``row`` (observed) ends the row: the minimum is reached, or the row is
+        landing and its text ends a sentence."""
         if self.minimum_reached(row):
             return True
         due = self.due(row)
-        return due is not None and length - 1 >= due and self.at_sentence_end(row)
+        return due is not None and self.length(row) - 1 >= due and self.at_sentence_end(row)
 
-    def held(self, row: int, length: int) -> int:
+    def held(self, row: int) -> int:
         """Trailing tokens a streamer must hold so that a cut back to the last sentence end stays possible."""
         if self.landing is None or not self.landing.cut_back:
             return 0
         kept = self.boundaries[row]
-        last = kept[-1] if kept else self.prompt_length
-        return min(length - last, 2 * self.landing.margin)
+        last = kept[-1] if kept else self.prompt_lengths[row]
+        return min(self.length(row) - last, 2 * self.landing.margin)
 
 
 class LandingBias(LogitsProcessor):
     """Raises EOS for rows whose text ends a sentence, from their due point on, rising over ``margin`` tokens.
 
     Args:
-        text: the rows' :class:`RowText`.
-        lengths: returns each row's length (prompt included).
+        text: the rows' :class:`RowText` (with a landing).
         eos: the EOS ids.
     """
 
-    def __init__(self, text: RowText, lengths: Callable[[], list[int]], eos: Sequence[int]) -> None:
-        assert text.landing is not None
+    def __init__(self, text: RowText, eos: Sequence[int]) -> None:
+        if text.landing is None:
+            raise ValueError("LandingBias needs a RowText with a landing")
         self.text = text
-        self.lengths = lengths
         self.eos = list(eos)
         self.margin = text.landing.margin
         self.strength = float(text.landing.strength)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        lens = self.lengths()
         boost: list[tuple[int, float]] = []
-        for row, length in enumerate(lens):
+        for row in range(scores.shape[0]):
+            length = self.text.length(row)
             due = self.text.due(row)
             if due is None or length < due or not self.text.at_sentence_end(row):
                 continue

@@ -1,22 +1,23 @@
 """The backstep decoding loop: transformers' ``_sample`` recipe with a rewind step.
 
 Each step: current logits (fresh from the forward, or stored for rows that just rewound) → early triggers and
-per-row temperature → bans → processors → select → per row: append, ask the rules, rewind or finish → stopping
-criteria → stream what became final → forward. A rewind is one call: :meth:`BackstepLoop.rewind` tells every
-unit (:class:`~perpetual_logits.backstep.protocol.RowState`) where the row now ends.
+per-row temperature → bans → processors → select → per row: append, ask the rewind policy (keep, finish or
+rewind) → stopping criteria → stream what became final → forward. Why and where a row rewinds is the policy's
+call (:class:`~perpetual_logits.backstep.policy.RewindPolicy`, shared with the vLLM driver); a rewind is one
+call here: :meth:`BackstepLoop.rewind` tells every unit (:class:`~perpetual_logits.protocol.RowState`) where the
+row now ends.
 
 Forward passes, exactly: at batch size 1, decode forwards = final new tokens + removed tokens + deep rewinds - 1.
 Every kept or removed token is fed once, except the run's last token (stock ``generate()`` never feeds it
-either) and a token refused by a rule (a sampled EOS, the token completing a phrase): it is removed before it
-is fed. A rewound row draws its next token from the logits buffer, so the rewind itself costs no forward. In a
-batch the rows share forwards: a rewound row whose buffer would serve it feeds its last kept token again in the
-forward the other rows need anyway, which keeps the cache free of holes.
+either) and the token that triggers a rewind (a sampled EOS, the token completing a phrase or a loop): it is
+refused before it is fed, and not counted as removed. A rewound row draws its next token from the logits
+buffer, so the rewind itself costs no forward. In a batch the rows share forwards: a rewound row whose buffer
+would serve it feeds its last kept token again in the forward the other rows need anyway, which keeps the cache
+free of holes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from typing import Any, cast
 
 import torch
@@ -24,21 +25,17 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import EosTokenCriteria, MaxLengthCriteria
 
 from .. import _compat
-from ..boundaries import cut_point
 from ..distributions import eos_probability
-from ..phrases import PhraseMatcher, default_end_phrases
-from ..protocol import Rewind, RewindRule, RowState
-from ..repetition import newline_token_ids
-from .bans import Bans
+from ..protocol import RowState
 from .buffer import LogitsRing
 from .cache import CacheLayout, check_cache, sliding_window
 from .config import BackstepConfig
 from .events import BackstepEvent, BackstepOutput, BackstepStats
-from .landing import Landing, LandingBias, RowText
+from .landing import LandingBias
 from .lengths import per_row_lengths
+from .policy import RewindPlan, RewindPolicy
 from .records import StepRecords
 from .rows import Rows
-from .rules import EOSRule, LoopRule, PhraseRule
 from .streaming import HoldBack
 from .temperature import TemperatureSchedule, insert_before_warpers
 
@@ -93,16 +90,18 @@ class BackstepLoop:
             )
         self.capacity = max_length if window is None else min(max_length, window - 1)
 
-        # -- units: rows, bans, logits buffer, temperature, hold-back, records (the cache comes with the prefill)
+        # -- why and where rows rewind, what is forbidden, what is final: the backend-neutral policy
+        self.policy = RewindPolicy(config, self.eos, vocab, tokenizer, greedy=not self.do_sample)
+
+        # -- units: rows, logits buffer, temperature, streaming, records (the cache comes with the prefill)
         self.rows = Rows(input_ids, self.prompt_mask, max_length, self.pad)
-        self.bans = Bans(self.device)
         self.ring = LogitsRing(int(config.logits_buffer), vocab, self.device)  # type: ignore[arg-type]
         self.temperature = (
             TemperatureSchedule(config.schedule, config.early_trigger, self.device, config.widen)
             if config.schedule
             else None
         )
-        self.holdback = HoldBack(streamer, int(config.hold_back))  # type: ignore[arg-type]
+        self.holdback = HoldBack(streamer)
         self.records = StepRecords(
             bool(gc.return_dict_in_generate and gc.output_scores), bool(gc.return_dict_in_generate and gc.output_logits)
         )
@@ -114,53 +113,27 @@ class BackstepLoop:
             processors = insert_before_warpers(processors, self.temperature.processor)
             if self.do_sample:  # greedy decoding has no truncation to widen: the argmax is unaffected
                 processors = self.temperature.widen_truncation(processors, vocab)
-        # -- the length mode and the landing: what the text says per row, EOS raised at sentence ends
-        self.tokenizer = tokenizer
-        landing = config.landing if isinstance(config.landing, Landing) else None
-        self.text: RowText | None = None
-        if landing is not None or config.length_mode:
-            if tokenizer is None and (landing is not None or config.min_words):
-                raise ValueError(
-                    "the landing and `min_words` read the text: call generate(..., tokenizer=tokenizer) or "
-                    "make_perpetual(model, tokenizer=tokenizer)"
-                )
-            self.text = RowText(
-                tokenizer, lambda row: self.rows.ids[row], config.min_tokens, config.min_words, landing, max_length
-            )
-            if landing is not None:
-                bias = LandingBias(self.text, lambda: self.rows.lens, self.eos)
-                processors = LogitsProcessorList([bias, *processors])
+        # The landing raises EOS at sentence ends on the raw logits, before temperature and truncation.
+        text = self.policy.text
+        if text is not None and text.landing is not None:
+            processors = LogitsProcessorList([LandingBias(text, self.eos), *processors])
         self.processors = processors
         # Length and EOS are handled per row here; every other criterion sees the rows left-padded.
         self.criteria = StoppingCriteriaList(
             [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
         )
 
-        # -- rules: why a row rewinds
-        ban = config.ban_rewound_token
-        self.rules: list[RewindRule] = [
-            EOSRule(
-                self.eos,
-                config.n_remove,
-                config.max_backsteps,
-                config.on_exhausted == "suppress",
-                (not self.do_sample) if ban is None else ban,
-                self.bans,
-            )
-        ]
-        self.rules += _phrase_rules(config, tokenizer, self.eos)
-        if config.loops is not None:
-            lines = config.loops.line_repeats > 0 and tokenizer is not None
-            self.rules.append(LoopRule(config.loops, _newline_ids(tokenizer) if lines else None))
-        self.rules += [_fresh_copy(rule) for rule in config.rules]
-
         # -- outcome
-        self.events: list[list[BackstepEvent]] = []
         self.stats = BackstepStats()
+
+    @property
+    def events(self) -> list[list[BackstepEvent]]:
+        """Each row's rewinds so far (kept by the policy)."""
+        return self.policy.events
 
     # -- the recipe ------------------------------------------------------------------------------------------
     def run(self) -> BackstepOutput | torch.Tensor:
-        rows, bans, records = self.rows, self.bans, self.records
+        rows, bans, records = self.rows, self.policy.bans, self.records
         raw = self._prefill()
         self._start()
         self.ring.store(raw, list(range(rows.batch)), rows.lens)
@@ -175,10 +148,10 @@ class BackstepLoop:
                 scores = self.processors(view, bans.apply(current, active, rows.lens))
                 records.add_step(scores, current)
                 chosen = self._select(scores).tolist()
-                appended = [b for b in active if self._take(b, chosen[b], step, scores)]
+                appended = [b for b in active if self._take(b, chosen[b], step, current)]
                 self._check_stops(appended, scores)
                 rows.flush()
-                self.holdback.advance(rows.tokens, rows.lens, rows.finished, self._held())
+                self._settle()
                 current = self._forward(current)
                 step += 1
         self.holdback.end()
@@ -214,9 +187,9 @@ class BackstepLoop:
 
     def _start(self) -> None:
         batch, prompt = self.rows.batch, self.rows.prompt_length
-        self.events = [[] for _ in range(batch)]
-        for unit in self._units():
+        for unit in [*self._units(), self.policy]:
             unit.start(batch, prompt)
+        self.policy.set_limits([self.rows.max_length] * batch)
         # Processors generate() reuses across calls: a stateful one starts afresh; one that keeps no per-row
         # state but can be reset is reset.
         for proc in self.processors:
@@ -224,14 +197,11 @@ class BackstepLoop:
                 proc.reset()
 
     def _units(self) -> list[RowState]:
-        units: list[RowState] = [self.rows, self.bans, self.ring, self.holdback, self.records]
+        units: list[RowState] = [self.rows, self.ring, self.records]
         if self.cache is not None:
             units.append(self.cache)
         if self.temperature is not None:
             units.append(self.temperature)
-        units += self.rules
-        if self.text is not None:
-            units.append(self.text)
         units += [p for p in self.processors if isinstance(p, RowState)]
         return units
 
@@ -240,93 +210,56 @@ class BackstepLoop:
             return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         return scores.argmax(-1)
 
-    def _take(self, row: int, token: int, step: int, scores: torch.Tensor) -> bool:
-        """Append the chosen token; let the rules keep it or rewind. Returns whether the token was kept."""
+    def _take(self, row: int, token: int, step: int, raw: torch.Tensor) -> bool:
+        """Append the chosen token and ask the policy: keep, finish or rewind. Returns whether it was kept."""
         rows = self.rows
         rows.append(row, token)
         self.records.add_token(row, step)
-        text = self.text
-        if text is not None:
-            reached = text.minimum_reached(row)
-            text.observe(row)
-            if not reached and text.minimum_reached(row):
-                self.bans.always[row].difference_update(self.eos)  # an exhausted EOS budget no longer holds
-            if token in self.eos and text.accepts_end(row, rows.lens[row]):
-                self._finish(row)  # the length mode's minimum is reached, or the row lands at a sentence end
-                return True
-        view = rows.view_of(row)
-        for rule in self.rules:
-            request = rule.check(view)
-            if request is not None:
-                if request.reason == "ending" and self.config.accept_end_phrases and text and text.minimum_reached(row):
-                    break  # the length mode keeps the model's own ending once the minimum is reached
-                self.rewind(row, request, step, scores)
-                return False
-        if token in self.eos:
+        # A prompt given as inputs_embeds has no token to feed again before the first generated position.
+        floor = 1 if rows.prompt_length == 0 and not self.ring.has(row, 0) else 0
+        decision = self.policy.after_token(rows.view_of(row), floor)
+        if decision == "keep":
+            return True
+        if decision == "finish":
+            if token not in self.eos and rows.full(row):
+                self._cut_at_limit(row)
             self._finish(row)
-        elif rows.full(row):
-            self._land(row)
-            self._finish(row)
-        return True
+            return True
+        assert isinstance(decision, RewindPlan)
+        self.rewind(decision, step, raw)
+        return False
 
-    def _land(self, row: int) -> None:
-        """A row at ``max_new_tokens``: drop an unfinished held-back phrase from its end (in every mode) and, with
-        the landing, cut it back to its last complete sentence -- never below what is final (streamed)."""
-        rows = self.rows
-        length = rows.lens[row]
-        partial = max((getattr(rule, "partial", lambda _: 0)(row) for rule in self.rules), default=0)
-        floor = max(self.holdback.final[row], rows.prompt_length)
-        cut = max(length - partial, floor)
-        text = self.text
-        if text is not None and text.landing is not None and text.landing.cut_back:
-            cut = cut_point(self.tokenizer, rows.ids[row][:cut], floor, rows.prompt_length)
-        if cut < length:
-            self.stats.landing_cuts += 1
-            self.stats.removed_tokens += length - cut
-            for unit in self._units():
-                unit.rewind(row, cut)
-
-    def rewind(self, row: int, request: Rewind, step: int, scores: torch.Tensor) -> None:
-        """Cut ``row`` back as ``request`` asks (never into the prompt or into final tokens), and tell every unit."""
-        rows = self.rows
+    def rewind(self, plan: RewindPlan, step: int, raw: torch.Tensor) -> None:
+        """Cut a row back as the policy planned, and tell every unit. ``raw``: this step's raw logits."""
+        row, position = plan.row, plan.position
         assert self.cache is not None
-        length = rows.lens[row]
-        position = min(max(request.position, self.holdback.final[row], rows.prompt_length), length - 1)
-        if position == 0 and not self.ring.has(row, 0):
-            position = 1  # an inputs_embeds prompt has no token to feed again for the first position
-        old_ids = rows.ids[row]
-        refused_eos = old_ids[-1] in self.eos  # a sampled EOS is only refused: it never was part of the text
-        here = set(request.ban_here)
-        banned = old_ids[position] if request.ban_first_removed and old_ids[position] not in here else None
-        if banned is not None:
-            here.add(banned)
         deep = not self.ring.has(row, position)
+        # The distribution the refused token was drawn from, before temperature, processors and bans.
+        eos_prob = float(eos_probability(raw[row : row + 1], self.eos_tensor)[0]) if self.eos else 0.0
         for unit in self._units():
             unit.rewind(row, position)
         if deep:
             self.cache.drop_last(row)  # the token before `position` is fed again to get its logits
-        self.bans.add(row, position, here)
-        for pos, tokens in request.bans.items():
-            if pos >= position:
-                self.bans.add(row, pos, tokens)
-        if request.restart_schedule and self.temperature is not None:
+        self.policy.apply(plan, step, eos_prob, deep)
+        if plan.restart_schedule and self.temperature is not None:
             self.temperature.restart(row, position)
-        if request.reason == "eos":
-            eos_prob = float(eos_probability(scores[row : row + 1], self.eos_tensor)[0])
-        elif deep:
-            eos_prob = 0.0
-        else:
-            eos_prob = float(eos_probability(self.ring.get(row, position)[None], self.eos_tensor)[0])
-        removed = length - position - int(refused_eos)
-        self.stats.removed_tokens += removed
+        self.stats.removed_tokens += plan.removed
         self.stats.deep_rewinds += int(deep)
         self.stats.backsteps += 1
-        prompt = rows.prompt_length
-        event = BackstepEvent(step, position - prompt, removed, eos_prob, deep, banned, request.reason, request.detail)
-        self.events[row].append(event)
+
+    def _cut_at_limit(self, row: int) -> None:
+        """A row at ``max_new_tokens`` ends where the policy says (no unfinished phrase; with the landing, its last
+        complete sentence): the tokens after are dropped like a rewind's, without an event."""
+        length = self.rows.lens[row]
+        cut = self.policy.cut_at_limit(self.rows.view_of(row))
+        if cut < length:
+            self.stats.landing_cuts += 1
+            self.stats.removed_tokens += length - cut
+            for unit in [*self._units(), self.policy]:
+                unit.rewind(row, cut)
 
     def _finish(self, row: int) -> None:
-        for unit in self._units():
+        for unit in [*self._units(), self.policy]:
             unit.finish(row)
 
     def _check_stops(self, rows: list[int], scores: torch.Tensor) -> None:
@@ -337,11 +270,12 @@ class BackstepLoop:
             if done[b] and not self.rows.finished[b]:
                 self._finish(b)
 
-    def _held(self) -> list[int]:
-        held = [max((rule.held(b) for rule in self.rules), default=0) for b in range(self.rows.batch)]
-        if self.text is not None:
-            held = [max(h, self.text.held(b, self.rows.lens[b])) for b, h in enumerate(held)]
-        return held
+    def _settle(self) -> None:
+        """Make final (and stream) what the policy says can no longer be taken back."""
+        rows = self.rows
+        for b in range(rows.batch):
+            begin, end = self.policy.settle(b, rows.lens[b], rows.finished[b])
+            self.holdback.put(rows.tokens, b, begin, end)
 
     def _forward(self, current: torch.Tensor) -> torch.Tensor:
         """Feed every active row's newest token in one forward; return each row's logits for its next position.
@@ -400,7 +334,7 @@ class BackstepLoop:
         self.stats.peak_cache_slots = cache.peak_width
         self.stats.realignments = cache.realignments
         sequences = rows.sequences()
-        self.model._store_last_backstep(self.events, self.stats)
+        self.model._store_last_backstep(self.policy.events, self.stats)
         if not self.gc.return_dict_in_generate:
             return sequences
         generated = sequences.shape[1] - rows.prompt_length
@@ -412,7 +346,7 @@ class BackstepLoop:
             attentions=None,
             hidden_states=None,
             **{_compat.output_cache_field(): cache.cache},
-            backstep_events=self.events,
+            backstep_events=self.policy.events,
             backstep_stats=self.stats,
             early_triggers=early,
         )
@@ -439,44 +373,3 @@ def _vocab_size(model: Any) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(model.config.get_text_config().vocab_size)
-
-
-def _phrase_rules(config: BackstepConfig, tokenizer: Any, eos: list[int]) -> list[RewindRule]:
-    wanted = [(config.end_phrases, "ending", "end_phrases"), (config.ban_phrases, "ban", "ban_phrases")]
-    rules: list[RewindRule] = []
-    for phrases, mode, name in wanted:
-        if phrases is None:
-            continue
-        if tokenizer is None:
-            raise ValueError(
-                f"`{name}` needs the tokenizer to read the text: call generate(..., tokenizer=tokenizer) or "
-                "make_perpetual(model, tokenizer=tokenizer)"
-            )
-        if phrases in ("default", "chat"):
-            listed = default_end_phrases(tokenizer, eos, chat=phrases == "chat")
-        else:
-            listed = list(phrases)
-        matcher = PhraseMatcher(listed, tokenizer)
-        rules.append(PhraseRule(matcher, mode, config.n_remove, config.max_phrase_rewinds, eos))
-    return rules
-
-
-_NEWLINES: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
-
-
-def _newline_ids(tokenizer: Any) -> frozenset[int]:
-    """Line-ending token ids of a tokenizer, computed once per tokenizer (it decodes the whole vocabulary)."""
-    try:
-        return _NEWLINES[tokenizer]
-    except (KeyError, TypeError):
-        ids = newline_token_ids(tokenizer)
-        with contextlib.suppress(TypeError):
-            _NEWLINES[tokenizer] = ids
-        return ids
-
-
-def _fresh_copy(rule: RewindRule) -> RewindRule:
-    """Each call works on its own copy of a user rule, so concurrent calls do not share state."""
-    import copy
-
-    return copy.deepcopy(rule)

@@ -8,7 +8,6 @@ from collections.abc import Collection
 from ..phrases import PhraseMatcher
 from ..protocol import Rewind, RewindRule, RowView
 from ..repetition import find_line_loop, find_token_loop
-from .bans import Bans
 from .config import LoopRewinds
 
 __all__ = ["EOSRule", "LoopRule", "PhraseRule"]
@@ -17,53 +16,35 @@ __all__ = ["EOSRule", "LoopRule", "PhraseRule"]
 class EOSRule(RewindRule):
     """Methods 3 and 4: a sampled EOS cuts the row back ``n_remove`` tokens (the EOS is refused).
 
-    Once a row has spent ``max_backsteps`` rewinds, ``on_exhausted="suppress"`` forbids EOS for the rest of the
-    row (like Method 1) and ``"stop"`` lets the row end at its next EOS.
+    Stateless: the budget (``max_backsteps``), what happens once it is spent (``on_exhausted``) and the
+    clamp belong to :class:`~perpetual_logits.backstep.policy.RewindPolicy`.
 
     Args:
         eos: the ids that end a row.
         n_remove: tokens removed before the EOS.
-        max_backsteps: rewinds allowed per row.
-        suppress_when_exhausted: forbid EOS once the budget is spent (else the row may end).
-        ban_rewound: forbid the first removed token at the rewind point (needed under greedy decoding).
-        bans: the loop's :class:`Bans`, for the EOS suppression after the budget.
+        ban_rewound: forbid the first removed token at the rewind point (needed under greedy decoding), for
+            every row; :attr:`ban_rows` may set it per row after :meth:`start`.
     """
 
     reason = "eos"
 
-    def __init__(
-        self,
-        eos: Collection[int],
-        n_remove: int,
-        max_backsteps: int,
-        suppress_when_exhausted: bool,
-        ban_rewound: bool,
-        bans: Bans,
-    ) -> None:
+    def __init__(self, eos: Collection[int], n_remove: int, ban_rewound: bool = False) -> None:
         self.eos = frozenset(eos)
+        self.ban_here = tuple(sorted(self.eos))
         self.n_remove = n_remove
-        self.max_backsteps = max_backsteps
-        self.suppress_when_exhausted = suppress_when_exhausted
         self.ban_rewound = ban_rewound
-        self.bans = bans
-        self.used: list[int] = []
+        self.ban_rows: list[bool] = []
 
     def start(self, batch_size: int, prompt_length: int) -> None:
-        self.used = [0] * batch_size
-        if self.max_backsteps == 0 and self.suppress_when_exhausted:
-            for row in range(batch_size):
-                self.bans.forbid_always(row, self.eos)
+        self.ban_rows = [self.ban_rewound] * batch_size
 
     def check(self, view: RowView) -> Rewind | None:
-        if view.ids[-1] not in self.eos or self.used[view.row] >= self.max_backsteps:
+        if view.ids[-1] not in self.eos:
             return None
-        self.used[view.row] += 1
-        if self.used[view.row] == self.max_backsteps and self.suppress_when_exhausted:
-            self.bans.forbid_always(view.row, self.eos)
         return Rewind(
             position=len(view.ids) - 1 - self.n_remove,
-            ban_here=tuple(self.eos),  # the regenerated token must not end the row at once
-            ban_first_removed=self.ban_rewound,
+            ban_here=self.ban_here,  # the regenerated token must not end the row at once
+            ban_first_removed=self.ban_rows[view.row],
             reason=self.reason,
         )
 

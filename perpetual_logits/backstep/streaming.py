@@ -1,4 +1,4 @@
-"""Hold-back: tokens become final (streamed, never removed) once they are far enough behind a row's end."""
+"""Streaming with hold-back: a row's tokens reach the streamer once the rewind policy made them final."""
 
 from __future__ import annotations
 
@@ -6,40 +6,25 @@ from typing import Any
 
 import torch
 
-from ..protocol import RowState
-
 __all__ = ["HoldBack"]
 
 
-class HoldBack(RowState):
-    """Per row, how many tokens are final. A rewind never reaches below that point, so a streamer only ever
-    receives tokens that stay.
+class HoldBack:
+    """Hands the streamer each row's newly final tokens (which tokens are final is the policy's call:
+    :meth:`~perpetual_logits.backstep.policy.RewindPolicy.settle`), so a streamer only ever receives tokens
+    that stay.
 
     Args:
         streamer: a transformers streamer (batch size 1), or ``None``.
-        hold_back: the newest tokens of a row that stay revisable.
     """
 
-    def __init__(self, streamer: Any, hold_back: int) -> None:
+    def __init__(self, streamer: Any) -> None:
         self.streamer = streamer
-        self.hold_back = hold_back
-        self.final: list[int] = []
 
-    def start(self, batch_size: int, prompt_length: int) -> None:
-        self.final = [prompt_length] * batch_size
-
-    def rewind(self, row: int, length: int) -> None:
-        """Rewinds are clamped to :attr:`final` before they happen; nothing to undo here."""
-
-    def advance(self, tokens: torch.Tensor, lens: list[int], finished: list[bool], held: list[int]) -> None:
-        """Make final what is at least ``max(hold_back, held[row])`` behind each row's end (everything, for a
-        finished row), and stream it."""
-        for b, length in enumerate(lens):
-            target = length if finished[b] else max(self.final[b], length - max(self.hold_back, held[b]))
-            if target > self.final[b]:
-                if self.streamer is not None:
-                    self.streamer.put(tokens[b, self.final[b] : target].cpu())
-                self.final[b] = target
+    def put(self, tokens: torch.Tensor, row: int, begin: int, end: int) -> None:
+        """Stream ``tokens[row, begin:end]`` (positions ``begin`` to ``end`` just became final)."""
+        if self.streamer is not None and end > begin:
+            self.streamer.put(tokens[row, begin:end].cpu())
 
     def end(self) -> None:
         if self.streamer is not None:
