@@ -86,30 +86,63 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return str(tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
-def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int = 0) -> int:
-    """Where to cut a row that must stop now: the largest length ``p`` (``floor <= p <= len(ids)``) whose text
-    ends a sentence or a line; failing that, the largest that ends a whole word; failing that, ``len(ids)``.
+def _sentence_end_inside(piece: str) -> int:
+    """The length of ``piece``'s head up to its last sentence end followed by whitespace (0: none)."""
+    end = 0
+    for m in _BOUNDARY.finditer(piece):
+        if m.group() != "\n" and m.end() < len(piece):
+            end = m.end()
+    return end
 
-    The text after the row's last token is unknown, so a sentence end at the very end counts (the row is being
-    finished there) but a word at the very end does not (``"be af"`` may be half of ``"afraid"``).
+
+def _spell(tokenizer: Any, ids: Sequence[int], start: int, head: str) -> list[int] | None:
+    """Token ids that append exactly ``head`` to the text of ``ids[start:]``, or ``None``."""
+    text = _decode(tokenizer, ids[start:])
+    candidates: list[list[int]] = [list(tokenizer.encode(head, add_special_tokens=False))]
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if convert is not None:
+        single = convert(head)
+        if isinstance(single, int) and single != getattr(tokenizer, "unk_token_id", None):
+            candidates.insert(0, [single])
+    for extra in candidates:
+        if extra and _decode(tokenizer, [*ids[start:], *extra]) == text + head:
+            return extra
+    return None
+
+
+def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int = 0) -> tuple[int, list[int]]:
+    """Where to cut a row that must stop now: the latest point at or after ``floor`` where its text ends a
+    sentence or a line; failing that, the latest whole word; failing that, nowhere (``len(ids)``).
+
+    A sentence end may lie inside a token (SentencePiece vocabularies have pieces like ``".▁The▁"``): the row
+    is then cut before that token and the head of its text (``"."``) is spelled with other tokens, when the
+    tokenizer can spell it exactly. The text after the row's last token is unknown, so a sentence end at the very
+    end counts (the row is being finished there) but a word at the very end does not (``"be af"`` may be half
+    of ``"afraid"``).
 
     Args:
-        tokenizer: decodes the ids.
+        tokenizer: decodes (and, to spell a sentence end inside a token, encodes) text.
         ids (`Sequence[int]`): the row's tokens.
         floor (`int`): the shortest allowed result (tokens already final; at least ``prompt_length``).
         prompt_length (`int`, defaults to 0): where the generated text starts; an empty generated text is never
             chosen.
 
-    Example (a word-level tokenizer would do; any ``decode`` works):
+    Returns:
+        `tuple[int, list[int]]`: the tokens to keep (``ids[:length]``) and the tokens to append after them.
+
+    Example (any object with ``decode`` and ``encode`` works):
 
     ```python
     >>> class Words:
+    ...     pieces = ["The", " cat", " sat", ".", " Then", " the", " do"]
     ...     def decode(self, ids, skip_special_tokens=True):
-    ...         return "".join(["The", " cat", " sat", ".", " Then", " the", " do"][i] for i in ids)
+    ...         return "".join(self.pieces[i] for i in ids)
+    ...     def encode(self, text, add_special_tokens=False):
+    ...         return [self.pieces.index(text)] if text in self.pieces else []
     >>> cut_point(Words(), [0, 1, 2, 3, 4, 5, 6], floor=0)
-    4
+    (4, [])
     >>> cut_point(Words(), [0, 1, 2, 3, 4, 5, 6], floor=5)
-    6
+    (6, [])
 
     ```
     """
@@ -117,22 +150,29 @@ def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int
     if not 0 <= prompt_length <= floor <= n:
         raise ValueError(f"`floor` must be in [prompt_length ({prompt_length}), {n}], got {floor}")
     if floor == n:
-        return n
+        return n, []
     start = max(prompt_length, floor - 4)
     texts = [_decode(tokenizer, ids[start:p]) for p in range(floor, n + 1)]
     word_end: int | None = None
     for p in range(n, floor - 1, -1):
         text = texts[p - floor]
-        if p == start:
-            break  # nothing of the generated text would be judged (or kept)
         if p == n:
             if ends_sentence(text):
-                return p
+                return p, []
             continue
         following = texts[p - floor + 1]
-        after = following[len(text) : len(text) + 1] if following.startswith(text) else ""
-        if text.rstrip(" \t").endswith("\n") or (after.isspace() and _SENTENCE_END.search(text)):
-            return p
-        if word_end is None and after.isspace() and text and not text[-1].isspace():
+        piece = following[len(text) :] if following.startswith(text) else ""
+        inside = _sentence_end_inside(piece)
+        if inside and (p > start or text):
+            extra = _spell(tokenizer, ids[:p], start, piece[:inside])
+            if extra is not None:
+                return p, extra
+        if p == start:
+            break  # nothing of the generated text would be judged (or kept)
+        spaced = piece[:1].isspace() or (text[-1:].isspace() and text.strip() != "")
+        stripped = text.rstrip(" \t")
+        if stripped.endswith("\n") or (spaced and _SENTENCE_END.search(stripped)):
+            return p, []
+        if word_end is None and spaced:
             word_end = p
-    return word_end if word_end is not None else n
+    return (word_end, []) if word_end is not None else (n, [])

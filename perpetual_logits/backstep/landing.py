@@ -18,7 +18,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .. import _validation
-from ..boundaries import count_words, ends_sentence
+from ..boundaries import _sentence_end_inside, count_words, ends_sentence
 from ..protocol import RowState, RowView
 
 __all__ = ["Landing", "LandingBias", "RowText"]
@@ -139,8 +139,8 @@ class RowText(RowState):
             after = self._decode(ids[max(prompt, length - 5) : length])
             piece = after[len(before) :] if after.startswith(before) else after[-1:]
             if piece:
-                if pending and piece[0].isspace():
-                    self._mark(row, length - 1)
+                if (pending and piece[0].isspace()) or _sentence_end_inside(piece):
+                    self._mark(row, length - 1)  # a cut may end before this token (and spell what it ends)
                 tail = (tail + piece)[-16:]
                 stripped = tail.rstrip(" \t")
                 if stripped.endswith("\n") or (stripped != tail and ends_sentence(stripped)):

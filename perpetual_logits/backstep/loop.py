@@ -222,7 +222,7 @@ class BackstepLoop:
             return True
         if decision == "finish":
             if token not in self.eos and rows.full(row):
-                self._cut_at_limit(row)
+                self._cut_at_limit(row, step)
             self._finish(row)
             return True
         assert isinstance(decision, RewindPlan)
@@ -247,16 +247,25 @@ class BackstepLoop:
         self.stats.deep_rewinds += int(deep)
         self.stats.backsteps += 1
 
-    def _cut_at_limit(self, row: int) -> None:
+    def _cut_at_limit(self, row: int, step: int) -> None:
         """A row at ``max_new_tokens`` ends where the policy says (no unfinished phrase; with the landing, its last
-        complete sentence): the tokens after are dropped like a rewind's, without an event."""
-        length = self.rows.lens[row]
-        cut = self.policy.cut_at_limit(self.rows.view_of(row))
-        if cut < length:
-            self.stats.landing_cuts += 1
-            self.stats.removed_tokens += length - cut
-            for unit in [*self._units(), self.policy]:
-                unit.rewind(row, cut)
+        complete sentence): the tokens after are dropped like a rewind's, without an event. Tokens the policy
+        appends (a sentence end that was inside a token, spelled anew) are not fed: the returned cache ends
+        before them, and their scores are those of the token they replace."""
+        rows = self.rows
+        length = rows.lens[row]
+        cut, extra = self.policy.cut_at_limit(rows.view_of(row))
+        if cut >= length:
+            return
+        self.stats.landing_cuts += 1
+        self.stats.removed_tokens += length - cut
+        steps = self.records.row_steps[row]
+        replaced = steps[cut - rows.prompt_length] if cut - rows.prompt_length < len(steps) else step
+        for unit in [*self._units(), self.policy]:
+            unit.rewind(row, cut)
+        for token in extra:
+            rows.append(row, token)
+            self.records.add_token(row, replaced)
 
     def _finish(self, row: int) -> None:
         for unit in [*self._units(), self.policy]:

@@ -317,20 +317,26 @@ class RewindPolicy(RowState):
         if self.text is not None:
             self.text.set_limits(max_lengths)
 
-    def cut_at_limit(self, view: RowView) -> int:
+    def cut_at_limit(self, view: RowView) -> tuple[int, list[int]]:
         """Where a row that reached its token limit (not at an EOS) ends: in every mode without an unfinished
         held-back phrase (part of a spelled end marker); with the landing's ``cut_back``, at its last complete
-        sentence or line (else its last whole word). Never below its final tokens. Returns the length to keep.
+        sentence or line (else its last whole word; see :func:`~perpetual_logits.boundaries.cut_point`). Never
+        below its final tokens.
+
+        Returns:
+            `tuple[int, list[int]]`: the length to keep (prompt included) and tokens to append after it (the
+            head of a token that held a sentence end, spelled anew; usually none).
         """
         row, ids = view.row, view.ids
         length = len(ids)
-        floor = max(self.final[row], self.prompt_lengths[row], view.prompt_length)
+        prompt = max(self.prompt_lengths[row], view.prompt_length)
+        floor = max(self.final[row], prompt)
         partial = max((rule.partial(row) for rule in self.rules if isinstance(rule, PhraseRule)), default=0)
         cut = max(length - partial, floor)
-        landing = self.text.landing if self.text is not None else None
-        if landing is not None and landing.cut_back:
-            cut = cut_point(self.text.tokenizer, ids[:cut], floor, max(self.prompt_lengths[row], view.prompt_length))  # type: ignore[union-attr]
-        return cut
+        text = self.text
+        if text is not None and text.landing is not None and text.landing.cut_back:
+            return cut_point(text.tokenizer, ids[:cut], floor, prompt)
+        return cut, []
 
     def settle(self, row: int, length: int, finished: bool) -> tuple[int, int]:
         """Make final what is far enough behind the end of ``row`` (all of it once finished).
