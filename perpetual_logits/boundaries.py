@@ -95,18 +95,29 @@ def _sentence_end_inside(piece: str) -> int:
     return end
 
 
-def _spell(tokenizer: Any, ids: Sequence[int], start: int, head: str) -> list[int] | None:
-    """Token ids that append exactly ``head`` to the text of ``ids[start:]``, or ``None``."""
+def _spell(tokenizer: Any, ids: Sequence[int], start: int, floor: int, head: str) -> tuple[int, list[int]] | None:
+    """Keep ``ids[:q]`` and append tokens so that the text of ``ids[start:]`` gains exactly ``head``: first
+    without touching ``ids`` (``q = len(ids)``), else re-spelling the last few tokens with it (``q >= floor``).
+    ``None`` when the tokenizer cannot spell it exactly."""
     text = _decode(tokenizer, ids[start:])
-    candidates: list[list[int]] = [list(tokenizer.encode(head, add_special_tokens=False))]
-    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
-    if convert is not None:
-        single = convert(head)
-        if isinstance(single, int) and single != getattr(tokenizer, "unk_token_id", None):
-            candidates.insert(0, [single])
-    for extra in candidates:
-        if extra and _decode(tokenizer, [*ids[start:], *extra]) == text + head:
-            return extra
+    target = text + head
+    for q in range(len(ids), max(floor, start, len(ids) - 4) - 1, -1):
+        kept = _decode(tokenizer, ids[start:q])
+        if not target.startswith(kept):
+            continue
+        segment = target[len(kept) :]
+        encoded = list(tokenizer.encode(segment, add_special_tokens=False))
+        candidates = [encoded]
+        if len(encoded) > 1 and not _decode(tokenizer, encoded[:1]).strip():
+            candidates.append(encoded[1:])  # SentencePiece's dummy prefix ("▁") before a word continued here
+        convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+        if convert is not None:  # a piece spelled alone ("." rather than the encoder's "▁.")
+            single = convert(segment)
+            if isinstance(single, int) and single != getattr(tokenizer, "unk_token_id", None):
+                candidates.insert(0, [single])
+        for extra in candidates:
+            if extra and _decode(tokenizer, [*ids[start:q], *extra]) == target:
+                return q, extra
     return None
 
 
@@ -164,9 +175,9 @@ def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int
         piece = following[len(text) :] if following.startswith(text) else ""
         inside = _sentence_end_inside(piece)
         if inside and (p > start or text):
-            extra = _spell(tokenizer, ids[:p], start, piece[:inside])
-            if extra is not None:
-                return p, extra
+            spelled = _spell(tokenizer, ids[:p], start, floor, piece[:inside])
+            if spelled is not None:
+                return spelled
         if p == start:
             break  # nothing of the generated text would be judged (or kept)
         spaced = piece[:1].isspace() or (text[-1:].isspace() and text.strip() != "")
