@@ -9,7 +9,14 @@ Arms, per prompt count (8 and 64 chat prompts, ``--max-tokens`` final tokens eac
 * ``vllm plain, ignore_eos``: every request writes ``max_tokens`` (the work the backstep arm must at least do);
 * ``vllm backstep``: :func:`perpetual_logits.vllm.generate` with ``BackstepConfig.dynamic(n_remove)``;
 * ``hf backstep``: ``make_perpetual(model).generate(..., backstep=BackstepConfig.dynamic(n_remove))`` on one
-  left-padded batch of all prompts.
+  left-padded batch of all prompts;
+* with ``--chat-arms``: ``vllm chat preset`` (``BackstepConfig.chat(n_remove)``: endings, loops) and ``vllm chat
+  preset, no phrases/loops`` (the same without ``end_phrases`` and ``loops``); the report gives their
+  throughput ratio (issue 21's goal: >= 0.9).
+
+Every backstep arm also reports its throughput against the forward-count ideal: plain ``ignore_eos``
+tokens/s x final tokens / sampled tokens (what the run would take if a sampled-then-removed token cost what a
+plain one does and a rewind cost nothing else).
 
 Throughput is final tokens per second of wall time (engine start-up excluded). For the vLLM backstep arm it
 also reports the share of resubmitted prompt tokens served from the prefix cache and the recomputed tokens
@@ -97,8 +104,44 @@ def run_hf(model_path: str, prompts: list[list[int]], max_tokens: int, n_remove:
     return {"wall_s": wall, "final_tokens": final, "rewinds": events, "torch_threads": torch.get_num_threads()}
 
 
+def backstep_row(
+    arm: str, outs: list[Any], wall: float, count: int, block_size: int, ideal_tps: float, **extra: Any
+) -> dict[str, Any]:
+    """A row for one backstep run: throughput, rewinds, prefix-cache use, and the ratio to the forward-count
+    ideal (``ideal_tps``: plain ignore_eos tokens/s; scaled here by final / sampled tokens)."""
+    final = sum(len(o.token_ids) for o in outs)
+    rewinds = sum(len(o.backstep_events) for o in outs)
+    resubmitted = sum(o.stats.resubmitted_prompt_tokens for o in outs)
+    cached = sum(o.stats.cached_prompt_tokens for o in outs)
+    sampled = sum(o.stats.sampled_tokens for o in outs)
+    ideal = ideal_tps * final / sampled if sampled else None
+    return _row(
+        arm,
+        count,
+        wall,
+        final,
+        block_size,
+        rewinds=rewinds,
+        resubmitted_prompt_tokens=resubmitted,
+        cached_prompt_tokens=cached,
+        cache_share=cached / resubmitted if resubmitted else None,
+        recomputed_prefill_per_rewind=(resubmitted - cached) / rewinds if rewinds else None,
+        resampled_per_rewind=(sampled - final) / rewinds if rewinds else None,
+        sampled_tokens=sampled,
+        ratio_to_forward_count_ideal=(final / wall) / ideal if ideal else None,
+        **extra,
+    )
+
+
 def run_vllm_arms(
-    model_path: str, counts: list[int], max_tokens: int, n_remove: int, block_size: int, seed: int, context: int = 0
+    model_path: str,
+    counts: list[int],
+    max_tokens: int,
+    n_remove: int,
+    block_size: int,
+    seed: int,
+    context: int = 0,
+    chat_arms: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
     from vllm import SamplingParams
 
@@ -122,6 +165,8 @@ def run_vllm_arms(
     eos = set(plv.eos_token_ids(llm))
     # Warm-up (first-call costs are not the method's).
     llm.generate([{"prompt_token_ids": chat_prompts(tokenizer, 1)[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
+    warm = pl.BackstepConfig.chat(n_remove)  # the driver's and the processor's first-call costs too
+    plv.generate(llm, chat_prompts(tokenizer, 1), SamplingParams(max_tokens=8), backstep=warm)
     for count in counts:
         prompts = chat_prompts(tokenizer, count, context)
         all_prompts[count] = prompts
@@ -145,33 +190,34 @@ def run_vllm_arms(
         wall = time.perf_counter() - t
         forced_tokens = sum(len(o.outputs[0].token_ids) for o in forced)
         rows.append(_row("vllm plain, ignore_eos", count, wall, forced_tokens, block_size))
+        ideal_tps = forced_tokens / wall
 
-        llm.reset_prefix_cache()
-        t = time.perf_counter()
-        outs = plv.generate(llm, prompts, each, backstep=pl.BackstepConfig.dynamic(n_remove))
-        wall = time.perf_counter() - t
-        final = sum(len(o.token_ids) for o in outs)
-        rewinds = sum(len(o.backstep_events) for o in outs)
-        resubmitted = sum(o.stats.resubmitted_prompt_tokens for o in outs)
-        cached = sum(o.stats.cached_prompt_tokens for o in outs)
-        sampled = sum(o.stats.sampled_tokens for o in outs)
-        rows.append(
-            _row(
-                "vllm backstep",
-                count,
-                wall,
-                final,
-                block_size,
-                rewinds=rewinds,
-                resubmitted_prompt_tokens=resubmitted,
-                cached_prompt_tokens=cached,
-                cache_share=cached / resubmitted if resubmitted else None,
-                recomputed_prefill_per_rewind=(resubmitted - cached) / rewinds if rewinds else None,
-                resampled_per_rewind=(sampled - final) / rewinds if rewinds else None,
-                reached_max_tokens=sum(len(o.token_ids) == max_tokens for o in outs),
-                mean_prompt_tokens=round(sum(len(p) for p in prompts) / count, 1),
+        arms = [("vllm backstep", pl.BackstepConfig.dynamic(n_remove))]
+        if chat_arms:
+            arms += [
+                ("vllm chat preset", pl.BackstepConfig.chat(n_remove)),
+                ("vllm chat preset, no phrases/loops", pl.BackstepConfig.chat(n_remove, end_phrases=None, loops=None)),
+            ]
+        for arm, config in arms:
+            llm.reset_prefix_cache()
+            t = time.perf_counter()
+            outs = plv.generate(llm, prompts, each, backstep=config)
+            wall = time.perf_counter() - t
+            rows.append(
+                backstep_row(
+                    arm,
+                    outs,
+                    wall,
+                    count,
+                    block_size,
+                    ideal_tps,
+                    reached_max_tokens=sum(len(o.token_ids) == max_tokens for o in outs),
+                    mean_prompt_tokens=round(sum(len(p) for p in prompts) / count, 1),
+                )
             )
-        )
+        if chat_arms:
+            chat, bare = rows[-2], rows[-1]
+            chat["throughput_ratio_to_no_phrases_loops"] = chat["tokens_per_s"] / bare["tokens_per_s"]
     llm.llm_engine.engine_core.shutdown()
     return rows, all_prompts
 
@@ -215,9 +261,10 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
         + (f" Each prompt starts with {args.context} copies of a ~40-token passage." if args.context else ""),
         "",
         "| arm | prompts | block size | tokens | wall s | tokens/s | rewinds | prefix-cache share | "
-        "recomputed prefill / rewind | resampled / rewind |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "recomputed prefill / rewind | resampled / rewind | vs forward-count ideal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    chat_ratios: list[str] = []
     for r in rows:
 
         def fmt(key: str, digits: int = 1, row: dict[str, Any] = r) -> str:
@@ -230,14 +277,23 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
         lines.append(
             f"| {r['arm']} | {r['prompts']} | {r['block_size'] or '–'} | {r['tokens']} | {r['wall_s']:.1f} | "
             f"{r['tokens_per_s']:.1f} | {fmt('rewinds')} | {'–' if share is None else f'{100 * share:.1f} %'} | "
-            f"{fmt('recomputed_prefill_per_rewind')} | {fmt('resampled_per_rewind')} |"
+            f"{fmt('recomputed_prefill_per_rewind')} | {fmt('resampled_per_rewind')} | "
+            f"{fmt('ratio_to_forward_count_ideal', 2)} |"
         )
+        if r.get("throughput_ratio_to_no_phrases_loops") is not None:
+            chat_ratios.append(f"{r['prompts']} prompts: {r['throughput_ratio_to_no_phrases_loops']:.2f}")
     lines += [
         "",
         "Prefix-cache share: prompt tokens of resubmitted requests (prompt + kept tokens) that vLLM served from its "
         "prefix cache. Recomputed prefill / rewind: the rest, per rewind (vLLM caches whole blocks only, so up to "
-        "one block per rewind). Resampled / rewind: tokens sampled and then removed (removed tokens plus the EOS).",
+        "one block per rewind). Resampled / rewind: tokens sampled and then removed (removed tokens plus the EOS). "
+        "Vs forward-count ideal: tokens/s over plain ignore_eos tokens/s x final / sampled tokens.",
         "",
+        *(
+            [f"Chat preset throughput / the same without phrases and loops: {'; '.join(chat_ratios)}.", ""]
+            if chat_ratios
+            else []
+        ),
         f"Command: `{meta['command']}`",
         "",
     ]
@@ -253,6 +309,7 @@ def main() -> None:
     parser.add_argument("--block-sizes", default="32,128", help="vLLM KV block sizes to run (multiples of 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--context", type=int, default=0, help="copies of a ~40-token passage before each question")
+    parser.add_argument("--chat-arms", action="store_true", help="add the chat-preset arms (with/without phrases)")
     parser.add_argument("--hf-python", default=None, help="python of the main venv for the HF arm (skip if unset)")
     parser.add_argument("--hf-counts", default="8,64", help="prompt counts of the HF arm")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -270,9 +327,9 @@ def main() -> None:
     prompts_by_count: dict[int, list[list[int]]] = {}
     for block_size in [int(b) for b in args.block_sizes.split(",")]:
         got, prompts_by_count = run_vllm_arms(
-            args.model, counts, args.max_tokens, args.n_remove, block_size, args.seed, args.context
+            args.model, counts, args.max_tokens, args.n_remove, block_size, args.seed, args.context, args.chat_arms
         )
-        rows += got if not rows else [r for r in got if r["arm"] == "vllm backstep"]
+        rows += got if not rows else [r for r in got if not r["arm"].startswith("vllm plain")]
         print(json.dumps(got), flush=True)
         write_report(rows, args, Path(args.out))  # partial results survive a stopped run
     if args.hf_python:

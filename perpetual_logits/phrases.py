@@ -310,6 +310,7 @@ class _Compiled:
     # literal phrase whose last character needs no word-boundary check). Otherwise it is only confirmed by
     # the next character.
     stable_at_end: bool
+    literal: bool = False  # a string phrase (matched by the automaton of PhraseStream), not a regex
 
 
 _WORD = regex.compile(r"\w")
@@ -330,7 +331,7 @@ def _compile_string(phrase: str, case_sensitive: bool, word_boundaries: bool) ->
     flags = regex.V0 | (0 if case_sensitive else regex.IGNORECASE)
     # The longest text a match can span: whitespace runs count as one character; the slack covers more.
     length = len(re.sub(r"\s+", " ", text))
-    return _Compiled(phrase, regex.compile(pattern, flags), stable_at_end=not tail), length
+    return _Compiled(phrase, regex.compile(pattern, flags), stable_at_end=not tail, literal=True), length
 
 
 def _compile_pattern(pattern: Any) -> _Compiled:

@@ -12,6 +12,7 @@ from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, run_script
 
 from perpetual_logits import BackstepConfig, LoopRewinds, Rewind, RewindRule
 from perpetual_logits.backstep.policy import RewindPlan, RewindPolicy
+from perpetual_logits.backstep.rules import PhraseRule
 from perpetual_logits.protocol import RowView
 
 VOCAB = 64
@@ -276,6 +277,7 @@ def test_forward_count_formula_holds_for_user_rule_rewinds(scripted_model) -> No
     out, _ = generate(scripted_model, BackstepConfig(n_remove=3, rules=[Twice()]), max_new_tokens=20)
     stats, events = out.backstep_stats, out.backstep_events[0]
     assert [e.reason for e in events] == ["twice", "twice"] and [e.removed for e in events] == [2, 2]
+    assert [e.step for e in events] == [5, 13]  # tokens sampled before the trigger: 5; then 6 + 7
     # The README: decode forwards = final new tokens + removed tokens + deep rewinds - 1, whatever the reason.
     assert stats.decode_forwards == 20 + stats.removed_tokens + stats.deep_rewinds - 1
 
@@ -340,3 +342,25 @@ def test_an_eos_id_outside_the_vocabulary_with_default_end_phrases(scripted_mode
         tokenizer=story_tokenizer,
     )
     assert out.shape[1] == prompt.shape[1] + 5
+
+
+def test_policy_cost_benchmark_smoke(tmp_path, tinystories_path) -> None:
+    from benchmarks import policy_cost
+
+    assert policy_cost.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "policy_cost.json").is_file() and "| 1 | chat |" in (tmp_path / "policy_cost.md").read_text()
+
+
+def test_phrase_matchers_are_built_once_per_tokenizer_and_phrase_list(tokenizer) -> None:
+    first = RewindPolicy(BackstepConfig(ban_phrases=["c d"], end_phrases="default"), [EOS], VOCAB, tokenizer)
+    again = RewindPolicy(BackstepConfig(ban_phrases=["c d"], end_phrases="default"), [EOS], VOCAB, tokenizer)
+    other = RewindPolicy(BackstepConfig(ban_phrases=["c e"]), [EOS], VOCAB, tokenizer)
+    matchers = [[r.matcher for r in p.rules if isinstance(r, PhraseRule)] for p in (first, again, other)]
+    assert len(matchers[0]) == 2 and all(a is b for a, b in zip(matchers[0], matchers[1]))
+    assert matchers[2][0] is not matchers[0][1]
+    # Each policy's rules keep their own per-row state: running one leaves the other's untouched.
+    first.start(1, len(PROMPT))
+    again.start(1, len(PROMPT))
+    ids = list(PROMPT)
+    cut(first, ids, feed(first, ids, [A, C, D, E]))  # type: ignore[arg-type]
+    assert feed(again, list(PROMPT), [A, C, D, E]) != "keep"

@@ -86,8 +86,10 @@ def test_backstep_driver_reaches_max_tokens_without_eos_or_banned_phrases(llm, p
             if event.reason == "eos":
                 assert 0.0 < event.eos_prob <= 1.0
             else:
-                assert event.reason in ("phrase", "ending")
-                assert event.phrase in phrases and event.banned_token is not None
+                assert event.reason in ("phrase", "ending") and event.phrase in phrases
+                # banned_token is the token forbidden at `position`: a banned phrase's first token there; an
+                # ending forbids its first token where the phrase began, not at the rewind point (as on HF).
+                assert (event.banned_token is not None) == (event.reason == "phrase")
         # The kept prefix comes back from the prefix cache (whole 32-token blocks only).
         assert out.stats.cached_prompt_tokens > 0
     # The first rewind of a request happens where its baseline sampled EOS: same seed, same tokens until then.

@@ -7,12 +7,15 @@ samples hotter right after the rewind and cools back by where it ended (Method 4
 Where things are:
 
 * :mod:`.loop` -- the recipe (``BackstepLoop.run``) and the one place a rewind happens (``BackstepLoop.rewind``);
-* :mod:`.rules` -- why a row rewinds (EOS, phrases); :class:`~perpetual_logits.RewindRule` for your own;
+* :mod:`.policy` -- whether, where and how a row rewinds (rules, budgets, clamp, bans, hold-back, events): the
+  backend-neutral :class:`~.policy.RewindPolicy` the loop and the vLLM driver both ask;
+* :mod:`.rules` -- why a row rewinds (EOS, phrases, loops); :class:`~perpetual_logits.RewindRule` for your own;
 * the units, each owning one piece of per-row state and following rewinds
   (:class:`~perpetual_logits.RowState`): :mod:`.rows` (tokens), :mod:`.cache` (the cache layout, no holes),
-  :mod:`.buffer` (raw logits, so a rewind needs no forward), :mod:`.bans`, :mod:`.temperature` (Method 4's
-  schedule, early triggers), :mod:`.streaming` (hold-back), :mod:`.records` (output scores/logits), :mod:`.landing` (the
-  length mode's minimum, the landing before ``max_new_tokens``);
+  :mod:`.buffer` (raw logits, so a rewind needs no forward), :mod:`.bans` (kept by the policy),
+  :mod:`.temperature` (Method 4's schedule, early triggers), :mod:`.records` (output scores/logits),
+  :mod:`.landing` (the length mode's minimum, the landing before ``max_new_tokens``);
+  :mod:`.streaming` hands the streamer what the policy made final;
 * :mod:`.lengths` -- length-dependent processors judged per row; :mod:`.config`, :mod:`.events`.
 """
 

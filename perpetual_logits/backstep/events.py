@@ -11,18 +11,22 @@ __all__ = ["BackstepEvent", "BackstepOutput", "BackstepStats"]
 
 @dataclass(frozen=True)
 class BackstepEvent:
-    """One rewind of one row.
+    """One rewind of one row. Each field means the same on the HF and the vLLM backend.
 
     Attributes:
-        step: decoding step (loop iteration, from 0) at which the rewind happened.
+        step: tokens the row had sampled before the one that triggered the rewind, removed ones included (on HF
+            also the decoding step, from 0, at which it happened: an active row samples one token per step).
         position: generated tokens the row kept, i.e. the generated index where regeneration starts.
-        removed: tokens removed (fewer than asked near the prompt or the final tokens; 0 means only the
-            new token was refused).
-        eos_prob: probability of the EOS ids in the raw distribution at ``position`` (0.0 when a deep rewind
-            had no stored logits for it).
+        removed: tokens removed besides the newest one, which triggered the rewind and is refused (never fed);
+            fewer than asked near the prompt or the final tokens; 0 means only the new token was refused.
+        eos_prob: the model's raw probability of the EOS ids (before processors, temperature and bans) in the
+            distribution the triggering token was drawn from. NaN where the backend cannot see it (vLLM returns
+            only the sampled token's probability: exact for an EOS rewind with one EOS id, NaN otherwise).
         deep: the logits buffer did not reach back far enough and one token was re-fed (one extra forward at
-            batch size 1).
-        banned_token: the token forbidden at ``position`` (``ban_rewound_token``, or a phrase's first token).
+            batch size 1; always ``False`` on vLLM).
+        banned_token: the token forbidden at ``position`` because it began the removed span
+            (``ban_rewound_token``, a banned phrase's or a loop's first token, a rule's ``ban_first_removed``), or
+            ``None`` (an ending forbids its first token where the phrase began, not at ``position``).
         reason: why: ``"eos"`` (EOS sampled), ``"ending"`` (an end phrase completed), ``"phrase"`` (a banned
             phrase completed), ``"loop"`` (a repetition loop), or a user rule's ``reason``.
         detail: what triggered it: the phrase, the repeated text.

@@ -137,7 +137,6 @@ class RewindPolicy(RowState):
         for rule in config.rules:
             self.rules.append(rule.fresh())
             self.limits.append(config.max_rule_rewinds)
-        self.user_rules = len(config.rules)
         # -- the length mode and the landing: what each row's text says (its minimum, its sentence ends)
         landing = config.landing if isinstance(config.landing, Landing) else None
         self.text = (
@@ -145,6 +144,8 @@ class RewindPolicy(RowState):
             if landing is not None or config.length_mode
             else None
         )
+        # Rules that can hold tokens back from the streamer (the others always hold none): asked every step.
+        self.holders = [rule for rule in self.rules if type(rule).held is not RewindRule.held]
         # -- per-row state: prompt lengths, budgets spent, bans, schedule restarts, final tokens, events
         self.prompt_lengths: list[int] = []
         self.used: list[list[int]] = []
@@ -308,8 +309,10 @@ class RewindPolicy(RowState):
     def held(self, row: int) -> int:
         """Trailing tokens of ``row`` that must stay revisable: ``hold_back``, or more while a rule needs it (or
         the landing, which may cut back to the last sentence end)."""
-        text = self.text.held(row) if self.text is not None else 0
-        return max(self.hold_back, text, *(rule.held(row) for rule in self.rules))
+        held = self.hold_back if self.text is None else max(self.hold_back, self.text.held(row))
+        for rule in self.holders:
+            held = max(held, rule.held(row))
+        return held
 
     # -- the limit -------------------------------------------------------------------------------------------
     def set_limits(self, max_lengths: Sequence[int | None]) -> None:
@@ -372,9 +375,32 @@ def _phrase_rules(config: BackstepConfig, tokenizer: Any, eos: Sequence[int]) ->
             listed = default_end_phrases(tokenizer, list(eos) or None, chat=phrases == "chat")
         else:
             listed = list(phrases)
-        matcher = PhraseMatcher(listed, tokenizer)
+        matcher = _matcher(listed, tokenizer)
         rules.append(PhraseRule(matcher, mode, config.n_remove, config.max_phrase_rewinds, eos))
     return rules
+
+
+# Compiled phrase matchers per tokenizer and phrase list: a matcher is read-only once built (each row keeps its
+# own matching state), and building one for thousands of phrases takes a noticeable time that every generate()
+# call and every served request with the same settings would otherwise pay again.
+_MATCHERS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], PhraseMatcher]] = weakref.WeakKeyDictionary()
+_MATCHERS_PER_TOKENIZER = 8
+
+
+def _matcher(phrases: list[Any], tokenizer: Any) -> PhraseMatcher:
+    """The matcher of ``phrases`` for ``tokenizer``, built once and reused (the last few phrase lists)."""
+    key = tuple(phrases)
+    try:
+        cached = _MATCHERS.setdefault(tokenizer, {})
+        found = cached.get(key)
+    except TypeError:  # an unhashable phrase or a tokenizer without weak references: build it every time
+        return PhraseMatcher(phrases, tokenizer)
+    if found is None:
+        found = PhraseMatcher(phrases, tokenizer)
+        if len(cached) >= _MATCHERS_PER_TOKENIZER:
+            cached.pop(next(iter(cached)))  # the oldest
+        cached[key] = found
+    return found
 
 
 _NEWLINES: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()

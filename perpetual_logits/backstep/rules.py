@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from ..phrase_stream import PhraseStream
 from ..phrases import PhraseMatcher
 from ..protocol import Rewind, RewindRule, RowView
 from ..repetition import find_line_loop, find_token_loop
@@ -84,15 +85,18 @@ class PhraseRule(RewindRule):
         self.used: list[int] = []
         self.hold: list[int] = []
         self.unfinished: list[int] = []
+        self.streams: list[PhraseStream] = []  # per row: its text and matching state, fed one token at a time
 
     def start(self, batch_size: int, prompt_length: int) -> None:
         self.used = [0] * batch_size
         self.hold = [0] * batch_size
         self.unfinished = [0] * batch_size
+        self.streams = [PhraseStream(self.matcher) for _ in range(batch_size)]
 
     def rewind(self, row: int, length: int) -> None:
         self.hold[row] = 0
         self.unfinished[row] = 0
+        self.streams[row].rewind(length)
 
     def held(self, row: int) -> int:
         return self.hold[row]
@@ -102,8 +106,7 @@ class PhraseRule(RewindRule):
         return self.unfinished[row]
 
     def check(self, view: RowView) -> Rewind | None:
-        start = view.text_start
-        scan = self.matcher.scan(view.ids[start:], view.prompt_length - start, 1, final=view.final)
+        scan = self.streams[view.row].feed(view.ids, view.prompt_length, view.text_start, final=view.final)
         # An ending rewinds n_remove tokens before the phrase: those must not be streamed while it may complete.
         extra = self.n_remove if self.mode == "ending" and scan.hold else 0
         self.hold[view.row] = scan.hold + extra
@@ -112,7 +115,7 @@ class PhraseRule(RewindRule):
         if match is None or self.used[view.row] >= self.max_rewinds:
             return None
         self.used[view.row] += 1
-        begin = match.start + start
+        begin = match.start
         if self.mode == "ban":
             return Rewind(position=begin, ban_first_removed=True, reason=self.reason, detail=match.phrase)
         return Rewind(

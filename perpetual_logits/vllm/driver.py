@@ -1,19 +1,20 @@
 """Methods 3 and 4 and ending control on vLLM: a driver over the engine's step loop.
 
-vLLM cannot rewind a running request. The driver does the next best thing: a request that samples EOS (or
-whose text completes a banned phrase) is cut back by up to ``n_remove`` tokens and submitted again as token
-ids -- the prompt plus the kept tokens -- with our processor's settings for its first tokens (EOS and, where
-the config says so, the rewound token banned at the rewind point; the ``schedule`` from there on). Prefix
-caching serves the kept prefix from the KV cache in whole blocks, so a rewind recomputes at most one block
-of prompt plus the regenerated tokens. Resubmission happens inside the engine's step loop, at once, while
-the other requests keep decoding (continuous batching), not in rounds of ``LLM.generate``.
+vLLM cannot rewind a running request. The driver does the next best thing: every token the engine returns is
+shown to the rewind policy (:class:`~perpetual_logits.backstep.policy.RewindPolicy`, the same one the HF loop
+asks); when it asks for a rewind -- a sampled EOS, an ending or banned phrase, a loop, a user's ``RewindRule`` --
+the engine request is aborted and the prompt plus the kept tokens is submitted again as token ids, with our
+processor's settings for its first tokens (the policy's bans from the rewind point on, EOS masked once its
+budget is spent, the ``schedule`` since its restart). Prefix caching serves the kept prefix from the KV cache in
+whole blocks, so a rewind recomputes at most one block of prompt plus the regenerated tokens. Resubmission
+happens inside the engine's step loop, at once, while the other requests keep decoding (continuous batching),
+not in rounds of ``LLM.generate``.
 
-Semantics shared with the HF backend: ``max_tokens`` counts final tokens; ``max_backsteps`` bounds EOS
-rewinds per request, then ``on_exhausted`` (``"suppress"``: EOS is masked; ``"stop"``: the request ends at its
-next EOS, which is kept); ``max_phrase_rewinds`` bounds phrase rewinds; a rewind never reaches into the prompt
-nor into final tokens (older than ``hold_back``); the regenerated token at the rewind point is never EOS;
-``ban_rewound_token`` (default: under greedy decoding only) and phrase rewinds forbid the token that began the
-removed span.
+The semantics are the HF backend's, because the rules are the same code: ``max_tokens`` counts final tokens;
+every rule has its own per-row budget; ``on_exhausted`` decides what an EOS does once ``max_backsteps`` is
+spent (``"suppress"``: masked; ``"stop"``: the request ends at it, kept -- also under ``ignore_eos=True``, where
+every EOS the engine lets through is rewound like any other); a rewind never reaches into the prompt nor into
+final tokens (older than ``hold_back``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..backstep import BackstepConfig, BackstepEvent
-from ..phrases import PhraseMatcher, default_end_phrases
+from ..backstep.policy import RewindPlan, RewindPolicy
+from ..protocol import RowView
 from .processor import PerpetualLogitsProcessor
 from .settings import KEY, schedule_table
 
@@ -36,7 +38,6 @@ Prompt = str | Sequence[int]
 OnFinal = Callable[[int, list[int]], None]
 
 _ids = itertools.count()
-_EVENT_FIELDS = {f.name for f in fields(BackstepEvent)}
 
 
 def LLM(model: str, **kwargs: Any) -> Any:
@@ -98,11 +99,15 @@ class PerpetualRequestOutput:
     Attributes:
         prompt_token_ids: the prompt.
         token_ids: the generated tokens (EOS only when the request ended at one, as with ``on_exhausted="stop"``).
-        text: ``token_ids`` decoded (special tokens skipped).
+        text: ``token_ids`` decoded (special tokens skipped unless ``skip_special_tokens=False``), without the stop
+            string the request stopped at (unless ``include_stop_str_in_output``), as vLLM's own text.
         finish_reason: ``"length"`` (``max_tokens`` final tokens), ``"stop"`` (EOS, or a stop string / id of
             the request's ``SamplingParams``), as vLLM reports it.
         backstep_events: the rewinds, in order (see :class:`~perpetual_logits.BackstepEvent`; ``step`` is the
-            number of tokens the request had sampled before the EOS, removed ones included).
+            number of tokens the request had sampled before the token that triggered the rewind, removed ones
+            included; ``eos_prob`` is the sampled EOS id's raw probability for an EOS rewind -- the same as the
+            HF backend's when the model has one EOS id -- and NaN for other reasons: vLLM returns no other
+            probabilities).
         stats: work counters.
     """
 
@@ -116,28 +121,40 @@ class PerpetualRequestOutput:
 
 @dataclass
 class _Row:
-    """One prompt's progress across its engine requests."""
+    """One prompt's progress across its engine requests (why and where it rewinds is the policy's call)."""
 
     index: int
     prompt: list[int]
     params: Any
-    kept: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # prompt + generated tokens kept so far
     committed: int = 0  # generated tokens that are final (streamed, never removed)
-    phrase_hold: int = 0
-    used: int = 0
-    phrase_rewinds: int = 0
-    bans: dict[int, set[int]] = field(default_factory=dict)
-    schedule_from: int | None = None
-    events: list[BackstepEvent] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
     request_id: str | None = None
     start: int = 0  # generated tokens kept when the current engine request was submitted
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     done: bool = False
+
+    def __post_init__(self) -> None:
+        self.ids = list(self.prompt)
+
+    @property
+    def kept(self) -> list[int]:
+        """The generated tokens kept so far."""
+        return self.ids[len(self.prompt) :]
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids) - len(self.prompt)
 
 
 class _Driver:
-    """Runs the prompts through ``llm``'s engine, resubmitting rewound requests from inside the step loop."""
+    """Runs the prompts through ``llm``'s engine, resubmitting rewound requests from inside the step loop.
+
+    The rewind policy (:class:`~perpetual_logits.backstep.policy.RewindPolicy`, the HF loop's too) sees every
+    token the engine returns and answers keep, finish or rewind; the driver only moves requests in and out of
+    the engine and tells the processor the policy's bans and schedule.
+    """
 
     def __init__(
         self,
@@ -157,34 +174,26 @@ class _Driver:
         self.delta = RequestOutputKind.DELTA
         self.eos = set(eos_token_ids(llm))
         self.by_id: dict[str, _Row] = {}
-        # (mode, matcher): "ending" for BackstepConfig.end_phrases, "ban" for ban_phrases (fields read by name).
-        self.matchers: list[tuple[str, PhraseMatcher]] = []
+        self.policy: RewindPolicy | None = None
         if config is not None:
-            hold_back = getattr(config, "hold_back", None)
-            self.hold_back = int(hold_back) if hold_back is not None else 2 * config.n_remove
-            for mode, name in (("ending", "end_phrases"), ("ban", "ban_phrases")):
-                phrases = getattr(config, name, None)
-                if phrases is None:
-                    continue
-                if phrases in ("default", "chat"):
-                    chat = {"chat": True} if phrases == "chat" else {}
-                    phrases = default_end_phrases(tokenizer, sorted(self.eos), **chat)
-                self.matchers.append((mode, PhraseMatcher(list(phrases), tokenizer)))
-            unsupported = [name for name in ("early_trigger", "loops", "widen", "rules") if getattr(config, name, None)]
+            unsupported = [name for name in ("early_trigger", "widen") if getattr(config, name, None)]
             if unsupported:
                 warnings.warn(
                     f"BackstepConfig fields {unsupported} are not supported on vLLM and are ignored (they need "
                     "per-step statistics or per-row warpers inside the engine)",
                     stacklevel=3,
                 )
+            self.policy = RewindPolicy(config, sorted(self.eos), _vocab_size(llm, tokenizer), tokenizer)
+            greedy = [(row.params.temperature or 0.0) < 1e-5 for row in rows]
+            self.policy.start_rows([len(row.prompt) for row in rows], greedy)
 
     # -- submission -------------------------------------------------------------------------------------
     def _submit(self, row: _Row) -> None:
         params = row.params.clone()
         params.output_kind = self.delta
-        params.max_tokens = row.params.max_tokens - len(row.kept)
+        params.max_tokens = row.params.max_tokens - row.generated
         if row.params.min_tokens:
-            params.min_tokens = max(0, row.params.min_tokens - len(row.kept))
+            params.min_tokens = max(0, row.params.min_tokens - row.generated)
         if self.config is not None:
             if params.logprobs is None:
                 params.logprobs = 0  # the sampled token's raw log-probability: the EOS probability of an event
@@ -195,31 +204,32 @@ class _Driver:
             if ours:
                 params.extra_args = {**(row.params.extra_args or {}), KEY: ours}
         row.request_id = f"pl-{next(_ids)}-{row.index}"
-        row.start = len(row.kept)
+        row.start = row.generated
         self.by_id[row.request_id] = row
-        prompt = {"prompt_token_ids": row.prompt + row.kept}
+        prompt = {"prompt_token_ids": list(row.ids)}
         # Outputs and aborts use this (external) id; vLLM adds a random suffix only internally.
         self.engine.add_request(row.request_id, prompt, params)
         if row.stats.submissions:
-            row.stats.resubmitted_prompt_tokens += len(row.prompt) + len(row.kept)
+            row.stats.resubmitted_prompt_tokens += len(row.ids)
         row.stats.submissions += 1
 
     def _settings(self, row: _Row) -> dict[str, Any]:
-        """Our processor's settings for the engine request that starts at generated position ``len(kept)``."""
-        assert self.config is not None
-        cfg = self.config
-        start = len(row.kept)
-        ours: dict[str, Any] = dict((row.params.extra_args or {}).get(KEY, {}))
-        ours.setdefault("eos", sorted(self.eos))
-        bans = [[pos - start, sorted(tokens)] for pos, tokens in row.bans.items() if pos >= start]
+        """Our processor's settings for the engine request that starts at the row's current length: the
+        policy's bans from there on, EOS masked once its budget is spent, the schedule since its restart."""
+        assert self.config is not None and self.policy is not None
+        cfg, policy = self.config, self.policy
+        start = len(row.ids)  # positions count the prompt; the processor counts the request's output
+        ours: dict[str, Any] = {"eos": sorted(self.eos)}
+        bans = [[pos - start, sorted(tokens)] for pos, tokens in policy.bans.at[row.index].items() if pos >= start]
         if bans:
             ours["bans"] = bans
-        if row.used >= cfg.max_backsteps and cfg.on_exhausted == "suppress":
+        if policy.eos_suppressed(row.index):
             ours["suppress_eos"] = True
         schedule = getattr(cfg, "schedule", None)
-        if schedule is not None and row.schedule_from is not None:
+        restarted = policy.schedule_from[row.index]
+        if schedule is not None and restarted is not None:
             table = schedule_table(schedule)
-            offset = start - row.schedule_from
+            offset = start - restarted
             if table.forever:
                 ours["schedule"] = table.to_data()
             elif offset < len(table.factors):
@@ -241,144 +251,106 @@ class _Driver:
 
     def _on_output(self, row: _Row, output: Any) -> None:
         completion = output.outputs[0]
-        if row.stats.submissions > 1 and len(row.kept) == row.start and output.num_cached_tokens is not None:
+        if row.stats.submissions > 1 and row.generated == row.start and output.num_cached_tokens is not None:
             # The first output of a resubmission tells how much of its prompt came from the prefix cache.
             row.stats.cached_prompt_tokens += int(output.num_cached_tokens)
         new = list(completion.token_ids)
+        sampled_before = row.stats.sampled_tokens
         row.stats.sampled_tokens += len(new)
         finished = bool(output.finished)
-        for i, token in enumerate(new):
-            last = finished and i == len(new) - 1
-            # An EOS ends its engine request; as the max_tokens-th token it is still an EOS to rewind from.
-            if token in self.eos and last and completion.finish_reason in ("stop", "length"):
-                self._on_eos(row, token, completion)
-                return
-            row.kept.append(token)
-            if self.matchers and self._scan(row, final=last and completion.finish_reason == "length"):
+        policy = self.policy
+        if policy is None:  # plain generation: the engine decides everything
+            row.ids.extend(new)
+        else:
+            prompt_length, max_tokens = len(row.prompt), row.params.max_tokens
+            for i, token in enumerate(new):
+                row.ids.append(token)
+                view = RowView(row.index, row.ids, prompt_length, 0, final=row.generated >= max_tokens)
+                decision = policy.after_token(view)
+                if decision == "keep":
+                    continue
+                if not (finished and i == len(new) - 1):
+                    self.engine.abort_request([row.request_id])  # later tokens of this request are dropped
+                if decision == "finish":  # a kept EOS (budget spent, on_exhausted="stop") or max_tokens reached
+                    self._finish(row, "stop" if token in self.eos else "length")
+                else:
+                    assert isinstance(decision, RewindPlan)
+                    eos_prob = _sampled_probability(completion, i, token) if decision.reason == "eos" else math.nan
+                    policy.apply(decision, sampled_before + i, eos_prob)
+                    del row.ids[decision.position :]
+                    self._submit(row)
                 return
         if finished:
+            row.stop_reason = getattr(completion, "stop_reason", None)
             self._finish(row, completion.finish_reason)
         else:
             self._commit(row)
-
-    def _on_eos(self, row: _Row, token: int, completion: Any) -> None:
-        cfg = self.config
-        if cfg is None or row.used >= cfg.max_backsteps:
-            row.kept.append(token)  # on_exhausted="stop" (or no backstep): the request ends at this EOS, kept
-            self._finish(row, "stop")
-            return
-        removed = min(cfg.n_remove, len(row.kept) - row.committed)
-        eos_prob = _sampled_probability(completion, token)
-        self._rewind(row, len(row.kept) - removed, eos_prob, "eos", None, step=row.stats.sampled_tokens - 1)
-
-    def _scan(self, row: _Row, final: bool) -> bool:
-        """Rewind ``row`` if its newest token completed an ending or a banned phrase; returns whether it did.
-
-        An ending is rewound like an EOS: ``n_remove`` tokens before the phrase, its first token forbidden where
-        it began. A banned phrase is cut back to where it began and that token is forbidden there.
-        """
-        assert self.config is not None
-        ids = row.prompt + row.kept
-        row.phrase_hold = 0
-        found: tuple[str, Any] | None = None
-        for mode, matcher in self.matchers:
-            scan = matcher.scan(ids, len(row.prompt), 1, final=final)
-            # An ending rewinds n_remove tokens before the phrase: hold those back while it may complete.
-            extra = self.config.n_remove if mode == "ending" and scan.hold else 0
-            row.phrase_hold = max(row.phrase_hold, scan.hold + extra)
-            if found is None and scan.match is not None:
-                found = (mode, scan.match)
-        if found is None or row.phrase_rewinds >= self.config.max_phrase_rewinds:
-            return False
-        mode, match = found
-        start = match.start - len(row.prompt)
-        if mode == "ending":
-            target = max(start - self.config.n_remove, row.committed)
-            later_ban = (start, row.kept[start]) if start > target else None
-        else:
-            target, later_ban = max(start, row.committed), None
-        if row.request_id is not None:
-            # The engine request may have sampled further tokens already; they are dropped with it.
-            self.engine.abort_request([row.request_id])
-        reason = "ending" if mode == "ending" else "phrase"
-        self._rewind(row, target, 0.0, reason, match.phrase, row.stats.sampled_tokens - 1, later_ban)
-        return True
-
-    def _rewind(
-        self,
-        row: _Row,
-        p: int,
-        eos_prob: float,
-        reason: str,
-        phrase: str | None,
-        step: int,
-        later_ban: tuple[int, int] | None = None,
-    ) -> None:
-        cfg = self.config
-        assert cfg is not None
-        removed = len(row.kept) - p
-        first_removed = row.kept[p] if removed > 0 else None
-        del row.kept[p:]
-        greedy = (row.params.temperature or 0.0) < 1e-5
-        ban_rewound = cfg.ban_rewound_token if cfg.ban_rewound_token is not None else greedy
-        bans = {pos: toks for pos, toks in row.bans.items() if pos <= p}
-        here = bans.setdefault(p, set())
-        here.update(self.eos)  # the regenerated token must not end the request at once
-        banned = None
-        if later_ban is not None:  # an ending: its first token is forbidden where the phrase began
-            bans.setdefault(later_ban[0], set()).add(later_ban[1])
-            banned = later_ban[1]
-        elif first_removed is not None and (reason == "phrase" or ban_rewound):
-            banned = first_removed
-            here.add(banned)
-        row.bans = bans
-        if getattr(cfg, "schedule", None) is not None:
-            row.schedule_from = p
-        if reason == "eos":
-            row.used += 1
-        else:
-            row.phrase_rewinds += 1
-        row.phrase_hold = 0
-        # The phrase field is `detail` in newer BackstepEvents (`phrase` before): fill whichever exists.
-        text_field = "detail" if "detail" in _EVENT_FIELDS else "phrase"
-        event: Any = BackstepEvent(
-            step=step,
-            position=p,
-            removed=removed,
-            eos_prob=eos_prob,
-            deep=False,
-            banned_token=banned,
-            reason=reason,
-            **{text_field: phrase},
-        )
-        row.events.append(event)
-        self._submit(row)
 
     def _finish(self, row: _Row, reason: str | None) -> None:
         row.done = True
         row.finish_reason = reason
         row.request_id = None
+        if self.policy is not None:
+            self.policy.finish(row.index)
         self._commit(row, final=True)
 
     def _commit(self, row: _Row, final: bool = False) -> None:
-        """Make tokens final once they are ``hold_back`` behind (everything at the end); stream them."""
-        if final or self.config is None:
-            target = len(row.kept)
+        """Make tokens final as the policy says (everything at the end); stream them."""
+        if self.policy is None:
+            begin, end = row.committed, row.generated
         else:
-            target = max(row.committed, len(row.kept) - max(self.hold_back, row.phrase_hold))
-        if target > row.committed:
+            begin, end = (p - len(row.prompt) for p in self.policy.settle(row.index, len(row.ids), final))
+        if end > begin:
             if self.on_final is not None:
-                self.on_final(row.index, row.kept[row.committed : target])
-            row.committed = target
+                self.on_final(row.index, row.kept[begin:end])
+            row.committed = end
+
+    def events(self, row: _Row) -> list[BackstepEvent]:
+        return self.policy.events[row.index] if self.policy is not None else []
+
+    def text(self, row: _Row) -> str:
+        """The kept tokens decoded, without the stop string the request stopped at (as vLLM's own text)."""
+        text = self.tokenizer.decode(row.kept, skip_special_tokens=row.params.skip_special_tokens)
+        stop = row.stop_reason
+        keeps_stop = row.params.include_stop_str_in_output
+        if row.finish_reason == "stop" and isinstance(stop, str) and stop and not keeps_stop:
+            at = text.rfind(stop)  # the engine stopped at its first occurrence in the newest text: the last one
+            if at >= 0:
+                text = text[:at]
+        return text
 
 
-def _sampled_probability(completion: Any, token: int) -> float:
-    """exp(logprob) of the sampled ``token`` at the last step (vLLM's raw log-probabilities), or NaN."""
+def _vocab_size(llm: Any, tokenizer: Any) -> int:
+    """The model's vocabulary size (logits width); the tokenizer's length when the engine does not say."""
     try:
-        entry = completion.logprobs[-1]
+        return int(llm.llm_engine.model_config.get_vocab_size())
+    except Exception:  # an engine without a model config: the tokenizer's size is the next best
+        return len(tokenizer)
+
+
+def _sampled_probability(completion: Any, index: int, token: int) -> float:
+    """exp(logprob) of the sampled ``token`` at ``index`` of this output (vLLM's raw log-probabilities), or NaN."""
+    try:
+        entry = completion.logprobs[index]
         return float(math.exp(entry[token].logprob))
     except (TypeError, IndexError, KeyError, AttributeError):
         return float("nan")
+
+
+def _check_extra_args(params: Any) -> None:
+    """With ``backstep=``, the driver writes our ``extra_args`` key itself (the EOS ids it rewinds on, the bans,
+    the schedule); a request that sets it would make the processor mask other ids than the driver rewinds on."""
+    extra = params.extra_args
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise ValueError(f"`params.extra_args` must be a dict, got {type(extra).__name__}")
+    if KEY in extra:
+        raise ValueError(
+            f"`params.extra_args[{KEY!r}]` must not be set with backstep= (got {extra[KEY]!r}): the driver sets it "
+            "from the BackstepConfig -- EOS is rewound on the model's EOS ids and masked once max_backsteps is "
+            "spent (on_exhausted='suppress'); for Methods 1 and 2 call llm.generate without backstep="
+        )
 
 
 def _tokenize(tokenizer: Any, prompt: object, index: int) -> list[int]:
@@ -404,11 +376,11 @@ def generate(
         params (`vllm.SamplingParams` or a list, one per prompt, *optional*): ``max_tokens`` must be set (it
             counts final tokens); ``n`` must be 1. Defaults to ``SamplingParams(max_tokens=16)``.
         backstep (`BackstepConfig`, *optional*): the rewind rules. ``None`` generates plainly (the output then
-            equals ``llm.generate`` for the same seeds). Read by field name: ``n_remove``, ``schedule``,
-            ``max_backsteps``, ``on_exhausted``, ``ban_rewound_token``, ``hold_back``, ``end_phrases``,
-            ``ban_phrases``, ``max_phrase_rewinds``. ``logits_buffer`` has no meaning here (vLLM keeps no logits
-            to reuse; the prefix cache plays its part); ``early_trigger``, ``loops``, ``widen`` and ``rules``
-            are not supported (a warning names them).
+            equals ``llm.generate`` for the same seeds). Every field means what it means on the HF backend
+            (``loops`` and ``rules`` included: each call works on ``rule.fresh()``); ``logits_buffer`` has no
+            meaning here (vLLM keeps no logits to reuse; the prefix cache plays its part); ``early_trigger``
+            and ``widen`` are not supported (a warning names them). ``params.extra_args`` must then not set
+            our key (:data:`~perpetual_logits.vllm.KEY`): the driver sets it.
         on_final (`callable`, *optional*): streaming with hold-back: called as ``on_final(prompt_index,
             token_ids)`` with each request's tokens once they are final (never removed afterwards). The calls of
             one request add up to its returned ``token_ids``.
@@ -443,6 +415,8 @@ def generate(
             raise ValueError(f"`params.n` must be 1 (backstep follows one sequence per prompt), got {p.n}")
         if p.max_tokens is None or p.max_tokens < 1:
             raise ValueError(f"`params.max_tokens` must be set (it counts final tokens), got {p.max_tokens!r}")
+        if backstep is not None:
+            _check_extra_args(p)
     rows = [_Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
     if (
         backstep is not None
@@ -458,14 +432,13 @@ def generate(
         if live:
             llm.llm_engine.abort_request(live)
         raise
-    skip = True
     return [
         PerpetualRequestOutput(
             prompt_token_ids=row.prompt,
             token_ids=row.kept,
-            text=tokenizer.decode(row.kept, skip_special_tokens=skip),
+            text=driver.text(row),
             finish_reason=row.finish_reason,
-            backstep_events=row.events,
+            backstep_events=driver.events(row),
             stats=row.stats,
         )
         for row in rows

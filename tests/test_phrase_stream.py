@@ -1,0 +1,133 @@
+"""PhraseStream (incremental matching) against PhraseMatcher.scan (the reference), and TextStream's rewinds."""
+
+from __future__ import annotations
+
+import random
+
+import regex
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_phrases import BYTE_LEVEL, PIECES, SENTENCEPIECE, ids_of
+
+from perpetual_logits.phrase_stream import PhraseStream
+from perpetual_logits.phrases import CHAT_CLOSING_PHRASES, PhraseMatcher, PhraseScan, default_end_phrases
+
+STRINGS = ["The End", "<|end_story|>", "the end", "Fin", "End", "e E", "Once upon", "x x", "!"]
+REGEXES = [regex.compile(r"Chapter \d+"), regex.compile(r"(?i)(?<!\w)hello(?!\w)"), CHAT_CLOSING_PHRASES[6]]
+# Raw bytes too: single ASCII letters (to spell "I hope this helps", "Chapter 9" letter by letter), and the
+# halves of "é" (C3 A9) and "»" (C2 BB), which only spell a character together, and a lone continuation byte.
+ITEMS: list[str | int] = [*PIECES, *b"I hopetsCar9", 0xC3, 0xA9, 0xC2, 0xBB, 0x80]
+
+
+def reference(matcher: PhraseMatcher, ids: list[int], prompt: int, first: int, final: bool) -> PhraseScan:
+    """scan() on the row's real tokens, its match moved to the row's own indices."""
+    scan = matcher.scan(ids[first:], prompt - first, 1, final=final)
+    if scan.match is None:
+        return scan
+    return PhraseScan(type(scan.match)(scan.match.start + first, scan.match.phrase, scan.match.text), scan.hold)
+
+
+actions = st.lists(
+    st.one_of(st.sampled_from(ITEMS).map(lambda item: ("token", item)), st.integers(1, 6).map(lambda k: ("cut", k))),
+    min_size=1,
+    max_size=40,
+)
+
+
+class PlainDecoder:
+    """A tokenizer with nothing but decode(): the stream decodes with it instead of tokenizers' DecodeStream."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def replay(matcher, ids, prompt_length, padding, steps, tok, final=False):
+    """Feed ``steps`` (tokens, or cuts of a few tokens) to a stream and to scan(); they must agree each time."""
+    stream = PhraseStream(matcher)
+    strings = [c.source for c in matcher._compiled if c.literal]
+    regexes = len(strings) < len(matcher.phrases)
+    # With regular expressions, scan()'s hold follows the regex module's partial matches over its whole
+    # window, and those report some starts that no continuation can complete (a partial match across a
+    # lookbehind that fails); the stream searches on from its previous hold. It holds at least what the
+    # string phrases hold, and never more than scan().
+    floor = None
+    if strings:
+        floor = PhraseStream(PhraseMatcher(strings, matcher.tokenizer, matcher.case_sensitive, matcher.word_boundaries))
+    for n, (kind, value) in enumerate(steps):
+        if kind == "cut":
+            length = max(prompt_length, len(ids) - value)
+            ids = ids[:length]
+            stream.rewind(length)
+            if floor is not None:
+                floor.rewind(length)
+            continue
+        ids = ids + ([value] if isinstance(value, int) and tok is None else ids_of(tok, [value]))
+        last = final and n == len(steps) - 1
+        got = stream.feed(ids, prompt_length, padding, final=last)
+        want = reference(matcher, ids, prompt_length, padding, last)
+        context = (matcher.tokenizer.decode(ids), ids)
+        if not regexes:
+            assert got == want, context
+            continue
+        assert got.match == want.match, context
+        if got.match is None and floor is not None:
+            assert floor.feed(ids, prompt_length, padding, final=last).hold <= got.hold <= want.hold, context
+        elif got.match is None:
+            assert got.hold <= want.hold, context
+    return stream
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tokenizer=st.sampled_from(["byte_level", "sentencepiece", "plain"]),
+    phrases=st.lists(st.sampled_from(STRINGS + REGEXES), min_size=1, max_size=5, unique_by=id),
+    case_sensitive=st.booleans(),
+    word_boundaries=st.booleans(),
+    padding=st.integers(0, 2),
+    prompt=st.lists(st.sampled_from(ITEMS), max_size=4),
+    steps=actions,
+    final=st.booleans(),
+)
+def test_stream_reports_what_scan_reports(
+    tokenizer, phrases, case_sensitive, word_boundaries, padding, prompt, steps, final
+):
+    tok = BYTE_LEVEL if tokenizer == "byte_level" else SENTENCEPIECE
+    decoder = PlainDecoder(tok) if tokenizer == "plain" else tok
+    matcher = PhraseMatcher(phrases, decoder, case_sensitive=case_sensitive, word_boundaries=word_boundaries)
+    pad = tok.convert_tokens_to_ids(tok.eos_token)
+    ids = [pad] * padding + ids_of(tok, prompt)
+    replay(matcher, ids, len(ids), padding, steps, tok, final)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), chat=st.booleans())
+def test_stream_agrees_on_the_real_vocabulary(story_tokenizer, seed, chat):
+    """Random ids of TinyStories-656K's whole vocabulary (byte-fallback pieces, pieces with and without a
+    leading "▁", its special tokens) against the default and the chat phrase sets, with random rewinds."""
+    rng = random.Random(seed)
+    matcher = PhraseMatcher(default_end_phrases(story_tokenizer, chat=chat), story_tokenizer)
+    text = "Once upon a time, The End. I hope this helps! Let me know if you need more.<|end_story|> THE END"
+    spelled = story_tokenizer.encode(text, add_special_tokens=False)
+    steps = []
+    for _ in range(60):
+        roll = rng.random()
+        if roll < 0.1:
+            steps.append(("cut", rng.randint(1, 5)))
+        elif roll < 0.6:
+            steps.append(("token", rng.choice(spelled)))
+        else:
+            steps.append(("token", rng.randrange(len(story_tokenizer))))
+    replay(matcher, story_tokenizer.encode("Once", add_special_tokens=False), 1, 0, steps, None)
+
+
+def test_long_rows_stay_bounded_and_agree():
+    """A row of 3,000 tokens with rewinds now and then: the stream keeps a bounded tail and still agrees."""
+    rng = random.Random(0)
+    matcher = PhraseMatcher(STRINGS + REGEXES, SENTENCEPIECE)
+    steps = [("cut", rng.randint(1, 8)) if rng.random() < 0.03 else ("token", rng.choice(ITEMS)) for _ in range(3000)]
+    stream = replay(matcher, [], 0, 0, steps, SENTENCEPIECE)
+    assert len(stream.text.text) < 4 * matcher._need_chars + 300
+    assert len(stream.text.tokens) < 4 * matcher._need_chars + 300
