@@ -126,7 +126,7 @@ def test_streaming_never_shows_text_that_is_cut_back(scripted_model, story_token
 
 # -- the length mode ------------------------------------------------------------------------------------------
 def test_the_minimum_is_per_row_in_a_batch(scripted_model, story_tokenizer) -> None:
-    long = ids_of(story_tokenizer, "They were happy and the big dog ran to the park")
+    long = ids_of(story_tokenizer, "They were happy and the big dog ran to the park.")
     short = ids_of(story_tokenizer, "They were happy")
     assert len(short) < 8 <= len(long)
     out, (first, second) = run(
@@ -140,9 +140,12 @@ def test_the_minimum_is_per_row_in_a_batch(scripted_model, story_tokenizer) -> N
 
 
 def test_min_words_counts_words_of_the_text(scripted_model, story_tokenizer) -> None:
-    text = ids_of(story_tokenizer, "They were happy and the big dog ran")  # 8 words
+    text = ids_of(story_tokenizer, "They were happy and the big dog ran.")  # 8 words
     out, (generated,) = run(scripted_model, story_tokenizer, [[*text, EOS]], 30, min_words=8)
     assert generated == [*text, EOS]
+    # past the minimum, an EOS mid-sentence is a fragment: rewound
+    out, _ = run(scripted_model, story_tokenizer, [[*text[:-1], EOS]], 30, min_words=7)
+    assert out.backstep_events[0][0].reason == "eos"
     out, _ = run(scripted_model, story_tokenizer, [[*text, EOS]], 30, min_words=9)
     assert out.backstep_events[0][0].reason == "eos"
 

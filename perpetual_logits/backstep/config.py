@@ -135,15 +135,16 @@ class BackstepConfig:
         max_rule_rewinds (`int`, defaults to 50): rewinds each of ``rules`` may ask for per row (a budget per
             rule); afterwards its requests are ignored.
         min_tokens (`int`, defaults to 0): the length mode, in tokens: before a row has this many new tokens,
-            EOS and endings are rewound as usual; from then on the model's own EOS is accepted and the row
-            finishes there. 0: no minimum.
+            EOS and endings are rewound as usual; from then on the model's own EOS after a complete sentence
+            (or line) is accepted and the row finishes there (an EOS mid-sentence is still rewound). 0: no minimum.
         min_words (`int`, defaults to 0): the length mode, in words of the decoded text (CJK characters and
             runs of Latin letters, as LongBench-Write counts them); with ``min_tokens`` both must be reached.
         accept_end_phrases (`bool`, defaults to `False`): in the length mode, a completed ending phrase (see
             ``end_phrases``) after the minimum also finishes the row, the phrase kept. Needs a minimum.
         landing (`Landing` or `bool`, *optional*): end before ``max_new_tokens`` at a natural boundary (see
             :class:`~perpetual_logits.Landing`): EOS favoured after sentence ends from a margin before the limit
-            (and from the minimum on), and a row that reaches the limit cut back to its last complete sentence.
+            (and from the minimum on; in the length mode never before it), and a row that reaches the limit cut
+            back to its last complete sentence.
             ``None`` (default): on in the length mode, off otherwise; ``True``: ``Landing()``; ``False``: off.
             In every mode a row that reaches the limit drops an unfinished held-back phrase (part of a spelled
             end marker such as ``<|end_story``) from its end.

@@ -186,23 +186,25 @@ class RowText(RowState):
         return bool(self.tails[row]) and ends_sentence(self.tails[row][-1])
 
     def due(self, row: int) -> int | None:
-        """The length from which EOS is favoured at sentence ends (``None``: no landing)."""
+        """The length from which EOS is favoured (and accepted) at sentence ends; ``None``: not (yet). In the
+        length mode that is never before the minimum: the limit then cuts the row back instead."""
         limit = self.limits[row] if row < len(self.limits) else None
         if self.landing is None:
             return None
         reached = self.reached_at[row]
-        due = None if limit is None else limit - self.landing.margin
-        if reached is not None:
-            due = reached if due is None else min(due, reached)
-        return due
+        if self.min_tokens or self.min_words:  # the length mode: never before the minimum
+            return None if reached is None else reached if limit is None else min(reached, limit - self.landing.margin)
+        return None if limit is None else limit - self.landing.margin
 
     def accepts_end(self, row: int) -> bool:
-        """Whether an EOS just sampled by ``row`` (observed) ends the row: the minimum is reached, or the row is
-        landing and its text ends a sentence."""
+        """Whether an EOS just sampled by ``row`` (observed) ends the row: its text ends a sentence (or line) and
+        the row has its minimum or is landing. An EOS mid-sentence is a fragment, rewound as usual."""
+        if not self.at_sentence_end(row):
+            return False
         if self.minimum_reached(row):
             return True
         due = self.due(row)
-        return due is not None and self.length(row) - 1 >= due and self.at_sentence_end(row)
+        return due is not None and self.length(row) - 1 >= due
 
     def held(self, row: int) -> int:
         """Trailing tokens a streamer must hold so that a cut back to the last sentence end stays possible."""
