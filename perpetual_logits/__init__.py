@@ -12,7 +12,14 @@ from ._compat import check_transformers_version
 check_transformers_version()
 
 from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_stats  # noqa: E402
-from .backstep import BackstepConfig, BackstepEvent, BackstepOutput, BackstepStats, LoopRewinds  # noqa: E402
+from .backstep import (  # noqa: E402
+    BackstepConfig,
+    BackstepEvent,
+    BackstepOutput,
+    BackstepStats,
+    Landing,
+    LoopRewinds,
+)
 from .backstep.window import ContextShift  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
 from .dry import DRYLogitsProcessor  # noqa: E402
@@ -70,6 +77,7 @@ __all__ = [
     "EventSource",
     "EvictionBudgetCriteria",
     "ExponentialDecay",
+    "Landing",
     "LinearDecay",
     "LoopMatch",
     "LoopRewinds",

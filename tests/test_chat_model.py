@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import perpetual_logits as pl
+from perpetual_logits.boundaries import count_words, ends_sentence
 from perpetual_logits.metrics import rep_n
 from perpetual_logits.phrases import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS
 
@@ -36,7 +37,7 @@ def chat_batch(tokenizer):
 
 @pytest.mark.models
 @pytest.mark.slow
-def test_chat_preset_writes_to_the_limit_without_endings_and_without_more_repetition(chat) -> None:
+def test_chat_preset_writes_to_the_landing_without_endings_and_without_more_repetition(chat) -> None:
     torch.set_num_threads(2)
     model, tokenizer = chat
     batch = chat_batch(tokenizer)
@@ -49,10 +50,14 @@ def test_chat_preset_writes_to_the_limit_without_endings_and_without_more_repeti
     eos = model.generation_config.eos_token_id
     base_rows = [[t for t in row[n:].tolist() if t != eos] for row in baseline]
     rows = [row[n:].tolist() for row in out.sequences]
+    rows = [row[: row.index(eos)] if eos in row else row for row in rows]
     assert sum(len(r) < 200 for r in base_rows) >= 1, "some answer ends early without the preset"
     for row in rows:
-        assert len(row) == 200 and eos not in row  # to the limit, no end-of-turn token
-        text = tokenizer.decode(row, skip_special_tokens=False)
+        # to the landing: ended at a sentence end in the last margin (its own end of turn, or cut back at the limit)
+        kept = row[: row.index(eos)] if eos in row else row
+        assert len(kept) >= 200 - 2 * 64, len(kept)
+        assert ends_sentence(tokenizer.decode(kept, skip_special_tokens=True)), tokenizer.decode(kept)
+        text = tokenizer.decode(kept, skip_special_tokens=False)
         assert not any(marker in text for marker in CHAT_END_TOKENS), text
         assert not any(pattern.search(text) for pattern in CHAT_CLOSING_PHRASES), text
     base_rep = sum(rep_n(r, 4) for r in base_rows) / len(base_rows)
@@ -77,3 +82,27 @@ def test_a_pipeline_over_a_perpetual_chat_model_gets_the_preset(chat) -> None:
         assert len(tokenizer(reply, add_special_tokens=False).input_ids) >= 35
     finally:
         model.backstep_config = None
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_chat_preset_with_a_minimum_in_words_writes_it_then_ends_naturally(chat) -> None:
+    torch.set_num_threads(2)
+    model, tokenizer = chat
+    messages = [{"role": "user", "content": "Write about 60 words about the sea."}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    batch = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(
+        **batch,
+        backstep=pl.BackstepConfig.chat(min_words=60),
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=160,
+    )
+    row = out[0, batch.input_ids.shape[1] :].tolist()
+    answer = tokenizer.decode(row, skip_special_tokens=True)
+    assert count_words(answer) >= 60, answer
+    assert ends_sentence(answer), answer
+    assert not any(marker in answer for marker in CHAT_END_TOKENS), answer

@@ -293,7 +293,9 @@ def test_tinystories_methods_3_and_4_with_default_phrases_write_no_end_marker(ti
         out = model.generate(
             **enc, do_sample=True, max_new_tokens=400, backstep=cfg, tokenizer=tokenizer, return_dict_in_generate=True
         )
-        texts = tokenizer.batch_decode(out.sequences[:, enc.input_ids.shape[1] :])
+        # Rows that reach the limit with part of a marker held back end without it (shorter, padded with the EOS
+        # id, a special token): the spelled markers are text pieces, still counted.
+        texts = tokenizer.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         assert out.sequences.shape[1] - enc.input_ids.shape[1] == 400
         assert all(count_end_markers(t, phrases) == 0 for t in texts), "20 runs x 400 tokens"
         assert any(e.reason == "phrase" for row in out.backstep_events for e in row)

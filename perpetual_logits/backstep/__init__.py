@@ -14,7 +14,8 @@ Where things are:
   (:class:`~perpetual_logits.RowState`): :mod:`.rows` (tokens), :mod:`.cache` (the cache layout, no holes),
   :mod:`.buffer` (raw logits, so a rewind needs no forward), :mod:`.bans` (kept by the policy),
   :mod:`.temperature` (Method 4's schedule, early triggers), :mod:`.records` (output scores/logits),
-  :mod:`.window` (the context shift past the model's window);
+  :mod:`.window` (the context shift past the model's window),
+  :mod:`.landing` (the length mode's minimum, the landing before ``max_new_tokens``);
   :mod:`.streaming` hands the streamer what the policy made final;
 * :mod:`.lengths` -- length-dependent processors judged per row; :mod:`.config`, :mod:`.events`.
 """
@@ -22,6 +23,7 @@ Where things are:
 from .cache import check_cache
 from .config import BackstepConfig, LoopRewinds
 from .events import BackstepEvent, BackstepOutput, BackstepStats
+from .landing import Landing
 from .loop import BackstepLoop
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "BackstepLoop",
     "BackstepOutput",
     "BackstepStats",
+    "Landing",
     "LoopRewinds",
     "check_cache",
 ]

@@ -13,6 +13,7 @@ from ..schedules import LinearDecay, Schedule
 from ..triggers import EarlyTrigger
 from ..truncation import Widen
 from .window import ContextShift
+from .landing import Landing
 
 __all__ = ["BackstepConfig", "LoopRewinds"]
 
@@ -145,6 +146,20 @@ class BackstepConfig:
             (``RewindRule.fresh()``, a deep copy unless the rule overrides it).
         max_rule_rewinds (`int`, defaults to 50): rewinds each of ``rules`` may ask for per row (a budget per
             rule); afterwards its requests are ignored.
+        min_tokens (`int`, defaults to 0): the length mode, in tokens: before a row has this many new tokens,
+            EOS and endings are rewound as usual; from then on the model's own EOS after a complete sentence
+            (or line) is accepted and the row finishes there (an EOS mid-sentence is still rewound). 0: no minimum.
+        min_words (`int`, defaults to 0): the length mode, in words of the decoded text (CJK characters and
+            runs of Latin letters, as LongBench-Write counts them); with ``min_tokens`` both must be reached.
+        accept_end_phrases (`bool`, defaults to `False`): in the length mode, a completed ending phrase (see
+            ``end_phrases``) after the minimum also finishes the row, the phrase kept. Needs a minimum.
+        landing (`Landing` or `bool`, *optional*): end before ``max_new_tokens`` at a natural boundary (see
+            :class:`~perpetual_logits.Landing`): EOS favoured after sentence ends from a margin before the limit
+            (and from the minimum on; in the length mode never before it), and a row that reaches the limit cut
+            back to its last complete sentence.
+            ``None`` (default): on in the length mode, off otherwise; ``True``: ``Landing()``; ``False``: off.
+            In every mode a row that reaches the limit drops an unfinished held-back phrase (part of a spelled
+            end marker such as ``<|end_story``) from its end.
 
     ``end_phrases``, ``ban_phrases`` and line-level loop checks read text: pass ``generate(...,
     tokenizer=tokenizer)`` or give the tokenizer once to :func:`~perpetual_logits.make_perpetual`.
@@ -181,6 +196,10 @@ class BackstepConfig:
     rules: Sequence[RewindRule] = ()
     max_rule_rewinds: int = 50
     window: ContextShift | None = None
+    min_tokens: int = 0
+    min_words: int = 0
+    accept_end_phrases: bool = False
+    landing: Landing | bool | None = None
 
     def __post_init__(self) -> None:
         _validation.positive_int(self.n_remove, "n_remove")
@@ -226,12 +245,32 @@ class BackstepConfig:
                 raise ValueError(f"`rules` must contain RewindRule instances, got {rule!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
         _validation.positive_int(self.max_rule_rewinds, "max_rule_rewinds", minimum=0)
+        _validation.positive_int(self.min_tokens, "min_tokens", minimum=0)
+        _validation.positive_int(self.min_words, "min_words", minimum=0)
+        if not isinstance(self.accept_end_phrases, bool):
+            raise ValueError(f"`accept_end_phrases` must be a bool, got {self.accept_end_phrases!r}")
+        if self.accept_end_phrases and not self.length_mode:
+            raise ValueError("`accept_end_phrases` accepts endings after the minimum: set `min_tokens` or `min_words`")
+        if self.landing is None:
+            object.__setattr__(self, "landing", Landing() if self.length_mode else False)
+        elif self.landing is True:
+            object.__setattr__(self, "landing", Landing())
+        elif self.landing is not False and not isinstance(self.landing, Landing):
+            raise ValueError(f"`landing` must be None, a bool or a Landing, got {self.landing!r}")
+
+    @property
+    def length_mode(self) -> bool:
+        """Whether a minimum is set (``min_tokens`` or ``min_words``): rows end at their own EOS after it."""
+        return self.min_tokens > 0 or self.min_words > 0
 
     @property
     def reads_text(self) -> bool:
         """Whether generation needs the tokenizer (phrases or line-level loop checks)."""
         loops_text = self.loops is not None and self.loops.line_repeats > 0
-        return self.end_phrases is not None or self.ban_phrases is not None or loops_text
+        landing = isinstance(self.landing, Landing)
+        return (
+            self.end_phrases is not None or self.ban_phrases is not None or loops_text or landing or self.min_words > 0
+        )
 
     @classmethod
     def dynamic(cls, n_remove: int = 10, peak: float = 2.0, **kwargs: Any) -> BackstepConfig:
@@ -241,10 +280,13 @@ class BackstepConfig:
     @classmethod
     def chat(cls, n_remove: int = 12, peak: float = 1.6, **kwargs: Any) -> BackstepConfig:
         """The preset for chat models: Method 4 + endings rewound like EOS (spelled end-of-turn markers and the
-        closings assistants write, see :func:`~perpetual_logits.default_end_phrases`) + loop rewinds.
+        closings assistants write, see :func:`~perpetual_logits.default_end_phrases`) + loop rewinds + the
+        landing before ``max_new_tokens``. Give a minimum (``min_words=300`` for "write 300 words", or
+        ``min_tokens``) and the answer ends at the model's own end of turn once it is reached.
 
         Needs the tokenizer (``generate(..., tokenizer=...)`` or ``make_perpetual(model, tokenizer=...)``).
         """
         kwargs.setdefault("end_phrases", "chat")
         kwargs.setdefault("loops", LoopRewinds())
+        kwargs.setdefault("landing", True)
         return cls.dynamic(n_remove=n_remove, peak=peak, **kwargs)

@@ -62,6 +62,8 @@ class BackstepStats:
         realignments: times rows' cache slots were moved (after rewinds in a batch).
         early_triggers: schedules started early by the ``early_trigger``.
         context_shifts: times a row's middle was dropped from the cache (``BackstepConfig.window``), all rows.
+        landing_cuts: rows cut back at ``max_new_tokens`` (to a sentence end, or dropping an unfinished phrase);
+            the tokens cut count in ``removed_tokens``.
     """
 
     prefill_forwards: int = 0
@@ -74,6 +76,7 @@ class BackstepStats:
     realignments: int = 0
     early_triggers: int = 0
     context_shifts: int = 0
+    landing_cuts: int = 0
 
 
 @dataclass

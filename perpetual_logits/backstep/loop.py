@@ -32,6 +32,7 @@ from .buffer import LogitsRing
 from .cache import CacheLayout, check_cache, check_static_size, sliding_window
 from .config import BackstepConfig
 from .events import BackstepEvent, BackstepOutput, BackstepStats
+from .landing import LandingBias
 from .lengths import per_row_lengths
 from .policy import RewindPlan, RewindPolicy
 from .records import StepRecords
@@ -119,6 +120,10 @@ class BackstepLoop:
             processors = insert_before_warpers(processors, self.temperature.processor)
             if self.do_sample:  # greedy decoding has no truncation to widen: the argmax is unaffected
                 processors = self.temperature.widen_truncation(processors, vocab)
+        # The landing raises EOS at sentence ends on the raw logits, before temperature and truncation.
+        text = self.policy.text
+        if text is not None and text.landing is not None:
+            processors = LogitsProcessorList([LandingBias(text, self.eos), *processors])
         self.processors = processors
         # Length and EOS are handled per row here; every other criterion sees the rows left-padded.
         self.criteria = StoppingCriteriaList(
@@ -201,6 +206,7 @@ class BackstepLoop:
         batch, prompt = self.rows.batch, self.rows.prompt_length
         for unit in [*self._units(), self.policy]:
             unit.start(batch, prompt)
+        self.policy.set_limits([self.rows.max_length] * batch)
         # Processors generate() reuses across calls: a stateful one starts afresh; one that keeps no per-row
         # state but can be reset is reset.
         for proc in self.processors:
@@ -236,6 +242,8 @@ class BackstepLoop:
         if decision == "keep":
             return True
         if decision == "finish":
+            if token not in self.eos and rows.full(row):
+                self._cut_at_limit(row, step)
             self._finish(row)
             return True
         assert isinstance(decision, RewindPlan)
@@ -259,6 +267,26 @@ class BackstepLoop:
         self.stats.removed_tokens += plan.removed
         self.stats.deep_rewinds += int(deep)
         self.stats.backsteps += 1
+
+    def _cut_at_limit(self, row: int, step: int) -> None:
+        """A row at ``max_new_tokens`` ends where the policy says (no unfinished phrase; with the landing, its last
+        complete sentence): the tokens after are dropped like a rewind's, without an event. Tokens the policy
+        appends (a sentence end that was inside a token, spelled anew) are not fed: the returned cache ends
+        before them, and their scores are those of the token they replace."""
+        rows = self.rows
+        length = rows.lens[row]
+        cut, extra = self.policy.cut_at_limit(rows.view_of(row))
+        if cut >= length:
+            return
+        self.stats.landing_cuts += 1
+        self.stats.removed_tokens += length - cut
+        steps = self.records.row_steps[row]
+        replaced = steps[cut - rows.prompt_length] if cut - rows.prompt_length < len(steps) else step
+        for unit in [*self._units(), self.policy]:
+            unit.rewind(row, cut)
+        for token in extra:
+            rows.append(row, token)
+            self.records.add_token(row, replaced)
 
     def _finish(self, row: int) -> None:
         for unit in [*self._units(), self.policy]:

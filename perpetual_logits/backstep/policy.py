@@ -25,12 +25,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..boundaries import cut_point
 from ..phrases import PhraseMatcher, default_end_phrases
 from ..protocol import Rewind, RewindRule, RowState, RowView
 from ..repetition import newline_token_ids, word_token_ids
 from .bans import Bans
 from .config import BackstepConfig
 from .events import BackstepEvent
+from .landing import Landing, RowText
 from .rules import EOSRule, LoopRule, PhraseRule
 
 __all__ = ["Decision", "RewindPlan", "RewindPolicy"]
@@ -135,6 +137,13 @@ class RewindPolicy(RowState):
         for rule in config.rules:
             self.rules.append(rule.fresh())
             self.limits.append(config.max_rule_rewinds)
+        # -- the length mode and the landing: what each row's text says (its minimum, its sentence ends)
+        landing = config.landing if isinstance(config.landing, Landing) else None
+        self.text = (
+            RowText(tokenizer, config.min_tokens, config.min_words, landing)
+            if landing is not None or config.length_mode
+            else None
+        )
         # Rules that can hold tokens back from the streamer (the others always hold none): asked every step.
         self.holders = [rule for rule in self.rules if type(rule).held is not RewindRule.held]
         # -- per-row state: prompt lengths, budgets spent, bans, schedule restarts, final tokens, events
@@ -173,6 +182,8 @@ class RewindPolicy(RowState):
         self.events = [[] for _ in range(batch)]
         for rule in self.rules:
             rule.start(batch, min(self.prompt_lengths, default=0))
+        if self.text is not None:
+            self.text.start_rows(self.prompt_lengths)
         if greedy is not None:
             if len(greedy) != batch:
                 raise ValueError(f"`greedy` must hold one bool per row ({batch}), got {len(greedy)}")
@@ -186,6 +197,8 @@ class RewindPolicy(RowState):
         for rule in self.rules:
             rule.rewind(row, length)
         self.bans.rewind(row, length)
+        if self.text is not None:
+            self.text.rewind(row, length)
 
     def finish(self, row: int) -> None:
         for rule in self.rules:
@@ -206,10 +219,18 @@ class RewindPolicy(RowState):
                 floor).
         """
         row = view.row
+        text = self.text
+        if text is not None:
+            if text.observe(view):
+                self.bans.always[row].difference_update(self.eos)  # the minimum lifts an exhausted EOS budget
+            if view.ids[-1] in self.eos and text.accepts_end(row):
+                return "finish"  # the length mode's minimum is reached, or the row lands at a sentence end
         for index, rule in enumerate(self.rules):
             request = rule.check(view)
             if request is None or self.used[index][row] >= self.limits[index]:
                 continue
+            if request.reason == "ending" and self.config.accept_end_phrases and text and text.minimum_reached(row):
+                continue  # the length mode keeps the model's own ending once the minimum is reached
             plan = self._plan(view, request, floor, rule)
             if plan is None:
                 continue
@@ -287,11 +308,39 @@ class RewindPolicy(RowState):
 
     # -- hold-back ---------------------------------------------------------------------------------------------
     def held(self, row: int) -> int:
-        """Trailing tokens of ``row`` that must stay revisable: ``hold_back``, or more while a rule needs it."""
-        held = self.hold_back
+        """Trailing tokens of ``row`` that must stay revisable: ``hold_back``, or more while a rule needs it (or
+        the landing, which may cut back to the last sentence end)."""
+        held = self.hold_back if self.text is None else max(self.hold_back, self.text.held(row))
         for rule in self.holders:
             held = max(held, rule.held(row))
         return held
+
+    # -- the limit -------------------------------------------------------------------------------------------
+    def set_limits(self, max_lengths: Sequence[int | None]) -> None:
+        """Per row, the most tokens it may hold, prompt included (where the landing aims)."""
+        if self.text is not None:
+            self.text.set_limits(max_lengths)
+
+    def cut_at_limit(self, view: RowView) -> tuple[int, list[int]]:
+        """Where a row that reached its token limit (not at an EOS) ends: in every mode without an unfinished
+        held-back phrase (part of a spelled end marker); with the landing's ``cut_back``, at its last complete
+        sentence or line (else its last whole word; see :func:`~perpetual_logits.boundaries.cut_point`). Never
+        below its final tokens.
+
+        Returns:
+            `tuple[int, list[int]]`: the length to keep (prompt included) and tokens to append after it (the
+            head of a token that held a sentence end, spelled anew; usually none).
+        """
+        row, ids = view.row, view.ids
+        length = len(ids)
+        prompt = max(self.prompt_lengths[row], view.prompt_length)
+        floor = max(self.final[row], prompt)
+        partial = max((rule.partial(row) for rule in self.rules if isinstance(rule, PhraseRule)), default=0)
+        cut = max(length - partial, floor)
+        text = self.text
+        if text is not None and text.landing is not None and text.landing.cut_back:
+            return cut_point(text.tokenizer, ids[:cut], floor, prompt)
+        return cut, []
 
     def settle(self, row: int, length: int, finished: bool) -> tuple[int, int]:
         """Make final what is far enough behind the end of ``row`` (all of it once finished).

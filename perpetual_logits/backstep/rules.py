@@ -84,25 +84,33 @@ class PhraseRule(RewindRule):
         self.eos = tuple(eos)
         self.used: list[int] = []
         self.hold: list[int] = []
+        self.unfinished: list[int] = []
         self.streams: list[PhraseStream] = []  # per row: its text and matching state, fed one token at a time
 
     def start(self, batch_size: int, prompt_length: int) -> None:
         self.used = [0] * batch_size
         self.hold = [0] * batch_size
+        self.unfinished = [0] * batch_size
         self.streams = [PhraseStream(self.matcher) for _ in range(batch_size)]
 
     def rewind(self, row: int, length: int) -> None:
         self.hold[row] = 0
+        self.unfinished[row] = 0
         self.streams[row].rewind(length)
 
     def held(self, row: int) -> int:
         return self.hold[row]
+
+    def partial(self, row: int) -> int:
+        """Trailing tokens of ``row`` that begin a phrase not (yet) completed: dropped if the row must end now."""
+        return self.unfinished[row]
 
     def check(self, view: RowView) -> Rewind | None:
         scan = self.streams[view.row].feed(view.ids, view.prompt_length, view.text_start, final=view.final)
         # An ending rewinds n_remove tokens before the phrase: those must not be streamed while it may complete.
         extra = self.n_remove if self.mode == "ending" and scan.hold else 0
         self.hold[view.row] = scan.hold + extra
+        self.unfinished[view.row] = scan.hold
         match = scan.match
         if match is None or self.used[view.row] >= self.max_rewinds:
             return None

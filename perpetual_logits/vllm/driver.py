@@ -193,6 +193,10 @@ class _Driver:
             self.policy = RewindPolicy(config, sorted(self.eos), _vocab_size(llm, tokenizer), tokenizer)
             greedy = [(row.params.temperature or 0.0) < 1e-5 for row in rows]
             self.policy.start_rows([len(row.prompt) for row in rows], greedy)
+            # The length mode and the landing (minimum, EOS accepted at sentence ends near the limit, the cut back
+            # to the last sentence) come with the policy; the landing's EOS bonus needs the text inside the
+            # engine's processor and is not applied on vLLM.
+            self.policy.set_limits([len(row.prompt) + int(row.params.max_tokens) for row in rows])
 
     # -- submission -------------------------------------------------------------------------------------
     def _submit(self, row: _Row) -> None:
@@ -285,6 +289,8 @@ class _Driver:
                 if not (finished and i == len(new) - 1):
                     self.engine.abort_request([row.request_id])  # later tokens of this request are dropped
                 if decision == "finish":  # a kept EOS (budget spent, on_exhausted="stop") or max_tokens reached
+                    if token not in self.eos:
+                        self._cut_at_limit(row, view)
                     self._finish(row, "stop" if token in self.eos else "length")
                 else:
                     assert isinstance(decision, RewindPlan)
@@ -298,6 +304,16 @@ class _Driver:
             self._finish(row, completion.finish_reason)
         else:
             self._commit(row)
+
+    def _cut_at_limit(self, row: _Row, view: RowView) -> None:
+        """A request at ``max_tokens`` ends where the policy says: no unfinished held-back phrase and, with the
+        landing, at its last complete sentence (as on the HF backend)."""
+        assert self.policy is not None
+        cut, extra = self.policy.cut_at_limit(view)
+        if cut < len(row.ids):
+            self.policy.rewind(row.index, cut)
+            del row.ids[cut:]
+            row.ids.extend(extra)
 
     def _finish(self, row: _Row, reason: str | None) -> None:
         row.done = True

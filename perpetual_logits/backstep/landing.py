@@ -1,0 +1,247 @@
+"""The length mode and the landing: a row writes at least a minimum, then ends at a natural boundary.
+
+* :class:`Landing` -- the settings: from ``margin`` tokens before ``max_new_tokens`` (and, in the length mode,
+  from the minimum on) EOS is raised right after a sentence or line end, more and more; a row that still
+  reaches the limit is cut back to its last complete sentence (:func:`~perpetual_logits.boundaries.cut_point`).
+* :class:`RowText` -- per row, what the text says: whether it ends at a sentence end now, where its last
+  boundary is, whether its minimum (tokens, words) is reached. A :class:`~perpetual_logits.RowState`.
+* :class:`LandingBias` -- the logits processor that raises EOS at sentence ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor
+
+from .. import _validation
+from ..boundaries import _sentence_end_inside, count_words, ends_sentence
+from ..protocol import RowState, RowView
+
+__all__ = ["Landing", "LandingBias", "RowText"]
+
+
+@dataclass(frozen=True)
+class Landing:
+    """How a row ends before ``max_new_tokens`` instead of being cut wherever the budget runs out.
+
+    Args:
+        margin (`int`, defaults to 64): tokens before the limit from which EOS is favoured right after a sentence
+            or line end; the favour rises linearly over these tokens. In the length mode the rise also starts
+            where the row reaches its minimum (whichever comes first).
+        strength (`float`, defaults to 8.0): logit added to EOS at a sentence end once the rise is complete
+            (``strength * steps / margin`` before).
+        cut_back (`bool`, defaults to `True`): a row that reaches the limit anyway is returned cut back to its
+            last complete sentence or line (failing that, its last whole word), never below what was already
+            streamed. Streaming holds the text after the last sentence end (up to ``2 * margin`` tokens), so
+            nothing streamed is ever cut.
+
+    Example:
+
+    ```python
+    >>> from perpetual_logits import Landing
+    >>> Landing().margin, Landing(margin=16, strength=4.0).strength
+    (64, 4.0)
+    >>> Landing(margin=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `margin` must be an int >= 1, got 0
+
+    ```
+    """
+
+    margin: int = 64
+    strength: float = 8.0
+    cut_back: bool = True
+
+    def __post_init__(self) -> None:
+        _validation.positive_int(self.margin, "margin")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not self.strength >= 0:
+            raise ValueError(f"`strength` must be a number >= 0, got {self.strength!r}")
+        if not isinstance(self.cut_back, bool):
+            raise ValueError(f"`cut_back` must be a bool, got {self.cut_back!r}")
+
+
+class RowText(RowState):
+    """What each row's decoded text says, kept up to date token by token (a few tokens decoded per step):
+    whether it ends a sentence now, where its sentence and line ends are, whether its minimum is reached.
+    Backend-neutral: it sees a row only through :class:`~perpetual_logits.protocol.RowView`\\ s.
+
+    Args:
+        tokenizer: decodes token ids (``None`` only with ``min_tokens`` alone and no landing).
+        min_tokens: generated tokens a row must have before its own end is accepted (0: none).
+        min_words: words (see :func:`~perpetual_logits.boundaries.count_words`) it must have (0: none).
+        landing: the landing settings, or ``None``.
+    """
+
+    def __init__(self, tokenizer: Any, min_tokens: int, min_words: int, landing: Landing | None) -> None:
+        if tokenizer is None and (landing is not None or min_words):
+            raise ValueError(
+                "the landing and `min_words` read the text: pass the tokenizer (generate(..., tokenizer=tokenizer) "
+                "or make_perpetual(model, tokenizer=tokenizer))"
+            )
+        # -- settings
+        self.tokenizer = tokenizer
+        self.min_tokens = min_tokens
+        self.min_words = min_words
+        self.landing = landing
+        # -- per row: prompt length, the most tokens it may hold, the end of its text after each generated
+        #    token, whether that end is sentence punctuation not yet confirmed by a space, its sentence/line ends
+        #    (lengths, ascending), where its minimum was reached
+        self.prompt_lengths: list[int] = []
+        self.limits: list[int | None] = []
+        self.tails: list[list[str]] = []
+        self.pending: list[list[bool]] = []
+        self.boundaries: list[list[int]] = []
+        self.reached_at: list[int | None] = []
+
+    # -- protocol ------------------------------------------------------------------------------------------
+    def start(self, batch_size: int, prompt_length: int) -> None:
+        self.start_rows([prompt_length] * batch_size)
+
+    def start_rows(self, prompt_lengths: Sequence[int], limits: Sequence[int | None] | None = None) -> None:
+        """Start rows with these prompt lengths and, per row, the most tokens it may hold (prompt included)."""
+        batch = len(prompt_lengths)
+        self.prompt_lengths = list(prompt_lengths)
+        self.limits = list(limits) if limits is not None else [None] * batch
+        self.tails = [[] for _ in range(batch)]
+        self.pending = [[] for _ in range(batch)]
+        self.boundaries = [[] for _ in range(batch)]
+        self.reached_at = [None] * batch
+
+    def set_limits(self, limits: Sequence[int | None]) -> None:
+        """Per row, the most tokens it may hold (prompt included; ``None``: unknown, no landing)."""
+        self.limits = list(limits)
+
+    def rewind(self, row: int, length: int) -> None:
+        generated = max(0, length - self.prompt_lengths[row])
+        del self.tails[row][generated:]
+        del self.pending[row][generated:]
+        kept = self.boundaries[row]
+        while kept and kept[-1] > length:
+            kept.pop()
+        reached = self.reached_at[row]
+        if reached is not None and reached > length:
+            self.reached_at[row] = None
+
+    # -- updates -------------------------------------------------------------------------------------------
+    def observe(self, view: RowView) -> bool:
+        """Read the row's newest token; returns whether the row has just reached its minimum."""
+        row, ids = view.row, view.ids
+        length = len(ids)
+        prompt = self.prompt_lengths[row]
+        tail, pending = (self.tails[row][-1], self.pending[row][-1]) if self.tails[row] else ("", False)
+        if self.tokenizer is not None:
+            before = self._decode(ids[max(prompt, length - 5) : length - 1])
+            after = self._decode(ids[max(prompt, length - 5) : length])
+            piece = after[len(before) :] if after.startswith(before) else after[-1:]
+            if piece:
+                if (pending and piece[0].isspace()) or _sentence_end_inside(piece):
+                    self._mark(row, length - 1)  # a cut may end before this token (and spell what it ends)
+                tail = (tail + piece)[-16:]
+                stripped = tail.rstrip(" \t")
+                if stripped.endswith("\n") or (stripped != tail and ends_sentence(stripped)):
+                    self._mark(row, length)
+                    pending = False
+                else:
+                    pending = ends_sentence(tail)
+        self.tails[row].append(tail)
+        self.pending[row].append(pending)
+        if self.reached_at[row] is None and self._minimum_met(row, ids):
+            self.reached_at[row] = length
+            return True
+        return False
+
+    def _mark(self, row: int, length: int) -> None:
+        kept = self.boundaries[row]
+        if not kept or kept[-1] < length:
+            kept.append(length)
+
+    def _minimum_met(self, row: int, ids: Sequence[int]) -> bool:
+        generated = len(ids) - self.prompt_lengths[row]
+        if generated < self.min_tokens or (self.min_tokens == 0 and self.min_words == 0):
+            return False
+        if self.min_words == 0:
+            return True
+        if 2 * generated < self.min_words:  # a word takes at least half a token: no need to decode yet
+            return False
+        return count_words(self._decode(ids[self.prompt_lengths[row] :])) >= self.min_words
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def length(self, row: int) -> int:
+        return self.prompt_lengths[row] + len(self.tails[row])
+
+    def minimum_reached(self, row: int) -> bool:
+        """The row has its minimum (the length mode is on and the row wrote enough)."""
+        return self.reached_at[row] is not None
+
+    def at_sentence_end(self, row: int) -> bool:
+        """The text (special tokens skipped) ends with a sentence or line end now."""
+        return bool(self.tails[row]) and ends_sentence(self.tails[row][-1])
+
+    def due(self, row: int) -> int | None:
+        """The length from which EOS is favoured (and accepted) at sentence ends; ``None``: not (yet). In the
+        length mode that is never before the minimum: the limit then cuts the row back instead."""
+        limit = self.limits[row] if row < len(self.limits) else None
+        if self.landing is None:
+            return None
+        reached = self.reached_at[row]
+        if self.min_tokens or self.min_words:  # the length mode: never before the minimum
+            return None if reached is None else reached if limit is None else min(reached, limit - self.landing.margin)
+        return None if limit is None else limit - self.landing.margin
+
+    def accepts_end(self, row: int) -> bool:
+        """Whether an EOS just sampled by ``row`` (observed) ends the row: its text ends a sentence (or line) and
+        the row has its minimum or is landing. An EOS mid-sentence is a fragment, rewound as usual."""
+        if not self.at_sentence_end(row):
+            return False
+        if self.minimum_reached(row):
+            return True
+        due = self.due(row)
+        return due is not None and self.length(row) - 1 >= due
+
+    def held(self, row: int) -> int:
+        """Trailing tokens a streamer must hold so that a cut back to the last sentence end stays possible."""
+        if self.landing is None or not self.landing.cut_back:
+            return 0
+        kept = self.boundaries[row]
+        last = kept[-1] if kept else self.prompt_lengths[row]
+        return min(self.length(row) - last, 2 * self.landing.margin)
+
+
+class LandingBias(LogitsProcessor):
+    """Raises EOS for rows whose text ends a sentence, from their due point on, rising over ``margin`` tokens.
+
+    Args:
+        text: the rows' :class:`RowText` (with a landing).
+        eos: the EOS ids.
+    """
+
+    def __init__(self, text: RowText, eos: Sequence[int]) -> None:
+        if text.landing is None:
+            raise ValueError("LandingBias needs a RowText with a landing")
+        self.text = text
+        self.eos = list(eos)
+        self.margin = text.landing.margin
+        self.strength = float(text.landing.strength)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        boost: list[tuple[int, float]] = []
+        for row in range(scores.shape[0]):
+            length = self.text.length(row)
+            due = self.text.due(row)
+            if due is None or length < due or not self.text.at_sentence_end(row):
+                continue
+            boost.append((row, self.strength * min(1.0, (length - due + 1) / self.margin)))
+        if not boost or not self.eos:
+            return scores
+        out = scores.clone()
+        for row, amount in boost:
+            out[row, self.eos] += amount
+        return out  # type: ignore[return-value]

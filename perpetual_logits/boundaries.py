@@ -1,0 +1,189 @@
+"""Where text may end: words, sentence ends and line ends, found on decoded text and mapped back to tokens.
+
+Used by the length mode (a minimum in words) and by the landing (a row that reaches ``max_new_tokens`` is cut
+back to its last complete sentence). Words are counted as LongBench-Write counts them: every CJK character and
+every run of Latin letters.
+
+A *sentence end* is sentence-ending punctuation (``. ! ? …`` and the CJK full stops), optionally followed by
+closing quotes or brackets, that is followed by whitespace -- so ``3.5`` and ``e.g.x`` are not ends; the very
+end of a text counts only where the text is known to be complete. A *line end* is a newline. Both are places
+where a text may stop without a fragment.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["count_words", "cut_point", "ends_sentence", "last_boundary"]
+
+_WORD = re.compile(r"[\u4e00-\u9fff]|[a-zA-Z]+")
+_CLOSERS = "\"'”’»)]*_`"
+_SENTENCE_END = re.compile(rf"[.!?…。！？][{re.escape(_CLOSERS)}]*$")
+_BOUNDARY = re.compile(rf"(?:[.!?…。！？][{re.escape(_CLOSERS)}]*(?=\s)|\n)")
+
+
+def count_words(text: str) -> int:
+    """Words in ``text`` as LongBench-Write counts them: each CJK character and each run of Latin letters.
+
+    Example:
+
+    ```python
+    >>> count_words("It's 3 o'clock, said Tom.")
+    6
+
+    ```
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str, got {type(text).__name__}")
+    return len(_WORD.findall(text))
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether ``text`` (ignoring trailing spaces and tabs) ends with sentence-ending punctuation or a newline.
+
+    Example:
+
+    ```python
+    >>> ends_sentence('He said "yes."'), ends_sentence("the amp un"), ends_sentence("a list\\n")
+    (True, False, True)
+
+    ```
+    """
+    stripped = text.rstrip(" \t")
+    return stripped.endswith("\n") or _SENTENCE_END.search(stripped) is not None
+
+
+def last_boundary(text: str, complete: bool = False) -> int:
+    """The character index just after the last sentence or line end of ``text`` (0 when there is none).
+
+    Args:
+        text (`str`): the text.
+        complete (`bool`, defaults to `False`): the text is finished, so punctuation at its very end is an end
+            too (otherwise ``"3."`` could still become ``"3.5"``).
+
+    Example:
+
+    ```python
+    >>> text = "The cat sat. Then the do"
+    >>> text[: last_boundary(text)]
+    'The cat sat.'
+    >>> last_boundary("Done.", complete=True), last_boundary("Done.")
+    (5, 0)
+
+    ```
+    """
+    if complete and ends_sentence(text):
+        return len(text.rstrip(" \t"))
+    end = 0
+    for m in _BOUNDARY.finditer(text):
+        end = m.end()
+    return end
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return str(tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def _sentence_end_inside(piece: str) -> int:
+    """The length of ``piece``'s head up to its last sentence end followed by whitespace (0: none)."""
+    end = 0
+    for m in _BOUNDARY.finditer(piece):
+        if m.group() != "\n" and m.end() < len(piece):
+            end = m.end()
+    return end
+
+
+def _spell(tokenizer: Any, ids: Sequence[int], start: int, floor: int, head: str) -> tuple[int, list[int]] | None:
+    """Keep ``ids[:q]`` and append tokens so that the text of ``ids[start:]`` gains exactly ``head``: first
+    without touching ``ids`` (``q = len(ids)``), else re-spelling the last few tokens with it (``q >= floor``).
+    ``None`` when the tokenizer cannot spell it exactly."""
+    text = _decode(tokenizer, ids[start:])
+    target = text + head
+    for q in range(len(ids), max(floor, start, len(ids) - 4) - 1, -1):
+        kept = _decode(tokenizer, ids[start:q])
+        if not target.startswith(kept):
+            continue
+        segment = target[len(kept) :]
+        encoded = list(tokenizer.encode(segment, add_special_tokens=False))
+        candidates = [encoded]
+        if len(encoded) > 1 and not _decode(tokenizer, encoded[:1]).strip():
+            candidates.append(encoded[1:])  # SentencePiece's dummy prefix ("▁") before a word continued here
+        convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+        if convert is not None:  # a piece spelled alone ("." rather than the encoder's "▁.")
+            single = convert(segment)
+            if isinstance(single, int) and single != getattr(tokenizer, "unk_token_id", None):
+                candidates.insert(0, [single])
+        for extra in candidates:
+            if extra and _decode(tokenizer, [*ids[start:q], *extra]) == target:
+                return q, extra
+    return None
+
+
+def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int = 0) -> tuple[int, list[int]]:
+    """Where to cut a row that must stop now: the latest point at or after ``floor`` where its text ends a
+    sentence or a line; failing that, the latest whole word; failing that, nowhere (``len(ids)``).
+
+    A sentence end may lie inside a token (SentencePiece vocabularies have pieces like ``".▁The▁"``): the row
+    is then cut before that token and the head of its text (``"."``) is spelled with other tokens, when the
+    tokenizer can spell it exactly. The text after the row's last token is unknown, so a sentence end at the very
+    end counts (the row is being finished there) but a word at the very end does not (``"be af"`` may be half
+    of ``"afraid"``).
+
+    Args:
+        tokenizer: decodes (and, to spell a sentence end inside a token, encodes) text.
+        ids (`Sequence[int]`): the row's tokens.
+        floor (`int`): the shortest allowed result (tokens already final; at least ``prompt_length``).
+        prompt_length (`int`, defaults to 0): where the generated text starts; an empty generated text is never
+            chosen.
+
+    Returns:
+        `tuple[int, list[int]]`: the tokens to keep (``ids[:length]``) and the tokens to append after them.
+
+    Example (any object with ``decode`` and ``encode`` works):
+
+    ```python
+    >>> class Words:
+    ...     pieces = ["The", " cat", " sat", ".", " Then", " the", " do"]
+    ...     def decode(self, ids, skip_special_tokens=True):
+    ...         return "".join(self.pieces[i] for i in ids)
+    ...     def encode(self, text, add_special_tokens=False):
+    ...         return [self.pieces.index(text)] if text in self.pieces else []
+    >>> cut_point(Words(), [0, 1, 2, 3, 4, 5, 6], floor=0)
+    (4, [])
+    >>> cut_point(Words(), [0, 1, 2, 3, 4, 5, 6], floor=5)
+    (6, [])
+
+    ```
+    """
+    n = len(ids)
+    if not 0 <= prompt_length <= floor <= n:
+        raise ValueError(f"`floor` must be in [prompt_length ({prompt_length}), {n}], got {floor}")
+    if floor == n:
+        return n, []
+    start = max(prompt_length, floor - 4)
+    texts = [_decode(tokenizer, ids[start:p]) for p in range(floor, n + 1)]
+    word_end: int | None = None
+    for p in range(n, floor - 1, -1):
+        text = texts[p - floor]
+        if p == n:
+            if ends_sentence(text):
+                return p, []
+            continue
+        following = texts[p - floor + 1]
+        piece = following[len(text) :] if following.startswith(text) else ""
+        inside = _sentence_end_inside(piece)
+        if inside and (p > start or text):
+            spelled = _spell(tokenizer, ids[:p], start, floor, piece[:inside])
+            if spelled is not None:
+                return spelled
+        if p == start:
+            break  # nothing of the generated text would be judged (or kept)
+        spaced = piece[:1].isspace() or (text[-1:].isspace() and text.strip() != "")
+        stripped = text.rstrip(" \t")
+        if stripped.endswith("\n") or (spaced and _SENTENCE_END.search(stripped)):
+            return p, []
+        if word_end is None and spaced:
+            word_end = p
+    return (word_end, []) if word_end is not None else (n, [])

@@ -1,0 +1,182 @@
+"""The length mode (a minimum, then the model's own end) and the landing before ``max_new_tokens``.
+
+Scripted runs use a tiny random Llama with TinyStories-656K's tokenizer and a processor that forces a token
+script per row, so the boundary, the minimum and the cut are known exactly; TinyStories-656K itself checks the
+landing on real text.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessor
+from transformers.generation.streamers import BaseStreamer
+
+from perpetual_logits import BackstepConfig, Landing, make_perpetual
+from perpetual_logits.boundaries import count_words, cut_point, ends_sentence
+
+EOS = 2
+
+
+class Scripts(LogitsProcessor):
+    """Forces ``scripts[row]`` while the row follows it and the token is allowed (then the row samples freely)."""
+
+    def __init__(self, scripts: list[list[int]], prompt_length: int) -> None:
+        self.scripts, self.prompt_length = scripts, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = scores.clone()
+        for row, script in enumerate(self.scripts):
+            generated = input_ids[row, self.prompt_length :].tolist()
+            j = len(generated)
+            if j < len(script) and generated == script[:j] and torch.isfinite(scores[row, script[j]]):
+                out[row] = float("-inf")
+                out[row, script[j]] = 0.0
+        return out  # type: ignore[return-value]
+
+
+class Collect(BaseStreamer):
+    def __init__(self) -> None:
+        self.puts: list[list[int]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def run(model, tokenizer, scripts, max_new_tokens, streamer=None, **config):
+    prompt = tokenizer(["Once upon a time"] * len(scripts), return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    out = model.generate(
+        prompt,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        logits_processor=[Scripts(scripts, prompt.shape[1])],
+        backstep=BackstepConfig(**{"n_remove": 4, **config}),
+        tokenizer=tokenizer,
+        streamer=streamer,
+        return_dict_in_generate=True,
+    )
+    return out, [row[prompt.shape[1] :].tolist() for row in out.sequences]
+
+
+# -- words and boundaries ---------------------------------------------------------------------------------------
+def test_words_are_counted_like_longbench_write() -> None:
+    assert count_words("Hello, world! It's 3 o'clock.") == 6
+    assert count_words("我爱你 and you") == 5
+    with pytest.raises(TypeError, match="text"):
+        count_words(None)  # type: ignore[arg-type]
+
+
+def test_cut_point_finds_the_sentence_end_inside_a_sentencepiece_token(story_tokenizer) -> None:
+    ids = ids_of(story_tokenizer, "They were happy. The big dog ran to the park and played with the ball")
+    length, extra = cut_point(story_tokenizer, ids, 0)
+    assert story_tokenizer.decode(ids[:length] + extra) == "They were happy."
+    with pytest.raises(ValueError, match="floor"):
+        cut_point(story_tokenizer, ids, len(ids) + 1)
+
+
+# -- the landing at max_new_tokens ------------------------------------------------------------------------------
+def test_a_row_at_the_limit_is_cut_back_to_its_last_sentence(scripted_model, story_tokenizer) -> None:
+    script = ids_of(story_tokenizer, "They were happy. The big dog ran to the park and played with the ball")
+    out, (generated,) = run(scripted_model, story_tokenizer, [script], len(script), landing=Landing(margin=8))
+    assert story_tokenizer.decode(generated, skip_special_tokens=True) == "They were happy."
+    assert out.backstep_stats.landing_cuts == 1
+    # without the landing the row is returned as the budget left it
+    _, (plain,) = run(scripted_model, story_tokenizer, [script], len(script))
+    assert plain == script
+
+
+def test_an_unfinished_end_marker_is_dropped_at_the_limit_in_every_mode(scripted_model, story_tokenizer) -> None:
+    script = [*ids_of(story_tokenizer, "They were happy."), 208, 183, 209]  # "<|", "end", "_story"
+    _, (generated,) = run(scripted_model, story_tokenizer, [script], len(script), end_phrases="default")
+    assert story_tokenizer.decode(generated, skip_special_tokens=True) == "They were happy."
+
+
+def test_eos_at_a_sentence_end_near_the_limit_is_accepted_elsewhere_rewound(scripted_model, story_tokenizer) -> None:
+    happy = ids_of(story_tokenizer, "They were happy.")
+    ran = ids_of(story_tokenizer, "The dog ran")
+    # EOS right after a sentence end inside the landing margin: the row ends there, with the EOS
+    out, (generated,) = run(scripted_model, story_tokenizer, [[*happy, EOS]], 10, landing=Landing(margin=8))
+    assert generated[: len(happy) + 1] == [*happy, EOS] and not out.backstep_events[0]
+    # mid-sentence inside the margin: rewound as usual
+    out, _ = run(scripted_model, story_tokenizer, [[*ran, EOS]], 10, landing=Landing(margin=8))
+    assert [e.reason for e in out.backstep_events[0]][:1] == ["eos"]
+
+
+def test_streaming_never_shows_text_that_is_cut_back(scripted_model, story_tokenizer) -> None:
+    script = ids_of(
+        story_tokenizer,
+        "They were happy. The big dog ran to the park and played with the ball and the cat and the bird and the "
+        "boy and the girl and the tree and the sun and the moon and the",
+    )
+    streamer = Collect()
+    _, (generated,) = run(scripted_model, story_tokenizer, [script], len(script), streamer=streamer, landing=True)
+    streamed = [t for put in streamer.puts[1:] for t in put]  # the first put is the prompt
+    assert streamed == generated
+    assert story_tokenizer.decode(generated) == "They were happy."
+
+
+# -- the length mode ------------------------------------------------------------------------------------------
+def test_the_minimum_is_per_row_in_a_batch(scripted_model, story_tokenizer) -> None:
+    long = ids_of(story_tokenizer, "They were happy and the big dog ran to the park.")
+    short = ids_of(story_tokenizer, "They were happy")
+    assert len(short) < 8 <= len(long)
+    out, (first, second) = run(
+        scripted_model, story_tokenizer, [[*long, EOS], [*short, EOS]], 40, min_tokens=8, ban_rewound_token=True
+    )
+    assert first[: len(long) + 1] == [*long, EOS]  # past its minimum: its own EOS is accepted, no rewind
+    assert not out.backstep_events[0]
+    assert out.backstep_events[1][0].reason == "eos"  # before its minimum: rewound
+    kept = second[: second.index(EOS)] if EOS in second else second
+    assert len(kept) >= 8
+
+
+def test_min_words_counts_words_of_the_text(scripted_model, story_tokenizer) -> None:
+    text = ids_of(story_tokenizer, "They were happy and the big dog ran.")  # 8 words
+    out, (generated,) = run(scripted_model, story_tokenizer, [[*text, EOS]], 30, min_words=8)
+    assert generated == [*text, EOS]
+    # past the minimum, an EOS mid-sentence is a fragment: rewound
+    out, _ = run(scripted_model, story_tokenizer, [[*text[:-1], EOS]], 30, min_words=7)
+    assert out.backstep_events[0][0].reason == "eos"
+    out, _ = run(scripted_model, story_tokenizer, [[*text, EOS]], 30, min_words=9)
+    assert out.backstep_events[0][0].reason == "eos"
+
+
+def test_length_mode_settings_are_validated() -> None:
+    assert isinstance(BackstepConfig(min_words=100).landing, Landing)  # on in the length mode
+    assert BackstepConfig().landing is False and BackstepConfig(min_words=100, landing=False).landing is False
+    assert isinstance(BackstepConfig.chat().landing, Landing)
+    with pytest.raises(ValueError, match="min_tokens"):
+        BackstepConfig(min_tokens=-1)
+    with pytest.raises(ValueError, match="accept_end_phrases"):
+        BackstepConfig(accept_end_phrases=True)
+    with pytest.raises(ValueError, match="landing"):
+        BackstepConfig(landing="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="strength"):
+        Landing(strength=-1.0)
+
+
+# -- TinyStories-656K -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tinystories_rows_at_the_limit_end_at_a_sentence_with_no_partial_marker(tinystories) -> None:
+    model, tokenizer = tinystories
+    make_perpetual(model)
+    enc = tokenizer(["Once upon a time"] * 12, return_tensors="pt")
+    torch.manual_seed(0)
+    config = BackstepConfig.dynamic(10, end_phrases="default", landing=True)
+    out = model.generate(
+        **enc, do_sample=True, max_new_tokens=200, backstep=config, tokenizer=tokenizer, return_dict_in_generate=True
+    )
+    texts = tokenizer.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    assert out.backstep_stats.landing_cuts >= 1, "some rows reached the limit"
+    for text in texts:
+        assert ends_sentence(text), text  # neither mid-word nor mid-sentence
+        assert not any(text.rstrip().endswith(p) for p in ("<|", "<|end", "<|end_story", "<|end_story|")), text
