@@ -448,7 +448,9 @@ def evaluate(runs: dict[str, list[Run]], settings: QualitySettings, tokenizer: A
             "lengths": lengths,
             "new_tokens": lengths_summary,
             "ended_with_eos": sum(r.ended_with_eos for r in method_runs),
-            "reached_max": sum(len(r.new_ids) >= settings.max_new_tokens for r in method_runs),
+            # ran to max_new_tokens (not ended by the model); a row may come back a few tokens short of it when an
+            # unfinished end marker is dropped at the limit
+            "reached_max": sum(not r.ended_with_eos for r in method_runs),
             "interventions_per_run": common.summary([r.interventions for r in method_runs]),
             "interventions_per_1k": per_thousand(sum(r.interventions for r in method_runs), total),
             "rewinds_per_run_by_reason": reasons,

@@ -187,3 +187,30 @@ def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int
         if word_end is None and spaced:
             word_end = p
     return (word_end, []) if word_end is not None else (n, [])
+
+
+def sentence_end_token_ids(tokenizer: Any) -> frozenset[int]:
+    r"""Ids of every vocabulary token whose own text ends a sentence or a line (see :func:`ends_sentence`): where
+    a backend that sees tokens, not text (the vLLM processor), judges that a row is at a sentence end.
+
+    Args:
+        tokenizer: anything with ``decode(list[int])`` and ``len()``.
+
+    Example:
+
+    ```python
+    >>> class Vocab:
+    ...     pieces = ["a", ".", " b", "!\"", "\n"]
+    ...     def __len__(self):
+    ...         return len(self.pieces)
+    ...     def decode(self, ids, **kwargs):
+    ...         return "".join(self.pieces[i] for i in ids)
+    >>> sorted(sentence_end_token_ids(Vocab()))
+    [1, 3, 4]
+
+    ```
+    """
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode):
+        raise ValueError(f"`tokenizer` must have a decode() method, got {type(tokenizer).__name__}")
+    return frozenset(i for i in range(len(tokenizer)) if ends_sentence(str(decode([i]))))

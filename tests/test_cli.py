@@ -12,6 +12,7 @@ from conftest import REPO, tiny_model
 
 import perpetual_logits
 from perpetual_logits import cli, methods
+from perpetual_logits.boundaries import ends_sentence
 
 METHODS = list(methods.METHODS)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -59,8 +60,11 @@ def test_generate_json(capsys, tiny_dir, method):
     assert payload["method"] == method and payload["prompt"] == "w1 w2"
     assert 0 < payload["new_tokens"] <= 25
     assert payload["intervention_kind"] == methods.METHODS[method].intervention
-    if method != "baseline":
-        assert not payload["ended_with_eos"]  # every method keeps EOS out of the text
+    if method == "chat":  # the preset lands: its own end after a sentence in the last quarter, or cut back to one
+        assert payload["new_tokens"] >= 25 - 25 // 4 if payload["ended_with_eos"] else payload["new_tokens"] <= 25
+        assert payload["new_tokens"] == 25 or ends_sentence(payload["text"]) or payload["text"].endswith(" ")
+    elif method != "baseline":
+        assert not payload["ended_with_eos"]  # every other method keeps EOS out of the text
         assert payload["new_tokens"] == 25
     if method in ("backstep", "dynamic", "dynamic+phrases"):
         assert len(payload["backstep_events"]) == len(payload["intervention_steps"])
@@ -248,7 +252,11 @@ def test_tinystories_demo(capsys, tinystories_path, tmp_path):
     rows = {row["method"]: row for row in results["table"]}
     assert set(rows) == set(METHODS)
     for method in METHODS[1:]:
-        assert rows[method]["new_tokens"] == 200 and rows[method]["stopped_at_eos"] == 0
+        if method == "chat":  # the landing: its own end in the last quarter, or cut back at most 2 margins (128)
+            assert 200 - 128 <= rows[method]["new_tokens"] <= 200
+            assert rows[method]["new_tokens"] >= 150 or rows[method]["stopped_at_eos"] == 0
+        else:
+            assert rows[method]["new_tokens"] == 200 and rows[method]["stopped_at_eos"] == 0
     for name in ("blockwise.png", "blockwise_end.png", "eos_window.png", "README.md", "analysis.md"):
         assert (out_dir / name).stat().st_size > 0
 

@@ -101,13 +101,17 @@ def test_an_unfinished_end_marker_is_dropped_at_the_limit_in_every_mode(scripted
 
 
 def test_eos_at_a_sentence_end_near_the_limit_is_accepted_elsewhere_rewound(scripted_model, story_tokenizer) -> None:
-    happy = ids_of(story_tokenizer, "They were happy.")
-    ran = ids_of(story_tokenizer, "The dog ran")
+    happy = ids_of(story_tokenizer, "The dog ran to the park. They were happy.")
+    ran = ids_of(story_tokenizer, "The dog ran to the park. The dog ran")
     # EOS right after a sentence end inside the landing margin: the row ends there, with the EOS
-    out, (generated,) = run(scripted_model, story_tokenizer, [[*happy, EOS]], 10, landing=Landing(margin=8))
+    budget = len(happy) + 2
+    out, (generated,) = run(scripted_model, story_tokenizer, [[*happy, EOS]], budget, landing=Landing(margin=8))
     assert generated[: len(happy) + 1] == [*happy, EOS] and not out.backstep_events[0]
     # mid-sentence inside the margin: rewound as usual
-    out, _ = run(scripted_model, story_tokenizer, [[*ran, EOS]], 10, landing=Landing(margin=8))
+    out, _ = run(scripted_model, story_tokenizer, [[*ran, EOS]], len(ran) + 2, landing=Landing(margin=8))
+    assert [e.reason for e in out.backstep_events[0]][:1] == ["eos"]
+    # the same EOS well before the last quarter of a larger budget: rewound (the margin is capped by the budget)
+    out, _ = run(scripted_model, story_tokenizer, [[*happy, EOS]], 4 * budget, landing=Landing(margin=64))
     assert [e.reason for e in out.backstep_events[0]][:1] == ["eos"]
 
 

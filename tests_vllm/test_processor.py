@@ -326,3 +326,55 @@ def test_a_preempted_request_keeps_its_trigger_history_and_schedule_when_it_come
     uninterrupted = run(None)
     assert 2.0 in uninterrupted[:5] and uninterrupted[5] != 1.0  # fired before the preemption, still decaying
     assert run(5) == uninterrupted
+
+
+# -- the landing's EOS bonus ---------------------------------------------------------------------------------
+def landing(start: int, margin: int = 4, strength: float = 8.0, last_token: int = 1) -> dict[str, Any]:
+    data = {"start": start, "margin": margin, "strength": strength, "sentence_ends": [5], "last_token": last_token}
+    return {plv.KEY: {"eos": [EOS], "landing": data}}
+
+
+def test_landing_raises_eos_after_a_sentence_end_token_from_its_start_rising_over_the_margin():
+    proc = v1_processor()
+    output: list[int] = []
+    add(proc, 0, SamplingParams(extra_args=landing(start=2)), output)
+    bonus = []
+    for token in (5, 5, 5, 3, 5, 5):  # the previous token decides: 5 ends a sentence, 3 does not
+        out = proc.apply(torch.zeros(1, VOCAB))
+        bonus.append(float(out[0, EOS]))
+        assert out[0, 3] == 0.0  # only EOS moves
+        output.append(token)
+    # index 0: before the start; 1: before the start; 2: 8 * 1/4; 3: 8 * 2/4; 4: after a 3, none; 5: 8 * 4/4
+    assert bonus == [0.0, 0.0, 2.0, 4.0, 0.0, 8.0]
+
+
+def test_landing_judges_the_first_output_by_the_token_before_the_request():
+    for last, expected in ((5, 2.0), (3, 0.0)):
+        proc = v1_processor()
+        add(proc, 0, SamplingParams(extra_args=landing(start=0, last_token=last)), [])
+        assert float(proc.apply(torch.zeros(1, VOCAB))[0, EOS]) == expected
+
+
+def test_landing_on_the_v2_interface_reads_the_last_sampled_token_of_the_slot():
+    req_states = SimpleNamespace(
+        device=torch.device("cpu"), prompt_len=SimpleNamespace(np=[0, 10]), last_sampled_tokens=torch.tensor([[3], [5]])
+    )
+    proc = plv.PerpetualLogitsProcessor(None, req_states)
+    assert proc.add_request(1, SamplingParams(extra_args=landing(start=0, margin=1)))
+    ctx = SimpleNamespace(expanded_idx_mapping=torch.tensor([1]), pos=torch.tensor([12]))  # generated index 3
+    assert float(proc.apply(torch.zeros(1, VOCAB), ctx)[0, EOS]) == 8.0
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"start": 0, "margin": 0, "strength": 1.0, "sentence_ends": [5], "last_token": 1}, "landing.margin"),
+        ({"start": 0, "margin": 2, "strength": -1.0, "sentence_ends": [5], "last_token": 1}, "landing.strength"),
+        ({"start": 0, "margin": 2, "strength": 1.0, "sentence_ends": "5", "last_token": 1}, "sentence_ends"),
+        ({"start": 0, "margin": 2, "strength": 1.0, "sentence_ends": [5]}, "exactly the keys"),
+        ({"start": 0, "margin": 2, "strength": 1.0, "sentence_ends": [VOCAB], "last_token": 1}, "sentence_ends"),
+    ],
+)
+def test_malformed_landing_settings_are_refused(data, message):
+    with pytest.raises(ValueError, match=message):
+        plv.RequestSettings.parse({plv.KEY: {"landing": data}}, vocab_size=VOCAB)

@@ -40,4 +40,5 @@ def test_readme_serving_example_runs(llm, model_path, monkeypatch):
     assert len(lines) == 3
     for line in lines[1:]:
         n, reason, _events, _cached = line.split()
-        assert (n, reason) == ("96", "length")
+        # to the limit; a token that began an end marker the limit left unfinished is dropped
+        assert reason == "length" and 96 - 8 <= int(n) <= 96

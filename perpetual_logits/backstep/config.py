@@ -12,8 +12,8 @@ from ..protocol import RewindRule
 from ..schedules import LinearDecay, Schedule
 from ..triggers import EarlyTrigger
 from ..truncation import Widen
-from .window import ContextShift
 from .landing import Landing
+from .window import ContextShift
 
 __all__ = ["BackstepConfig", "LoopRewinds"]
 

@@ -30,8 +30,10 @@ class Landing:
 
     Args:
         margin (`int`, defaults to 64): tokens before the limit from which EOS is favoured right after a sentence
-            or line end; the favour rises linearly over these tokens. In the length mode the rise also starts
-            where the row reaches its minimum (whichever comes first).
+            or line end; the favour rises linearly over these tokens. It never covers more than the last quarter
+            of a row's budget (``max_new_tokens=40`` lands over its last 10 tokens), so a short budget is not
+            ended early. In the length mode the rise also starts where the row reaches its minimum (whichever
+            comes first).
         strength (`float`, defaults to 8.0): logit added to EOS at a sentence end once the rise is complete
             (``strength * steps / margin`` before).
         cut_back (`bool`, defaults to `True`): a row that reaches the limit anyway is returned cut back to its
@@ -185,6 +187,13 @@ class RowText(RowState):
         """The text (special tokens skipped) ends with a sentence or line end now."""
         return bool(self.tails[row]) and ends_sentence(self.tails[row][-1])
 
+    def margin(self, row: int) -> int:
+        """The landing's margin for ``row``: at most the last quarter of its budget (0 without a known limit)."""
+        limit = self.limits[row] if row < len(self.limits) else None
+        if self.landing is None or limit is None:
+            return 0
+        return max(1, min(self.landing.margin, (limit - self.prompt_lengths[row]) // 4))
+
     def due(self, row: int) -> int | None:
         """The length from which EOS is favoured (and accepted) at sentence ends; ``None``: not (yet). In the
         length mode that is never before the minimum: the limit then cuts the row back instead."""
@@ -193,8 +202,8 @@ class RowText(RowState):
             return None
         reached = self.reached_at[row]
         if self.min_tokens or self.min_words:  # the length mode: never before the minimum
-            return None if reached is None else reached if limit is None else min(reached, limit - self.landing.margin)
-        return None if limit is None else limit - self.landing.margin
+            return None if reached is None else reached if limit is None else min(reached, limit - self.margin(row))
+        return None if limit is None else limit - self.margin(row)
 
     def accepts_end(self, row: int) -> bool:
         """Whether an EOS just sampled by ``row`` (observed) ends the row: its text ends a sentence (or line) and
@@ -238,7 +247,8 @@ class LandingBias(LogitsProcessor):
             due = self.text.due(row)
             if due is None or length < due or not self.text.at_sentence_end(row):
                 continue
-            boost.append((row, self.strength * min(1.0, (length - due + 1) / self.margin)))
+            margin = self.text.margin(row) or self.margin
+            boost.append((row, self.strength * min(1.0, (length - due + 1) / margin)))
         if not boost or not self.eos:
             return scores
         out = scores.clone()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..boundaries import cut_point
+from ..boundaries import cut_point, sentence_end_token_ids
 from ..phrases import PhraseMatcher, default_end_phrases
 from ..protocol import Rewind, RewindRule, RowState, RowView
 from ..repetition import newline_token_ids, word_token_ids
@@ -320,6 +320,23 @@ class RewindPolicy(RowState):
         """Per row, the most tokens it may hold, prompt included (where the landing aims)."""
         if self.text is not None:
             self.text.set_limits(max_lengths)
+
+    def landing_bonus(self, row: int) -> tuple[int, int, float] | None:
+        """Where the landing's EOS bonus starts for ``row`` (a length, prompt included), the tokens it rises over
+        and its full strength; ``None``: no landing, or not due yet (the length mode before the minimum)."""
+        text = self.text
+        if text is None or text.landing is None:
+            return None
+        due = text.due(row)
+        if due is None:
+            return None
+        return due, text.margin(row) or text.landing.margin, float(text.landing.strength)
+
+    def sentence_end_ids(self) -> frozenset[int]:
+        """The tokenizer's tokens whose own text ends a sentence or line (computed once per tokenizer)."""
+        if self.text is None or self.text.tokenizer is None:
+            return frozenset()
+        return _vocab_set(self.text.tokenizer, "sentence ends", sentence_end_token_ids)
 
     def cut_at_limit(self, view: RowView) -> tuple[int, list[int]]:
         """Where a row that reached its token limit (not at an EOS) ends: in every mode without an unfinished

@@ -31,7 +31,7 @@ from ..backstep.policy import RewindPlan, RewindPolicy
 from ..protocol import RowView
 from ..truncation import Truncation
 from .processor import PerpetualLogitsProcessor, check_truncation_off, processor_for_vocabulary
-from .settings import KEY, EarlySettings, RequestSettings, WidenSettings, schedule_table
+from .settings import KEY, EarlySettings, LandingSettings, RequestSettings, WidenSettings, schedule_table
 
 __all__ = ["LLM", "PerpetualRequestOutput", "RequestStats", "eos_token_ids", "generate"]
 
@@ -147,6 +147,7 @@ class _Row:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     done: bool = False
+    landing: tuple[int, int, float] | None = None  # the landing bonus the current engine request applies
 
     def __post_init__(self) -> None:
         self.ids = list(self.prompt)
@@ -194,8 +195,8 @@ class _Driver:
             greedy = [(row.params.temperature or 0.0) < 1e-5 for row in rows]
             self.policy.start_rows([len(row.prompt) for row in rows], greedy)
             # The length mode and the landing (minimum, EOS accepted at sentence ends near the limit, the cut back
-            # to the last sentence) come with the policy; the landing's EOS bonus needs the text inside the
-            # engine's processor and is not applied on vLLM.
+            # to the last sentence) come with the policy; the landing's EOS bonus is applied by our processor
+            # (judged on the previous token, see LandingSettings).
             self.policy.set_limits([len(row.prompt) + int(row.params.max_tokens) for row in rows])
 
     # -- submission -------------------------------------------------------------------------------------
@@ -251,6 +252,11 @@ class _Driver:
                 ours["early"] = EarlySettings.of(early, f"{self.key}-{row.index}", row.generated).to_data()
             if widen is not None and not greedy:
                 ours["widen"] = WidenSettings.of(widen, schedule, _configured(row.params)).to_data()
+        row.landing = policy.landing_bonus(row.index)
+        if row.landing is not None:
+            due, margin, strength = row.landing
+            ends = sorted(policy.sentence_end_ids())
+            ours["landing"] = LandingSettings(due - start, margin, strength, tuple(ends), row.ids[-1]).to_data()
         return ours if set(ours) != {"eos"} else {}
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -285,6 +291,12 @@ class _Driver:
                 view = RowView(row.index, row.ids, prompt_length, 0, final=row.generated >= max_tokens)
                 decision = policy.after_token(view)
                 if decision == "keep":
+                    if row.landing != policy.landing_bonus(row.index) and not finished:
+                        # The length mode's minimum was reached: the landing starts here. The engine request
+                        # carries its processor settings, so it is submitted again from this token.
+                        self.engine.abort_request([row.request_id])
+                        self._submit(row)
+                        return
                     continue
                 if not (finished and i == len(new) - 1):
                     self.engine.abort_request([row.request_id])  # later tokens of this request are dropped

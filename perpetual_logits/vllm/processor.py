@@ -106,6 +106,8 @@ class _Live:
     history: _RowHistory | None = None
     bans: dict[int, tuple[int, ...]] = field(default_factory=dict)
     checked_vocab: int = 0  # the logits width eos and bans were checked against
+    sentence_ends: frozenset[int] = frozenset()  # the landing's tokens that end a sentence (a set, for lookups)
+    slot: int | None = None  # V2: the request's slot in the model runner's request states
 
 
 def _eos_of(settings: RequestSettings, params: Any) -> tuple[int, ...]:
@@ -272,6 +274,8 @@ class _ProcessorCore:
         live = _Live(settings, _eos_of(settings, params), generator=_generator(settings, params))
         live.started = settings.started
         live.bans = dict(settings.bans or {})
+        if settings.landing is not None:
+            live.sentence_ends = frozenset(settings.landing.sentence_ends)
         if settings.early is not None:
             live.history = self._history(settings.early, generated)
             if live.history.fired_at is not None:  # the latest start wins: a firing after the driver's start
@@ -336,12 +340,35 @@ class _ProcessorCore:
             if factor != 1.0:
                 factors[row] = factor
                 scaled = True
+        self._land(logits, rows)
         if masked_rows:
             self._mask(logits, masked_rows, masked_cols)
         if scaled:
             logits.div_(factors[:, None])
         self._truncate(logits, rows)
         return logits
+
+    def _land(self, logits: torch.Tensor, rows: list[tuple[int, _Live, int]]) -> None:
+        """The landing: raise EOS for rows in their landing zone whose previous token ends a sentence (on the raw
+        logits, before bans and temperature, as the HF backend's ``LandingBias``)."""
+        for row, live, index in rows:
+            landing = live.settings.landing
+            if landing is None or index < landing.start or not live.eos:
+                continue
+            previous = self._previous_token(row, live, index)
+            if previous is not None and previous in live.sentence_ends:
+                logits[row, list(live.eos)] += landing.bonus(index)
+
+    def _previous_token(self, row: int, live: _Live, index: int) -> int | None:
+        """The token before output ``index`` of the request in logits row ``row``."""
+        landing = live.settings.landing
+        if index == 0 and landing is not None:
+            return landing.last_token
+        if live.output is not None:  # V1: vLLM's live list of output tokens
+            return int(live.output[index - 1]) if 0 < index <= len(live.output) else None
+        if self.req_states is not None and live.slot is not None:  # V2: the last sampled token per slot
+            return int(self.req_states.last_sampled_tokens[live.slot, 0])
+        return None
 
     def _early(self, logits: torch.Tensor, rows: list[tuple[int, _Live, int]]) -> None:
         """Feed each early trigger this step's distribution (before bans and masking, as on the HF backend);
@@ -466,6 +493,7 @@ class _ProcessorCore:
         if live is None:
             self.requests.pop(req_idx, None)
             return False
+        live.slot = req_idx
         if self.req_states is not None:
             live.prompt_length = int(self.req_states.prompt_len.np[req_idx])
         self.requests[req_idx] = live

@@ -25,6 +25,7 @@ from ..truncation import Truncation, Widen
 __all__ = [
     "KEY",
     "EarlySettings",
+    "LandingSettings",
     "RequestSettings",
     "ScheduleTable",
     "WidenSettings",
@@ -146,6 +147,65 @@ class EarlySettings:
         if not isinstance(trigger, EarlyTrigger):
             raise ValueError(f"`trigger` must be an EarlyTrigger, got {trigger!r}")
         return cls(trigger.window, trigger.eos_threshold, trigger.entropy_slope, row, at)
+
+
+@dataclass(frozen=True)
+class LandingSettings:
+    """The landing's EOS bonus (:class:`~perpetual_logits.Landing`) for one engine request, as plain data.
+
+    From output index ``start`` on, a row whose previous token ends a sentence or a line (one of
+    ``sentence_ends``) gets ``strength * min(1, (index - start + 1) / margin)`` added to its EOS logits: the HF
+    backend's :class:`~perpetual_logits.backstep.landing.LandingBias`, judged on the token rather than on the
+    decoded text (the driver's policy still decides on the text whether an EOS is accepted).
+
+    Args:
+        start (`int`): the output index where the bonus starts rising (0 or less: before this request).
+        margin (`int`): tokens over which it rises.
+        strength (`float`): the bonus once risen.
+        sentence_ends (`tuple[int, ...]`): the token ids whose text ends with sentence punctuation or a newline.
+        last_token (`int`): the token before this request's first output token (the prompt's last).
+    """
+
+    start: int
+    margin: int
+    strength: float
+    sentence_ends: tuple[int, ...]
+    last_token: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.start, bool) or not isinstance(self.start, int):
+            raise ValueError(f"`landing.start` must be an int, got {self.start!r}")
+        _validation.positive_int(self.margin, "landing.margin")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not self.strength >= 0:
+            raise ValueError(f"`landing.strength` must be a number >= 0, got {self.strength!r}")
+        _validation.positive_int(self.last_token, "landing.last_token", minimum=0)
+        for token in self.sentence_ends:
+            _validation.positive_int(token, "landing.sentence_ends", minimum=0)
+
+    def bonus(self, index: int) -> float:
+        """The EOS bonus at output ``index`` for a row whose previous token ends a sentence (0 before ``start``)."""
+        if index < self.start:
+            return 0.0
+        return float(self.strength) * min(1.0, (index - self.start + 1) / self.margin)
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "start": self.start,
+            "margin": self.margin,
+            "strength": self.strength,
+            "sentence_ends": list(self.sentence_ends),
+            "last_token": self.last_token,
+        }
+
+    @classmethod
+    def from_data(cls, data: object) -> LandingSettings:
+        keys = {"start", "margin", "strength", "sentence_ends", "last_token"}
+        if not isinstance(data, Mapping) or set(data) != keys:
+            raise ValueError(f"`landing` must be a dict with exactly the keys {sorted(keys)}, got {data!r}")
+        ends = data["sentence_ends"]
+        if isinstance(ends, (str, bytes)) or not isinstance(ends, Iterable):
+            raise ValueError(f"`landing.sentence_ends` must be a list of token ids, got {ends!r}")
+        return cls(data["start"], data["margin"], data["strength"], tuple(ends), data["last_token"])
 
 
 @dataclass(frozen=True)
@@ -351,6 +411,7 @@ class RequestSettings:
             ``None``: not started, only an early trigger starts it). ``schedule["started"]``, default 0.
         early (`EarlySettings` or `None`): an early trigger that (re)starts ``schedule`` where it fires.
         widen (`WidenSettings` or `None`): per-request truncation, wider after each start of ``schedule``.
+        landing (`LandingSettings` or `None`): the landing's EOS bonus at sentence ends.
     """
 
     eos: tuple[int, ...] | None = None
@@ -363,6 +424,7 @@ class RequestSettings:
     started: int | None = 0
     early: EarlySettings | None = None
     widen: WidenSettings | None = None
+    landing: LandingSettings | None = None
 
     @classmethod
     def parse(cls, extra_args: Mapping[str, Any] | None, vocab_size: int | None = None) -> RequestSettings | None:
@@ -383,7 +445,7 @@ class RequestSettings:
         >>> RequestSettings.parse({KEY: {"bans": [[0, [2, 7]]], "schedule": {"factors": [2.0]}}})
         RequestSettings(eos=None, suppress_eos=False, resample=None, trigger='sample', seed=None,
                         schedule=ScheduleTable(factors=(2.0,), forever=False), bans={0: (2, 7)}, started=0,
-                        early=None, widen=None)
+                        early=None, widen=None, landing=None)
         >>> RequestSettings.parse({KEY: {"supress_eos": True}})
         Traceback (most recent call last):
         ...
@@ -400,7 +462,7 @@ class RequestSettings:
         data = extra_args[KEY]
         if not isinstance(data, Mapping):
             raise ValueError(f"`extra_args[{KEY!r}]` must be a dict, got {data!r}")
-        known = {"bans", "early", "eos", "resample", "schedule", "suppress_eos", "widen"}
+        known = {"bans", "early", "eos", "landing", "resample", "schedule", "suppress_eos", "widen"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"`extra_args[{KEY!r}]` has unknown keys {unknown} (known: {sorted(known)})")
@@ -427,9 +489,16 @@ class RequestSettings:
         widen = WidenSettings.from_data(data["widen"]) if data.get("widen") is not None else None
         if (early is not None or widen is not None) and schedule is None:
             raise ValueError("`early` and `widen` follow the temperature schedule: set `schedule` too")
+        landing = LandingSettings.from_data(data["landing"]) if data.get("landing") is not None else None
         if vocab_size is not None:
             _check_vocabulary(eos, bans, vocab_size)
-        if not (suppress or resample or schedule or bans):
+            outside = [t for t in landing.sentence_ends if t >= vocab_size] if landing is not None else []
+            if outside:
+                raise ValueError(
+                    f"`extra_args[{KEY!r}]['landing']['sentence_ends']` holds the token id {outside[0]}, outside "
+                    f"this model's vocabulary (ids 0 to {vocab_size - 1})"
+                )
+        if not (suppress or resample or schedule or bans or landing):
             return None
         return cls(
             eos,
@@ -442,6 +511,7 @@ class RequestSettings:
             started,
             early,
             widen,
+            landing,
         )
 
 
