@@ -25,10 +25,14 @@ def test_a_minimum_in_words_then_the_models_own_end_or_a_landing(llm, prompts):
 def test_a_request_at_max_tokens_is_cut_back_to_its_last_sentence(llm, prompts):
     params = [SamplingParams(temperature=0.7, top_k=0, max_tokens=60, seed=7 + i) for i in range(len(prompts))]
     config = BackstepConfig.dynamic(n_remove=4, landing=True)
-    outs = plv.generate(llm, prompts, params, backstep=config)
+    streamed: dict[int, list[int]] = {}
+    outs = plv.generate(
+        llm, prompts, params, backstep=config, on_final=lambda i, ids: streamed.setdefault(i, []).extend(ids)
+    )
     assert any(len(out.token_ids) < 60 and out.finish_reason == "length" for out in outs), "some rows were cut"
-    for out in outs:
+    for i, out in enumerate(outs):
         assert ends_sentence(out.text), out.text
+        assert streamed.get(i, []) == list(out.token_ids)  # nothing streamed was cut back
 
 
 def test_the_landing_bonus_ends_rows_at_a_sentence_end_inside_the_zone(llm, prompts):
