@@ -262,6 +262,66 @@ def figure(out: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def combine(outs: Sequence[dict[str, Any]]) -> str:
+    """One report for runs made one target at a time (each target is an independent batch: runs split by target
+    give the same answers as one run with every target)."""
+    outs = sorted(outs, key=lambda o: o["settings"]["targets"][0])
+    names = list(outs[0]["arms"])
+    lines = [
+        "# Length following (SmolLM2-135M-Instruct), per target",
+        "",
+        "Commands: " + "; ".join(f"`{o['command']}`" for o in outs),
+        "",
+        "| N | arm | words mean (min–max) | S_l | natural endings | end tokens /1k | rep-4 (eq. window) "
+        "| distinct-2 | ending bits/char | rewinds / answer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in outs:
+        n = o["settings"]["targets"][0]
+        for name in names:
+            r = o["arms"][name]
+            w = r["words"]
+            bpc = f"{r['ending_bpc']:.3f}" if r["ending_bpc"] is not None else "–"
+            lines.append(
+                f"| {n} | {name} | {w['mean']:.0f} ({w['min']:.0f}–{w['max']:.0f}) | {r['S_l']:.1f} | "
+                f"{100 * r['natural_endings']:.0f}% | {r['end_tokens_per_1k']:.2f} | {r['rep4_equal_window']:.3f} | "
+                f"{r['distinct2_equal_window']:.3f} | {bpc} | {r['rewinds_per_answer']:.1f} |"
+            )
+    lines += ["", "Means over the targets (each target weighs the same):", ""]
+    lines += ["| arm | S_l | natural endings | rep-4 (eq. window) |", "|---|---|---|---|"]
+    for name in names:
+        rs = [o["arms"][name] for o in outs]
+        lines.append(
+            f"| {name} | {sum(r['S_l'] for r in rs) / len(rs):.1f} | "
+            f"{100 * sum(r['natural_endings'] for r in rs) / len(rs):.0f}% | "
+            f"{sum(r['rep4_equal_window'] for r in rs) / len(rs):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def combined_figure(outs: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outs = sorted(outs, key=lambda o: o["settings"]["targets"][0])
+    targets = [o["settings"]["targets"][0] for o in outs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [("S_l", "LongBench-Write S_l", 1.0), ("natural_endings", "natural endings (%)", 100.0)]
+    panels.append(("rep4_equal_window", "rep-4 at equal windows", 1.0))
+    for ax, (key, title, scale) in zip(axes, panels):
+        for name in outs[0]["arms"]:
+            ax.plot(targets, [o["arms"][name][key] * scale for o in outs], marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("requested words N")
+        ax.set_xticks(targets)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(settings: Settings) -> dict[str, Any]:
     torch.set_num_threads(settings.threads)
     model, tokenizer = load()
@@ -295,7 +355,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="one target, one topic, 12 tokens (not evidence)")
+    parser.add_argument(
+        "--combine", nargs="+", default=None, metavar="JSON", help="report runs of one target each together"
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        import json
+
+        outs = [json.loads(Path(f).read_text()) for f in args.combine]
+        if any(len(o["settings"]["targets"]) != 1 for o in outs):
+            parser.error("--combine takes runs of one target each")
+        folder = common.out_dir(args.out, False)
+        (folder / "length_following.md").write_text(combine(outs))
+        combined_figure(outs, folder / "length_following.png")
+        print(combine(outs))
+        return 0
     if not 1 <= args.topics <= len(TOPICS):
         parser.error(f"--topics must be in [1, {len(TOPICS)}]")
     if any(n < 1 for n in args.targets):

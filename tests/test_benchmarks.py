@@ -229,6 +229,30 @@ def test_quality_chat_smoke(tmp_path):
     assert "| baseline |" in (out / "quality_chat.md").read_text()
 
 
+@pytest.mark.models
+@pytest.mark.slow
+def test_length_following_smoke_and_combined_report(tmp_path):
+    # SmolLM2: one topic, 12 tokens, every arm.
+    from conftest import MODELS_DIR
+
+    require_model_dir(MODELS_DIR / "smollm2-135m-instruct")
+    from benchmarks import length_following
+
+    out = tmp_path / "results"
+    assert length_following.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads((out / "length_following.json").read_text())
+    assert list(data["arms"]) == list(length_following.ARMS)
+    for name, arm in data["arms"].items():
+        assert arm["answers"] == 1 and 0.0 <= arm["S_l"] <= 100.0 and 0.0 <= arm["natural_endings"] <= 1.0, name
+    # the per-target report reads such runs back
+    joined = tmp_path / "joined"
+    assert length_following.main(["--combine", str(out / "length_following.json"), "--out", str(joined)]) == 0
+    report = (joined / "length_following.md").read_text()
+    assert all(f"| {name} |" in report for name in data["arms"])
+    assert (joined / "length_following.png").stat().st_size > 0
+    assert length_following.length_score(100, 100) == 100.0 and length_following.length_score(100, 400) == 0.0
+
+
 def test_glued_words_and_arms():
     from benchmarks import quality
 
