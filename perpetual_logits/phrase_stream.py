@@ -108,7 +108,11 @@ class _Normalized:
 
 
 def _normalize(text: str, fold: bool) -> str:
-    return _Normalized(text, fold).text
+    """``_Normalized(text, fold).text`` without the way back to raw offsets (what most calls need)."""
+    text = _spaces_as_one(text)
+    if "  " in text:
+        text = _RUNS.sub(" ", text)
+    return text.lower() if fold else text
 
 
 _BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\\g<")
@@ -306,9 +310,15 @@ class PhraseStream:
         # 1. String phrases completed by the new text: the automaton over the tail that a new match can span.
         if index.automaton is not None and end > old_end:
             lo = max(base, old_end - index.need_chars)
-            norm = _Normalized(text[lo - base :], index.fold)
-            identity = not norm.shifts and norm.fold_map is None
-            for norm_end, (length, head, tail, phrase) in index.automaton.iter(norm.text):
+            # The way back to raw offsets is worked out at the first hit only (usually there is none).
+            norm: _Normalized | None = None
+            identity = True
+            for norm_end, (length, head, tail, phrase) in index.automaton.iter(
+                _normalize(text[lo - base :], index.fold)
+            ):
+                if norm is None:
+                    norm = _Normalized(text[lo - base :], index.fold)
+                    identity = not norm.shifts and norm.fold_map is None
                 if identity:
                     s, e = lo + norm_end + 1 - length, lo + norm_end + 1
                 else:

@@ -27,6 +27,7 @@ where the row's text must follow what ``tokenizer.decode`` says.
 from __future__ import annotations
 
 import re
+import weakref
 from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,19 @@ __all__ = ["TextStream"]
 _REPLACEMENT = "\ufffd"  # what decoders show for an incomplete UTF-8 sequence
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _WINDOW = 8  # tokens decoded per step (after the anchor): enough for any piece to see its neighbours
+
+
+# Each token's text alone, per tokenizer: every row's stream asks for the same few hundred tokens, and a token's
+# text never changes.
+_LEADS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def _leads(tokenizer: Any) -> dict[int, str]:
+    """The shared cache of token texts of ``tokenizer`` (a private one when it cannot be weakly referenced)."""
+    try:
+        return _LEADS.setdefault(tokenizer, {})
+    except TypeError:
+        return {}
 
 
 def _rust_backend(tokenizer: Any) -> Tokenizer | None:
@@ -105,7 +119,7 @@ class TextStream:
         self.head_end = 0
         # Where the last push or cut changed text that was there before (a rewrite), or None.
         self.changed_from: int | None = None
-        self._lead: dict[int, str] = {}  # anchor id -> its text alone
+        self._lead = _leads(tokenizer)  # anchor id -> its text alone (shared by the tokenizer's streams)
 
     # -- state --------------------------------------------------------------------------------------------
     @property
