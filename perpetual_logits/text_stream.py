@@ -168,6 +168,17 @@ class TextStream:
         """Append the row's next token."""
         self.changed_from = None
         self.tokens.append(token_id)
+        if self.pending == 0 and len(self.tokens) > 1 and self._lead_of(token_id):
+            # The usual token: the text so far is whole and neither this token nor the one before it is a
+            # byte-fallback piece (the only pieces whose text depends on more than their left neighbour), so
+            # the text grows by what this token adds after the previous one (one short decode).
+            text = self._relative(self.tokens[-2], self.tokens[-1:])
+            if text is not None and not text.endswith(_REPLACEMENT):
+                self.text += text
+                self.ends.append(self.end)
+                self.own.append(True)
+                self._trim()
+                return
         first = max(0, len(self.tokens) - max(_WINDOW, self.pending + 2))
         start = self.ends[first - 1] if first > 0 else self.char_base
         anchor = self.tokens[first - 1] if first > 0 else self.anchor
@@ -217,18 +228,22 @@ class TextStream:
         together)."""
         if anchor is None:
             return self._decode(ids)
-        lead = self._lead.get(anchor)
-        if lead is None:
-            # A byte-fallback piece ("<0x74>") is decoded together with the byte pieces next to it (an invalid
-            # run becomes one U+FFFD per byte, even for ASCII bytes): never an anchor.
-            lead = "" if _BYTE_PIECE.fullmatch(self._piece(anchor)) else self._decode([anchor])
-            self._lead[anchor] = lead
+        lead = self._lead_of(anchor)
         whole = self._decode([anchor, *ids])
         # An anchor with no text alone (a SentencePiece "▁" or byte whose space is stripped at the start) says
         # nothing about where its text ends; one ending in U+FFFD ends inside a character.
         if not lead or lead.endswith(_REPLACEMENT) or not whole.startswith(lead):
             return None
         return whole[len(lead) :]
+
+    def _lead_of(self, token_id: int) -> str:
+        """The token's text alone; empty for a byte-fallback piece ("<0x74>"), which is decoded together with
+        the byte pieces next to it (an invalid run becomes one U+FFFD per byte, even for ASCII bytes)."""
+        lead = self._lead.get(token_id)
+        if lead is None:
+            lead = "" if _BYTE_PIECE.fullmatch(self._piece(token_id)) else self._decode([token_id])
+            self._lead[token_id] = lead
+        return lead
 
     def _piece(self, token_id: int) -> str:
         if self.backend is not None:
