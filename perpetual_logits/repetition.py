@@ -381,8 +381,14 @@ class LoopTracker:
         span = run = 0
         if longest >= self.min_span:
             if self.only_repeats:
-                lo = n - 1 - longest
-                spans = [n - 1 - j for j, t in enumerate(ids[lo : n - 1], lo) if t == token_id][::-1]
+                back = ids[n - 1 - longest : n - 1]  # reversed below: back[p - 1] is the token p before the new one
+                back.reverse()
+                spans = []
+                if token_id in back:
+                    k = -1
+                    for _ in range(back.count(token_id)):
+                        k = back.index(token_id, k + 1)
+                        spans.append(k + 1)
             else:
                 spans = list(range(1, longest + 1))
             for p in spans:
