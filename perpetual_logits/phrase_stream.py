@@ -272,11 +272,11 @@ class PhraseStream:
         if not (
             self.synced
             and self.first == first
-            and stream.length == n - 1
+            and stream.base + len(stream.tokens) == n - 1
             and (n < 2 or not stream.tokens or stream.tokens[-1] == ids[n - 2])
         ):
             self._start(ids, first)
-        old_end = stream.end
+        old_end = stream.char_base + len(stream.text)
         stream.push(int(ids[n - 1]))
         if stream.changed_from is not None:  # the new token rewrote earlier text: look at the tail again
             old_end = min(old_end, stream.changed_from)

@@ -101,6 +101,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.backend = _rust_backend(tokenizer)
         self.keep_chars = keep_chars
+        self._trim_at = 4 * keep_chars + 256  # text longer than this is trimmed (see _trim)
         # The tokens held: ids[base:base + len(tokens)] of the row, and the token before them (None at the
         # row's first token), which anchors the first token's text.
         self.base = 0
@@ -167,17 +168,19 @@ class TextStream:
     def push(self, token_id: int) -> None:
         """Append the row's next token."""
         self.changed_from = None
-        self.tokens.append(token_id)
-        if self.pending == 0 and len(self.tokens) > 1 and self._lead_of(token_id):
+        tokens = self.tokens
+        tokens.append(token_id)
+        if self.pending == 0 and len(tokens) > 1 and (self._lead.get(token_id) or self._lead_of(token_id)):
             # The usual token: the text so far is whole and neither this token nor the one before it is a
             # byte-fallback piece (the only pieces whose text depends on more than their left neighbour), so
             # the text grows by what this token adds after the previous one (one short decode).
-            text = self._relative(self.tokens[-2], self.tokens[-1:])
+            text = self._relative(tokens[-2], [token_id])
             if text is not None and not text.endswith(_REPLACEMENT):
                 self.text += text
-                self.ends.append(self.end)
+                self.ends.append(self.char_base + len(self.text))
                 self.own.append(True)
-                self._trim()
+                if len(self.text) > self._trim_at:
+                    self._trim()
                 return
         first = max(0, len(self.tokens) - max(_WINDOW, self.pending + 2))
         start = self.ends[first - 1] if first > 0 else self.char_base
@@ -296,7 +299,7 @@ class TextStream:
 
     def _trim(self) -> None:
         """Drop text and tokens far behind the end (keep twice what a match can need)."""
-        if len(self.text) <= 4 * self.keep_chars + 256 or len(self.tokens) <= 64:
+        if len(self.text) <= self._trim_at or len(self.tokens) <= 64:
             return
         drop = bisect_right(self.ends, self.end - 2 * self.keep_chars - 64)
         drop = min(drop, len(self.tokens) - 32)
