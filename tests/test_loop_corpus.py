@@ -187,7 +187,8 @@ def test_tracker_finds_the_token_loops_find_token_loop_finds(ids, begin, min_rep
     row = ids[:begin]
     cut_at = {rng.randrange(begin, len(ids) + 1): c for c in cuts}
     for n in range(begin, len(ids)):
-        if n in cut_at and len(row) > begin:
+        cut = n in cut_at and len(row) > begin
+        if cut:
             row = row[: max(begin, len(row) - cut_at[n])]
             tracker.rewind(len(row))
         row.append(ids[n])
@@ -195,6 +196,11 @@ def test_tracker_finds_the_token_loops_find_token_loop_finds(ids, begin, min_rep
         want = find_token_loop(row, begin, 1, 8, min_repeats, min_loop_tokens)
         if tracker.looping and got is None and want is not None:
             continue  # a loop kept across a rewind: the tracker reported it before the cut
+        if cut and got is not None and want is None:
+            # A loop still in the kept text: the tracker starts afresh at a cut and reports it again, while
+            # find_token_loop reports a loop only at the token that first completes it. It is a real repeat.
+            assert row[got.first : got.start] == row[got.start : got.start + got.span], (row, begin)
+            continue
         assert got == want, (row, begin)
 
 
