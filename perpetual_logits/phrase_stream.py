@@ -121,13 +121,17 @@ _BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\\g<")
 _SCOPABLE_FLAGS = regex.IGNORECASE | regex.UNICODE | regex.ASCII | regex.V0 | regex.V1
 
 
+_WORD_START = r"(?<!\w)"
+
+
 def _gate(patterns: list[Any]) -> Any:
     """One pattern that matches (or partially matches) wherever any of ``patterns`` does: their alternation,
     each with its case flag scoped to its branch. One search of it tells that none of them has anything new,
     which is the usual step. ``None`` when the patterns' flags cannot be scoped (then each is searched)."""
     if len(patterns) < 2:
         return None
-    branches = []
+    branches: list[str] = []
+    at_word_start: list[str] = []  # branches that begin with (?<!\w), written once before their group
     for pattern in patterns:
         source = pattern.pattern
         ignore_case = bool(pattern.flags & regex.IGNORECASE)
@@ -135,11 +139,54 @@ def _gate(patterns: list[Any]) -> Any:
             source, ignore_case = source[4:], True
         if pattern.flags & ~_SCOPABLE_FLAGS or _BACKREFERENCE.search(source):
             return None  # group numbers shift in an alternation; other flags would apply to every branch
-        branches.append(f"(?i:{source})" if ignore_case else f"(?:{source})")
+        # The partial search tries every branch at every position: one shared lookbehind rejects a position
+        # inside a word for all of them at once (partial searches take about a third less time on the chat set).
+        shared = (
+            source.startswith(_WORD_START)
+            and not pattern.flags & (regex.V1 | regex.ASCII)
+            and "(?V1" not in source
+            and not _top_level_alternation(source)
+        )
+        if shared:
+            source = source[len(_WORD_START) :]
+        (at_word_start if shared else branches).append(f"(?i:{source})" if ignore_case else f"(?:{source})")
+    if at_word_start:
+        branches.append(_WORD_START + "(?:" + "|".join(at_word_start) + ")")
     try:
         return regex.compile("|".join(branches), regex.V0)
     except regex.error:
         return None
+
+
+def _top_level_alternation(source: str) -> bool:
+    """Whether the pattern ``source`` (version 0 syntax) has a ``|`` outside every group and set, where a
+    leading lookbehind would apply to one alternative only."""
+    depth = 0
+    in_set = False
+    i = 0
+    while i < len(source):
+        char = source[i]
+        if char == "\\":
+            i += 2
+            continue
+        if in_set:
+            in_set = char != "]"
+        elif char == "[":
+            in_set = True
+            i += 1
+            if source.startswith("^", i):
+                i += 1
+            if source.startswith("]", i):  # a "]" first in a set is a literal
+                i += 1
+            continue
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            return True
+        i += 1
+    return False
 
 
 class PhraseIndex:
