@@ -41,15 +41,18 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _WINDOW = 8  # tokens decoded per step (after the anchor): enough for any piece to see its neighbours
 
 
-# Each token's text alone, per tokenizer: every row's stream asks for the same few hundred tokens, and a token's
-# text never changes.
+# Per tokenizer, shared by every row's stream (a token's text never changes, and rows keep writing the same
+# words): each token's text alone, and the text a token adds after a given left neighbour (keyed
+# ``neighbour << 32 | token``; at most _PAIRS of them, the first seen, so memory stays bounded).
 _LEADS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_AFTER: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_PAIRS = 1 << 15
 
 
-def _leads(tokenizer: Any) -> dict[int, str]:
-    """The shared cache of token texts of ``tokenizer`` (a private one when it cannot be weakly referenced)."""
+def _shared(caches: weakref.WeakKeyDictionary[Any, dict[int, str]], tokenizer: Any) -> dict[int, str]:
+    """The cache of ``tokenizer`` in ``caches`` (a private one when it cannot be weakly referenced)."""
     try:
-        return _LEADS.setdefault(tokenizer, {})
+        return caches.setdefault(tokenizer, {})
     except TypeError:
         return {}
 
@@ -120,7 +123,8 @@ class TextStream:
         self.head_end = 0
         # Where the last push or cut changed text that was there before (a rewrite), or None.
         self.changed_from: int | None = None
-        self._lead = _leads(tokenizer)  # anchor id -> its text alone (shared by the tokenizer's streams)
+        self._lead = _shared(_LEADS, tokenizer)  # token id -> its text alone
+        self._after = _shared(_AFTER, tokenizer)  # neighbour << 32 | token id -> the text the token adds
 
     # -- state --------------------------------------------------------------------------------------------
     @property
@@ -174,7 +178,12 @@ class TextStream:
             # The usual token: the text so far is whole and neither this token nor the one before it is a
             # byte-fallback piece (the only pieces whose text depends on more than their left neighbour), so
             # the text grows by what this token adds after the previous one (one short decode).
-            text = self._relative(tokens[-2], [token_id])
+            pair = tokens[-2] << 32 | token_id
+            text = self._after.get(pair)
+            if text is None:
+                text = self._relative(tokens[-2], [token_id])
+                if text is not None and len(self._after) < _PAIRS:
+                    self._after[pair] = text
             if text is not None and not text.endswith(_REPLACEMENT):
                 self.text += text
                 self.ends.append(self.char_base + len(self.text))
