@@ -13,8 +13,9 @@ thread):
 never completes what they look for.
 
 * EOS is masked by ``min_new_tokens = max_new_tokens``, and -- in every arm alike, by ``suppress_tokens`` -- the
-  pieces that spell this model's end marker ("<|end_story|>" written out as text: "<|", "|>", "<", "|", ">"; the
-  chat endings would otherwise rewind 1-4 of 32 rows per run). A vectorized mask, the same work in every arm.
+  pieces that could spell this model's end marker as text (every piece holding "<", "|" or ">": the model writes
+  "<|end_story|>" out of "<|", "end", ... when EOS is masked, and the chat endings would then rewind 1-4 of 32
+  rows per run). A vectorized mask, the same work in every arm.
 * Seeds are screened: a seed is used only when an untimed run of the ``chat`` arm with it rewinds nothing (its
   loops and endings, "The end." say, never fire); ``--screen`` tries at most that many seeds per timed repeat.
 * The banned phrases are drawn from the tokenizer's words, then every phrase that occurs in the text of the
@@ -27,8 +28,15 @@ Reported per arm: ms per step (median over repeats), the ratio of medians to ``d
 per-repeat paired ratios (goal: <= 1.10 for ``chat`` and ``ban_N``, issue 21), ms per decode forward (a run without
 rewinds makes tokens - 1 of them), the rewinds and whether the tokens matched, and the time to build the policy from
 scratch (its phrase matchers) -- built once, then reused by every ``generate()`` call with the same phrases and
-tokenizer, so the timed runs do not include it. ``--allow-rewinds`` skips the screening and the suppression (the
-earlier measurement, where rewinds happen and their forwards are part of the cost).
+tokenizer, so the timed runs do not include it (nor the per-tokenizer caches of token texts, which the warm-up
+fills as any earlier request would in a serving process). ``--allow-rewinds`` skips the screening and the
+suppression (the earlier measurement, where rewinds happen and their forwards are part of the cost).
+
+Where the time went (cProfile and line profiles at batch 32, chat preset, no rewind): the rules' per-row work is
+about all of the difference to ``dynamic`` -- the phrase stream (text decode per token, the regular expressions'
+partial search, the automaton and the hold-back scan) and the loop tracker. Replaying the same 32 x 96 tokens
+through the policy alone (no model; a loaded machine, so as a hint only) went from about 31 to 15 us per row per
+token for the chat preset and from 18 to 9 us for 10,000 phrases.
 
     python benchmarks/policy_cost.py                         # the measurement (quiet machine)
     python benchmarks/policy_cost.py --smoke                 # seconds: tiny sizes, results to a temp folder
