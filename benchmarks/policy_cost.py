@@ -32,6 +32,10 @@ tokenizer, so the timed runs do not include it (nor the per-tokenizer caches of 
 fills as any earlier request would in a serving process). ``--allow-rewinds`` skips the screening and the
 suppression (the earlier measurement, where rewinds happen and their forwards are part of the cost).
 
+``policy alone``: the same tokens replayed through the policy without the model (``after_token`` and ``settle``
+per row per token, the fastest of the repeats): the rules' own cost, steadier than the end-to-end ratio on a busy
+machine.
+
 Where the time went (cProfile and line profiles at batch 32, chat preset, no rewind): the rules' per-row work is
 about all of the difference to ``dynamic`` -- the phrase stream (text decode per token, the regular expressions'
 partial search, the automaton and the hold-back scan) and the loop tracker. Replaying the same 32 x 96 tokens
@@ -62,6 +66,7 @@ from benchmarks import common
 from perpetual_logits import BackstepConfig, make_perpetual
 from perpetual_logits.backstep import policy as policy_module
 from perpetual_logits.backstep.policy import RewindPolicy
+from perpetual_logits.protocol import RowView
 
 FIRST_SEED = 1000
 
@@ -165,12 +170,38 @@ def screen_seeds(run: Runner, repeats: int, tries: int) -> tuple[list[int], list
     return [seeds[r % len(seeds)] for r in range(repeats)], texts, tried
 
 
+def policy_alone(
+    config: BackstepConfig, sequences: torch.Tensor, prompt: int, tokenizer: Any, vocab: int, repeats: int
+) -> float:
+    """Microseconds per row per token of the policy alone (no model), replaying ``sequences``' new tokens through
+    :meth:`RewindPolicy.after_token` and :meth:`RewindPolicy.settle` as the HF loop calls them; the fastest of
+    ``repeats``."""
+    rows = sequences.tolist()
+    batch, length = len(rows), len(rows[0])
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        policy = RewindPolicy(config, [2], vocab, tokenizer)
+        ids = [row[:prompt] for row in rows]
+        start = time.process_time()
+        policy.start(batch, prompt)
+        for k in range(prompt, length):
+            for b in range(batch):
+                ids[b].append(rows[b][k])
+                if policy.after_token(RowView(b, ids[b], prompt, 0, final=k == length - 1)) not in ("keep", "finish"):
+                    raise RuntimeError("a rewind while replaying tokens that did not rewind")
+            for b in range(batch):
+                policy.settle(b, k + 1, False)
+        best = min(best, time.process_time() - start)
+    return 1e6 * best / (batch * (length - prompt))
+
+
 def measure(
     batch: int, tokens: int, repeats: int, phrases: int, model: Any, tokenizer: Any, screen: int, allow_rewinds: bool
 ) -> dict[str, Any]:
     run = Runner(model, tokenizer, batch, tokens, None if allow_rewinds else marker_piece_ids(tokenizer))
+    texts: list[str] = []
     if allow_rewinds:
-        seeds, texts, tried = [FIRST_SEED + r for r in range(repeats)], [], 0
+        seeds, tried = [FIRST_SEED + r for r in range(repeats)], 0
     else:
         seeds, texts, tried = screen_seeds(run, repeats, screen)
     arms = configs(tokenizer, phrases, avoid=texts)
@@ -195,6 +226,12 @@ def measure(
             first = reference.setdefault(r, out.sequences)
             same[name] = same[name] and torch.equal(first, out.sequences)
     ref = per_step["dynamic"]
+    prompt = int(run.prompt["input_ids"].shape[1])
+    # The reference tokens rewound nobody only when the runs are rewind-free (checked by same_tokens).
+    alone = {
+        name: None if allow_rewinds else policy_alone(config, reference[0], prompt, tokenizer, vocab, repeats)
+        for name, config in arms.items()
+    }
     result: dict[str, Any] = {}
     for name, times in per_step.items():
         paired = [a / b for a, b in zip(times, ref)]
@@ -207,9 +244,14 @@ def measure(
             "build_seconds": built[name],
             "rewinds_in_timed_runs": rewinds[name],
             "same_tokens": same[name],
+            "policy_alone_us_per_row_token": alone[name],
         }
     result["_seeds"] = {"used": seeds, "tried": tried, "end_marker_pieces_suppressed": not allow_rewinds}
     return result
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -222,9 +264,9 @@ def markdown(out: dict[str, Any]) -> str:
         f"Policy cost, TinyStories-656K, {out['tokens']} tokens, {out['repeats']} repeats, CPU time per step "
         f"({condition}). Ratios to `BackstepConfig.dynamic(10)` in the same run.",
         "",
-        "| batch | arm | ms/step | ratio (of medians) | paired min-max | ms/forward | policy build s | rewinds "
-        "| same tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | arm | ms/step | ratio (of medians) | paired min-max | ms/forward | policy alone us/row/token "
+        "| policy build s | rewinds | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, arms in out["batches"].items():
         for name, r in arms.items():
@@ -233,6 +275,7 @@ def markdown(out: dict[str, Any]) -> str:
             lines.append(
                 f"| {batch} | {name} | {r['ms_per_step']:.2f} | {r['ratio_of_medians']:.2f} | "
                 f"{r['paired_ratio_min']:.2f}-{r['paired_ratio_max']:.2f} | {r['ms_per_decode_forward']:.2f} | "
+                f"{_number(r['policy_alone_us_per_row_token'])} | "
                 f"{r['build_seconds']:.2f} | {r['rewinds_in_timed_runs']} | {'yes' if r['same_tokens'] else 'no'} |"
             )
     lines.append("")
