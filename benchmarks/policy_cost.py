@@ -39,8 +39,8 @@ machine.
 Where the time went (cProfile and line profiles at batch 32, chat preset, no rewind): the rules' per-row work is
 about all of the difference to ``dynamic`` -- the phrase stream (text decode per token, the regular expressions'
 partial search, the automaton and the hold-back scan) and the loop tracker. Replaying the same 32 x 96 tokens
-through the policy alone (no model; a loaded machine, so as a hint only) went from about 31 to 15 us per row per
-token for the chat preset and from 18 to 9 us for 10,000 phrases.
+through the policy alone (no model; a loaded machine, so as a hint only) went from about 30 to 14 us per row per
+token for the chat preset (its loop rule from about 7 to 1.5 us) and from 18 to 8.5 us for 10,000 phrases.
 
     python benchmarks/policy_cost.py                         # the measurement (quiet machine)
     python benchmarks/policy_cost.py --smoke                 # seconds: tiny sizes, results to a temp folder
