@@ -8,7 +8,9 @@ UTF-8 character sees its start), so the window's text is exactly that part of th
 window's text extends what the row had, the new characters are appended (one decode of about eight tokens);
 otherwise -- bytes of an unfinished character, or bytes that turn out invalid and make the decoder rewrite
 text it had shown (a byte-fallback "»" that the next byte turns into U+FFFD) -- each token of the window is
-decoded as a prefix to find which characters are its own, as ``PhraseMatcher.scan`` does.
+decoded as a prefix to find which characters are its own, as ``PhraseMatcher.scan`` does. The usual token --
+the text so far whole, neither it nor the token before it a byte-fallback piece -- needs no window: its text is
+what it adds after that one neighbour, cached per tokenizer and pair of tokens (rows keep writing the same words).
 
 After every token the stream records the row's character count, the map from characters back to tokens and
 also the snapshot a rewind restores: cutting the row back to ``n`` tokens keeps the characters of those
