@@ -290,8 +290,9 @@ class LoopTracker:
 
     * **a span of tokens repeated**: the newest tokens are ``r`` copies of one span of ``p`` tokens with
       ``r >= min_repeats`` and ``p * r >= min_loop_tokens`` (``" forever forever forever"``, a sentence
-      written three times in a row). For each span length the tracker keeps how many newest tokens equal the
-      token ``p`` before them (one comparison per span length per token). A span without a letter
+      written three times in a row). Only span lengths ``p`` whose token ``p`` back is the new token are
+      looked at (one search of the newest ``max_span`` tokens), counting how many newest tokens equal the token
+      ``p`` before them. A span without a letter
       (``"|---"``, ``", 0"``, ``"="``: table rules, zero arrays) or one that crosses a line end (``"i++;\\n"``)
       is ordinary structure until its copies cover ``symbol_loop_tokens`` tokens.
     * **lines cycling**: the newest ``k`` lines are the same as the ``k`` lines before them, ``line_repeats``
