@@ -1,22 +1,50 @@
 """What the rewind policy costs when no rewind happens: phrases and loops checked on every token.
 
-TinyStories-656K, batches 1 and 32 (``--batches``), ``min_new_tokens = max_new_tokens`` so EOS is masked and no
-rewind happens; per decoding step, in one run with the arms interleaved (each repeat runs every arm once, from a
-rotating start; one untimed warm-up each), on the process's CPU time (one torch thread):
+TinyStories-656K, batches 1 and 32 (``--batches``), per decoding step, in one run with the arms interleaved (each
+repeat runs every arm once, from a rotating start; one untimed warm-up each), on the process's CPU time (one torch
+thread):
 
 * ``dynamic`` -- ``BackstepConfig.dynamic(10)`` (the reference: EOS rule only);
 * ``chat`` -- ``BackstepConfig.chat()`` (chat endings and regexes, loop rewinds);
 * ``ban_N`` -- ``BackstepConfig.dynamic(10, ban_phrases=<N random 2-3-word phrases>)`` (``--phrases``, default
   10,000; words drawn with a fixed seed from the tokenizer's alphabetic pieces).
 
-Reported: ms per step (median over repeats), the ratio of medians to ``dynamic`` and the min-max of the
-per-repeat paired ratios (goal: <= 1.10 for ``chat`` and ``ban_N``, issue 21), and the time to build the
-policy from scratch (its phrase matchers) per arm -- built once, then reused by every ``generate()`` call with the
-same phrases and tokenizer, so the timed runs do not include it.
+**No rewind happening** (issue 21's condition), kept honestly: every rule still reads every token, the text simply
+never completes what they look for.
+
+* EOS is masked by ``min_new_tokens = max_new_tokens``, and -- in every arm alike, by ``suppress_tokens`` -- the
+  pieces that could spell this model's end marker as text (every piece holding "<", "|" or ">": the model writes
+  "<|end_story|>" out of "<|", "end", ... when EOS is masked, and the chat endings would then rewind 1-4 of 32
+  rows per run). A vectorized mask, the same work in every arm.
+* Seeds are screened: a seed is used only when an untimed run of the ``chat`` arm with it rewinds nothing (its
+  loops and endings, "The end." say, never fire); ``--screen`` tries at most that many seeds per timed repeat.
+* The banned phrases are drawn from the tokenizer's words, then every phrase that occurs in the text of the
+  screened runs (case folded, any spacing) is dropped and another drawn, so none can match those runs.
+* Checked, not assumed: no rule changes a token until it rewinds (the schedule starts at the first rewind), so
+  with one seed every arm must write the very same tokens. ``same_tokens`` reports whether they did in every
+  timed run, and ``rewinds`` the rewinds the timed runs made (both must read true / 0 for a valid result).
+
+Reported per arm: ms per step (median over repeats), the ratio of medians to ``dynamic`` and the min-max of the
+per-repeat paired ratios (goal: <= 1.10 for ``chat`` and ``ban_N``, issue 21), ms per decode forward (a run without
+rewinds makes tokens - 1 of them), the rewinds and whether the tokens matched, and the time to build the policy from
+scratch (its phrase matchers) -- built once, then reused by every ``generate()`` call with the same phrases and
+tokenizer, so the timed runs do not include it (nor the per-tokenizer caches of token texts, which the warm-up
+fills as any earlier request would in a serving process). ``--allow-rewinds`` skips the screening and the
+suppression (the earlier measurement, where rewinds happen and their forwards are part of the cost).
+
+``policy alone``: the same tokens replayed through the policy without the model (``after_token`` and ``settle``
+per row per token, the fastest of the repeats): the rules' own cost, steadier than the end-to-end ratio on a busy
+machine.
+
+Where the time went (cProfile and line profiles at batch 32, chat preset, no rewind): the rules' per-row work is
+about all of the difference to ``dynamic`` -- the phrase stream (text decode per token, the regular expressions'
+partial search, the automaton and the hold-back scan) and the loop tracker. Replaying the same 32 x 96 tokens
+through the policy alone (no model; a loaded machine, so as a hint only) went from about 30 to 14 us per row per
+token for the chat preset (its loop rule from about 7 to 1.5 us) and from 18 to 8.5 us for 10,000 phrases.
 
     python benchmarks/policy_cost.py                         # the measurement (quiet machine)
     python benchmarks/policy_cost.py --smoke                 # seconds: tiny sizes, results to a temp folder
-    python benchmarks/policy_cost.py --tokens 64 --repeats 5 --phrases 10000 --batches 1,32
+    python benchmarks/policy_cost.py --tokens 96 --repeats 5 --phrases 10000 --batches 1,32
 """
 
 from __future__ import annotations
@@ -26,7 +54,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +66,51 @@ from benchmarks import common
 from perpetual_logits import BackstepConfig, make_perpetual
 from perpetual_logits.backstep import policy as policy_module
 from perpetual_logits.backstep.policy import RewindPolicy
+from perpetual_logits.protocol import RowView
+
+FIRST_SEED = 1000
 
 
-def random_phrases(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
+def _plain(text: str) -> str:
+    """``text`` case folded with its whitespace runs as one space (how the matcher compares, loosely)."""
+    return " ".join(text.split()).lower()
+
+
+def random_phrases(tokenizer: Any, count: int, seed: int = 0, avoid: Iterable[str] = ()) -> list[str]:
     """``count`` distinct phrases of 2-3 words drawn from the tokenizer's alphabetic pieces (the leading-space
-    marker stripped; word pieces like "amaz" are words here too, which only makes matches rarer)."""
+    marker stripped; word pieces like "amaz" are words here too, which only makes matches rarer), none of which
+    occurs in any of the texts ``avoid`` (compared case folded, as plain substrings: stricter than the matcher's
+    word boundaries)."""
     words = sorted(
         {p.lstrip("▁Ġ") for p in tokenizer.get_vocab() if p.lstrip("▁Ġ").isalpha() and len(p.lstrip("▁Ġ")) > 2}
     )
     if len(words) ** 2 < 2 * count:
         raise ValueError(f"the tokenizer has {len(words)} usable words: too few for {count} distinct phrases")
+    texts = [_plain(text) for text in avoid]
     rng = random.Random(seed)
     phrases: set[str] = set()
+    tries = 0
     while len(phrases) < count:
-        phrases.add(" ".join(rng.choice(words) for _ in range(rng.choice((2, 3)))))
+        tries += 1
+        if tries > 100 * count:
+            raise ValueError(f"could not draw {count} phrases that occur in none of the texts")
+        phrase = " ".join(rng.choice(words) for _ in range(rng.choice((2, 3))))
+        if not any(phrase.lower() in text for text in texts):
+            phrases.add(phrase)
     return sorted(phrases)
 
 
-def configs(tokenizer: Any, phrases: int) -> dict[str, BackstepConfig]:
+def marker_piece_ids(tokenizer: Any) -> list[int]:
+    """Ids of the pieces that can spell an end marker such as "<|end_story|>" as text: any piece holding "<",
+    "|" or ">" (TinyStories text has none of these characters otherwise)."""
+    return sorted(i for piece, i in tokenizer.get_vocab().items() if any(c in piece for c in "<|>"))
+
+
+def configs(tokenizer: Any, phrases: int, avoid: Iterable[str] = ()) -> dict[str, BackstepConfig]:
     return {
         "dynamic": BackstepConfig.dynamic(10),
         "chat": BackstepConfig.chat(),
-        f"ban_{phrases}": BackstepConfig.dynamic(10, ban_phrases=random_phrases(tokenizer, phrases)),
+        f"ban_{phrases}": BackstepConfig.dynamic(10, ban_phrases=random_phrases(tokenizer, phrases, avoid=avoid)),
     }
 
 
@@ -71,41 +122,116 @@ def build_seconds(config: BackstepConfig, tokenizer: Any, vocab: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(batch: int, tokens: int, repeats: int, phrases: int, model: Any, tokenizer: Any) -> dict[str, Any]:
-    prompt = tokenizer(["Once upon a time"] * batch, return_tensors="pt")
-    arms = configs(tokenizer, phrases)
-    vocab = int(model.config.vocab_size)
+class Runner:
+    """One ``generate()`` of the benchmark's setting: a batch of the same prompt, sampled, EOS masked."""
 
-    rewinds: dict[str, int] = {name: 0 for name in arms}
+    def __init__(self, model: Any, tokenizer: Any, batch: int, tokens: int, suppress: list[int] | None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt = tokenizer(["Once upon a time"] * batch, return_tensors="pt")
+        self.tokens = tokens
+        self.suppress = suppress
 
-    def run(config: BackstepConfig, seed: int, name: str = "") -> float:
+    def __call__(self, config: BackstepConfig, seed: int) -> tuple[float, Any]:
+        """(CPU seconds, the generate() output) of one run."""
         torch.manual_seed(seed)
+        extra = {"suppress_tokens": self.suppress} if self.suppress else {}
         start = time.process_time()
-        out = model.generate(
-            **prompt,
+        out = self.model.generate(
+            **self.prompt,
             do_sample=True,
             top_k=0,
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,  # EOS masked: no rewind happens, only the checks run
+            max_new_tokens=self.tokens,
+            min_new_tokens=self.tokens,  # EOS masked
             backstep=config,
-            tokenizer=tokenizer,
+            tokenizer=self.tokenizer,
             return_dict_in_generate=True,
+            **extra,
         )
-        seconds = time.process_time() - start
-        if name:
-            rewinds[name] += out.backstep_stats.backsteps  # a loop or a random phrase may still rewind: reported
-        return seconds / tokens  # per step
+        return time.process_time() - start, out
+
+
+def screen_seeds(run: Runner, repeats: int, tries: int) -> tuple[list[int], list[str], int]:
+    """Seeds whose untimed run of ``BackstepConfig.chat()`` rewinds nothing, the texts those runs wrote, and the
+    seeds tried. Fewer than ``repeats`` found: the found ones are used in turn (none: an error)."""
+    chat = BackstepConfig.chat()
+    seeds: list[int] = []
+    texts: list[str] = []
+    tried = 0
+    while len(seeds) < repeats and tried < tries * repeats:
+        seed = FIRST_SEED + tried
+        tried += 1
+        _, out = run(chat, seed)
+        if out.backstep_stats.backsteps == 0:
+            seeds.append(seed)
+            texts += run.tokenizer.batch_decode(out.sequences)
+    if not seeds:
+        raise SystemExit(f"no seed out of {tried} gave a run of the chat preset without rewinds: raise --screen")
+    return [seeds[r % len(seeds)] for r in range(repeats)], texts, tried
+
+
+def policy_alone(
+    config: BackstepConfig, sequences: torch.Tensor, prompt: int, tokenizer: Any, vocab: int, repeats: int
+) -> float:
+    """Microseconds per row per token of the policy alone (no model), replaying ``sequences``' new tokens through
+    :meth:`RewindPolicy.after_token` and :meth:`RewindPolicy.settle` as the HF loop calls them; the fastest of
+    ``repeats``."""
+    rows = sequences.tolist()
+    batch, length = len(rows), len(rows[0])
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        policy = RewindPolicy(config, [2], vocab, tokenizer)
+        ids = [row[:prompt] for row in rows]
+        start = time.process_time()
+        policy.start(batch, prompt)
+        for k in range(prompt, length):
+            for b in range(batch):
+                ids[b].append(rows[b][k])
+                if policy.after_token(RowView(b, ids[b], prompt, 0, final=k == length - 1)) not in ("keep", "finish"):
+                    raise RuntimeError("a rewind while replaying tokens that did not rewind")
+            for b in range(batch):
+                policy.settle(b, k + 1, False)
+        best = min(best, time.process_time() - start)
+    return 1e6 * best / (batch * (length - prompt))
+
+
+def measure(
+    batch: int, tokens: int, repeats: int, phrases: int, model: Any, tokenizer: Any, screen: int, allow_rewinds: bool
+) -> dict[str, Any]:
+    run = Runner(model, tokenizer, batch, tokens, None if allow_rewinds else marker_piece_ids(tokenizer))
+    texts: list[str] = []
+    if allow_rewinds:
+        seeds, tried = [FIRST_SEED + r for r in range(repeats)], 0
+    else:
+        seeds, texts, tried = screen_seeds(run, repeats, screen)
+    arms = configs(tokenizer, phrases, avoid=texts)
+    vocab = int(model.config.vocab_size)
 
     built = {name: build_seconds(config, tokenizer, vocab) for name, config in arms.items()}
     for config in arms.values():
         run(config, 0)  # warm-up, untimed (and the phrase matchers are built: generate() calls reuse them)
     per_step: dict[str, list[float]] = {name: [] for name in arms}
+    per_forward: dict[str, list[float]] = {name: [] for name in arms}
+    rewinds = dict.fromkeys(arms, 0)
+    same = dict.fromkeys(arms, True)
+    reference: dict[int, torch.Tensor] = {}
     names = list(arms)
     for r in range(repeats):
         k = r % len(names)
         for name in [*names[k:], *names[:k]]:
-            per_step[name].append(run(arms[name], 1000 + r, name))
+            seconds, out = run(arms[name], seeds[r])
+            per_step[name].append(seconds / tokens)
+            per_forward[name].append(seconds / max(1, out.backstep_stats.decode_forwards))
+            rewinds[name] += out.backstep_stats.backsteps
+            first = reference.setdefault(r, out.sequences)
+            same[name] = same[name] and torch.equal(first, out.sequences)
     ref = per_step["dynamic"]
+    prompt = int(run.prompt["input_ids"].shape[1])
+    # The reference tokens rewound nobody only when the runs are rewind-free (checked by same_tokens).
+    alone = {
+        name: None if allow_rewinds else policy_alone(config, reference[0], prompt, tokenizer, vocab, repeats)
+        for name, config in arms.items()
+    }
     result: dict[str, Any] = {}
     for name, times in per_step.items():
         paired = [a / b for a, b in zip(times, ref)]
@@ -114,27 +240,48 @@ def measure(batch: int, tokens: int, repeats: int, phrases: int, model: Any, tok
             "ratio_of_medians": statistics.median(times) / statistics.median(ref),
             "paired_ratio_min": min(paired),
             "paired_ratio_max": max(paired),
+            "ms_per_decode_forward": 1000 * statistics.median(per_forward[name]),
             "build_seconds": built[name],
             "rewinds_in_timed_runs": rewinds[name],
+            "same_tokens": same[name],
+            "policy_alone_us_per_row_token": alone[name],
         }
+    result["_seeds"] = {"used": seeds, "tried": tried, "end_marker_pieces_suppressed": not allow_rewinds}
     return result
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def markdown(out: dict[str, Any]) -> str:
+    condition = (
+        "rewinds allowed: EOS masked by min_new_tokens only"
+        if out["allow_rewinds"]
+        else "no rewind: EOS masked by min_new_tokens, end-marker pieces suppressed in every arm, seeds screened"
+    )
     lines = [
         f"Policy cost, TinyStories-656K, {out['tokens']} tokens, {out['repeats']} repeats, CPU time per step "
-        "(no rewind: EOS masked by min_new_tokens). Ratios to `BackstepConfig.dynamic(10)` in the same run.",
+        f"({condition}). Ratios to `BackstepConfig.dynamic(10)` in the same run.",
         "",
-        "| batch | arm | ms/step | ratio (of medians) | paired min-max | policy build s | rewinds |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | arm | ms/step | ratio (of medians) | paired min-max | ms/forward | policy alone us/row/token "
+        "| policy build s | rewinds | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, arms in out["batches"].items():
         for name, r in arms.items():
+            if name.startswith("_"):
+                continue
             lines.append(
                 f"| {batch} | {name} | {r['ms_per_step']:.2f} | {r['ratio_of_medians']:.2f} | "
-                f"{r['paired_ratio_min']:.2f}-{r['paired_ratio_max']:.2f} | {r['build_seconds']:.2f} | "
-                f"{r['rewinds_in_timed_runs']} |"
+                f"{r['paired_ratio_min']:.2f}-{r['paired_ratio_max']:.2f} | {r['ms_per_decode_forward']:.2f} | "
+                f"{_number(r['policy_alone_us_per_row_token'])} | "
+                f"{r['build_seconds']:.2f} | {r['rewinds_in_timed_runs']} | {'yes' if r['same_tokens'] else 'no'} |"
             )
+    lines.append("")
+    for batch, arms in out["batches"].items():
+        seeds = arms["_seeds"]
+        lines.append(f"Batch {batch}: seeds {seeds['used']} ({seeds['tried']} screened).")
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per arm (default 5)")
     parser.add_argument("--phrases", type=int, default=10_000, help="random banned phrases (default 10,000)")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    parser.add_argument("--screen", type=int, default=10, help="seeds tried per repeat for rewind-free runs")
+    parser.add_argument("--allow-rewinds", action="store_true", help="no screening, no end-marker suppression")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, results to a temporary folder")
     parser.add_argument("--out", help="results folder (default benchmarks/results; a temp folder with --smoke)")
     args = parser.parse_args(argv)
@@ -157,8 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tokens": args.tokens,
         "repeats": args.repeats,
         "phrases": args.phrases,
+        "allow_rewinds": args.allow_rewinds,
         "environment": common.environment(),
-        "batches": {str(b): measure(b, args.tokens, args.repeats, args.phrases, model, tokenizer) for b in batches},
+        "batches": {
+            str(b): measure(
+                b, args.tokens, args.repeats, args.phrases, model, tokenizer, args.screen, args.allow_rewinds
+            )
+            for b in batches
+        },
     }
     folder = common.out_dir(args.out, args.smoke)
     common.write_json(folder / "policy_cost.json", out)

@@ -290,8 +290,9 @@ class LoopTracker:
 
     * **a span of tokens repeated**: the newest tokens are ``r`` copies of one span of ``p`` tokens with
       ``r >= min_repeats`` and ``p * r >= min_loop_tokens`` (``" forever forever forever"``, a sentence
-      written three times in a row). For each span length the tracker keeps how many newest tokens equal the
-      token ``p`` before them (one comparison per span length per token). A span without a letter
+      written three times in a row). Only span lengths ``p`` whose token ``p`` back is the new token are
+      looked at (one search of the newest ``max_span`` tokens), counting how many newest tokens equal the token
+      ``p`` before them. A span without a letter
       (``"|---"``, ``", 0"``, ``"="``: table rules, zero arrays) or one that crosses a line end (``"i++;\\n"``)
       is ordinary structure until its copies cover ``symbol_loop_tokens`` tokens.
     * **lines cycling**: the newest ``k`` lines are the same as the ``k`` lines before them, ``line_repeats``
@@ -344,11 +345,16 @@ class LoopTracker:
         self.window_lines = window_lines
         self.newline_ids = frozenset(newline_ids) if newline_ids is not None else None
         self.word_ids = frozenset(word_ids) if word_ids is not None else None
+        # What a span of p tokens needs: `_need(p)` tokens of copies in all, i.e. `least[p]` newest tokens equal
+        # to the token p before them (the run of p). When every span needs at least one such token, only spans
+        # whose token p back equals the new token can complete a loop: the others are not looked at.
+        self.least = [0] + [self._need(p) - p for p in range(1, max_span + 1)]
+        self.only_repeats = min(self.least[min_span:], default=1) >= 1
+        # A run longer than this changes no decision (only the reported loop's start, not needed while looping).
+        self.enough = [0] + [max(self.least[p], symbol_loop_tokens - p) for p in range(1, max_span + 1)]
         # The row, from `begin` on (tokens before it are never part of a loop).
         self.ids: list[int] = []
         self.begin = 0
-        # runs[p]: how many newest tokens equal the token p before them (within the row from `begin`).
-        self.runs = [0] * (max_span + 1)
         self.looping = False  # the previous token already ended a loop (reported then, or kept)
         # Finished non-blank lines: (first token index, token tuple), oldest first, and where the current
         # line began.
@@ -371,18 +377,31 @@ class LoopTracker:
         ids = self.ids
         ids.append(token_id)
         n = len(ids)
-        available = n - self.begin
-        runs = self.runs
-        span = 0
-        for p in range(1, min(self.max_span, available - 1) + 1):
-            runs[p] = runs[p] + 1 if ids[n - 1 - p] == token_id else 0
-            if not span and p >= self.min_span and runs[p] >= self._need(p) - p and self._counts(p):
-                span = p
-        for p in range(max(1, available), self.max_span + 1):
-            runs[p] = 0
+        # Spans p the row can hold a copy of (the token p back lies at `begin` or later), shortest first.
+        longest = min(self.max_span, n - 1 - self.begin)
+        span = run = 0
+        if longest >= self.min_span:
+            if self.only_repeats:
+                back = ids[n - 1 - longest : n - 1]  # reversed below: back[p - 1] is the token p before the new one
+                back.reverse()
+                spans = []
+                if token_id in back:
+                    k = -1
+                    for _ in range(back.count(token_id)):
+                        k = back.index(token_id, k + 1)
+                        spans.append(k + 1)
+            else:
+                spans = list(range(1, longest + 1))
+            for p in spans:
+                if p < self.min_span:
+                    continue
+                run = self._run(p, self.enough[p] if self.looping else n)
+                if run >= self.least[p] and self._counts(p, run):
+                    span = p
+                    break
         match = None
         if span and not self.looping:
-            first = n - span - runs[span]
+            first = n - span - run
             match = LoopMatch(start=first + span, first=first, span=span, repeats=(n - first) // span, kind="token")
         self.looping = bool(span)
         line = self._line(token_id)
@@ -392,25 +411,29 @@ class LoopTracker:
     def _need(self, p: int) -> int:
         return p * max(self.min_repeats, -(-self.min_loop_tokens // p))
 
-    def _counts(self, p: int) -> bool:
-        """Whether the span of the newest ``p`` tokens makes a loop at the copies it has."""
+    def _run(self, p: int, limit: int) -> int:
+        """How many newest tokens equal the token ``p`` before them (within the row from ``begin``; at most
+        ``limit``)."""
+        ids, begin = self.ids, self.begin
+        i = len(ids) - 1
+        run = 0
+        while run < limit and i - p >= begin and ids[i] == ids[i - p]:
+            run += 1
+            i -= 1
+        return run
+
+    def _counts(self, p: int, run: int) -> bool:
+        """Whether the span of the newest ``p`` tokens, with ``run`` tokens of copies after its first, makes a
+        loop."""
         span = self.ids[len(self.ids) - p :]
         plain = (self.word_ids is None or any(t in self.word_ids for t in span)) and (
             self.newline_ids is None or not any(t in self.newline_ids for t in span)
         )
-        return plain or p + self.runs[p] >= max(self._need(p), self.symbol_loop_tokens)
+        return plain or p + run >= max(self._need(p), self.symbol_loop_tokens)
 
     def _recount(self) -> None:
-        """Rebuild the per-span runs and the line records from the row (after a start or a rewind)."""
+        """Rebuild the line records from the row (after a start or a rewind); runs are counted when asked."""
         ids, n = self.ids, len(self.ids)
-        self.runs = [0] * (self.max_span + 1)
-        for p in range(1, self.max_span + 1):
-            run = 0
-            i = n - 1
-            while i - p >= self.begin and ids[i] == ids[i - p]:
-                run += 1
-                i -= 1
-            self.runs[p] = run
         self.looping = False
         self.lines = []
         self.line_start = self.begin

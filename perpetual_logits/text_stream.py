@@ -8,7 +8,9 @@ UTF-8 character sees its start), so the window's text is exactly that part of th
 window's text extends what the row had, the new characters are appended (one decode of about eight tokens);
 otherwise -- bytes of an unfinished character, or bytes that turn out invalid and make the decoder rewrite
 text it had shown (a byte-fallback "»" that the next byte turns into U+FFFD) -- each token of the window is
-decoded as a prefix to find which characters are its own, as ``PhraseMatcher.scan`` does.
+decoded as a prefix to find which characters are its own, as ``PhraseMatcher.scan`` does. The usual token --
+the text so far whole, neither it nor the token before it a byte-fallback piece -- needs no window: its text is
+what it adds after that one neighbour, cached per tokenizer and pair of tokens (rows keep writing the same words).
 
 After every token the stream records the row's character count, the map from characters back to tokens and
 also the snapshot a rewind restores: cutting the row back to ``n`` tokens keeps the characters of those
@@ -27,6 +29,7 @@ where the row's text must follow what ``tokenizer.decode`` says.
 from __future__ import annotations
 
 import re
+import weakref
 from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +41,22 @@ __all__ = ["TextStream"]
 _REPLACEMENT = "\ufffd"  # what decoders show for an incomplete UTF-8 sequence
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _WINDOW = 8  # tokens decoded per step (after the anchor): enough for any piece to see its neighbours
+
+
+# Per tokenizer, shared by every row's stream (a token's text never changes, and rows keep writing the same
+# words): each token's text alone, and the text a token adds after a given left neighbour (keyed
+# ``neighbour << 32 | token``; at most _PAIRS of them, the first seen, so memory stays bounded).
+_LEADS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_AFTER: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_PAIRS = 1 << 15
+
+
+def _shared(caches: weakref.WeakKeyDictionary[Any, dict[int, str]], tokenizer: Any) -> dict[int, str]:
+    """The cache of ``tokenizer`` in ``caches`` (a private one when it cannot be weakly referenced)."""
+    try:
+        return caches.setdefault(tokenizer, {})
+    except TypeError:
+        return {}
 
 
 def _rust_backend(tokenizer: Any) -> Tokenizer | None:
@@ -87,6 +106,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.backend = _rust_backend(tokenizer)
         self.keep_chars = keep_chars
+        self._trim_at = 4 * keep_chars + 256  # text longer than this is trimmed (see _trim)
         # The tokens held: ids[base:base + len(tokens)] of the row, and the token before them (None at the
         # row's first token), which anchors the first token's text.
         self.base = 0
@@ -105,7 +125,8 @@ class TextStream:
         self.head_end = 0
         # Where the last push or cut changed text that was there before (a rewrite), or None.
         self.changed_from: int | None = None
-        self._lead: dict[int, str] = {}  # anchor id -> its text alone
+        self._lead = _shared(_LEADS, tokenizer)  # token id -> its text alone
+        self._after = _shared(_AFTER, tokenizer)  # neighbour << 32 | token id -> the text the token adds
 
     # -- state --------------------------------------------------------------------------------------------
     @property
@@ -153,7 +174,25 @@ class TextStream:
     def push(self, token_id: int) -> None:
         """Append the row's next token."""
         self.changed_from = None
-        self.tokens.append(token_id)
+        tokens = self.tokens
+        tokens.append(token_id)
+        if self.pending == 0 and len(tokens) > 1 and (self._lead.get(token_id) or self._lead_of(token_id)):
+            # The usual token: the text so far is whole and neither this token nor the one before it is a
+            # byte-fallback piece (the only pieces whose text depends on more than their left neighbour), so
+            # the text grows by what this token adds after the previous one (one short decode).
+            pair = tokens[-2] << 32 | token_id
+            text = self._after.get(pair)
+            if text is None:
+                text = self._relative(tokens[-2], [token_id])
+                if text is not None and len(self._after) < _PAIRS:
+                    self._after[pair] = text
+            if text is not None and not text.endswith(_REPLACEMENT):
+                self.text += text
+                self.ends.append(self.char_base + len(self.text))
+                self.own.append(True)
+                if len(self.text) > self._trim_at:
+                    self._trim()
+                return
         first = max(0, len(self.tokens) - max(_WINDOW, self.pending + 2))
         start = self.ends[first - 1] if first > 0 else self.char_base
         anchor = self.tokens[first - 1] if first > 0 else self.anchor
@@ -203,18 +242,22 @@ class TextStream:
         together)."""
         if anchor is None:
             return self._decode(ids)
-        lead = self._lead.get(anchor)
-        if lead is None:
-            # A byte-fallback piece ("<0x74>") is decoded together with the byte pieces next to it (an invalid
-            # run becomes one U+FFFD per byte, even for ASCII bytes): never an anchor.
-            lead = "" if _BYTE_PIECE.fullmatch(self._piece(anchor)) else self._decode([anchor])
-            self._lead[anchor] = lead
+        lead = self._lead_of(anchor)
         whole = self._decode([anchor, *ids])
         # An anchor with no text alone (a SentencePiece "▁" or byte whose space is stripped at the start) says
         # nothing about where its text ends; one ending in U+FFFD ends inside a character.
         if not lead or lead.endswith(_REPLACEMENT) or not whole.startswith(lead):
             return None
         return whole[len(lead) :]
+
+    def _lead_of(self, token_id: int) -> str:
+        """The token's text alone; empty for a byte-fallback piece ("<0x74>"), which is decoded together with
+        the byte pieces next to it (an invalid run becomes one U+FFFD per byte, even for ASCII bytes)."""
+        lead = self._lead.get(token_id)
+        if lead is None:
+            lead = "" if _BYTE_PIECE.fullmatch(self._piece(token_id)) else self._decode([token_id])
+            self._lead[token_id] = lead
+        return lead
 
     def _piece(self, token_id: int) -> str:
         if self.backend is not None:
@@ -267,7 +310,7 @@ class TextStream:
 
     def _trim(self) -> None:
         """Drop text and tokens far behind the end (keep twice what a match can need)."""
-        if len(self.text) <= 4 * self.keep_chars + 256 or len(self.tokens) <= 64:
+        if len(self.text) <= self._trim_at or len(self.tokens) <= 64:
             return
         drop = bisect_right(self.ends, self.end - 2 * self.keep_chars - 64)
         drop = min(drop, len(self.tokens) - 32)

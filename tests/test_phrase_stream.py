@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -202,3 +203,35 @@ def test_chat_closings_hold_back_nothing_in_plain_prose(text):
     assert matcher.scan(ids).hold == 0
     stream = PhraseStream(matcher)
     assert [stream.feed(ids[:n]).hold for n in range(1, len(ids) + 1)][-1] == 0
+
+
+GATE_PATTERNS = [
+    *CHAT_CLOSING_PHRASES,
+    regex.compile(r"(?<!\w)ab|c"),  # a lookbehind that applies to one alternative only
+    regex.compile(r"(?<!\w)[]|]x"),
+    regex.compile(r"Chapter \d+"),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(st.sampled_from(list("abcx |]\n.*#IiHhopeltsnkwyu'")), max_size=30),
+    picks=st.lists(st.integers(0, len(GATE_PATTERNS) - 1), min_size=2, max_size=6, unique=True),
+    data=st.data(),
+)
+def test_the_gate_finds_where_the_first_of_its_patterns_does(text, picks, data):
+    """The one search that stands for all regular expressions (their lookbehinds shared where they can be)
+    starts where the earliest of them, searched one by one, starts -- complete or partial."""
+    _gate = importlib.import_module(PhraseStream.__module__)._gate  # the module wherever it lives
+
+    patterns = [GATE_PATTERNS[i] for i in picks]
+    gate = _gate(patterns)
+    assert gate is not None
+    start, end = data.draw(st.integers(0, len(text))), len(text)
+
+    def where(pattern):  # an empty partial match at the very end is nothing (what the stream reads it as)
+        m = pattern.search(text, start, end, partial=True)
+        return None if m is None or m.start() == m.end() == end else m.start()
+
+    found = [s for s in map(where, patterns) if s is not None]
+    assert where(gate) == (min(found) if found else None)
