@@ -7,13 +7,19 @@ landing on real text.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
 from perpetual_logits import BackstepConfig, Landing, make_perpetual
+from perpetual_logits.backstep.landing import RowText
 from perpetual_logits.boundaries import count_words, cut_point, ends_sentence
+from perpetual_logits.protocol import RowView
 
 EOS = 2
 
@@ -184,3 +190,41 @@ def test_tinystories_rows_at_the_limit_end_at_a_sentence_with_no_partial_marker(
     for text in texts:
         assert ends_sentence(text), text  # neither mid-word nor mid-sentence
         assert not any(text.rstrip().endswith(p) for p in ("<|", "<|end", "<|end_story", "<|end_story|")), text
+
+
+# -- the row's text, token by token ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_pieces(story_tokenizer) -> list[int]:
+    """Token ids of the TinyStories vocabulary that are not byte-fallback pieces (``<0x..>``)."""
+    return [
+        i
+        for i in range(3, len(story_tokenizer))
+        if not re.fullmatch(r"<0x..>", story_tokenizer.convert_ids_to_tokens(i))
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_words_and_the_minimum_follow_the_decoded_text_through_rewinds(data, story_tokenizer, text_pieces) -> None:
+    """RowText counts words one token at a time (a cached piece per token pair); the count and the point where
+    the minimum is reached equal counting the whole decoded text, through rewinds."""
+    prompt = ids_of(story_tokenizer, "Once upon a time")
+    minimum = data.draw(st.integers(1, 12), label="min_words")
+    text = RowText(story_tokenizer, 0, minimum, None)
+    text.start_rows([len(prompt)])
+    ids = list(prompt)
+    reached_at = None
+    for _ in range(data.draw(st.integers(1, 40), label="steps")):
+        if len(ids) > len(prompt) and data.draw(st.booleans(), label="rewind"):
+            length = data.draw(st.integers(len(prompt), len(ids) - 1), label="to")
+            del ids[length:]
+            text.rewind(0, length)
+            reached_at = reached_at if reached_at is not None and reached_at <= length else None
+        ids.append(data.draw(st.sampled_from(text_pieces), label="token"))
+        just = text.observe(RowView(0, ids, len(prompt), 0))
+        words = count_words(story_tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True))
+        assert text.words[0][-1] == words
+        if reached_at is None and words >= minimum and 2 * (len(ids) - len(prompt)) >= minimum:
+            reached_at = len(ids)
+            assert just
+        assert text.minimum_reached(0) == (reached_at is not None)

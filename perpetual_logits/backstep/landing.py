@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,14 @@ from ..boundaries import _sentence_end_inside, count_words, ends_sentence
 from ..protocol import RowState, RowView
 
 __all__ = ["Landing", "LandingBias", "RowText"]
+
+#: Per tokenizer: the text a token adds after its left neighbour (special tokens skipped), keyed
+#: ``neighbour << 32 | token``. Rows keep writing the same word pairs, so most tokens need no decode.
+_PIECES: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_MAX_PIECES = 1 << 16
+#: While its incremental count is short of ``min_words``, a row's words are counted on its whole decoded text
+#: every this many tokens (the incremental count can miss a character split over byte-level tokens).
+_RECOUNT_EVERY = 32
 
 
 @dataclass(frozen=True)
@@ -97,8 +107,14 @@ class RowText(RowState):
         self.limits: list[int | None] = []
         self.tails: list[list[str]] = []
         self.pending: list[list[bool]] = []
+        self.words: list[list[int]] = []  # per row: words of its generated text after each generated token
         self.boundaries: list[list[int]] = []
         self.reached_at: list[int | None] = []
+        # -- shared with every RowText of this tokenizer
+        self._pieces: dict[int, str] = {}
+        if tokenizer is not None:
+            with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
+                self._pieces = _PIECES.setdefault(tokenizer, {})
 
     # -- protocol ------------------------------------------------------------------------------------------
     def start(self, batch_size: int, prompt_length: int) -> None:
@@ -111,6 +127,7 @@ class RowText(RowState):
         self.limits = list(limits) if limits is not None else [None] * batch
         self.tails = [[] for _ in range(batch)]
         self.pending = [[] for _ in range(batch)]
+        self.words = [[] for _ in range(batch)]
         self.boundaries = [[] for _ in range(batch)]
         self.reached_at = [None] * batch
 
@@ -122,6 +139,7 @@ class RowText(RowState):
         generated = max(0, length - self.prompt_lengths[row])
         del self.tails[row][generated:]
         del self.pending[row][generated:]
+        del self.words[row][generated:]
         kept = self.boundaries[row]
         while kept and kept[-1] > length:
             kept.pop()
@@ -136,11 +154,13 @@ class RowText(RowState):
         length = len(ids)
         prompt = self.prompt_lengths[row]
         tail, pending = (self.tails[row][-1], self.pending[row][-1]) if self.tails[row] else ("", False)
+        words = self.words[row][-1] if self.words[row] else 0
         if self.tokenizer is not None:
-            before = self._decode(ids[max(prompt, length - 5) : length - 1])
-            after = self._decode(ids[max(prompt, length - 5) : length])
-            piece = after[len(before) :] if after.startswith(before) else after[-1:]
+            piece = self._piece(int(ids[length - 2]) if length - 1 > prompt else None, int(ids[length - 1]))
             if piece:
+                words += count_words(piece)
+                if tail[-1:].isascii() and tail[-1:].isalpha() and piece[0].isascii() and piece[0].isalpha():
+                    words -= 1  # the piece continues the text's last run of letters: one word
                 if (pending and piece[0].isspace()) or _sentence_end_inside(piece):
                     self._mark(row, length - 1)  # a cut may end before this token (and spell what it ends)
                 tail = (tail + piece)[-16:]
@@ -152,6 +172,7 @@ class RowText(RowState):
                     pending = ends_sentence(tail)
         self.tails[row].append(tail)
         self.pending[row].append(pending)
+        self.words[row].append(words)
         if self.reached_at[row] is None and self._minimum_met(row, ids):
             self.reached_at[row] = length
             return True
@@ -168,9 +189,28 @@ class RowText(RowState):
             return False
         if self.min_words == 0:
             return True
-        if 2 * generated < self.min_words:  # a word takes at least half a token: no need to decode yet
+        if 2 * generated < self.min_words:  # a word takes at least half a token: no need to count yet
             return False
+        counted = self.words[row][-1] if self.words[row] else 0
+        if counted < self.min_words and generated % _RECOUNT_EVERY:
+            return False
+        # Reached by the incremental count (or time for a recount): confirm on the whole text, once.
         return count_words(self._decode(ids[self.prompt_lengths[row] :])) >= self.min_words
+
+    def _piece(self, neighbour: int | None, token: int) -> str:
+        """The text ``token`` adds after ``neighbour`` (``None``: it is the first generated token)."""
+        if neighbour is None:
+            return self._decode([token])
+        key = neighbour << 32 | token
+        cache = self._pieces
+        piece = cache.get(key)
+        if piece is None:
+            before = self._decode([neighbour])
+            after = self._decode([neighbour, token])
+            piece = after[len(before) :] if after.startswith(before) else after[-1:]
+            if len(cache) < _MAX_PIECES:
+                cache[key] = piece
+        return piece
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
