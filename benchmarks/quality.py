@@ -15,7 +15,7 @@ compare; the **equal-window** judge column scores the same token window for ever
 ``[cut, cut + W)`` after the baseline's stopping point ``cut`` (W = ``--judge-window``, 200 by default), with
 the ``cut`` tokens before it as the judge's context, over the same (prompt, seed) pairs for every arm.
 
-Arms: :data:`ARMS`, one line each: a named method of :mod:`perpetual_logits.methods` plus, where needed,
+Arms: :data:`ARMS`, one line each: a named method of :mod:`perpetual_logits.app.methods` plus, where needed,
 ``BackstepConfig`` fields to replace, extra ``generate()`` arguments or extra logits processors.
 
 Every metric is defined in :data:`DEFINITIONS`, which is written into the output.
@@ -42,8 +42,7 @@ if __package__ in (None, ""):
 import perpetual_logits
 from benchmarks import common
 from benchmarks.llama2c import load_judge
-from perpetual_logits import methods
-from perpetual_logits.metrics import (
+from perpetual_logits.analysis.metrics import (
     compression_ratio,
     count_end_markers,
     line_repeats,
@@ -51,6 +50,7 @@ from perpetual_logits.metrics import (
     per_thousand,
     rep_n,
 )
+from perpetual_logits.app import methods
 
 PROMPTS = (
     "Once upon a time",
@@ -72,7 +72,7 @@ BOOTSTRAP = 2000
 # -- the arms ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Arm:
-    """One configuration of the table: a named method (:data:`perpetual_logits.methods.METHODS`) plus changes.
+    """One configuration of the table: a named method (:data:`perpetual_logits.app.methods.METHODS`) plus changes.
 
     Args:
         name: the key in ``quality.json`` and the start of the row's label.
@@ -227,7 +227,7 @@ def generate(
 ) -> tuple[torch.Tensor, float, dict[str, Any]]:
     """Run one arm once; return (sequence incl. prompt, interventions, extra).
 
-    The ``generate()`` arguments come from :func:`perpetual_logits.methods.generation_arguments`, the same
+    The ``generate()`` arguments come from :func:`perpetual_logits.app.methods.generation_arguments`, the same
     switchboard the command line and the demo use, with the arm's changes on top.
     """
     if method not in ARM_BY_NAME:

@@ -34,10 +34,10 @@ if __package__ in (None, ""):
 
 import perpetual_logits as pl
 from benchmarks import common
+from perpetual_logits.analysis.metrics import line_repeats, ngrams, per_thousand, rep_n
 from perpetual_logits.dry import DRYLogitsProcessor
-from perpetual_logits.metrics import line_repeats, ngrams, per_thousand, rep_n
-from perpetual_logits.phrases import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS, ENDING_PHRASES
-from perpetual_logits.repetition import find_line_loop, find_token_loop, newline_token_ids
+from perpetual_logits.text.endings import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS, ENDING_PHRASES
+from perpetual_logits.text.repetition import find_line_loop, find_token_loop, newline_token_ids
 
 # Prompts a user asks a chat assistant. Several have short natural answers: that is where a chat model
 # "stops too soon", and it leaves room after the natural end for the judge window.
@@ -179,7 +179,7 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def load(path: Path | None = None) -> tuple[Any, Any]:
-    from perpetual_logits.chat_model import load_chat_model
+    from perpetual_logits.app.chat_model import load_chat_model
 
     common.quiet_transformers()
     return load_chat_model(path or common.models_dir() / "smollm2-135m-instruct")

@@ -43,7 +43,7 @@ import perpetual_logits as pl
 from benchmarks import common
 from benchmarks.llama2c import Judge, load_judge
 from benchmarks.quality import PROMPTS, _prefix_chars, block_rep
-from perpetual_logits.metrics import count_end_markers, ngrams, per_thousand, rep_n
+from perpetual_logits.analysis.metrics import count_end_markers, ngrams, per_thousand, rep_n
 
 PEAK, STEPS, TOP_K = 2.0, 10, 50
 

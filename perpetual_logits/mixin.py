@@ -15,7 +15,7 @@ from transformers import GenerationMixin
 
 from .backstep import BackstepConfig, BackstepLoop
 from .backstep.events import BackstepEvent, BackstepStats
-from .truncation import check_no_double_truncation
+from .processor_list import check_no_double_truncation
 
 __all__ = ["PerpetualGenerationMixin", "make_perpetual"]
 

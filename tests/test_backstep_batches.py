@@ -16,8 +16,14 @@ from transformers.generation import logits_process as lp
 
 import perpetual_logits as pl
 from perpetual_logits import BackstepConfig, _compat, make_perpetual
-from perpetual_logits.backstep.lengths import LENGTH_DEPENDENT, NOT_APPLICABLE, READS_TOKENS
-from perpetual_logits.backstep.temperature import WARPERS, RowTemperature, insert_before_warpers
+from perpetual_logits.backstep.temperature import RowTemperature
+from perpetual_logits.processor_list import (
+    LENGTH_DEPENDENT,
+    NOT_APPLICABLE,
+    READS_TOKENS,
+    WARPERS,
+    insert_before_warpers,
+)
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9, 3], [1, 4, 4, 11, 12]]
 

@@ -12,13 +12,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from perpetual_logits.phrases import (
-    ENDING_PHRASES,
-    PhraseMatch,
-    PhraseMatcher,
-    PhraseScan,
-    default_end_phrases,
-)
+from perpetual_logits.text.endings import ENDING_PHRASES, default_end_phrases
+from perpetual_logits.text.matcher import PhraseMatch, PhraseMatcher, PhraseScan
 
 # -- tokenizers built here ----------------------------------------------------------------------------------
 

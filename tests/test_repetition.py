@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perpetual_logits.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids
+from perpetual_logits.text.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids
 
 
 def is_token_loop(ids: list[int], start: int, min_span: int, max_span: int, min_repeats: int, min_tokens: int) -> int:

@@ -30,12 +30,8 @@ from perpetual_logits import (
     Widen,
     take_over_truncation,
 )
-from perpetual_logits.truncation import (
-    check_no_double_truncation,
-    configured_truncation,
-    truncate_rows,
-    weight_table,
-)
+from perpetual_logits.processor_list import check_no_double_truncation, configured_truncation
+from perpetual_logits.truncation import truncate_rows, weight_table
 
 NEG = float("-inf")
 

@@ -27,17 +27,17 @@ from transformers.generation import EosTokenCriteria, MaxLengthCriteria
 
 from .. import _compat
 from ..distributions import eos_probability
+from ..processor_list import insert_before_warpers, per_row_lengths
 from ..protocol import RowState
 from .buffer import LogitsRing
 from .cache import CacheLayout, check_cache, check_static_size, sliding_window
 from .config import BackstepConfig
 from .events import BackstepEvent, BackstepOutput, BackstepStats
-from .lengths import per_row_lengths
 from .policy import RewindPlan, RewindPolicy
 from .records import StepRecords
 from .rows import Rows
 from .streaming import HoldBack
-from .temperature import TemperatureSchedule, insert_before_warpers
+from .temperature import TemperatureSchedule
 from .window import ContextWindow, model_window
 
 __all__ = ["BackstepLoop"]

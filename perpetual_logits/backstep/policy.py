@@ -25,9 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..phrases import PhraseMatcher, default_end_phrases
 from ..protocol import Rewind, RewindRule, RowState, RowView
-from ..repetition import newline_token_ids, word_token_ids
+from ..text.endings import default_end_phrases
+from ..text.matcher import PhraseMatcher
+from ..text.repetition import newline_token_ids, word_token_ids
 from .bans import Bans
 from .config import BackstepConfig
 from .events import BackstepEvent
@@ -373,10 +374,10 @@ def _vocab_set(tokenizer: Any, kind: str, compute: Callable[[Any], frozenset[int
 
 
 def _newline_ids(tokenizer: Any) -> frozenset[int]:
-    """Line-ending token ids of a tokenizer (see :func:`~perpetual_logits.repetition.newline_token_ids`)."""
+    """Line-ending token ids of a tokenizer (see :func:`~perpetual_logits.text.repetition.newline_token_ids`)."""
     return _vocab_set(tokenizer, "newlines", newline_token_ids)
 
 
 def _word_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of tokens with a letter (see :func:`~perpetual_logits.repetition.word_token_ids`)."""
+    """Ids of tokens with a letter (see :func:`~perpetual_logits.text.repetition.word_token_ids`)."""
     return _vocab_set(tokenizer, "words", word_token_ids)
