@@ -126,8 +126,8 @@ DEFINITIONS = {
     "interventions": "per run, mean: Method 2 EOS evictions; backstep arms (Methods 3-4) rewinds of every reason "
     "(split in the second table: EOS sampled / ending phrase completed / banned phrase completed / loop); "
     "Method 1 arms report Σ p(EOS) over their steps, the expected number of EOS draws suppressed.",
-    "end markers /1k": "spelled end markers and ending phrases (perpetual_logits.metrics.END_MARKERS: the texts "
-    "of well-known end tokens such as '<|end_story|>' written as text, plus ENDING_PHRASES such as 'The End', "
+    "end markers /1k": "spelled end markers and ending phrases (perpetual_logits.analysis.metrics.END_MARKERS: the "
+    "texts of well-known end tokens such as '<|end_story|>' written as text, plus ENDING_PHRASES such as 'The End', "
     "'The end.', 'To be continued'; what end_phrases='default' and ban_phrases='default' match), "
     "case-sensitive, non-overlapping, in the generated text decoded with skip_special_tokens=True; "
     "total count / total new tokens × 1000.",
@@ -142,8 +142,8 @@ DEFINITIONS = {
     "equal length.",
     "distinct-n (corpus)": "unique n-grams / all n-grams pooled over all runs of the method (cross-sample "
     "diversity; per text, distinct-n is exactly 1 − rep-n).",
-    "line repeats": "perpetual_logits.metrics.line_repeats: fraction of a run's lines (≥ 8 characters, stripped) "
-    "that copy an earlier line of the same run, mean over runs. TinyStories lines are paragraphs, so this "
+    "line repeats": "perpetual_logits.analysis.metrics.line_repeats: fraction of a run's lines (≥ 8 characters, "
+    "stripped) that copy an earlier line of the same run, mean over runs. TinyStories lines are paragraphs, so this "
     "only catches verbatim paragraph loops.",
     "compression": "len(UTF-8 bytes) / len(zlib level-9 bytes) of a run's generated text, mean over runs; higher "
     "= more repetitive.",

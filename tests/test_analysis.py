@@ -1,4 +1,4 @@
-"""perpetual_logits.analysis and perpetual_logits.plotting: statistics in bits, blocks, EOS window, figures."""
+"""perpetual_logits.analysis (steps and plotting): statistics in bits, blocks, EOS window, figures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""perpetual_logits.metrics: hand-made cases, argument checks and hypothesis properties."""
+"""perpetual_logits.analysis.metrics: hand-made cases, argument checks and hypothesis properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loop detection (perpetual_logits.repetition): constructed loops are found where they begin, text without a
+"""Loop detection (perpetual_logits.text.repetition): constructed loops are found where they begin, text without a
 repeat is never flagged, and every index returned lies inside the row."""
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def fmt(value: float, digits: int = 4) -> str:
 
 @dataclass
 class Analysis:
-    """Everything ``analyze`` computes; :meth:`write` puts it on disk."""
+    """Everything ``analyze`` computes; :func:`write_analysis` puts it on disk."""
 
     model: str
     eos: list[int]

@@ -16,7 +16,8 @@ Where things are:
   :mod:`.temperature` (Method 4's schedule, early triggers), :mod:`.records` (output scores/logits),
   :mod:`.window` (the context shift past the model's window);
   :mod:`.streaming` hands the streamer what the policy made final;
-* :mod:`.lengths` -- length-dependent processors judged per row; :mod:`.config`, :mod:`.events`.
+* :mod:`.config`, :mod:`.events`; the edits of ``generate()``'s processor list (length-dependent processors
+  judged per row, the temperature's place, the truncation take-over) are :mod:`perpetual_logits.processor_list`.
 """
 
 from .cache import check_cache
