@@ -270,7 +270,7 @@ def test_recorder_token_set_and_validation():
     # Inside generate() the recorder does not validate every step (that would cost three passes and a
     # host sync per token): scores pass through untouched, whatever they hold.
     odd = torch.tensor([[0.0, float("nan"), 0.0]])
-    assert StepStatsRecorder(eos_token_id=2)(torch.tensor([[1]]), odd) is not None
+    assert StepStatsRecorder(eos_token_id=2)(torch.tensor([[1]]), odd) is odd
 
 
 def test_recorder_drops_rewound_positions():

@@ -147,15 +147,20 @@ def test_from_pretrained_on_a_mixin_subclass(tmp_path) -> None:
     original = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items()):
         assert torch.equal(a, b), name
-    out = model.generate(
-        torch.tensor([[1, 5]]),
-        do_sample=False,
-        max_new_tokens=12,
-        backstep=BackstepConfig(n_remove=2),
-        logits_processor=[BoostEOS(2.0)],
-        return_dict_in_generate=True,
-    )
-    assert out.backstep_events is not None
+    kwargs = {
+        "do_sample": False,
+        "max_new_tokens": 12,
+        "backstep": BackstepConfig(n_remove=2),
+        "logits_processor": [BoostEOS(2.0)],
+        "return_dict_in_generate": True,
+    }
+    out = model.generate(torch.tensor([[1, 5]]), **kwargs)
+    # The subclass generates exactly what make_perpetual gives the same weights, rewinds included.
+    same = make_perpetual(original).generate(torch.tensor([[1, 5]]), **kwargs)
+    assert torch.equal(out.sequences, same.sequences)
+    assert out.backstep_events == same.backstep_events
+    assert len(out.backstep_events) == 1 and out.backstep_events[0]  # the boosted EOS was rewound
+    assert all(event.reason == "eos" for event in out.backstep_events[0])
 
 
 def test_default_config_reaches_a_pipeline() -> None:

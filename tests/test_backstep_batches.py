@@ -205,7 +205,8 @@ def test_last_backstep_is_per_thread() -> None:
     model = make_perpetual(tiny_model("llama"))
     ids = torch.tensor([[1, 5, 6, 7]])
     model.generate(ids, max_new_tokens=5, backstep=BackstepConfig(n_remove=2))
-    assert model.last_backstep is not None
+    events, stats = model.last_backstep
+    assert len(events) == 1 and stats.prefill_forwards == 1  # this thread's call, one row
     seen: list[object] = []
     thread = threading.Thread(target=lambda: seen.append(model.last_backstep))
     thread.start()

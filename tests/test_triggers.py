@@ -84,6 +84,7 @@ def test_update_from_scores_and_batch_change():
     assert trigger.update_from_scores(sure_eos, 2).tolist() == [False, False]
     assert trigger.update_from_scores(sure_eos, [2]).tolist() == [True, False]
     assert trigger.mean_eos_prob is not None
+    assert torch.allclose(trigger.mean_eos_prob, torch.tensor([1.0, 0.25]), atol=1e-6)  # sure EOS; uniform over 4
     # A new batch size starts a new generation.
     assert trigger.update_from_scores(sure_eos[:1], 2).tolist() == [False]
     with pytest.raises(ValueError, match="eos_token_id"):
