@@ -121,6 +121,28 @@ def test_backstep_without_eos_events_matches_plain_generate() -> None:
     assert torch.equal(plain, backstep)
 
 
+class CountResets(LogitsProcessor):
+    """Changes nothing; counts how often it is reset."""
+
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores
+
+
+@pytest.mark.parametrize("backstep", [BackstepConfig(n_remove=2), False])
+def test_a_reused_processor_is_reset_once_per_call(backstep) -> None:
+    model = make_perpetual(tiny_model("llama"))
+    counter = CountResets()
+    for call in (1, 2):
+        model.generate(torch.tensor([[1, 5]]), max_new_tokens=4, logits_processor=[counter], backstep=backstep)
+        assert counter.resets == call
+
+
 def test_make_perpetual_keeps_class_identity_and_is_idempotent(tmp_path) -> None:
     model = tiny_model("llama")
     cls = type(model)

@@ -60,6 +60,17 @@ def test_entropy_slope_is_least_squares():
     assert torch.allclose(trigger.slope, expected[None])
 
 
+def test_started_says_whether_there_is_history():
+    trigger = EarlyTrigger(window=3, eos_threshold=0.5)
+    assert not trigger.started
+    with pytest.raises(RuntimeError, match="before the first update"):
+        trigger.rewind(0, 1)
+    trigger.update(torch.tensor([0.1]))
+    assert trigger.started
+    trigger.reset()
+    assert not trigger.started
+
+
 def test_rewind_drops_history():
     trigger = EarlyTrigger(window=3, eos_threshold=0.5)
     for _ in range(2):

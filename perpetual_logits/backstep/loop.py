@@ -201,11 +201,7 @@ class BackstepLoop:
         batch, prompt = self.rows.batch, self.rows.prompt_length
         for unit in [*self._units(), self.policy]:
             unit.start(batch, prompt)
-        # Processors generate() reuses across calls: a stateful one starts afresh; one that keeps no per-row
-        # state but can be reset is reset.
-        for proc in self.processors:
-            if not isinstance(proc, RowState) and callable(getattr(proc, "reset", None)):
-                proc.reset()
+        # The user's processors were reset once, by PerpetualGenerationMixin.generate; RowState ones start above.
 
     def _units(self) -> list[RowState]:
         units: list[RowState] = [self.rows, self.ring, self.records]
