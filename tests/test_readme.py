@@ -20,3 +20,27 @@ def test_readme_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.failed == 0, f"{result.failed} README example(s) failed; see the output above"
     # The examples ran on the local copy, as the README tells offline readers to arrange.
     assert test.globs["model_id"] == str(path)
+
+
+def test_architecture_section_names_every_room_and_only_rooms() -> None:
+    """The README's architecture section names each file of the package outside serve/ and vllm/ (which describe
+    themselves), and every file it names exists."""
+    import re
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    package = REPO / "perpetual_logits"
+    named: set[str] = set()
+    wing = ""  # a bullet that starts with `wing/` names that wing's files
+    for line in section.splitlines():
+        if line.startswith("* "):
+            start = re.match(r"\* `(\w+)/`", line)
+            wing = start.group(1) + "/" if start else ""
+        named.update(wing + name for name in re.findall(r"`(\w+\.py)`", line))
+    rooms = {
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.relative_to(package).parts[0] not in ("serve", "vllm")
+        and (path.name != "__init__.py" or path.parent == package)  # a wing's __init__.py only hands names on
+    }
+    assert named == rooms
