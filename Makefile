@@ -84,7 +84,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
 VLLM_MODEL_GGUF := $(SHARED_MODELS)/smollm2-135m-instruct
-VLLM_MODEL = $(if $(wildcard $(VLLM_MODEL_GGUF)),$(shell $(BIN)/python -c "from perpetual_logits.chat_model import converted_checkpoint as c; print(c('$(VLLM_MODEL_GGUF)'))"))
+VLLM_MODEL = $(if $(wildcard $(VLLM_MODEL_GGUF)),$(shell $(BIN)/python -c "from perpetual_logits.app.chat_model import converted_checkpoint as c; print(c('$(VLLM_MODEL_GGUF)'))"))
 
 $(VLLM_STAMP): requirements-vllm.txt pyproject.toml
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)

@@ -282,7 +282,7 @@ def smollm2_arm(s: Settings) -> dict[str, Any]:
     """SmolLM2-135M-Instruct, its window forced to ``smollm2_limit``, the chat preset + the shift keeping the
     whole chat prompt (system turn and instruction). Judge: the model itself (T 1) over each window, with the
     ``judge_window`` tokens before it as context (positions stay far inside its own 8,192)."""
-    from perpetual_logits.chat_model import load_chat_model
+    from perpetual_logits.app.chat_model import load_chat_model
 
     common.quiet_transformers()
     model, tokenizer = load_chat_model(common.models_dir() / "smollm2-135m-instruct")
@@ -341,7 +341,7 @@ def smollm2_arm(s: Settings) -> dict[str, Any]:
 
 # -- output ----------------------------------------------------------------------------------------------------
 def figure(results: dict[str, Any], path: Path, limit: int) -> None:
-    from perpetual_logits.plotting import _pyplot
+    from perpetual_logits.analysis.plotting import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -44,10 +44,10 @@ if __package__ in (None, ""):
 import perpetual_logits as pl
 from benchmarks import common
 from benchmarks.quality_chat import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS, _count, _literal, load, token_nll
-from perpetual_logits.boundaries import count_words, ends_sentence
+from perpetual_logits.analysis.metrics import ngrams, per_thousand, rep_n
 from perpetual_logits.dry import DRYLogitsProcessor
-from perpetual_logits.metrics import ngrams, per_thousand, rep_n
-from perpetual_logits.phrases import ENDING_PHRASES
+from perpetual_logits.text.boundaries import count_words, ends_sentence
+from perpetual_logits.text.endings import ENDING_PHRASES
 
 TOPICS = (
     "the sea",

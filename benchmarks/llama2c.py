@@ -36,7 +36,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpetual_logits.metrics import bits_per_character
+from perpetual_logits.analysis.metrics import bits_per_character
 
 __all__ = [
     "BOS_ID",

@@ -26,8 +26,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
-from perpetual_logits.phrase_stream import PhraseIndex, PhraseStream
-from perpetual_logits.phrases import PhraseMatcher, default_end_phrases
+from perpetual_logits.text.endings import default_end_phrases
+from perpetual_logits.text.matcher import PhraseMatcher
+from perpetual_logits.text.phrase_stream import PhraseIndex, PhraseStream
 
 TEXT = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she "

@@ -15,7 +15,7 @@ compare; the **equal-window** judge column scores the same token window for ever
 ``[cut, cut + W)`` after the baseline's stopping point ``cut`` (W = ``--judge-window``, 200 by default), with
 the ``cut`` tokens before it as the judge's context, over the same (prompt, seed) pairs for every arm.
 
-Arms: :data:`ARMS`, one line each: a named method of :mod:`perpetual_logits.methods` plus, where needed,
+Arms: :data:`ARMS`, one line each: a named method of :mod:`perpetual_logits.app.methods` plus, where needed,
 ``BackstepConfig`` fields to replace, extra ``generate()`` arguments or extra logits processors.
 
 Every metric is defined in :data:`DEFINITIONS`, which is written into the output.
@@ -42,8 +42,7 @@ if __package__ in (None, ""):
 import perpetual_logits
 from benchmarks import common
 from benchmarks.llama2c import load_judge
-from perpetual_logits import methods
-from perpetual_logits.metrics import (
+from perpetual_logits.analysis.metrics import (
     compression_ratio,
     count_end_markers,
     line_repeats,
@@ -51,6 +50,7 @@ from perpetual_logits.metrics import (
     per_thousand,
     rep_n,
 )
+from perpetual_logits.app import methods
 
 PROMPTS = (
     "Once upon a time",
@@ -72,7 +72,7 @@ BOOTSTRAP = 2000
 # -- the arms ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Arm:
-    """One configuration of the table: a named method (:data:`perpetual_logits.methods.METHODS`) plus changes.
+    """One configuration of the table: a named method (:data:`perpetual_logits.app.methods.METHODS`) plus changes.
 
     Args:
         name: the key in ``quality.json`` and the start of the row's label.
@@ -126,8 +126,8 @@ DEFINITIONS = {
     "interventions": "per run, mean: Method 2 EOS evictions; backstep arms (Methods 3-4) rewinds of every reason "
     "(split in the second table: EOS sampled / ending phrase completed / banned phrase completed / loop); "
     "Method 1 arms report Σ p(EOS) over their steps, the expected number of EOS draws suppressed.",
-    "end markers /1k": "spelled end markers and ending phrases (perpetual_logits.metrics.END_MARKERS: the texts "
-    "of well-known end tokens such as '<|end_story|>' written as text, plus ENDING_PHRASES such as 'The End', "
+    "end markers /1k": "spelled end markers and ending phrases (perpetual_logits.analysis.metrics.END_MARKERS: the "
+    "texts of well-known end tokens such as '<|end_story|>' written as text, plus ENDING_PHRASES such as 'The End', "
     "'The end.', 'To be continued'; what end_phrases='default' and ban_phrases='default' match), "
     "case-sensitive, non-overlapping, in the generated text decoded with skip_special_tokens=True; "
     "total count / total new tokens × 1000.",
@@ -142,8 +142,8 @@ DEFINITIONS = {
     "equal length.",
     "distinct-n (corpus)": "unique n-grams / all n-grams pooled over all runs of the method (cross-sample "
     "diversity; per text, distinct-n is exactly 1 − rep-n).",
-    "line repeats": "perpetual_logits.metrics.line_repeats: fraction of a run's lines (≥ 8 characters, stripped) "
-    "that copy an earlier line of the same run, mean over runs. TinyStories lines are paragraphs, so this "
+    "line repeats": "perpetual_logits.analysis.metrics.line_repeats: fraction of a run's lines (≥ 8 characters, "
+    "stripped) that copy an earlier line of the same run, mean over runs. TinyStories lines are paragraphs, so this "
     "only catches verbatim paragraph loops.",
     "compression": "len(UTF-8 bytes) / len(zlib level-9 bytes) of a run's generated text, mean over runs; higher "
     "= more repetitive.",
@@ -227,7 +227,7 @@ def generate(
 ) -> tuple[torch.Tensor, float, dict[str, Any]]:
     """Run one arm once; return (sequence incl. prompt, interventions, extra).
 
-    The ``generate()`` arguments come from :func:`perpetual_logits.methods.generation_arguments`, the same
+    The ``generate()`` arguments come from :func:`perpetual_logits.app.methods.generation_arguments`, the same
     switchboard the command line and the demo use, with the arm's changes on top.
     """
     if method not in ARM_BY_NAME:

@@ -4,7 +4,7 @@ Run ``python benchmarks/quality_chat.py`` (about 10 minutes on 2 cores), or ``--
 Results: ``<out>/quality_chat.json`` and ``<out>/quality_chat.md``.
 
 Model: SmolLM2-135M-Instruct (``../shared/models/smollm2-135m-instruct``, a GGUF converted once to a cached
-safetensors folder by :func:`perpetual_logits.chat_model.load_chat_model`). Every prompt goes through the
+safetensors folder by :func:`perpetual_logits.app.chat_model.load_chat_model`). Every prompt goes through the
 tokenizer's chat template with ``add_generation_prompt=True``; all prompts of a seed run as one left-padded
 batch, with ``torch.manual_seed(seed)`` set before each arm, sampling at T 0.7, top-p 0.9 (what a new user
 would try). The baseline stops at the end-of-turn token; every other arm is meant to write to
@@ -34,10 +34,10 @@ if __package__ in (None, ""):
 
 import perpetual_logits as pl
 from benchmarks import common
+from perpetual_logits.analysis.metrics import line_repeats, ngrams, per_thousand, rep_n
 from perpetual_logits.dry import DRYLogitsProcessor
-from perpetual_logits.metrics import line_repeats, ngrams, per_thousand, rep_n
-from perpetual_logits.phrases import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS, ENDING_PHRASES
-from perpetual_logits.repetition import find_line_loop, find_token_loop, newline_token_ids
+from perpetual_logits.text.endings import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS, ENDING_PHRASES
+from perpetual_logits.text.repetition import find_line_loop, find_token_loop, newline_token_ids
 
 # Prompts a user asks a chat assistant. Several have short natural answers: that is where a chat model
 # "stops too soon", and it leaves room after the natural end for the judge window.
@@ -110,7 +110,7 @@ sampling settings. ``backstep=False`` runs plain ``generate()`` on the perpetual
 DEFINITIONS = {
     "new tokens": "generated tokens per answer, the final end-of-turn token excluded; mean (min–max).",
     "stopped early": "answers that ended with the end-of-turn token before max_new_tokens.",
-    "closings /1k": "chat closing phrases (perpetual_logits.phrases.CHAT_CLOSING_PHRASES: 'In conclusion', "
+    "closings /1k": "chat closing phrases (perpetual_logits.text.endings.CHAT_CLOSING_PHRASES: 'In conclusion', "
     "'I hope this helps', 'Let me know if ...', 'Feel free to ask', sign-offs) plus ENDING_PHRASES ('The End', "
     "...), per 1,000 generated tokens, in text decoded with skip_special_tokens=True.",
     "end tokens /1k": "end-of-turn and turn-opening tokens written out (CHAT_END_TOKENS as text, e.g. "
@@ -118,9 +118,9 @@ DEFINITIONS = {
     "opening a made-up user turn), per 1,000 generated tokens.",
     "rep-4": "1 − unique 4-grams / all 4-grams of an answer's token ids, mean over answers (grows with length).",
     "distinct-2": "unique bigrams / all bigrams pooled over all answers of the arm.",
-    "line repeats": "perpetual_logits.metrics.line_repeats: share of an answer's lines (>= 8 characters) that "
+    "line repeats": "perpetual_logits.analysis.metrics.line_repeats: share of an answer's lines (>= 8 characters) that "
     "copy an earlier line, mean over answers.",
-    "loops /1k": "loops found by perpetual_logits.repetition with its defaults, scanning each answer token by "
+    "loops /1k": "loops found by perpetual_logits.text.repetition with its defaults, scanning each answer token by "
     "token as the generation loop would: token loops (find_token_loop) + line loops (find_line_loop), per "
     "1,000 tokens. On the baseline's natural answers these are false positives (or the model's own loops).",
     "judge bpc": "SmolLM2-135M-Instruct's own bits per character (T = 1, no truncation) on a window of "
@@ -179,7 +179,7 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def load(path: Path | None = None) -> tuple[Any, Any]:
-    from perpetual_logits.chat_model import load_chat_model
+    from perpetual_logits.app.chat_model import load_chat_model
 
     common.quiet_transformers()
     return load_chat_model(path or common.models_dir() / "smollm2-135m-instruct")

@@ -43,7 +43,7 @@ import perpetual_logits as pl
 from benchmarks import common
 from benchmarks.llama2c import Judge, load_judge
 from benchmarks.quality import PROMPTS, _prefix_chars, block_rep
-from perpetual_logits.metrics import count_end_markers, ngrams, per_thousand, rep_n
+from perpetual_logits.analysis.metrics import count_end_markers, ngrams, per_thousand, rep_n
 
 PEAK, STEPS, TOP_K = 2.0, 10, 50
 
@@ -58,8 +58,8 @@ ARMS: dict[str, str] = {
 DEFINITIONS = {
     "new tokens": "generated tokens per run, final EOS excluded; median.",
     "evictions": "Method 2 evictions per run, mean.",
-    "end markers /1k": "spelled end markers and ending phrases (perpetual_logits.metrics.END_MARKERS) per 1,000 "
-    "generated tokens, all runs pooled.",
+    "end markers /1k": "spelled end markers and ending phrases (perpetual_logits.analysis.metrics.END_MARKERS) per "
+    "1,000 generated tokens, all runs pooled.",
     "rep-4": "1 − unique 4-grams / all 4-grams of a run's token ids, mean over runs; rep-4@128: the same in "
     "128-token windows (benchmarks.quality.block_rep).",
     "distinct-2": "unique bigrams / all bigrams pooled over the arm's runs (cross-sample diversity).",

@@ -2,16 +2,19 @@
 
 Methods 1 and 2 are ``LogitsProcessor``s; Methods 3 and 4 (backstep generation with KV-cache rewind) live in
 :class:`PerpetualGenerationMixin`, attached to a loaded model with :func:`make_perpetual`. The analysis toolkit
-(:mod:`perpetual_logits.analysis`, :mod:`perpetual_logits.plotting`) shows why a model stops; ending control
-beyond the EOS token lives in :mod:`perpetual_logits.phrases`, :mod:`perpetual_logits.triggers` and
-:mod:`perpetual_logits.criteria`.
+(:mod:`perpetual_logits.analysis`) shows why a model stops; ending control beyond the EOS token lives in
+:mod:`perpetual_logits.text` (ending phrases, loops), :mod:`perpetual_logits.triggers` and
+:mod:`perpetual_logits.criteria`; :mod:`perpetual_logits.app` is the command line and its runs.
 """
 
 from ._compat import check_transformers_version
+from ._moved import install as _install_moved_modules
 
 check_transformers_version()
+_install_moved_modules()
 
 from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_stats  # noqa: E402
+from .analysis.plotting import plot_blockwise, plot_eos_window  # noqa: E402
 from .backstep import (  # noqa: E402
     BackstepConfig,
     BackstepEvent,
@@ -24,23 +27,13 @@ from .backstep.window import ContextShift  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
 from .dry import DRYLogitsProcessor  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
-from .phrases import (  # noqa: E402
-    CHAT_CLOSING_PHRASES,
-    CHAT_END_TOKENS,
-    ENDING_PHRASES,
-    PhraseMatch,
-    PhraseMatcher,
-    PhraseScan,
-    default_end_phrases,
-)
-from .plotting import plot_blockwise, plot_eos_window  # noqa: E402
+from .processor_list import take_over_truncation  # noqa: E402
 from .processors import (  # noqa: E402
     EOSLogitsProcessor,
     PostEOSResamplingLogitsProcessor,
     SuppressEOSLogitsProcessor,
 )
 from .protocol import Rewind, RewindRule, RowState, RowView  # noqa: E402
-from .repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids  # noqa: E402
 from .schedules import (  # noqa: E402
     Constant,
     CosineDecay,
@@ -49,13 +42,15 @@ from .schedules import (  # noqa: E402
     Schedule,
     StepDecay,
 )
+from .text.endings import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS, ENDING_PHRASES, default_end_phrases  # noqa: E402
+from .text.matcher import PhraseMatch, PhraseMatcher, PhraseScan  # noqa: E402
+from .text.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids  # noqa: E402
 from .triggers import EarlyTrigger  # noqa: E402
 from .truncation import (  # noqa: E402
     RowTruncation,
     Truncation,
     TruncationSchedule,
     Widen,
-    take_over_truncation,
 )
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from transformers import GenerationMixin
 
 from .backstep import BackstepConfig, BackstepLoop
 from .backstep.events import BackstepEvent, BackstepStats
-from .truncation import check_no_double_truncation
+from .processor_list import check_no_double_truncation
 
 __all__ = ["PerpetualGenerationMixin", "make_perpetual"]
 
@@ -99,11 +99,13 @@ class PerpetualGenerationMixin(GenerationMixin):
                     raise ValueError(f"{_SUPPORTED}; got {mode} ({name}=...)")
             if kwargs.get("tokenizer") is None and self.backstep_tokenizer is not None and config.reads_text:
                 kwargs["tokenizer"] = self.backstep_tokenizer
+        # Processors are reused across calls: a new call starts their records afresh. The one place they are reset,
+        # for every method (the backstep loop does not reset them again).
         processors = kwargs.get("logits_processor", args[2] if len(args) > 2 else None)
         for proc in processors or ():
-            # Processors are reused across calls; a new call starts their records afresh.
-            if callable(getattr(proc, "reset", None)):
-                proc.reset()
+            reset = getattr(proc, "reset", None)
+            if callable(reset):
+                reset()
         token = _ACTIVE.set((config, kwargs.get("tokenizer")) if config is not None else None)
         try:
             return super().generate(*args, **kwargs)

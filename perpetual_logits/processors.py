@@ -433,7 +433,7 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
             self.early_trigger.reset()  # type: ignore[union-attr]
 
     def _rewind_state(self, row: int, length: int, dropped: int) -> None:
-        if self.early_trigger is not None and self.early_trigger._eos is not None and dropped > 0:
+        if self.early_trigger is not None and self.early_trigger.started and dropped > 0:
             self.early_trigger.rewind(row, dropped)
         if self._last_trigger is None:
             return

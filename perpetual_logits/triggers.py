@@ -109,6 +109,11 @@ class EarlyTrigger:
         self.slope: torch.Tensor | None = None
         """(batch,) the entropy slope at the latest update, bits/step (0 until the window is full)."""
 
+    @property
+    def started(self) -> bool:
+        """An :meth:`update` ran since the last :meth:`reset`: there is history that :meth:`rewind` can drop."""
+        return self._eos is not None
+
     def _start(self, batch: int, device: torch.device) -> None:
         self._eos = torch.zeros(batch, self.window, device=device)
         self._entropy = torch.zeros(batch, self.window, device=device)

@@ -28,22 +28,21 @@ keeps the wide values for its ``length`` steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from transformers import (
-    LogitNormalization,
-    LogitsProcessor,
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import LogitsProcessor
 
+from ._moved import moved_names
 from .schedules import Schedule
+
+if not TYPE_CHECKING:  # names that moved to the processor-list module, for one release
+    __getattr__ = moved_names(
+        __name__,
+        "perpetual_logits.processor_list",
+        {"check_no_double_truncation", "configured_truncation", "take_over_truncation"},
+    )
 
 __all__ = [
     "RowTruncation",
@@ -51,9 +50,6 @@ __all__ = [
     "Truncation",
     "TruncationSchedule",
     "Widen",
-    "check_no_double_truncation",
-    "configured_truncation",
-    "take_over_truncation",
     "truncate_rows",
 ]
 
@@ -474,146 +470,3 @@ class RowTruncation(LogitsProcessor):
             min_tokens_to_keep=self.min_tokens_to_keep,
             filter_value=self.filter_value,
         )
-
-
-# -- LogitsProcessorList helpers ----------------------------------------------------------------------------
-_WARPERS = (TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
-
-
-def _after_truncation(proc: LogitsProcessor) -> bool:
-    """Processors transformers puts after top-k/top-p/min-p (typical, epsilon, eta, watermarks, normalization)."""
-    name = type(proc).__name__
-    return (
-        isinstance(proc, LogitNormalization)
-        or name
-        in {
-            "TypicalLogitsWarper",
-            "EpsilonLogitsWarper",
-            "EtaLogitsWarper",
-        }
-        or "Watermark" in name
-    )
-
-
-def _find_warpers(processors: list[LogitsProcessor]) -> dict[type, int]:
-    found: dict[type, int] = {}
-    for index, proc in enumerate(processors):
-        for kind in _WARPERS:
-            if type(proc) is kind:
-                if kind in found:
-                    raise ValueError(
-                        f"the processor list has more than one {kind.__name__}; cannot tell which one is configured"
-                    )
-                found[kind] = index
-    if found:
-        positions = sorted(found.values())
-        if positions[-1] - positions[0] != len(positions) - 1:
-            raise ValueError("the processor list's top-k/top-p/min-p warpers are not next to each other")
-    return found
-
-
-def configured_truncation(processors: Iterable[LogitsProcessor]) -> Truncation:
-    """The truncation a ``LogitsProcessorList`` built by ``generate()`` applies, as a :class:`Truncation`.
-
-    Reads ``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper`` (absent = off) and the product of the
-    ``TemperatureLogitsWarper``\\ s (absent = 1.0). Raises ``ValueError`` when a warper appears twice.
-    """
-    items = list(processors)
-    found = _find_warpers(items)
-    top_k = items[found[TopKLogitsWarper]].top_k if TopKLogitsWarper in found else 0  # type: ignore[attr-defined]
-    top_p = items[found[TopPLogitsWarper]].top_p if TopPLogitsWarper in found else 1.0  # type: ignore[attr-defined]
-    min_p = items[found[MinPLogitsWarper]].min_p if MinPLogitsWarper in found else 0.0  # type: ignore[attr-defined]
-    temperature = 1.0
-    for proc in items:
-        if isinstance(proc, TemperatureLogitsWarper):
-            temperature *= float(proc.temperature)
-    return Truncation(int(top_k), float(top_p), float(min_p), temperature)
-
-
-def take_over_truncation(processors: Iterable[LogitsProcessor]) -> tuple[LogitsProcessorList, RowTruncation]:
-    """Replace the top-k / top-p / min-p warpers of a processor list by one :class:`RowTruncation`.
-
-    For a loop that owns its ``LogitsProcessorList`` (as built by ``generate()``): the new list has a
-    :class:`RowTruncation` where the first of those warpers was (or, when there were none, before typical /
-    epsilon / eta / watermark / normalization processors, else at the end), configured with their values and
-    ``min_tokens_to_keep``. The loop calls ``row_truncation.set_rows(...)`` before a step to widen rows. The
-    input list is not changed.
-
-    Returns:
-        `(LogitsProcessorList, RowTruncation)`: the new list and the processor in it;
-        ``row_truncation.configured`` is what the list applied before (see :func:`configured_truncation`).
-
-    Example:
-
-    ```python
-    >>> from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-    >>> from perpetual_logits import take_over_truncation
-    >>> warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)])
-    >>> new, rows = take_over_truncation(warpers)
-    >>> [type(p).__name__ for p in new], rows.configured
-    (['TemperatureLogitsWarper', 'RowTruncation'], Truncation(top_k=50, top_p=0.9, min_p=0.0, temperature=0.7))
-
-    ```
-    """
-    items = list(processors)
-    configured = configured_truncation(items)
-    found = _find_warpers(items)
-    keep_values = {items[i].min_tokens_to_keep for i in found.values()}  # type: ignore[attr-defined]
-    filters = {float(items[i].filter_value) for i in found.values()}  # type: ignore[attr-defined]
-    if len(keep_values) > 1 or len(filters) > 1:
-        raise ValueError("the top-k/top-p/min-p warpers disagree on min_tokens_to_keep or filter_value")
-    rows = RowTruncation(
-        configured.top_k,
-        configured.top_p,
-        configured.min_p,
-        min_tokens_to_keep=keep_values.pop() if keep_values else 1,
-        filter_value=filters.pop() if filters else _NEG_INF,
-    )
-    rows.temperature = configured.temperature
-    if found:
-        at = min(found.values())
-        rest = [p for i, p in enumerate(items) if i not in found.values()]
-        rest.insert(at, rows)
-    else:
-        at = next((i for i, p in enumerate(items) if _after_truncation(p)), len(items))
-        rest = [*items[:at], rows, *items[at:]]
-    return LogitsProcessorList(rest), rows
-
-
-def check_no_double_truncation(processors: Iterable[object], generation_config: Any) -> None:
-    """Raise ``ValueError`` when a processor that applies truncation itself meets ``generate()``'s own.
-
-    A processor *owns truncation* when it has a ``truncation`` attribute that is a :class:`Truncation` (a
-    :class:`~perpetual_logits.PostEOSResamplingLogitsProcessor` with ``widen=``). ``generate()`` must then
-    sample without top-k / top-p / min-p of its own (``do_sample=True`` alone implies ``top_k=50``) and with
-    the temperature the processor was told. Call this with the user's processors and the generation config
-    ``generate()`` resolved (``PerpetualGenerationMixin.generate`` can); a plain ``generate()`` cannot check.
-    """
-    owners = [p for p in processors if isinstance(getattr(p, "truncation", None), Truncation)]
-    if not owners or not getattr(generation_config, "do_sample", False):
-        return
-    top_k = getattr(generation_config, "top_k", None)
-    top_p = getattr(generation_config, "top_p", None)
-    min_p = getattr(generation_config, "min_p", None)
-    active = []
-    if top_k not in (None, 0):
-        active.append(f"top_k={top_k}")
-    if top_p is not None and top_p < 1.0:
-        active.append(f"top_p={top_p}")
-    if min_p is not None:
-        active.append(f"min_p={min_p}")
-    name = type(owners[0]).__name__
-    if active:
-        raise ValueError(
-            f"{name} applies top-k/top-p/min-p itself (widen=...), but generate() would truncate again with "
-            f"{', '.join(active)}; pass **processor.generate_kwargs() (top_k=0, top_p=1.0, min_p=None)"
-        )
-    temperature = getattr(generation_config, "temperature", None)
-    temperature = 1.0 if temperature is None else float(temperature)
-    for owner in owners:
-        stated = owner.truncation.temperature  # type: ignore[attr-defined]
-        if not math.isclose(stated, temperature):
-            raise ValueError(
-                f"{name} computes top-p/min-p at temperature {stated} (its `truncation`), but generate() samples "
-                f"at temperature {temperature}; state the same temperature in both"
-            )

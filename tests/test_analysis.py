@@ -1,4 +1,4 @@
-"""perpetual_logits.analysis and perpetual_logits.plotting: statistics in bits, blocks, EOS window, figures."""
+"""perpetual_logits.analysis (steps and plotting): statistics in bits, blocks, EOS window, figures."""
 
 from __future__ import annotations
 
@@ -270,7 +270,7 @@ def test_recorder_token_set_and_validation():
     # Inside generate() the recorder does not validate every step (that would cost three passes and a
     # host sync per token): scores pass through untouched, whatever they hold.
     odd = torch.tensor([[0.0, float("nan"), 0.0]])
-    assert StepStatsRecorder(eos_token_id=2)(torch.tensor([[1]]), odd) is not None
+    assert StepStatsRecorder(eos_token_id=2)(torch.tensor([[1]]), odd) is odd
 
 
 def test_recorder_drops_rewound_positions():
@@ -395,7 +395,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_plots_are_written(tmp_path):
-    from perpetual_logits.plotting import plot_blockwise, plot_eos_window
+    from perpetual_logits.analysis.plotting import plot_blockwise, plot_eos_window
 
     gen = torch.Generator().manual_seed(0)
     runs = [step_stats(torch.randn(n, 1, 30, generator=gen), 2)[0] for n in (40, 55, 12)]
@@ -408,7 +408,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_plot_validation(tmp_path):
-    from perpetual_logits.plotting import plot_blockwise, plot_eos_window
+    from perpetual_logits.analysis.plotting import plot_blockwise, plot_eos_window
 
     run = StepStats([0.1], [3.3], [1.0], [0.5])
     with pytest.raises(ValueError, match=r"\.png"):
@@ -428,7 +428,7 @@ def test_plot_validation(tmp_path):
 
 
 def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
-    from perpetual_logits.plotting import plot_blockwise
+    from perpetual_logits.analysis.plotting import plot_blockwise
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(ImportError, match=r"pip install 'perpetual-logits\[plot\]'"):

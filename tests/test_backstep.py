@@ -121,6 +121,28 @@ def test_backstep_without_eos_events_matches_plain_generate() -> None:
     assert torch.equal(plain, backstep)
 
 
+class CountResets(LogitsProcessor):
+    """Changes nothing; counts how often it is reset."""
+
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores
+
+
+@pytest.mark.parametrize("backstep", [BackstepConfig(n_remove=2), False])
+def test_a_reused_processor_is_reset_once_per_call(backstep) -> None:
+    model = make_perpetual(tiny_model("llama"))
+    counter = CountResets()
+    for call in (1, 2):
+        model.generate(torch.tensor([[1, 5]]), max_new_tokens=4, logits_processor=[counter], backstep=backstep)
+        assert counter.resets == call
+
+
 def test_make_perpetual_keeps_class_identity_and_is_idempotent(tmp_path) -> None:
     model = tiny_model("llama")
     cls = type(model)
@@ -147,15 +169,20 @@ def test_from_pretrained_on_a_mixin_subclass(tmp_path) -> None:
     original = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items()):
         assert torch.equal(a, b), name
-    out = model.generate(
-        torch.tensor([[1, 5]]),
-        do_sample=False,
-        max_new_tokens=12,
-        backstep=BackstepConfig(n_remove=2),
-        logits_processor=[BoostEOS(2.0)],
-        return_dict_in_generate=True,
-    )
-    assert out.backstep_events is not None
+    kwargs = {
+        "do_sample": False,
+        "max_new_tokens": 12,
+        "backstep": BackstepConfig(n_remove=2),
+        "logits_processor": [BoostEOS(2.0)],
+        "return_dict_in_generate": True,
+    }
+    out = model.generate(torch.tensor([[1, 5]]), **kwargs)
+    # The subclass generates exactly what make_perpetual gives the same weights, rewinds included.
+    same = make_perpetual(original).generate(torch.tensor([[1, 5]]), **kwargs)
+    assert torch.equal(out.sequences, same.sequences)
+    assert out.backstep_events == same.backstep_events
+    assert len(out.backstep_events) == 1 and out.backstep_events[0]  # the boosted EOS was rewound
+    assert all(event.reason == "eos" for event in out.backstep_events[0])
 
 
 def test_default_config_reaches_a_pipeline() -> None:

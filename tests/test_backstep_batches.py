@@ -16,8 +16,14 @@ from transformers.generation import logits_process as lp
 
 import perpetual_logits as pl
 from perpetual_logits import BackstepConfig, _compat, make_perpetual
-from perpetual_logits.backstep.lengths import LENGTH_DEPENDENT, NOT_APPLICABLE, READS_TOKENS
-from perpetual_logits.backstep.temperature import WARPERS, RowTemperature, insert_before_warpers
+from perpetual_logits.backstep.temperature import RowTemperature
+from perpetual_logits.processor_list import (
+    LENGTH_DEPENDENT,
+    NOT_APPLICABLE,
+    READS_TOKENS,
+    WARPERS,
+    insert_before_warpers,
+)
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9, 3], [1, 4, 4, 11, 12]]
 
@@ -199,7 +205,8 @@ def test_last_backstep_is_per_thread() -> None:
     model = make_perpetual(tiny_model("llama"))
     ids = torch.tensor([[1, 5, 6, 7]])
     model.generate(ids, max_new_tokens=5, backstep=BackstepConfig(n_remove=2))
-    assert model.last_backstep is not None
+    events, stats = model.last_backstep
+    assert len(events) == 1 and stats.prefill_forwards == 1  # this thread's call, one row
     seen: list[object] = []
     thread = threading.Thread(target=lambda: seen.append(model.last_backstep))
     thread.start()

@@ -145,7 +145,7 @@ def _token_readers() -> list[LogitsProcessor]:
 def test_every_token_reader_judges_a_shorter_row_by_its_own_tokens(index: int) -> None:
     """The wrapped processor gives each row exactly what it gives that row alone; unwrapped, the padding before
     the shorter rows counts as their text."""
-    from perpetual_logits.backstep.lengths import per_row_lengths
+    from perpetual_logits.processor_list import per_row_lengths
 
     own = [[1, 5, 9, 5, 7, 9, 5, EOS, 5], [PAD, 7, PAD], [PAD], [3, 4, 5, 6, 5]]
     lens = [len(row) for row in own]

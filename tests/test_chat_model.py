@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import perpetual_logits as pl
-from perpetual_logits.boundaries import count_words, ends_sentence
-from perpetual_logits.metrics import rep_n
-from perpetual_logits.phrases import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS
+from perpetual_logits.analysis.metrics import rep_n
+from perpetual_logits.text.boundaries import count_words, ends_sentence
+from perpetual_logits.text.endings import CHAT_CLOSING_PHRASES, CHAT_END_TOKENS
 
 PROMPTS = [
     "Explain how rainbows form.",
@@ -20,7 +20,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def chat(smollm2_path):
-    from perpetual_logits.chat_model import load_chat_model
+    from perpetual_logits.app.chat_model import load_chat_model
 
     model, tokenizer = load_chat_model(smollm2_path)
     tokenizer.padding_side = "left"

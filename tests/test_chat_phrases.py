@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from conftest import build_tokenizer
 
-from perpetual_logits.phrases import (
+from perpetual_logits.text.endings import (
     CHAT_CLOSING_PHRASES,
     CHAT_END_TOKENS,
     CHAT_TURN_MARKERS,
     ENDING_PHRASES,
-    PhraseMatcher,
     default_end_phrases,
 )
+from perpetual_logits.text.matcher import PhraseMatcher
 
 NATURAL = json.loads((Path(__file__).parent / "data" / "smollm2_natural_answers.json").read_text())["answers"]
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import REPO, tiny_model
 
 import perpetual_logits
-from perpetual_logits import cli, methods
-from perpetual_logits.boundaries import ends_sentence
+from perpetual_logits.app import cli, methods, running
+from perpetual_logits.text.boundaries import ends_sentence
 
 METHODS = list(methods.METHODS)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -264,19 +264,19 @@ def test_tinystories_demo(capsys, tinystories_path, tmp_path):
 # -- SmolLM2-135M-Instruct (a GGUF chat model; ~60 ms per token on 2 cores: a few tokens only) ----------------
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    return methods.load_model(str(smollm2_path))
+    return running.load_model(str(smollm2_path))
 
 
 @pytest.mark.models
 @pytest.mark.slow
 def test_chat_prompt_goes_through_the_chat_template(smollm2):
-    inputs = methods.encode_prompts(smollm2, ["Explain how rainbows form.", "Hi"], chat=True)
+    inputs = running.encode_prompts(smollm2, ["Explain how rainbows form.", "Hi"], chat=True)
     first = smollm2.tokenizer.decode(inputs["input_ids"][0])
     assert "<|im_start|>user\nExplain how rainbows form.<|im_end|>" in first
     assert first.rstrip().endswith("<|im_start|>assistant")
     # The shorter prompt is left-padded and masked there.
     assert inputs["attention_mask"][1, 0] == 0 and inputs["attention_mask"][1, -1] == 1
-    plain = methods.encode_prompts(smollm2, ["Hi"], chat=False)
+    plain = running.encode_prompts(smollm2, ["Hi"], chat=False)
     assert "<|im_start|>" not in smollm2.tokenizer.decode(plain["input_ids"][0])
 
 

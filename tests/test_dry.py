@@ -8,8 +8,8 @@ from conftest import build_tokenizer, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from perpetual_logits.analysis.metrics import rep_n
 from perpetual_logits.dry import DRYLogitsProcessor, dry_penalties
-from perpetual_logits.metrics import rep_n
 
 
 def brute_force(ids: list[int], allowed: int, breakers: set[int]) -> dict[int, int]:

@@ -15,7 +15,7 @@ from transformers import LogitsProcessor, TextIteratorStreamer
 
 import perpetual_logits as pl
 from perpetual_logits import BackstepConfig, EarlyTrigger, make_perpetual
-from perpetual_logits.metrics import count_end_markers
+from perpetual_logits.analysis.metrics import count_end_markers
 
 THEY_WERE_HAPPY = [473, 245, 405]  # "They were happy"
 DOT_THE, E, ND, DOT = 152, 30, 389, 10  # ".▁The▁", "E", "nd", "."

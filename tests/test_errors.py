@@ -22,10 +22,9 @@ from perpetual_logits import (
     StepDecay,
     SuppressEOSLogitsProcessor,
     _validation,
-    cli,
     eos_window,
-    methods,
 )
+from perpetual_logits.app import cli, demo, report, running
 from perpetual_logits.schedules import TABLE_STEPS, factor_table, multipliers
 
 
@@ -81,8 +80,8 @@ def test_bad_out_fails_before_the_runs(capsys, tiny_dir, tmp_path, monkeypatch, 
     def no_runs(*args, **kwargs):
         raise AssertionError("a run started before --out was checked")
 
-    monkeypatch.setattr(methods, "run_method", no_runs)
-    monkeypatch.setattr("perpetual_logits.report.run_method", no_runs)
+    for module in (running, report, demo):  # the report and the demo hold their own reference
+        monkeypatch.setattr(module, "run_method", no_runs)
     start = time.perf_counter()
     code, _, err = run(capsys, command, "--model", str(tiny_dir), "--out", str(out), "--max-new-tokens", "3")
     assert_one_line_error(code, err, str(out.name))
@@ -102,7 +101,7 @@ def test_a_library_refusal_inside_generation_is_one_line_exit_2(capsys, tiny_dir
     def refuse(*args, **kwargs):
         raise ValueError("backstep generation cannot do this:\nlower max_backsteps")
 
-    monkeypatch.setattr(methods, "run_method", refuse)
+    monkeypatch.setattr(running, "run_method", refuse)
     code, _, err = run(capsys, "generate", "--model", str(tiny_dir), "--method", "backstep", "w1")
     assert_one_line_error(code, err, "cannot do this: lower max_backsteps")
 

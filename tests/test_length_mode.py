@@ -18,8 +18,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from perpetual_logits import BackstepConfig, Landing, make_perpetual
 from perpetual_logits.backstep.landing import RowText
-from perpetual_logits.boundaries import count_words, cut_point, ends_sentence
 from perpetual_logits.protocol import RowView
+from perpetual_logits.text.boundaries import count_words, cut_point, ends_sentence
 
 EOS = 2
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from perpetual_logits import LoopRewinds
 from perpetual_logits.backstep.rules import LoopRule
 from perpetual_logits.protocol import RowView
-from perpetual_logits.repetition import LoopTracker, find_token_loop, newline_token_ids, word_token_ids
+from perpetual_logits.text.repetition import LoopTracker, find_token_loop, newline_token_ids, word_token_ids
 
 LEGITIMATE = {
     "json array (the issue's case)": """[

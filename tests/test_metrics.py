@@ -1,4 +1,4 @@
-"""perpetual_logits.metrics: hand-made cases, argument checks and hypothesis properties."""
+"""perpetual_logits.analysis.metrics: hand-made cases, argument checks and hypothesis properties."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perpetual_logits.metrics import (
+from perpetual_logits.analysis.metrics import (
     END_MARKERS,
     bits_per_character,
     compression_ratio,
@@ -22,7 +22,7 @@ from perpetual_logits.metrics import (
     per_thousand,
     rep_n,
 )
-from perpetual_logits.phrases import ENDING_PHRASES, KNOWN_END_MARKERS
+from perpetual_logits.text.endings import ENDING_PHRASES, KNOWN_END_MARKERS
 
 token_lists = st.lists(st.integers(min_value=0, max_value=20), max_size=60)
 orders = st.integers(min_value=1, max_value=6)

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_phrases import BYTE_LEVEL, PIECES, SENTENCEPIECE, ids_of
 
-from perpetual_logits.phrase_stream import PhraseStream
-from perpetual_logits.phrases import CHAT_CLOSING_PHRASES, PhraseMatcher, PhraseScan, default_end_phrases
+from perpetual_logits.text.endings import CHAT_CLOSING_PHRASES, default_end_phrases
+from perpetual_logits.text.matcher import PhraseMatcher, PhraseScan
+from perpetual_logits.text.phrase_stream import PhraseStream
 
 STRINGS = ["The End", "<|end_story|>", "the end", "Fin", "End", "e E", "Once upon", "x x", "!"]
 REGEXES = [regex.compile(r"Chapter \d+"), regex.compile(r"(?i)(?<!\w)hello(?!\w)"), CHAT_CLOSING_PHRASES[6]]

@@ -12,13 +12,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from perpetual_logits.phrases import (
-    ENDING_PHRASES,
-    PhraseMatch,
-    PhraseMatcher,
-    PhraseScan,
-    default_end_phrases,
-)
+from perpetual_logits.text.endings import ENDING_PHRASES, default_end_phrases
+from perpetual_logits.text.matcher import PhraseMatch, PhraseMatcher, PhraseScan
 
 # -- tokenizers built here ----------------------------------------------------------------------------------
 
@@ -266,11 +261,12 @@ def test_prompt_and_new_tokens():
     assert scan.match is not None and scan.match.start == 2 and scan.hold == 2
     # A match the caller kept is not reported again by later calls...
     ids = ids_of(tok, ["Once", " The", " End", ".", " road", "."])
-    assert matcher.scan(ids[:4], 1).match is not None
+    found = PhraseMatch(start=1, phrase="The End", text="The End")
+    assert matcher.scan(ids[:4], 1).match == found
     assert matcher.scan(ids[:5], 1).match is None and matcher.scan(ids, 1).match is None
     # ...unless the caller asks for every match in the tail.
-    assert matcher.scan(ids, 1, new_tokens=None).match is not None
-    assert matcher.scan(ids, 1, new_tokens=3).match is not None
+    assert matcher.scan(ids, 1, new_tokens=None).match == found
+    assert matcher.scan(ids, 1, new_tokens=3).match == found
     assert matcher.scan(ids[:1], 1) == PhraseScan(None, 0)
 
 

@@ -35,9 +35,9 @@ from perpetual_logits import (
     StepDecay,
     StepStatsRecorder,
     SuppressEOSLogitsProcessor,
-    cli,
 )
-from perpetual_logits.methods import METHODS, MethodSettings
+from perpetual_logits.app import cli
+from perpetual_logits.app.methods import METHODS, MethodSettings
 
 
 # -- the command line -------------------------------------------------------------------------------------------

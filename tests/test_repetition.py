@@ -1,4 +1,4 @@
-"""Loop detection (perpetual_logits.repetition): constructed loops are found where they begin, text without a
+"""Loop detection (perpetual_logits.text.repetition): constructed loops are found where they begin, text without a
 repeat is never flagged, and every index returned lies inside the row."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perpetual_logits.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids
+from perpetual_logits.text.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids
 
 
 def is_token_loop(ids: list[int], start: int, min_span: int, max_span: int, min_repeats: int, min_tokens: int) -> int:

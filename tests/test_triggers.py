@@ -60,6 +60,17 @@ def test_entropy_slope_is_least_squares():
     assert torch.allclose(trigger.slope, expected[None])
 
 
+def test_started_says_whether_there_is_history():
+    trigger = EarlyTrigger(window=3, eos_threshold=0.5)
+    assert not trigger.started
+    with pytest.raises(RuntimeError, match="before the first update"):
+        trigger.rewind(0, 1)
+    trigger.update(torch.tensor([0.1]))
+    assert trigger.started
+    trigger.reset()
+    assert not trigger.started
+
+
 def test_rewind_drops_history():
     trigger = EarlyTrigger(window=3, eos_threshold=0.5)
     for _ in range(2):
@@ -84,6 +95,7 @@ def test_update_from_scores_and_batch_change():
     assert trigger.update_from_scores(sure_eos, 2).tolist() == [False, False]
     assert trigger.update_from_scores(sure_eos, [2]).tolist() == [True, False]
     assert trigger.mean_eos_prob is not None
+    assert torch.allclose(trigger.mean_eos_prob, torch.tensor([1.0, 0.25]), atol=1e-6)  # sure EOS; uniform over 4
     # A new batch size starts a new generation.
     assert trigger.update_from_scores(sure_eos[:1], 2).tolist() == [False]
     with pytest.raises(ValueError, match="eos_token_id"):

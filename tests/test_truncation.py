@@ -30,12 +30,8 @@ from perpetual_logits import (
     Widen,
     take_over_truncation,
 )
-from perpetual_logits.truncation import (
-    check_no_double_truncation,
-    configured_truncation,
-    truncate_rows,
-    weight_table,
-)
+from perpetual_logits.processor_list import check_no_double_truncation, configured_truncation
+from perpetual_logits.truncation import truncate_rows, weight_table
 
 NEG = float("-inf")
 
@@ -188,7 +184,8 @@ def test_schedule_mapping() -> None:
     # A truncation that is off in every row at every step is None (truncate_rows skips it).
     plan = TruncationSchedule(Truncation(top_k=50), Widen(top_k=200), LinearDecay(2.0, 10))
     values = plan.row_values(steps, torch.ones(12, dtype=torch.bool), 2048)
-    assert values.top_p is None and values.min_p is None and values.top_k is not None
+    assert values.top_p is None and values.min_p is None
+    assert values.top_k is not None and values.top_k.tolist() == [200, 185, 170, 155, 140, 125, 110, 95, 80, 65, 50, 50]
     plan = TruncationSchedule(Truncation(top_k=50, top_p=0.9), Widen(top_p=1.0), LinearDecay(2.0, 10))
     values = plan.row_values(steps, torch.ones(12, dtype=torch.bool), 2048)
     assert values.top_p is not None and values.top_p[0].item() == 1.0 and values.top_p[10].item() == 0.9

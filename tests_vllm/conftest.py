@@ -36,7 +36,7 @@ def model_path() -> str:
         return given
     if not SMOLLM.exists():
         _missing(f"model folder {SMOLLM} is absent (set PERPETUAL_LOGITS_MODELS to the shared/models folder)")
-    from perpetual_logits.chat_model import converted_checkpoint
+    from perpetual_logits.app.chat_model import converted_checkpoint
 
     try:
         return str(converted_checkpoint(SMOLLM))

@@ -7,7 +7,8 @@ from vllm import SamplingParams
 
 import perpetual_logits as pl
 import perpetual_logits.vllm as plv
-from perpetual_logits.phrases import PhraseMatcher, default_end_phrases
+from perpetual_logits.text.endings import default_end_phrases
+from perpetual_logits.text.matcher import PhraseMatcher
 
 MAX = 96
 SEED = 104  # with these prompts at temperature 0.7, plain vLLM ends every answer with EOS in 8-50 tokens

@@ -6,7 +6,7 @@ from vllm import SamplingParams
 
 import perpetual_logits.vllm as plv
 from perpetual_logits import BackstepConfig, Landing
-from perpetual_logits.boundaries import count_words, ends_sentence
+from perpetual_logits.text.boundaries import count_words, ends_sentence
 
 
 def test_a_minimum_in_words_then_the_models_own_end_or_a_landing(llm, prompts):

@@ -17,7 +17,8 @@ Where things are:
   :mod:`.window` (the context shift past the model's window),
   :mod:`.landing` (the length mode's minimum, the landing before ``max_new_tokens``);
   :mod:`.streaming` hands the streamer what the policy made final;
-* :mod:`.lengths` -- length-dependent processors judged per row; :mod:`.config`, :mod:`.events`.
+* :mod:`.config`, :mod:`.events`; the edits of ``generate()``'s processor list (length-dependent processors
+  judged per row, the temperature's place, the truncation take-over) are :mod:`perpetual_logits.processor_list`.
 """
 
 from .cache import check_cache

@@ -135,7 +135,7 @@ class CacheLayout(RowState):
 
     def rewind(self, row: int, length: int) -> None:
         """Keep the slots of the row's first ``length`` tokens (the next token is chosen from stored logits, or,
-        if a forward runs anyway, the last kept token is fed again: see :meth:`plan`)."""
+        if a forward runs anyway, the last kept token is fed again: see ``BackstepLoop._forward``)."""
         self.target[row] = min(self.target[row], self.prefix + length - self.dropped[row])
 
     # -- queries -------------------------------------------------------------------------------------------

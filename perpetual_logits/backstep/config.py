@@ -25,8 +25,8 @@ PhraseList = Sequence[str | re.Pattern[str]]
 class LoopRewinds:
     """Settings of loop rewinds: a row whose newest tokens repeat an earlier span is cut back to where the
     repeat began (one copy is kept), the token that started the repeat is forbidden there, and the row
-    resamples (hotter, with a schedule). Detection is :func:`~perpetual_logits.repetition.find_token_loop`
-    and, with a tokenizer, :func:`~perpetual_logits.repetition.find_line_loop`.
+    resamples (hotter, with a schedule). Detection is :func:`~perpetual_logits.text.repetition.find_token_loop`
+    and, with a tokenizer, :func:`~perpetual_logits.text.repetition.find_line_loop`.
 
     Args:
         min_span (`int`, defaults to 1): the shortest repeated span of tokens that counts.

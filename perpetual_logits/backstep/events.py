@@ -20,8 +20,10 @@ class BackstepEvent:
         removed: tokens removed besides the newest one, which triggered the rewind and is refused (never fed);
             fewer than asked near the prompt or the final tokens; 0 means only the new token was refused.
         eos_prob: the model's raw probability of the EOS ids (before processors, temperature and bans) in the
-            distribution the triggering token was drawn from. NaN where the backend cannot see it (vLLM returns
-            only the sampled token's probability: exact for an EOS rewind with one EOS id, NaN otherwise).
+            distribution the triggering token was drawn from, whatever the reason (HF; 0.0 for a model without
+            EOS ids). vLLM returns only the sampled token's probability: for an EOS rewind this is the sampled EOS
+            id's probability (the same number when the model has one EOS id, that id's share when it has several),
+            and NaN for every other reason.
         deep: the logits buffer did not reach back far enough and one token was re-fed (one extra forward at
             batch size 1; always ``False`` on vLLM).
         banned_token: the token forbidden at ``position`` because it began the removed span

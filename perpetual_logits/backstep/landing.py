@@ -2,7 +2,7 @@
 
 * :class:`Landing` -- the settings: from ``margin`` tokens before ``max_new_tokens`` (and, in the length mode,
   from the minimum on) EOS is raised right after a sentence or line end, more and more; a row that still
-  reaches the limit is cut back to its last complete sentence (:func:`~perpetual_logits.boundaries.cut_point`).
+  reaches the limit is cut back to its last complete sentence (:func:`~perpetual_logits.text.boundaries.cut_point`).
 * :class:`RowText` -- per row, what the text says: whether it ends at a sentence end now, where its last
   boundary is, whether its minimum (tokens, words) is reached. A :class:`~perpetual_logits.RowState`.
 * :class:`LandingBias` -- the logits processor that raises EOS at sentence ends.
@@ -20,8 +20,8 @@ import torch
 from transformers import LogitsProcessor
 
 from .. import _validation
-from ..boundaries import _sentence_end_inside, count_words, ends_sentence
 from ..protocol import RowState, RowView
+from ..text.boundaries import _sentence_end_inside, count_words, ends_sentence
 
 __all__ = ["Landing", "LandingBias", "RowText"]
 
@@ -85,7 +85,7 @@ class RowText(RowState):
     Args:
         tokenizer: decodes token ids (``None`` only with ``min_tokens`` alone and no landing).
         min_tokens: generated tokens a row must have before its own end is accepted (0: none).
-        min_words: words (see :func:`~perpetual_logits.boundaries.count_words`) it must have (0: none).
+        min_words: words (see :func:`~perpetual_logits.text.boundaries.count_words`) it must have (0: none).
         landing: the landing settings, or ``None``.
     """
 

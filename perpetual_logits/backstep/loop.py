@@ -27,18 +27,18 @@ from transformers.generation import EosTokenCriteria, MaxLengthCriteria
 
 from .. import _compat
 from ..distributions import eos_probability
+from ..processor_list import insert_before_warpers, per_row_lengths
 from ..protocol import RowState
 from .buffer import LogitsRing
 from .cache import CacheLayout, check_cache, check_static_size, sliding_window
 from .config import BackstepConfig
 from .events import BackstepEvent, BackstepOutput, BackstepStats
 from .landing import LandingBias
-from .lengths import per_row_lengths
 from .policy import RewindPlan, RewindPolicy
 from .records import StepRecords
 from .rows import Rows
 from .streaming import HoldBack
-from .temperature import TemperatureSchedule, insert_before_warpers
+from .temperature import TemperatureSchedule
 from .window import ContextWindow, model_window
 
 __all__ = ["BackstepLoop"]
@@ -207,11 +207,7 @@ class BackstepLoop:
         for unit in [*self._units(), self.policy]:
             unit.start(batch, prompt)
         self.policy.set_limits([self.rows.max_length] * batch)
-        # Processors generate() reuses across calls: a stateful one starts afresh; one that keeps no per-row
-        # state but can be reset is reset.
-        for proc in self.processors:
-            if not isinstance(proc, RowState) and callable(getattr(proc, "reset", None)):
-                proc.reset()
+        # The user's processors were reset once, by PerpetualGenerationMixin.generate; RowState ones start above.
 
     def _units(self) -> list[RowState]:
         units: list[RowState] = [self.rows, self.ring, self.records]

@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..boundaries import cut_point, sentence_end_token_ids
-from ..phrases import PhraseMatcher, default_end_phrases
 from ..protocol import Rewind, RewindRule, RowState, RowView
-from ..repetition import newline_token_ids, word_token_ids
+from ..text.boundaries import cut_point, sentence_end_token_ids
+from ..text.endings import default_end_phrases
+from ..text.matcher import PhraseMatcher
+from ..text.repetition import newline_token_ids, word_token_ids
 from .bans import Bans
 from .config import BackstepConfig
 from .events import BackstepEvent
@@ -341,7 +342,7 @@ class RewindPolicy(RowState):
     def cut_at_limit(self, view: RowView) -> tuple[int, list[int]]:
         """Where a row that reached its token limit (not at an EOS) ends: in every mode without an unfinished
         held-back phrase (part of a spelled end marker); with the landing's ``cut_back``, at its last complete
-        sentence or line (else its last whole word; see :func:`~perpetual_logits.boundaries.cut_point`). Never
+        sentence or line (else its last whole word; see :func:`~perpetual_logits.text.boundaries.cut_point`). Never
         below its final tokens.
 
         Returns:
@@ -439,10 +440,10 @@ def _vocab_set(tokenizer: Any, kind: str, compute: Callable[[Any], frozenset[int
 
 
 def _newline_ids(tokenizer: Any) -> frozenset[int]:
-    """Line-ending token ids of a tokenizer (see :func:`~perpetual_logits.repetition.newline_token_ids`)."""
+    """Line-ending token ids of a tokenizer (see :func:`~perpetual_logits.text.repetition.newline_token_ids`)."""
     return _vocab_set(tokenizer, "newlines", newline_token_ids)
 
 
 def _word_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of tokens with a letter (see :func:`~perpetual_logits.repetition.word_token_ids`)."""
+    """Ids of tokens with a letter (see :func:`~perpetual_logits.text.repetition.word_token_ids`)."""
     return _vocab_set(tokenizer, "words", word_token_ids)

@@ -79,9 +79,10 @@ class Rows(RowState):
         return RowView(row, self.ids[row], self.prompt_length, self.text_start[row], final=self.full(row))
 
     def right_aligned(self) -> torch.Tensor:
-        self.flush()
         """All rows left-padded to the longest: what processors and stopping criteria see (``generate()``'s own
-        layout). Length-dependent processors are given each row's own length separately (see ``lengths``)."""
+        layout). Length-dependent processors are given each row's own length separately
+        (:func:`~perpetual_logits.processor_list.per_row_lengths`)."""
+        self.flush()
         longest = max(self.lens)
         if min(self.lens) == longest:
             return self.tokens[:, :longest]

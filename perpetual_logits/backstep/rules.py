@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from ..phrase_stream import PhraseStream
-from ..phrases import PhraseMatcher
 from ..protocol import Rewind, RewindRule, RowView
-from ..repetition import LoopTracker
+from ..text.matcher import PhraseMatcher
+from ..text.phrase_stream import PhraseStream
+from ..text.repetition import LoopTracker
 from .config import LoopRewinds
 
 __all__ = ["EOSRule", "LoopRule", "PhraseRule"]
@@ -130,13 +130,13 @@ class PhraseRule(RewindRule):
 class LoopRule(RewindRule):
     """Rewinds a row that fell into a repetition loop to where the repeat began (one copy stays), forbids the
     token that started the repeat there and restarts the schedule. What counts as a loop: see
-    :class:`~perpetual_logits.repetition.LoopTracker` (one per row, fed one token at a time).
+    :class:`~perpetual_logits.text.repetition.LoopTracker` (one per row, fed one token at a time).
 
     Args:
         settings: what counts as a loop.
-        newline_ids: ids of tokens that end a line (see :func:`~perpetual_logits.repetition.newline_token_ids`),
+        newline_ids: ids of tokens that end a line (see :func:`~perpetual_logits.text.repetition.newline_token_ids`),
             or ``None`` to check token spans only.
-        word_ids: ids of tokens with a letter (:func:`~perpetual_logits.repetition.word_token_ids`), or ``None``
+        word_ids: ids of tokens with a letter (:func:`~perpetual_logits.text.repetition.word_token_ids`), or ``None``
             to treat every span as words.
     """
 

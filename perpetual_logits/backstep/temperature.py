@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.generation import logits_process as lp
 
+from .._moved import moved_names
+from ..processor_list import take_over_truncation
 from ..protocol import RowState
 from ..schedules import Schedule, factor_table, multipliers
 from ..triggers import EarlyTrigger
-from ..truncation import RowTruncation, TruncationSchedule, Widen, take_over_truncation
+from ..truncation import RowTruncation, TruncationSchedule, Widen
 
-__all__ = ["WARPERS", "RowTemperature", "TemperatureSchedule", "insert_before_warpers"]
+if not TYPE_CHECKING:  # names that moved to the processor-list module, for one release
+    __getattr__ = moved_names(__name__, "perpetual_logits.processor_list", {"WARPERS", "insert_before_warpers"})
 
-# Every sampling warper transformers' `_get_logits_processor` appends after the user's processors. The
-# multiplier must come before all of them: it composes with the configured temperature there and is applied
-# before any truncation measures probability mass. (A test fails when transformers adds a warper not listed.)
-WARPERS: tuple[type, ...] = (
-    lp.TemperatureLogitsWarper,
-    lp.TopHLogitsWarper,
-    lp.TopKLogitsWarper,
-    lp.TopPLogitsWarper,
-    lp.MinPLogitsWarper,
-    lp.TypicalLogitsWarper,
-    lp.EpsilonLogitsWarper,
-    lp.EtaLogitsWarper,
-)
+__all__ = ["RowTemperature", "TemperatureSchedule"]
 
 
 class RowTemperature(LogitsProcessor):
@@ -40,14 +31,6 @@ class RowTemperature(LogitsProcessor):
         if self.factors is None:
             return scores
         return scores / self.factors.to(scores.dtype)[:, None]  # type: ignore[return-value]
-
-
-def insert_before_warpers(processors: LogitsProcessorList, processor: LogitsProcessor) -> LogitsProcessorList:
-    """A new list with ``processor`` just before the first sampling warper (or ``LogitNormalization``)."""
-    items = list(processors)
-    index = next((i for i, p in enumerate(items) if isinstance(p, (*WARPERS, lp.LogitNormalization))), len(items))
-    items.insert(index, processor)
-    return LogitsProcessorList(items)
 
 
 class TemperatureSchedule(RowState):

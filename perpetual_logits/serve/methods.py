@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..app.methods import make_schedule
 from ..backstep.config import BackstepConfig, LoopRewinds
-from ..methods import make_schedule
 from .errors import APIError
 from .schemas import PRESETS, BackstepSettings
 

@@ -77,7 +77,7 @@ def build_backend(options: ServeOptions) -> Backend:
     name = options.served_model_name or Path(options.model.rstrip("/")).name or options.model
     template = _chat_template(options.chat_template)
     if options.backend == "hf":
-        from ..methods import load_model
+        from ..app.running import load_model
         from .backends.hf import HFBackend
 
         return HFBackend(

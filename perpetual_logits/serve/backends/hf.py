@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ...methods import LoadedModel
+from ...app.running import LoadedModel
 from ...mixin import make_perpetual
 from ..errors import APIError
 from .base import IncrementalText, Job, Result, RewindReport, encode_chat, encode_completion, final_tokens
@@ -89,7 +89,7 @@ class HFBackend:
     """Serve one transformers model from a worker thread, batching requests with equal settings.
 
     Args:
-        loaded: the model and tokenizer (:func:`perpetual_logits.methods.load_model`).
+        loaded: the model and tokenizer (:func:`perpetual_logits.app.running.load_model`).
         model_name: the name clients pass as ``model``.
         max_batch: requests run together in one ``generate()`` at most.
         max_queue: requests waiting at most; more are refused with 429.

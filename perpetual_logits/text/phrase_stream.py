@@ -1,17 +1,17 @@
 r"""Incremental phrase matching: per row, each new token costs the same however long the row and the phrase list.
 
-:meth:`PhraseMatcher.scan <perpetual_logits.phrases.PhraseMatcher.scan>` decodes a row's tail and runs every
+:meth:`PhraseMatcher.scan <perpetual_logits.text.matcher.PhraseMatcher.scan>` decodes a row's tail and runs every
 phrase's pattern over it, after every token: its cost grows with the number of phrases (and the chat set's
 regular expressions make it about 0.45 ms a row). :class:`PhraseStream` gives the same answers (a newly
 completed phrase, the tokens to hold back) from state it keeps per row:
 
-* the row's text, grown by the new token's text only (:class:`~perpetual_logits.text_stream.TextStream`), with
+* the row's text, grown by the new token's text only (:class:`~perpetual_logits.text.text_stream.TextStream`), with
   the character count after every token, which maps a match back to its first token and is what a rewind
   restores;
 * one Aho-Corasick automaton for all string phrases (:class:`PhraseIndex`, shared by every row and call), run
   over the last ``max_match_chars`` characters of the row's text after case folding and whitespace
   collapsing, so that its cost does not depend on the number of phrases. The word-boundary and confirmation
-  rules of the module notes of :mod:`perpetual_logits.phrases` are checked on the few hits only;
+  rules of the module notes of :mod:`perpetual_logits.text.matcher` are checked on the few hits only;
 * for hold-back, where the trailing text that may still become a phrase begins. That position only moves
   forward while text is appended (a text that is no prefix of any phrase stays none with more text), so each
   new character is examined once: for strings, ``automaton.match`` tells whether the text from a candidate
@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Any
 import ahocorasick
 import regex
 
-from .phrases import PhraseMatch, PhraseScan
+from .matcher import PhraseMatch, PhraseScan
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
-    from .phrases import PhraseMatcher
+    from .matcher import PhraseMatcher
 
 __all__ = ["PhraseIndex", "PhraseStream"]
 
@@ -191,7 +191,7 @@ def _top_level_alternation(source: str) -> bool:
 
 class PhraseIndex:
     """What every row's :class:`PhraseStream` shares: the automaton of the string phrases, the regular
-    expressions, and the matcher's rules. Built once per :class:`~perpetual_logits.phrases.PhraseMatcher`
+    expressions, and the matcher's rules. Built once per :class:`~perpetual_logits.text.matcher.PhraseMatcher`
     (:meth:`of`), never copied (rules are deep-copied per ``generate()`` call; this stays shared).
 
     Args:
@@ -252,7 +252,7 @@ class PhraseIndex:
 
 
 class PhraseStream:
-    """One row's incremental :meth:`PhraseMatcher.scan <perpetual_logits.phrases.PhraseMatcher.scan>`.
+    """One row's incremental :meth:`PhraseMatcher.scan <perpetual_logits.text.matcher.PhraseMatcher.scan>`.
 
     Call :meth:`feed` after every new token of the row with the row's ids (it reads only what is new), and
     :meth:`rewind` when the row is cut back. A call that does not follow the previous one (ids that are not
@@ -266,7 +266,7 @@ class PhraseStream:
 
     ```python
     >>> from tokenizers import Tokenizer, decoders, models
-    >>> from perpetual_logits.phrases import PhraseMatcher
+    >>> from perpetual_logits.text.matcher import PhraseMatcher
     >>> vocab = {"<unk>": 0, "Once": 1, "Ġupon": 2, "ĠThe": 3, "ĠE": 4, "nd": 5, ".": 6, "less": 7}
     >>> tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
     >>> tok.decoder = decoders.ByteLevel()

@@ -19,7 +19,7 @@ Two ways to get them:
   ``output_scores`` (after every processor and warper) of a finished ``generate()`` call.
 
 :func:`blockwise` averages them over blocks of consecutive steps (the blog's figure 1) and :func:`eos_window`
-lists the top tokens of the last steps before EOS (figures 2 and 3); :mod:`perpetual_logits.plotting` draws
+lists the top tokens of the last steps before EOS (figures 2 and 3); :mod:`perpetual_logits.analysis.plotting` draws
 both.
 """
 
@@ -32,9 +32,9 @@ from typing import Any, Protocol, overload
 
 import torch
 
-from . import _validation
-from .distributions import check_distribution, distribution_stats, in_bits, raw_stats
-from .processors import EOSLogitsProcessor
+from .. import _validation
+from ..distributions import check_distribution, distribution_stats, in_bits, raw_stats
+from ..processors import EOSLogitsProcessor
 
 __all__ = [
     "StepStats",

@@ -12,8 +12,8 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _validation
-from .analysis import StepStats, WindowStep, aligned_means, blockwise
+from .. import _validation
+from .steps import StepStats, WindowStep, aligned_means, blockwise
 
 __all__ = ["plot_blockwise", "plot_eos_window"]
 
@@ -85,7 +85,7 @@ def plot_blockwise(
     ```python
     >>> import tempfile, pathlib
     >>> from perpetual_logits.analysis import StepStats
-    >>> from perpetual_logits.plotting import plot_blockwise
+    >>> from perpetual_logits.analysis.plotting import plot_blockwise
     >>> run = StepStats(eos_prob=[0.01, 0.1, 0.5], info=[6.6, 3.3, 1.0], entropy=[3.0, 2.0, 1.0],
     ...                 varentropy=[2.0, 1.0, 0.5])
     >>> out = plot_blockwise(run, pathlib.Path(tempfile.mkdtemp()) / "blocks.png", block_size=1)
@@ -180,7 +180,7 @@ def plot_eos_window(
     ```python
     >>> import tempfile, pathlib
     >>> from perpetual_logits.analysis import WindowStep
-    >>> from perpetual_logits.plotting import plot_eos_window
+    >>> from perpetual_logits.analysis.plotting import plot_eos_window
     >>> window = [WindowStep(step=7, offset=-1, token_ids=[2, 3], tokens=["<eos>", "\\n"], probs=[0.6, 0.3])]
     >>> out = plot_eos_window(window, pathlib.Path(tempfile.mkdtemp()) / "window.png", highlight={2})
     >>> out.stat().st_size > 0

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from . import _validation
+from .. import _validation
 
 __all__ = ["LoopMatch", "LoopTracker", "find_line_loop", "find_token_loop", "newline_token_ids", "word_token_ids"]
 

@@ -27,8 +27,8 @@ from functools import lru_cache
 
 import torch
 
-from . import _validation
-from .phrases import ENDING_PHRASES, KNOWN_END_MARKERS
+from .. import _validation
+from ..text.endings import ENDING_PHRASES, KNOWN_END_MARKERS
 
 __all__ = [
     "END_MARKERS",
@@ -44,9 +44,9 @@ __all__ = [
 ]
 
 #: Spelled end markers and ending phrases: the texts of the special tokens that end generation in well-known
-#: model families (:data:`~perpetual_logits.phrases.KNOWN_END_MARKERS`, e.g. ``"<|end_story|>"``, which
+#: model families (:data:`~perpetual_logits.text.endings.KNOWN_END_MARKERS`, e.g. ``"<|end_story|>"``, which
 #: TinyStories-656K writes out as ordinary subword pieces when EOS is unavailable) and the ending phrases that
-#: ``ban_phrases="default"`` bans (:data:`~perpetual_logits.phrases.ENDING_PHRASES`). One list, so that the
+#: ``ban_phrases="default"`` bans (:data:`~perpetual_logits.text.endings.ENDING_PHRASES`). One list, so that the
 #: metric counts exactly what ending control removes. Decode with ``skip_special_tokens=True`` so that a real
 #: EOS token is not counted as a spelled one.
 END_MARKERS: tuple[str, ...] = KNOWN_END_MARKERS + ENDING_PHRASES
