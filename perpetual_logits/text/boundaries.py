@@ -95,10 +95,13 @@ def _sentence_end_inside(piece: str) -> int:
     return end
 
 
-def _spell(tokenizer: Any, ids: Sequence[int], start: int, floor: int, head: str) -> tuple[int, list[int]] | None:
+def _spell(
+    tokenizer: Any, ids: Sequence[int], start: int, floor: int, head: str, limit: int
+) -> tuple[int, list[int]] | None:
     """Keep ``ids[:q]`` and append tokens so that the text of ``ids[start:]`` gains exactly ``head``: first
-    without touching ``ids`` (``q = len(ids)``), else re-spelling the last few tokens with it (``q >= floor``).
-    ``None`` when the tokenizer cannot spell it exactly."""
+    without touching ``ids`` (``q = len(ids)``), else re-spelling the last few tokens with it (``q >= floor``),
+    with at most ``limit`` tokens in all (the row's length: a cut never makes it longer). ``None`` when the
+    tokenizer cannot spell it exactly."""
     text = _decode(tokenizer, ids[start:])
     target = text + head
     for q in range(len(ids), max(floor, start, len(ids) - 4) - 1, -1):
@@ -116,7 +119,8 @@ def _spell(tokenizer: Any, ids: Sequence[int], start: int, floor: int, head: str
             if isinstance(single, int) and single != getattr(tokenizer, "unk_token_id", None):
                 candidates.insert(0, [single])
         for extra in candidates:
-            if extra and _decode(tokenizer, [*ids[start:q], *extra]) == target:
+            # Never longer than the row was: a row cut at max_new_tokens must stay within it.
+            if extra and q + len(extra) <= limit and _decode(tokenizer, [*ids[start:q], *extra]) == target:
                 return q, extra
     return None
 
@@ -175,7 +179,7 @@ def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int
         piece = following[len(text) :] if following.startswith(text) else ""
         inside = _sentence_end_inside(piece)
         if inside and (p > start or text):
-            spelled = _spell(tokenizer, ids[:p], start, floor, piece[:inside])
+            spelled = _spell(tokenizer, ids[:p], start, floor, piece[:inside], n)
             if spelled is not None:
                 return spelled
         if p == start:
