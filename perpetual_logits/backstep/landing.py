@@ -22,6 +22,7 @@ from transformers import LogitsProcessor
 from .. import _validation
 from ..protocol import RowState, RowView
 from ..text.boundaries import _sentence_end_inside, count_words, ends_sentence
+from ..text.text_stream import rust_backend
 
 __all__ = ["Landing", "LandingBias", "RowText"]
 
@@ -29,6 +30,8 @@ __all__ = ["Landing", "LandingBias", "RowText"]
 #: ``neighbour << 32 | token``. Rows keep writing the same word pairs, so most tokens need no decode.
 _PIECES: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
 _MAX_PIECES = 1 << 16
+_ALONE = 1 << 62  # the key bit of a token's text alone (pair keys stay below it)
+_ANY_END = frozenset(".!?…。！？")  # a piece without these holds no sentence end (no regex needed)
 #: While its incremental count is short of ``min_words``, a row's words are counted on its whole decoded text
 #: every this many tokens (the incremental count can miss a character split over byte-level tokens).
 _RECOUNT_EVERY = 32
@@ -108,9 +111,12 @@ class RowText(RowState):
         self.tails: list[list[str]] = []
         self.pending: list[list[bool]] = []
         self.words: list[list[int]] = []  # per row: words of its generated text after each generated token
+        self.ends: list[list[bool]] = []  # per row: whether its text ends a sentence after each generated token
+        self.land_from: list[int | None] = []  # per row: the limit minus its margin (None: no known limit)
         self.boundaries: list[list[int]] = []
         self.reached_at: list[int | None] = []
         # -- shared with every RowText of this tokenizer
+        self._backend = rust_backend(tokenizer) if tokenizer is not None else None
         self._pieces: dict[int, str] = {}
         if tokenizer is not None:
             with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
@@ -128,18 +134,25 @@ class RowText(RowState):
         self.tails = [[] for _ in range(batch)]
         self.pending = [[] for _ in range(batch)]
         self.words = [[] for _ in range(batch)]
+        self.ends = [[] for _ in range(batch)]
+        self._limits_changed()
         self.boundaries = [[] for _ in range(batch)]
         self.reached_at = [None] * batch
 
     def set_limits(self, limits: Sequence[int | None]) -> None:
         """Per row, the most tokens it may hold (prompt included; ``None``: unknown, no landing)."""
         self.limits = list(limits)
+        self._limits_changed()
+
+    def _limits_changed(self) -> None:
+        self.land_from = [None if limit is None else limit - self.margin(row) for row, limit in enumerate(self.limits)]
 
     def rewind(self, row: int, length: int) -> None:
         generated = max(0, length - self.prompt_lengths[row])
         del self.tails[row][generated:]
         del self.pending[row][generated:]
         del self.words[row][generated:]
+        del self.ends[row][generated:]
         kept = self.boundaries[row]
         while kept and kept[-1] > length:
             kept.pop()
@@ -155,24 +168,26 @@ class RowText(RowState):
         prompt = self.prompt_lengths[row]
         tail, pending = (self.tails[row][-1], self.pending[row][-1]) if self.tails[row] else ("", False)
         words = self.words[row][-1] if self.words[row] else 0
+        ends = self.ends[row][-1] if self.ends[row] else False
         if self.tokenizer is not None:
             piece = self._piece(int(ids[length - 2]) if length - 1 > prompt else None, int(ids[length - 1]))
             if piece:
                 words += count_words(piece)
                 if tail[-1:].isascii() and tail[-1:].isalpha() and piece[0].isascii() and piece[0].isalpha():
                     words -= 1  # the piece continues the text's last run of letters: one word
-                if (pending and piece[0].isspace()) or _sentence_end_inside(piece):
+                if (pending and piece[0].isspace()) or (_ANY_END.intersection(piece) and _sentence_end_inside(piece)):
                     self._mark(row, length - 1)  # a cut may end before this token (and spell what it ends)
                 tail = (tail + piece)[-16:]
                 stripped = tail.rstrip(" \t")
                 if stripped.endswith("\n") or (stripped != tail and ends_sentence(stripped)):
                     self._mark(row, length)
-                    pending = False
+                    pending, ends = False, True
                 else:
-                    pending = ends_sentence(tail)
+                    pending = ends = ends_sentence(tail)
         self.tails[row].append(tail)
         self.pending[row].append(pending)
         self.words[row].append(words)
+        self.ends[row].append(ends)
         if self.reached_at[row] is None and self._minimum_met(row, ids):
             self.reached_at[row] = length
             return True
@@ -200,12 +215,12 @@ class RowText(RowState):
     def _piece(self, neighbour: int | None, token: int) -> str:
         """The text ``token`` adds after ``neighbour`` (``None``: it is the first generated token)."""
         if neighbour is None:
-            return self._decode([token])
+            return self._alone(token)
         key = neighbour << 32 | token
         cache = self._pieces
         piece = cache.get(key)
         if piece is None:
-            before = self._decode([neighbour])
+            before = self._alone(neighbour)
             after = self._decode([neighbour, token])
             piece = after[len(before) :] if after.startswith(before) else after[-1:]
             if len(cache) < _MAX_PIECES:
@@ -213,7 +228,19 @@ class RowText(RowState):
         return piece
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._backend is not None:  # the Rust tokenizer itself: several times faster than the Python wrapper
+            return str(self._backend.decode(list(ids), skip_special_tokens=True))
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _alone(self, token: int) -> str:
+        """The token's text alone (cached with the pairs, under the key of no neighbour)."""
+        key = _ALONE | token
+        text = self._pieces.get(key)
+        if text is None:
+            text = self._decode([token])
+            if len(self._pieces) < _MAX_PIECES:
+                self._pieces[key] = text
+        return text
 
     # -- queries -------------------------------------------------------------------------------------------
     def length(self, row: int) -> int:
@@ -225,7 +252,7 @@ class RowText(RowState):
 
     def at_sentence_end(self, row: int) -> bool:
         """The text (special tokens skipped) ends with a sentence or line end now."""
-        return bool(self.tails[row]) and ends_sentence(self.tails[row][-1])
+        return bool(self.ends[row]) and self.ends[row][-1]
 
     def margin(self, row: int) -> int:
         """The landing's margin for ``row``: at most the last quarter of its budget (0 without a known limit)."""
@@ -237,13 +264,13 @@ class RowText(RowState):
     def due(self, row: int) -> int | None:
         """The length from which EOS is favoured (and accepted) at sentence ends; ``None``: not (yet). In the
         length mode that is never before the minimum: the limit then cuts the row back instead."""
-        limit = self.limits[row] if row < len(self.limits) else None
         if self.landing is None:
             return None
         reached = self.reached_at[row]
+        land_from = self.land_from[row] if row < len(self.land_from) else None
         if self.min_tokens or self.min_words:  # the length mode: never before the minimum
-            return None if reached is None else reached if limit is None else min(reached, limit - self.margin(row))
-        return None if limit is None else limit - self.margin(row)
+            return None if reached is None else reached if land_from is None else min(reached, land_from)
+        return land_from
 
     def accepts_end(self, row: int) -> bool:
         """Whether an EOS just sampled by ``row`` (observed) ends the row: its text ends a sentence (or line) and

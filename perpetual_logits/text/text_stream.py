@@ -36,7 +36,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-__all__ = ["TextStream"]
+__all__ = ["TextStream", "rust_backend"]
 
 _REPLACEMENT = "\ufffd"  # what decoders show for an incomplete UTF-8 sequence
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -59,7 +59,7 @@ def _shared(caches: weakref.WeakKeyDictionary[Any, dict[int, str]], tokenizer: A
         return {}
 
 
-def _rust_backend(tokenizer: Any) -> Tokenizer | None:
+def rust_backend(tokenizer: Any) -> Tokenizer | None:
     """The `tokenizers.Tokenizer` whose decode equals ``tokenizer.decode(ids, skip_special_tokens=False)``."""
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
@@ -104,7 +104,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, keep_chars: int) -> None:
         self.tokenizer = tokenizer
-        self.backend = _rust_backend(tokenizer)
+        self.backend = rust_backend(tokenizer)
         self.keep_chars = keep_chars
         self._trim_at = 4 * keep_chars + 256  # text longer than this is trimmed (see _trim)
         # The tokens held: ids[base:base + len(tokens)] of the row, and the token before them (None at the
