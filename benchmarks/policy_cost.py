@@ -134,7 +134,7 @@ def _agree(first: torch.Tensor, other: torch.Tensor, prompt_length: int, padding
     last few tokens may be a sentence end spelled anew, see ``cut_point``)."""
     for a, b in zip(first.tolist(), other.tolist()):
         kept = [len(_unpadded(a, padding)), len(_unpadded(b, padding))]
-        n = min(kept) if kept[0] == kept[1] else min(kept) - _RESPELLED
+        n = min(kept) - _RESPELLED  # a cut row's last tokens may be respelled even where its length is unchanged
         if n < prompt_length or a[:n] != b[:n]:
             return False
     return True
