@@ -72,9 +72,6 @@ class PerpetualGenerationMixin(GenerationMixin):
     def last_backstep(self, value: tuple[list[list[BackstepEvent]], BackstepStats] | None) -> None:
         _LAST.set(value)
 
-    def _store_last_backstep(self, events: list[list[BackstepEvent]], stats: BackstepStats) -> None:
-        _LAST.set((events, stats))
-
     def event_counts(self, batch_size: int) -> list[int]:
         """Rewinds per row of this thread's backstep run in progress (the ``EventSource`` protocol of
         :class:`~perpetual_logits.EvictionBudgetCriteria`); zeros outside a run."""
@@ -153,9 +150,12 @@ class PerpetualGenerationMixin(GenerationMixin):
         )
         token = _RUNNING.set(loop)
         try:
-            return loop.run()
+            output = loop.run()
         finally:
             _RUNNING.reset(token)
+        # The loop reports back through what it holds when it returns; the model keeps this thread's latest run.
+        _LAST.set((loop.events, loop.stats))
+        return output
 
     def _prepare_cache_for_generation(
         self,

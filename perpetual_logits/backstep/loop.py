@@ -365,7 +365,6 @@ class BackstepLoop:
         self.stats.realignments = cache.realignments
         self.stats.context_shifts = self.window.shifts if self.window is not None else 0
         sequences = rows.sequences()
-        self.model._store_last_backstep(self.policy.events, self.stats)
         if not self.gc.return_dict_in_generate:
             return sequences
         generated = sequences.shape[1] - rows.prompt_length
