@@ -48,7 +48,8 @@ def client(url):
 
 def test_chat_completion_with_the_chat_preset(client):
     out = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, temperature=0.7, seed=1)
-    assert out.usage.completion_tokens == 60 and out.choices[0].finish_reason == "length"
+    # the preset writes on past SmolLM2's own end; its landing may end it at a sentence in the last quarter
+    assert 45 <= out.usage.completion_tokens <= 60 and out.choices[0].finish_reason in ("length", "stop")
     report = out.model_extra["backstep"]
     assert report["preset"] == "chat" and report["rewinds"] >= 1  # SmolLM2 answers in fewer tokens
     assert out.choices[0].message.content
@@ -67,7 +68,7 @@ def test_stream_equals_final_text(client):
                 report = chunk.model_extra["backstep"]
     assert full.model_extra["backstep"]["rewinds"] >= 1
     assert "".join(pieces) == full.choices[0].message.content
-    assert report == full.model_extra["backstep"] and usage.completion_tokens == 60
+    assert report == full.model_extra["backstep"] and usage.completion_tokens == full.usage.completion_tokens
 
 
 def test_sixteen_clients_with_different_settings(client, backend):
@@ -92,7 +93,11 @@ def test_sixteen_clients_with_different_settings(client, backend):
             assert report is None and out.choices[0].finish_reason == "stop"
         else:
             assert report["preset"] == groups[name]["extra_body"].get("preset", "chat")
-            assert out.usage.completion_tokens == groups[name]["max_tokens"]
+            if report["preset"] == "chat":  # its landing may cut a row back at the limit to a sentence or word
+                assert 0 < out.usage.completion_tokens <= groups[name]["max_tokens"]
+                assert out.choices[0].finish_reason == "length"
+            else:
+                assert out.usage.completion_tokens == groups[name]["max_tokens"]
     assert len(texts["plain"]) == 1 and len(texts["backstep"]) == 1  # greedy: one text per group
     assert backend.rows - rows == 16
 
