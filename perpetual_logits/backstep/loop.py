@@ -30,16 +30,17 @@ from ..distributions import eos_probability
 from ..processor_list import insert_before_warpers, per_row_lengths
 from ..protocol import RowState
 from .buffer import LogitsRing
-from .cache import CacheLayout, check_cache, check_static_size, sliding_window
+from .cache import sliding_window
 from .config import BackstepConfig
 from .events import BackstepEvent, BackstepOutput, BackstepStats
 from .landing import LandingBias
 from .policy import RewindPlan, RewindPolicy
+from .prefill import prefill
 from .records import StepRecords
 from .rows import Rows
 from .streaming import HoldBack
 from .temperature import TemperatureSchedule
-from .window import ContextWindow, model_window
+from .window import model_window
 
 __all__ = ["BackstepLoop"]
 
@@ -70,9 +71,6 @@ class BackstepLoop:
         self.config = config
         self.gc = gc
         self.device = input_ids.device
-        self.input_ids = input_ids
-        self.prompt_mask: torch.Tensor | None = model_kwargs.get("attention_mask")
-        self.model_kwargs = model_kwargs
         self.do_sample = bool(gc.do_sample)
         vocab = _vocab_size(model)
         eos = _compat.eos_tensor(gc)
@@ -90,13 +88,13 @@ class BackstepLoop:
                 f"backstep generation with sliding-window attention (window {window}) needs the whole run inside "
                 f"the window: prompt + max_new_tokens = {max_length} must be < {window}. Lower max_new_tokens."
             )
-        self.capacity = max_length if window is None else min(max_length, window - 1)
+        prompt_mask: torch.Tensor | None = model_kwargs.get("attention_mask")
 
         # -- why and where rows rewind, what is forbidden, what is final: the backend-neutral policy
         self.policy = RewindPolicy(config, self.eos, vocab, tokenizer, greedy=not self.do_sample)
 
-        # -- units: rows, logits buffer, temperature, streaming, records (the cache comes with the prefill)
-        self.rows = Rows(input_ids, self.prompt_mask, max_length, self.pad)
+        # -- units: rows, logits buffer, temperature, streaming, records
+        self.rows = Rows(input_ids, prompt_mask, max_length, self.pad)
         # A run holds at most max_new_tokens + 1 positions to draw from: a larger buffer (n_remove can be huge)
         # would only allocate memory no rewind can use.
         usable = max_length - self.rows.prompt_length + 1
@@ -110,9 +108,7 @@ class BackstepLoop:
         self.records = StepRecords(
             bool(gc.return_dict_in_generate and gc.output_scores), bool(gc.return_dict_in_generate and gc.output_logits)
         )
-        self.cache: CacheLayout | None = None
-        self.window: ContextWindow | None = None  # the context shift (built with the cache)
-        _check_window(model, config, self.rows.text_start, max_length, self.prompt_mask)
+        _check_window(model, config, self.rows.text_start, max_length, prompt_mask)
 
         # -- processors and criteria, as generate() built them, adapted to rows of different lengths
         processors = per_row_lengths(LogitsProcessorList(list(logits_processor)), lambda: self.rows.lens)
@@ -130,8 +126,22 @@ class BackstepLoop:
             [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
         )
 
+        # -- the prompt forward, and what it leaves: the first logits, the cache layout, the decode step, the
+        # context shift (last: every check above runs before the model does)
+        capacity = max_length if window is None else min(max_length, window - 1)
+        prompt = prefill(model, input_ids, gc, model_kwargs, capacity, self.rows.text_start, config.window)
+        self.first_logits = prompt.logits
+        self.cache = prompt.cache
+        self.decode = prompt.decode
+        self.window = prompt.window
+
+        # -- every unit that follows rewinds (RowState), in one list; the policy is told apart (it takes plans)
+        self.units: list[RowState] = [self.rows, self.ring, self.records, self.cache]
+        self.units += [unit for unit in (self.temperature, self.window) if unit is not None]
+        self.units += [p for p in self.processors if isinstance(p, RowState)]
+
         # -- outcome
-        self.stats = BackstepStats()
+        self.stats = BackstepStats(prefill_forwards=1)
 
     @property
     def events(self) -> list[list[BackstepEvent]]:
@@ -141,10 +151,9 @@ class BackstepLoop:
     # -- the recipe ------------------------------------------------------------------------------------------
     def run(self) -> BackstepOutput | torch.Tensor:
         rows, bans, records = self.rows, self.policy.bans, self.records
-        raw = self._prefill()
         self._start()
-        self.ring.store(raw, list(range(rows.batch)), rows.lens)
-        current = raw
+        current = self.first_logits
+        self.ring.store(current, list(range(rows.batch)), rows.lens)
         step = 0
         with _compat.decode_context(self.model):
             while active := rows.active():
@@ -165,60 +174,12 @@ class BackstepLoop:
         return self._output()
 
     # -- steps ---------------------------------------------------------------------------------------------
-    def _prefill(self) -> torch.Tensor:
-        kwargs = self.model_kwargs
-        cache_key = _compat.cache_kwarg(kwargs)
-        check_cache(kwargs.get(cache_key))
-        outputs = _compat.prefill(self.model, self.input_ids, self.gc, kwargs)
-        kwargs = _compat.update_after_prefill(self.model, outputs, kwargs)
-        cache = kwargs[cache_key]
-        prompt_slots = cache.get_seq_length()
-        if kwargs.get("inputs_embeds") is None and prompt_slots != self.input_ids.shape[1]:
-            raise ValueError(
-                f"backstep generation expected the prompt's {self.input_ids.shape[1]} tokens in the cache after "
-                f"the prompt forward, found {prompt_slots}"
-            )
-        self.cache_key = cache_key
-        self.extra = {
-            k: v
-            for k, v in kwargs.items()
-            if k not in ("cache", "past_key_values", "attention_mask", "position_ids", "inputs_embeds", "use_cache")
-        }
-        self.forward = _compat.decode_forward(self.model, self.gc, kwargs)
-        static = [layer.max_cache_len for layer in _compat.cache_layers(cache) if _compat.is_static_layer(layer)]
-        prefix = prompt_slots - self.input_ids.shape[1]  # inputs_embeds: max_length counts generated tokens only
-        check_static_size(static, self.capacity + prefix, self.rows.batch)
-        capacity = min([self.capacity + prefix, *static])
-        self.cache = CacheLayout(cache, self.prompt_mask, self.input_ids.shape[1], capacity, self.device)
-        if self.config.window is not None:
-            if prefix:
-                raise ValueError("BackstepConfig(window=...) needs the prompt as input_ids, not inputs_embeds")
-            self.window = ContextWindow(
-                self.config.window, self.model, self.rows.text_start, self.rows.prompt_length, cache_key
-            )
-            # A row's slots never pass its left padding + the limit; a wider layout is tightened instead (one more
-            # column: a row that finished with a full window takes a masked slot while another row writes).
-            self.cache.capacity = min(self.cache.capacity, self.window.limit + max(self.rows.text_start) + 1)
-        self.stats.prefill_forwards = 1
-        return outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=self.device)
-
     def _start(self) -> None:
         batch, prompt = self.rows.batch, self.rows.prompt_length
-        for unit in [*self._units(), self.policy]:
+        for unit in [*self.units, self.policy]:
             unit.start(batch, prompt)
         self.policy.set_limits([self.rows.max_length] * batch)
         # The user's processors were reset once, by PerpetualGenerationMixin.generate; RowState ones start above.
-
-    def _units(self) -> list[RowState]:
-        units: list[RowState] = [self.rows, self.ring, self.records]
-        if self.cache is not None:
-            units.append(self.cache)
-        if self.temperature is not None:
-            units.append(self.temperature)
-        if self.window is not None:
-            units.append(self.window)
-        units += [p for p in self.processors if isinstance(p, RowState)]
-        return units
 
     def _select(self, scores: torch.Tensor) -> torch.Tensor:
         if self.do_sample:
@@ -249,11 +210,10 @@ class BackstepLoop:
     def rewind(self, plan: RewindPlan, step: int, raw: torch.Tensor) -> None:
         """Cut a row back as the policy planned, and tell every unit. ``raw``: this step's raw logits."""
         row, position = plan.row, plan.position
-        assert self.cache is not None
         deep = not self.ring.has(row, position)
         # The distribution the refused token was drawn from, before temperature, processors and bans.
         eos_prob = float(eos_probability(raw[row : row + 1], self.eos_tensor)[0]) if self.eos else 0.0
-        for unit in self._units():
+        for unit in self.units:
             unit.rewind(row, position)
         if deep:
             self.cache.drop_last(row)  # the token before `position` is fed again to get its logits
@@ -278,14 +238,14 @@ class BackstepLoop:
         self.stats.removed_tokens += length - cut
         steps = self.records.row_steps[row]
         replaced = steps[cut - rows.prompt_length] if cut - rows.prompt_length < len(steps) else step
-        for unit in [*self._units(), self.policy]:
+        for unit in [*self.units, self.policy]:
             unit.rewind(row, cut)
         for token in extra:
             rows.append(row, token)
             self.records.add_token(row, replaced)
 
     def _finish(self, row: int) -> None:
-        for unit in [*self._units(), self.policy]:
+        for unit in [*self.units, self.policy]:
             unit.finish(row)
 
     def _check_stops(self, rows: list[int], scores: torch.Tensor) -> None:
@@ -311,7 +271,6 @@ class BackstepLoop:
         runs anyway, and the cache keeps one slot per kept token).
         """
         rows, cache, ring = self.rows, self.cache, self.ring
-        assert cache is not None
         active = rows.active()
         if not active:
             return current
@@ -337,18 +296,8 @@ class BackstepLoop:
                 index = rows.lens[b] - 1
                 tokens[b], positions[b], real[b] = rows.ids[b][index], cache.position(b, index), True
         mask = cache.append_column(real)
-        inputs = _compat.step_inputs(
-            self.model,
-            torch.tensor(tokens, device=self.device)[:, None],
-            mask,
-            torch.tensor(positions, device=self.device)[:, None],
-            self.cache_key,
-            cache.cache,
-            self.extra,
-        )
-        outputs = self.forward(**inputs, return_dict=True)
+        raw = self.decode(tokens, mask, positions)
         self.stats.decode_forwards += 1
-        raw = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=self.device)
         fed = [b for b in active if real[b]]
         ring.store(raw, fed, rows.lens)
         for b in stale:
@@ -358,7 +307,6 @@ class BackstepLoop:
 
     def _output(self) -> BackstepOutput | torch.Tensor:
         rows, records, cache = self.rows, self.records, self.cache
-        assert cache is not None
         cache.realign(tight=True)  # the returned cache: no padding columns shared by every row
         self.stats.cache_slots = cache.width
         self.stats.peak_cache_slots = cache.peak_width
