@@ -100,6 +100,10 @@ class EOSLogitsProcessor(LogitsProcessor, RowState):
     def _reset_state(self) -> None:
         """Subclass hook: clear subclass state (called by :meth:`reset`)."""
 
+    def _start_state(self, batch_size: int, prompt_length: int, device: torch.device | None) -> None:
+        """Subclass hook: create the per-row state of a new generation, once, before its first step (``device``:
+        that of the scores, or ``None`` when :meth:`start` runs before any: the CPU, moved at the first step)."""
+
     def rewind(self, row: int, length: int) -> None:
         """Row ``row`` was cut back to ``length`` tokens (prompt included); its next call chooses that position.
 
@@ -130,6 +134,7 @@ class EOSLogitsProcessor(LogitsProcessor, RowState):
         self._prompt_length = prompt_length
         self._expected_width = prompt_length
         self._next_positions = torch.full((batch_size,), prompt_length, dtype=torch.long)
+        self._start_state(batch_size, prompt_length, None)
 
     # -- call --------------------------------------------------------------------------------------------
     def _eos(self, device: torch.device) -> torch.Tensor:
@@ -159,6 +164,7 @@ class EOSLogitsProcessor(LogitsProcessor, RowState):
                 self.reset()  # a new generate() call
                 self._batch, self._prompt_length = input_ids.shape[0], input_ids.shape[1]
                 self._scores_shape = scores.shape
+                self._start_state(input_ids.shape[0], input_ids.shape[1], scores.device)
             self._last_ids = input_ids
             positions: int | torch.Tensor = input_ids.shape[1]
         else:  # driven by start()/rewind(): the backstep loop says which position each row chooses
@@ -425,18 +431,21 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         return self.truncation.generate_kwargs()
 
     def _reset_state(self) -> None:
-        # (batch,) position of each row's latest restart; _NEVER for a row that has had none.
-        self._last_trigger: torch.Tensor | None = None
+        # (batch,) position of each row's latest restart; _NEVER for a row that has had none (made per generation).
+        self._last_trigger = torch.empty(0, dtype=torch.long)
         # The last position at which some row's multiplier is not 1.0 (kept on the CPU only, see process()).
         self._hot_until = _NEVER
-        if getattr(self, "early_trigger", None) is not None:
-            self.early_trigger.reset()  # type: ignore[union-attr]
+        if self.early_trigger is not None:
+            self.early_trigger.reset()
+
+    def _start_state(self, batch_size: int, prompt_length: int, device: torch.device | None) -> None:
+        self._last_trigger = torch.full((batch_size,), _NEVER, dtype=torch.long, device=device)
+        if self.early_trigger is not None:
+            self.early_trigger.start(batch_size, prompt_length, device)
 
     def _rewind_state(self, row: int, length: int, dropped: int) -> None:
-        if self.early_trigger is not None and self.early_trigger.started and dropped > 0:
-            self.early_trigger.rewind(row, dropped)
-        if self._last_trigger is None:
-            return
+        if self.early_trigger is not None:
+            self.early_trigger.rewind(row, length)
         # Restarts at removed positions never happened: fall back to the latest one still kept.
         restarts = [pos for pos, hit in self._row_history(row, "evicted") if hit and pos < length]
         if self.early_trigger is not None:
@@ -467,10 +476,9 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         else:
             restart = evicted
             self._record(positions, evicted=evicted)
-        batch, device = scores.shape[0], scores.device
-        if self._last_trigger is None or self._last_trigger.shape[0] != batch:
-            self._last_trigger = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
-            self._hot_until = _NEVER
+        device = scores.device
+        if self._last_trigger.device != device:  # started before any scores were seen (start()): on the CPU
+            self._last_trigger = self._last_trigger.to(device)
         table = self._table
         # On the CPU, where reading a value back is free: when no row restarts and every row's schedule has
         # ended (most steps), the multiplier is 1.0 everywhere and only EOS needs masking.
@@ -520,7 +528,7 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
     @property
     def multiplier(self) -> list[float]:
         """The multiplier each row used at its latest step."""
-        if self._last_trigger is None or not self._records:
+        if not self._records:
             return []
         last = self._records[-1].positions
         pos = last if isinstance(last, int) else last.to(self._last_trigger.device)

@@ -16,6 +16,7 @@ import torch
 
 from . import _validation
 from .distributions import distribution_stats
+from .protocol import RowState
 
 #: The longest history window: far beyond any useful trigger, small enough that its buffers stay tiny.
 _MAX_WINDOW = 1 << 16
@@ -23,13 +24,19 @@ _MAX_WINDOW = 1 << 16
 __all__ = ["EarlyTrigger"]
 
 
-class EarlyTrigger:
+class EarlyTrigger(RowState):
     r"""Per-row early trigger on the EOS probability and the entropy trend. Pure torch, no host sync.
 
     Each :meth:`update` adds one step per row and returns, per row, whether it fires at that step. A row can
     only fire once it has ``window`` steps of history, and firing clears its history: after firing, a row
-    must see ``window`` new steps before it can fire again (the cool-down). :meth:`rewind` drops a row's
-    last steps (after a backstep); a rewind never makes a row fire sooner.
+    must see ``window`` new steps before it can fire again (the cool-down). A rewind drops a row's last steps;
+    it never makes a row fire sooner.
+
+    It follows the :class:`~perpetual_logits.RowState` protocol: :meth:`start` begins a generation of rows
+    that are ``prompt_length`` tokens long, each :meth:`update` observes the distribution of every row's next
+    position (a row then holds one token more), and :meth:`rewind` ``(row, length)`` says the row holds
+    ``length`` tokens again: the steps observed for positions ``>= length`` are dropped. :meth:`drop_steps`
+    drops a number of steps instead, for a trigger used on its own.
 
     Definitions, over the row's last ``window`` steps ``y_0 .. y_{w-1}`` (oldest first):
 
@@ -38,8 +45,9 @@ class EarlyTrigger:
       ``sum((i - m) (H_i - mean H)) / sum((i - m)^2)`` with ``m = (w - 1) / 2``, in bits per step; fires when
       ``<= -entropy_slope``.
 
-    The state lives on the device of the first update and restarts (as after :meth:`reset`) when the batch
-    size or the device changes. NaN inputs count as 0.
+    Without :meth:`start`, the first :meth:`update` starts a generation by itself, as does an update with
+    another batch size (then only :meth:`drop_steps` can cut rows back: their lengths are unknown). The state
+    moves to the device of the updates. NaN inputs count as 0.
 
     Args:
         window (`int`, defaults to 8): steps averaged, and the cool-down; >= 1 (>= 2 with ``entropy_slope``).
@@ -75,6 +83,7 @@ class EarlyTrigger:
         eos_threshold: float | None = 0.1,
         entropy_slope: float | None = None,
     ) -> None:
+        # -- settings
         self.window = _validation.positive_int(window, "window", maximum=_MAX_WINDOW)
         if eos_threshold is not None:
             eos_threshold = _validation.probability(eos_threshold, "eos_threshold")
@@ -91,7 +100,19 @@ class EarlyTrigger:
         centred = x - x.mean()
         denominator = centred.square().sum()
         self._weights = centred / denominator if self.window >= 2 else torch.zeros(1)
-        self.reset()
+        # -- per row: the last `window` steps (newest last) and how many of them are history; empty until started
+        self._eos = torch.zeros(0, self.window)
+        self._entropy = torch.zeros(0, self.window)
+        self._valid = torch.zeros(0, dtype=torch.long)  # steps of history, at most `window`
+        # -- per row: its length (tokens, prompt included) = prompt + updates - behind[row]; None: unknown
+        self._prompt_length: int | None = None
+        self._updates = 0
+        self._behind: list[int] = []
+        # -- the latest update's measures
+        self.mean_eos_prob: torch.Tensor | None = None
+        """(batch,) the mean EOS probability at the latest update (over the steps available)."""
+        self.slope: torch.Tensor | None = None
+        """(batch,) the entropy slope at the latest update, bits/step (0 until the window is full)."""
 
     def __repr__(self) -> str:
         return (
@@ -99,27 +120,54 @@ class EarlyTrigger:
             f"entropy_slope={self.entropy_slope})"
         )
 
-    def reset(self) -> None:
-        """Forget every row's history; the next :meth:`update` starts a new generation."""
-        self._eos: torch.Tensor | None = None  # (batch, window), newest step last
-        self._entropy: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None  # (batch,) steps of history, at most `window`
-        self.mean_eos_prob: torch.Tensor | None = None
-        """(batch,) the mean EOS probability at the latest update (over the steps available)."""
-        self.slope: torch.Tensor | None = None
-        """(batch,) the entropy slope at the latest update, bits/step (0 until the window is full)."""
+    # -- protocol ------------------------------------------------------------------------------------------
+    def start(self, batch_size: int, prompt_length: int, device: torch.device | str | None = None) -> None:
+        """Begin a generation of ``batch_size`` rows of ``prompt_length`` tokens, without history.
 
-    @property
-    def started(self) -> bool:
-        """An :meth:`update` ran since the last :meth:`reset`: there is history that :meth:`rewind` can drop."""
-        return self._eos is not None
-
-    def _start(self, batch: int, device: torch.device) -> None:
+        Args:
+            batch_size: rows.
+            prompt_length: tokens each row holds before its first update.
+            device: where the state lives (default: the CPU; it moves to the device of the updates).
+        """
+        batch = _validation.positive_int(batch_size, "batch_size", minimum=0)
+        device = torch.device("cpu") if device is None else torch.device(device)
         self._eos = torch.zeros(batch, self.window, device=device)
         self._entropy = torch.zeros(batch, self.window, device=device)
         self._valid = torch.zeros(batch, dtype=torch.long, device=device)
         self._weights = self._weights.to(device)
+        self._prompt_length = _validation.positive_int(prompt_length, "prompt_length", minimum=0)
+        self._updates = 0
+        self._behind = [0] * batch
+        self.mean_eos_prob = None
+        self.slope = None
 
+    def rewind(self, row: int, length: int) -> None:
+        """Row ``row`` holds ``length`` tokens again: drop the steps it observed for positions ``>= length``.
+
+        Needs the rows' lengths, i.e. :meth:`start` before the first update (see :meth:`drop_steps`).
+        """
+        if self._prompt_length is None:
+            raise RuntimeError(
+                "rewind(row, length) needs the rows' lengths: call start(batch_size, prompt_length) before the "
+                "first update(), or cut a row back by a number of steps with drop_steps(row, n_steps)"
+            )
+        self._check_row(row)
+        length = _validation.positive_int(length, "length", minimum=0)
+        current = self._prompt_length + self._updates - self._behind[row]
+        if length < current:
+            self.drop_steps(row, current - length)
+
+    def reset(self) -> None:
+        """Forget every row's history; the next :meth:`start` or :meth:`update` begins a new generation."""
+        self.start(0, 0)
+        self._prompt_length = None
+
+    @property
+    def started(self) -> bool:
+        """A generation has begun (:meth:`start` or an :meth:`update`) since the last :meth:`reset`."""
+        return self._eos.shape[0] > 0
+
+    # -- steps ---------------------------------------------------------------------------------------------
     def update(self, eos_prob: torch.Tensor, entropy: torch.Tensor | None = None) -> torch.Tensor:
         """Add one step to every row; return (batch,) bool: the rows that fire now.
 
@@ -143,14 +191,17 @@ class EarlyTrigger:
                 f"got {_shape(entropy)}"
             )
         batch, device = eos_prob.shape[0], eos_prob.device
-        if self._eos is None or self._eos.shape[0] != batch or self._eos.device != device:
-            self._start(batch, device)
-        assert self._eos is not None and self._entropy is not None and self._valid is not None
+        if self._eos.shape[0] != batch:  # not started, or another batch: a new generation of unknown lengths
+            self.start(batch, 0, device)
+            self._prompt_length = None
+        elif self._eos.device != device:
+            self._move(device)
         p = eos_prob.detach().float().nan_to_num(0.0)
         h = entropy.detach().float().to(device).nan_to_num(0.0)
         self._eos = torch.cat([self._eos[:, 1:], p[:, None]], dim=1)
         self._entropy = torch.cat([self._entropy[:, 1:], h[:, None]], dim=1)
         self._valid = (self._valid + 1).clamp_max(self.window)
+        self._updates += 1
         full = self._valid >= self.window
 
         # Entries older than a row's history are zero, so the sum over the window is the sum over its history.
@@ -184,17 +235,16 @@ class EarlyTrigger:
         stats = distribution_stats(scores, eos)
         return self.update(stats["eos_prob"], stats["entropy"])
 
-    def rewind(self, row: int, n_steps: int) -> None:
-        """Drop the last ``n_steps`` steps of row ``row`` (its tokens were removed by a backstep).
-
-        The row then needs that many new steps before its window is full again.
-        """
-        if self._eos is None or self._entropy is None or self._valid is None:
-            raise RuntimeError("rewind() called before the first update()")
-        _validation.positive_int(row, "row", minimum=0, maximum=self._eos.shape[0] - 1)
+    def drop_steps(self, row: int, n_steps: int) -> None:
+        """Drop the last ``n_steps`` steps of row ``row`` (its tokens were removed): the row then needs that many
+        new steps before its window is full again. :meth:`rewind` says the same by the row's new length."""
+        if not self.started:
+            raise RuntimeError("drop_steps() called before the first update()")
+        self._check_row(row)
         n = _validation.positive_int(n_steps, "n_steps", minimum=0)
         if n == 0:
             return
+        self._behind[row] += n
         n = min(n, self.window)
         # Shift the row right by n: its newest n steps fall off, zeros (no history) come in on the left.
         for buffer in (self._eos, self._entropy):
@@ -202,6 +252,18 @@ class EarlyTrigger:
             buffer[row] = 0.0
             buffer[row, n:] = kept
         self._valid[row] = (self._valid[row] - n).clamp_min(0)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _check_row(self, row: int) -> None:
+        if not self.started:
+            raise RuntimeError("rewind() called before start() or the first update()")
+        _validation.positive_int(row, "row", minimum=0, maximum=self._eos.shape[0] - 1)
+
+    def _move(self, device: torch.device) -> None:
+        self._eos = self._eos.to(device)
+        self._entropy = self._entropy.to(device)
+        self._valid = self._valid.to(device)
+        self._weights = self._weights.to(device)
 
 
 def _shape(value: object) -> str:

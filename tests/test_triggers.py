@@ -64,6 +64,8 @@ def test_started_says_whether_there_is_history():
     trigger = EarlyTrigger(window=3, eos_threshold=0.5)
     assert not trigger.started
     with pytest.raises(RuntimeError, match="before the first update"):
+        trigger.drop_steps(0, 1)
+    with pytest.raises(RuntimeError, match="start"):
         trigger.rewind(0, 1)
     trigger.update(torch.tensor([0.1]))
     assert trigger.started
@@ -71,11 +73,11 @@ def test_started_says_whether_there_is_history():
     assert not trigger.started
 
 
-def test_rewind_drops_history():
+def test_drop_steps_drops_history():
     trigger = EarlyTrigger(window=3, eos_threshold=0.5)
     for _ in range(2):
         assert not trigger.update(torch.tensor([0.9, 0.9]), torch.zeros(2)).any()
-    trigger.rewind(0, 2)  # row 0 loses both steps: needs three more
+    trigger.drop_steps(0, 2)  # row 0 loses both steps: needs three more
     assert trigger.update(torch.tensor([0.9, 0.9]), torch.zeros(2)).tolist() == [False, True]
     assert trigger.update(torch.tensor([0.9, 0.9]), torch.zeros(2)).tolist() == [False, False]
     assert trigger.update(torch.tensor([0.9, 0.9]), torch.zeros(2)).tolist() == [True, False]
@@ -83,10 +85,10 @@ def test_rewind_drops_history():
     trigger.reset()
     for p in (0.9, 0.0, 0.0):
         trigger.update(torch.tensor([p]), torch.zeros(1))
-    trigger.rewind(0, 2)  # history is now [0.9]
+    trigger.drop_steps(0, 2)  # history is now [0.9]
     assert trigger.update(torch.tensor([0.9]), torch.zeros(1)).tolist() == [False]
     assert trigger.update(torch.tensor([0.9]), torch.zeros(1)).tolist() == [True]
-    trigger.rewind(0, 0)
+    trigger.drop_steps(0, 0)
 
 
 def test_update_from_scores_and_batch_change():
@@ -110,7 +112,7 @@ def test_no_host_sync():
     for _ in range(5):
         fired = trigger.update(torch.rand(4, device="meta"), torch.rand(4, device="meta"))
     assert fired.device.type == "meta" and fired.shape == (4,)
-    trigger.rewind(2, 1)
+    trigger.drop_steps(2, 1)
 
 
 def test_validation():
@@ -126,7 +128,7 @@ def test_validation():
         EarlyTrigger(eos_threshold=None, entropy_slope=None)
     trigger = EarlyTrigger(window=2, eos_threshold=0.5, entropy_slope=0.1)
     with pytest.raises(RuntimeError, match="before"):
-        trigger.rewind(0, 1)
+        trigger.drop_steps(0, 1)
     with pytest.raises(ValueError, match="eos_prob"):
         trigger.update(torch.zeros(2, 2), torch.zeros(2))
     with pytest.raises(ValueError, match="entropy"):
@@ -135,9 +137,9 @@ def test_validation():
         trigger.update(torch.zeros(2))
     trigger.update(torch.zeros(2), torch.zeros(2))
     with pytest.raises(ValueError, match="row"):
-        trigger.rewind(2, 1)
+        trigger.drop_steps(2, 1)
     with pytest.raises(ValueError, match="n_steps"):
-        trigger.rewind(0, -1)
+        trigger.drop_steps(0, -1)
 
 
 def reference(window: int, threshold: float, ops: list[tuple]) -> list[list[bool]]:
@@ -185,7 +187,7 @@ def test_matches_reference_and_never_fires_within_cool_down(batch, window, thres
         if op[0] == "update":
             got.append(trigger.update(torch.tensor(op[1]), torch.zeros(batch)).tolist())
         else:
-            trigger.rewind(op[1], op[2])
+            trigger.drop_steps(op[1], op[2])
     assert got == reference(window, threshold, ops)
     # Cool-down: within one row, two firings are at least `window` updates apart (rewinds only delay).
     for row in range(batch):

@@ -201,7 +201,8 @@ def test_early_trigger_restarts_the_schedule_as_on_the_hf_backend_across_a_resub
     from perpetual_logits.backstep.temperature import TemperatureSchedule
 
     schedule, trigger = pl.LinearDecay(2.0, 3), pl.EarlyTrigger(window=3, eos_threshold=0.2, entropy_slope=0.3)
-    hf = TemperatureSchedule(schedule, trigger, torch.device("cpu"))
+    restarts: list[int | None] = [None]  # the rewind policy's record of where it restarted the schedule
+    hf = TemperatureSchedule(schedule, trigger, torch.device("cpu"), lambda: restarts)
     hf.start(1, 0)
     gen = torch.Generator().manual_seed(0)
     first = [torch.randn(1, VOCAB, generator=gen) * 2 + torch.tensor([0, 0, 1.5, 1, 0, 0, 0, 0]) for _ in range(12)]
@@ -231,7 +232,7 @@ def test_early_trigger_restarts_the_schedule_as_on_the_hf_backend_across_a_resub
         output.append(3)
     # A rewind to position 7 that restarts the schedule: a new engine request from there.
     hf.rewind(0, 7)
-    hf.restart(0, 7)
+    restarts[0] = 7
     proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[]))
     _, output = request(7, 0)
     for step, logits in enumerate(second):

@@ -100,7 +100,9 @@ class BackstepLoop:
         usable = max_length - self.rows.prompt_length + 1
         self.ring = LogitsRing(min(int(config.logits_buffer), usable), vocab, self.device)  # type: ignore[arg-type]
         self.temperature = (
-            TemperatureSchedule(config.schedule, config.early_trigger, self.device, config.widen)
+            TemperatureSchedule(
+                config.schedule, config.early_trigger, self.device, lambda: self.policy.schedule_from, config.widen
+            )
             if config.schedule
             else None
         )
@@ -208,18 +210,23 @@ class BackstepLoop:
         return False
 
     def rewind(self, plan: RewindPlan, step: int, raw: torch.Tensor) -> None:
-        """Cut a row back as the policy planned, and tell every unit. ``raw``: this step's raw logits."""
+        """Cut a row back as the policy planned: measure, tell every unit, count. ``raw``: this step's raw logits.
+
+        Each unit does its own part: the cache keeps the kept tokens' slots (a row whose buffer lacks the
+        position feeds its last kept token again in the next forward, see :meth:`_forward`), the temperature
+        schedule restarts where the policy recorded it; the policy takes the plan itself (its rules, bans,
+        schedule restart and the event).
+        """
         row, position = plan.row, plan.position
+        # -- measure: a deep rewind (the buffer no longer holds the logits there), and the distribution the
+        # refused token was drawn from, before temperature, processors and bans
         deep = not self.ring.has(row, position)
-        # The distribution the refused token was drawn from, before temperature, processors and bans.
         eos_prob = float(eos_probability(raw[row : row + 1], self.eos_tensor)[0]) if self.eos else 0.0
+        # -- tell every unit
+        self.policy.apply(plan, step, eos_prob, deep)
         for unit in self.units:
             unit.rewind(row, position)
-        if deep:
-            self.cache.drop_last(row)  # the token before `position` is fed again to get its logits
-        self.policy.apply(plan, step, eos_prob, deep)
-        if plan.restart_schedule and self.temperature is not None:
-            self.temperature.restart(row, position)
+        # -- count
         self.stats.removed_tokens += plan.removed
         self.stats.deep_rewinds += int(deep)
         self.stats.backsteps += 1
@@ -274,14 +281,18 @@ class BackstepLoop:
         active = rows.active()
         if not active:
             return current
+        # Rows that rewound hold every kept token in the cache already; those whose buffer holds the position
+        # need no forward.
         waiting = [b for b in active if cache.fed(b) == rows.lens[b]]
-        if len(waiting) == len(active):
+        if len(waiting) == len(active) and all(ring.has(b, rows.lens[b]) for b in waiting):
             out = current.clone()
             for b in waiting:
                 out[b] = ring.get(b, rows.lens[b])
             return out
-        # A waiting row feeds its last kept token again. Only a prompt given as inputs_embeds has no token to
-        # feed before the first generated position: such a row takes a masked padding slot and its buffer.
+        # A waiting row feeds its last kept token again: it must when its buffer lacks the position (a deep
+        # rewind), and the others do because the forward runs anyway. Only a prompt given as inputs_embeds has
+        # no token to feed before the first generated position: such a row (never deep, the policy's floor sees
+        # to it) takes a masked padding slot and its buffer.
         stale = [b for b in waiting if rows.lens[b] == 0]
         for b in waiting:
             if rows.lens[b] > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,28 +37,42 @@ class RowTemperature(LogitsProcessor):
 class TemperatureSchedule(RowState):
     """Per row: where the schedule last started, and the multiplier for the position being chosen.
 
+    The schedule starts at a rewind (where the rewind policy says: ``restarts``) or where the early trigger fires,
+    whichever is later; a rewind that removes the position where the trigger fired removes that start with it.
+
     With ``widen``, the same restarts also widen each row's top-k / top-p / min-p, back to the configured values
     on the schedule (:meth:`widen_truncation` hands the loop the per-row processor that replaces the warpers).
 
     Args:
         schedule: multiplier by steps since the start (Method 4: ``LinearDecay(2.0, n_remove)``).
         early_trigger: starts the schedule before EOS is sampled; copied, so concurrent calls do not share it.
+        device: where the multipliers are made.
+        restarts: returns, per row, the length at which a rewind last restarted the schedule (``None``: never):
+            the rewind policy's ``schedule_from``, which owns those restarts.
         widen: wider truncation after a restart.
     """
 
     def __init__(
-        self, schedule: Schedule, early_trigger: EarlyTrigger | None, device: torch.device, widen: Widen | None = None
+        self,
+        schedule: Schedule,
+        early_trigger: EarlyTrigger | None,
+        device: torch.device,
+        restarts: Callable[[], Sequence[int | None]],
+        widen: Widen | None = None,
     ) -> None:
+        # -- settings
         self.schedule = schedule
         self.table = factor_table(schedule)
         self.forever = schedule.length is None
-        self.early = copy.deepcopy(early_trigger) if early_trigger is not None else None
         self.device = device
-        self.processor = RowTemperature()
-        self.started_at: list[int | None] = []
-        self.observed: list[int] = []  # positions whose distribution the early trigger has seen
-        self.early_positions: list[list[int]] = []
+        self.restarts = restarts
+        # -- the early trigger, a unit of its own (it follows rewinds), and where it last fired per row
+        self.early = copy.deepcopy(early_trigger) if early_trigger is not None else None
+        self.fired_at: list[int | None] = []
+        self.early_positions: list[list[int]] = []  # per row, the generated index of every firing (the output)
         self.prompt_length = 0
+        # -- what the loop's processors apply: the multiplier, and with `widen` the per-row truncation
+        self.processor = RowTemperature()
         self.widen = widen
         self.truncation: RowTruncation | None = None
         self.truncation_plan: TruncationSchedule | None = None
@@ -73,22 +88,22 @@ class TemperatureSchedule(RowState):
         self.vocab_size = vocab_size
         return processors
 
+    # -- protocol ------------------------------------------------------------------------------------------
     def start(self, batch_size: int, prompt_length: int) -> None:
-        self.started_at = [None] * batch_size
-        self.observed = [prompt_length] * batch_size
+        self.fired_at = [None] * batch_size
         self.early_positions = [[] for _ in range(batch_size)]
         self.prompt_length = prompt_length
         if self.early is not None:
-            self.early.reset()
+            self.early.start(batch_size, prompt_length, self.device)
 
     def rewind(self, row: int, length: int) -> None:
-        if self.early is not None and self.observed[row] > length:
-            self.early.rewind(row, self.observed[row] - length)
-        self.observed[row] = min(self.observed[row], length)
+        if self.early is not None:
+            self.early.rewind(row, length)
+        fired = self.fired_at[row]
+        if fired is not None and fired >= length:  # the position it fired at is chosen again
+            self.fired_at[row] = None
 
-    def restart(self, row: int, position: int) -> None:
-        self.started_at[row] = position
-
+    # -- steps ---------------------------------------------------------------------------------------------
     def observe(self, logits: torch.Tensor, rows: list[int], lens: list[int], eos: list[int]) -> int:
         """Feed the early trigger this step's raw distributions; start the schedule of rows that fire.
         Returns how many fired."""
@@ -97,18 +112,24 @@ class TemperatureSchedule(RowState):
         fired = self.early.update_from_scores(logits, eos).tolist()
         count = 0
         for b in rows:
-            self.observed[b] = lens[b] + 1
             if fired[b]:
-                self.started_at[b] = lens[b]
+                self.fired_at[b] = lens[b]
                 self.early_positions[b].append(lens[b] - self.prompt_length)
                 count += 1
         return count
+
+    def started_at(self, row: int) -> int | None:
+        """Where the row's schedule last started (a length, prompt included), or ``None``."""
+        restarted, fired = self.restarts()[row], self.fired_at[row]
+        if restarted is None or fired is None:
+            return fired if restarted is None else restarted
+        return max(restarted, fired)
 
     def set_factors(self, rows: list[int], lens: list[int], batch: int) -> None:
         """Set the multiplier of every row for the position it chooses now (1.0 when none applies)."""
         steps, on = [0] * batch, [False] * batch
         for b in rows:
-            start = self.started_at[b]
+            start = self.started_at(b)
             if start is not None and self.schedule.is_active(lens[b] - start):
                 steps[b], on[b] = lens[b] - start, True
         if not any(on):

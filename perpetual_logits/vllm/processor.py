@@ -63,21 +63,22 @@ class _RowHistory:
     """One driver row's early trigger, kept across the row's engine requests (a rewind is a new request).
 
     ``observed`` is the row's next generated position the trigger has not seen. Moving to an earlier
-    position drops the later steps (``EarlyTrigger.rewind``, as the HF loop does on a rewind); a gap (the
+    position drops the later steps (``EarlyTrigger.rewind``, as on the HF backend); a gap (the
     history was evicted, or the row moved to another engine) starts afresh.
     """
 
     def __init__(self, settings: EarlySettings) -> None:
         self.key = (settings.window, settings.eos_threshold, settings.entropy_slope)
         self.trigger = settings.trigger()
+        self.trigger.start(1, 0)  # one row; its length counts generated tokens
         self.observed = 0
         self.fired_at: int | None = None  # the latest firing still in the row's text
 
     def seek(self, position: int) -> None:
         if position < self.observed:
-            self.trigger.rewind(0, self.observed - position)
+            self.trigger.rewind(0, position)
         elif position > self.observed:
-            self.trigger.reset()
+            self.trigger.start(1, position)
         self.observed = position
         if self.fired_at is not None and self.fired_at >= position:
             self.fired_at = None  # fired at a removed position: that start is gone with it
