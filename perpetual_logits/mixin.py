@@ -7,8 +7,10 @@ the mixin overrides ``_sample`` and ``generate`` and stays out of the way when n
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from typing import Any, cast
+from collections.abc import Iterator
+from typing import Any, ClassVar, cast
 
 import torch
 from transformers import GenerationMixin
@@ -32,12 +34,48 @@ _UNSUPPORTED_KWARGS = {
 }
 _SUPPORTED = "backstep= supports sampling (do_sample=True) and greedy decoding with num_beams=1"
 
-# Call-scoped state lives in context variables, never on the model: one model serves many threads (each thread
-# has its own context), and a call's settings must not leak into a concurrent call.
-_ACTIVE: contextvars.ContextVar[tuple[BackstepConfig, Any] | None] = contextvars.ContextVar(
-    "perpetual_backstep_active", default=None
-)
-_RUNNING: contextvars.ContextVar[BackstepLoop | None] = contextvars.ContextVar("perpetual_backstep_loop", default=None)
+
+class _CallScope:
+    """One backstep ``generate()`` call, as the methods transformers calls inside it see it: its settings, and the
+    loop once one runs. :meth:`PerpetualGenerationMixin.generate` enters it; ``_sample`` (and the cache and
+    beam-search hooks) read it with :meth:`current`.
+
+    Why not arguments: ``generate()`` validates its model kwargs (an unknown one is an error) and calls ``_sample``
+    itself, with arguments of its own choosing, so nothing of ours can ride along. Why not attributes of the
+    model: one model serves many threads at once, and a call's settings must not leak into a concurrent call.
+    A context variable is private to the thread (and to the asyncio task) that entered it.
+
+    Args:
+        config: the call's backstep settings.
+        tokenizer: reads text for phrase and line checks (``None`` when the settings read none).
+    """
+
+    _active: ClassVar[contextvars.ContextVar[_CallScope | None]] = contextvars.ContextVar(
+        "perpetual_backstep_call", default=None
+    )
+
+    def __init__(self, config: BackstepConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.loop: BackstepLoop | None = None  # set while the loop runs (its events feed event_counts)
+
+    @classmethod
+    def current(cls) -> _CallScope | None:
+        """The backstep call this thread is inside, or ``None`` (no call, or a plain one)."""
+        return cls._active.get()
+
+    @classmethod
+    @contextlib.contextmanager
+    def entered(cls, scope: _CallScope | None) -> Iterator[None]:
+        """Make ``scope`` current for the block; ``None`` marks a plain call (also one nested in a backstep one)."""
+        token = cls._active.set(scope)
+        try:
+            yield
+        finally:
+            cls._active.reset(token)
+
+
+# This thread's latest backstep result: it outlives the call, so it is kept apart from the call's scope.
 _LAST: contextvars.ContextVar[tuple[list[list[BackstepEvent]], BackstepStats] | None] = contextvars.ContextVar(
     "perpetual_backstep_last", default=None
 )
@@ -75,7 +113,8 @@ class PerpetualGenerationMixin(GenerationMixin):
     def event_counts(self, batch_size: int) -> list[int]:
         """Rewinds per row of this thread's backstep run in progress (the ``EventSource`` protocol of
         :class:`~perpetual_logits.EvictionBudgetCriteria`); zeros outside a run."""
-        loop = _RUNNING.get()
+        scope = _CallScope.current()
+        loop = scope.loop if scope is not None else None
         return [len(e) for e in loop.events] if loop is not None else [0] * batch_size
 
     @torch.no_grad()
@@ -103,11 +142,8 @@ class PerpetualGenerationMixin(GenerationMixin):
             reset = getattr(proc, "reset", None)
             if callable(reset):
                 reset()
-        token = _ACTIVE.set((config, kwargs.get("tokenizer")) if config is not None else None)
-        try:
+        with _CallScope.entered(_CallScope(config, kwargs.get("tokenizer")) if config is not None else None):
             return super().generate(*args, **kwargs)
-        finally:
-            _ACTIVE.reset(token)
 
     def _sample(
         self,
@@ -121,8 +157,8 @@ class PerpetualGenerationMixin(GenerationMixin):
     ) -> Any:
         # A Method 2 processor with `widen=` truncates itself: generate()'s own top-k/top-p must then be off.
         check_no_double_truncation(logits_processor, generation_config)
-        active = _ACTIVE.get()
-        if active is None:
+        scope = _CallScope.current()
+        if scope is None:
             return super()._sample(  # type: ignore[misc]
                 input_ids,
                 logits_processor,
@@ -134,7 +170,6 @@ class PerpetualGenerationMixin(GenerationMixin):
             )
         if synced_gpus:
             raise ValueError(f"{_SUPPORTED}; synced_gpus is not supported")
-        config, tokenizer = active
         model_kwargs.pop("tokenizer", None)
         model_kwargs.pop("assistant_tokenizer", None)
         loop = BackstepLoop(
@@ -145,14 +180,14 @@ class PerpetualGenerationMixin(GenerationMixin):
             generation_config,
             streamer,
             model_kwargs,
-            config,
-            tokenizer,
+            scope.config,
+            scope.tokenizer,
         )
-        token = _RUNNING.set(loop)
+        scope.loop = loop
         try:
             output = loop.run()
         finally:
-            _RUNNING.reset(token)
+            scope.loop = None
         # The loop reports back through what it holds when it returns; the model keeps this thread's latest run.
         _LAST.set((loop.events, loop.stats))
         return output
@@ -167,19 +202,19 @@ class PerpetualGenerationMixin(GenerationMixin):
     ) -> Any:
         # A fixed-size cache gets max_length slots instead of max_length - 1: a row that reached max_length while a
         # shorter, rewound row still writes keeps its slots, and the other row's new slot needs one more column.
-        if _ACTIVE.get() is not None:
+        if _CallScope.current() is not None:
             max_cache_length += 1
         return super()._prepare_cache_for_generation(  # type: ignore[misc]
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
 
     def _beam_search(self, *args: Any, **kwargs: Any) -> Any:
-        if _ACTIVE.get() is not None:
+        if _CallScope.current() is not None:
             raise ValueError(f"{_SUPPORTED}; got beam search (num_beams > 1)")
         return super()._beam_search(*args, **kwargs)  # type: ignore[misc]
 
     def _assisted_decoding(self, *args: Any, **kwargs: Any) -> Any:
-        if _ACTIVE.get() is not None:
+        if _CallScope.current() is not None:
             raise ValueError(f"{_SUPPORTED}; got assisted decoding")
         return super()._assisted_decoding(*args, **kwargs)  # type: ignore[misc]
 
