@@ -18,6 +18,7 @@ from transformers import GenerationMixin
 from .backstep import BackstepConfig, BackstepLoop
 from .backstep.events import BackstepEvent, BackstepStats
 from .processor_list import check_no_double_truncation
+from .protocol import PerCallState
 
 __all__ = ["PerpetualGenerationMixin", "make_perpetual"]
 
@@ -136,12 +137,11 @@ class PerpetualGenerationMixin(GenerationMixin):
             if kwargs.get("tokenizer") is None and self.backstep_tokenizer is not None and config.reads_text:
                 kwargs["tokenizer"] = self.backstep_tokenizer
         # Processors are reused across calls: a new call starts their records afresh. The one place they are reset,
-        # for every method (the backstep loop does not reset them again).
+        # for every method (the backstep loop also starts those that follow rows, RowState, at their prompt).
         processors = kwargs.get("logits_processor", args[2] if len(args) > 2 else None)
         for proc in processors or ():
-            reset = getattr(proc, "reset", None)
-            if callable(reset):
-                reset()
+            if isinstance(proc, PerCallState):
+                proc.reset()
         with _CallScope.entered(_CallScope(config, kwargs.get("tokenizer")) if config is not None else None):
             return super().generate(*args, **kwargs)
 

@@ -21,6 +21,7 @@ length, on exactly those rows' tokens -- what it would see if that row ran alone
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -99,6 +100,12 @@ class RowLengths(LogitsProcessor):
     def __init__(self, inner: LogitsProcessor, lengths: Callable[[], list[int]]) -> None:
         self.inner = inner
         self.lengths = lengths
+        # transformers' repetition penalty skips each row's prompt padding, counted per batch row: a group of rows
+        # runs on a copy of the processor holding those rows' counts (the caller's processor is never changed).
+        ignore = inner.prompt_ignore_length if isinstance(inner, lp.RepetitionPenaltyLogitsProcessor) else None
+        self.row_ignore: torch.Tensor | None = (
+            ignore if isinstance(ignore, torch.Tensor) and ignore.dim() == 1 else None
+        )
 
     def __repr__(self) -> str:
         return f"RowLengths({self.inner!r})"
@@ -108,19 +115,15 @@ class RowLengths(LogitsProcessor):
         if len(set(lens)) == 1:
             return self.inner(input_ids, scores)
         out = scores.clone()
-        # transformers' repetition penalty skips each row's prompt padding, counted per batch row.
-        ignore = getattr(self.inner, "prompt_ignore_length", None)
-        per_row_ignore = isinstance(ignore, torch.Tensor) and ignore.dim() == 1 and ignore.shape[0] == len(lens)
-        try:
-            for length in sorted(set(lens)):
-                rows = torch.tensor([b for b, n in enumerate(lens) if n == length], device=scores.device)
-                ids = input_ids[rows, input_ids.shape[-1] - length :]
-                if per_row_ignore:
-                    self.inner.prompt_ignore_length = ignore.to(rows.device)[rows]  # type: ignore[attr-defined,union-attr]
-                out[rows] = self.inner(ids, scores[rows])
-        finally:
-            if per_row_ignore:
-                self.inner.prompt_ignore_length = ignore  # type: ignore[attr-defined]
+        per_row = self.row_ignore is not None and self.row_ignore.shape[0] == len(lens)
+        for length in sorted(set(lens)):
+            rows = torch.tensor([b for b, n in enumerate(lens) if n == length], device=scores.device)
+            ids = input_ids[rows, input_ids.shape[-1] - length :]
+            inner = self.inner
+            if per_row:
+                inner = copy.copy(inner)
+                inner.prompt_ignore_length = self.row_ignore.to(rows.device)[rows]  # type: ignore[attr-defined,union-attr]
+            out[rows] = inner(ids, scores[rows])
         return out  # type: ignore[return-value]
 
 

@@ -35,7 +35,7 @@ from transformers import LogitsProcessor
 
 from . import _validation
 from .distributions import eos_on_top, eos_probability, may_hold_lone_eos, restore_lone_eos
-from .protocol import RowState
+from .protocol import PerCallState, RowState
 from .schedules import FactorTable, LinearDecay, Schedule, factor_table, multipliers
 from .triggers import EarlyTrigger
 from .truncation import Truncation, TruncationSchedule, Widen, truncate_rows
@@ -66,7 +66,7 @@ _PENDING_ELEMENTS = 1 << 23
 _PENDING_STEPS = 64
 
 
-class EOSLogitsProcessor(LogitsProcessor, RowState):
+class EOSLogitsProcessor(LogitsProcessor, RowState, PerCallState):
     """Base class: validates EOS ids and shapes, keeps a per-row position clock and per-step records.
 
     Subclasses implement :meth:`process`. The clock says which sequence position (prompt included) each

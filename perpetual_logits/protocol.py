@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Rewind", "RewindRule", "RowState", "RowView"]
+__all__ = ["PerCallState", "Rewind", "RewindRule", "RowState", "RowView"]
 
 
 class RowState(ABC):
@@ -33,6 +33,19 @@ class RowState(ABC):
 
     def finish(self, row: int) -> None:  # noqa: B027 - most units have nothing to do here
         """Row ``row`` is done: no further token is chosen for it."""
+
+
+class PerCallState(ABC):
+    """A logits processor whose records belong to one ``generate()`` call.
+
+    A processor is often built once and passed to many calls; a :func:`~perpetual_logits.make_perpetual` model
+    calls :meth:`reset` on every processor of this kind at the start of each call (backstep or not), so that no
+    call starts with the previous call's records.
+    """
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget everything: the next call starts a new generation."""
 
 
 @dataclass(frozen=True)

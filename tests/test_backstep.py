@@ -13,6 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 import perpetual_logits as pl
 from perpetual_logits import BackstepConfig, LinearDecay, make_perpetual
 from perpetual_logits.backstep import check_cache
+from perpetual_logits.protocol import PerCallState
 
 
 class CountForwards:
@@ -121,7 +122,7 @@ def test_backstep_without_eos_events_matches_plain_generate() -> None:
     assert torch.equal(plain, backstep)
 
 
-class CountResets(LogitsProcessor):
+class CountResets(LogitsProcessor, PerCallState):
     """Changes nothing; counts how often it is reset."""
 
     def __init__(self) -> None:
