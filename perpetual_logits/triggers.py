@@ -56,6 +56,12 @@ class EarlyTrigger(RowState):
         entropy_slope (`float`, *optional*): entropy fall, in bits per step (> 0), that fires; ``None``
             (default) disables this test.
 
+    Attributes:
+        mean_eos_prob (`torch.Tensor` of shape `(batch,)`): the mean EOS probability at the latest update (over
+            the steps available); ``None`` before the first update of a generation.
+        slope (`torch.Tensor` of shape `(batch,)`): the entropy slope at the latest update, bits/step (0 until the
+            window is full); ``None`` before the first update of a generation.
+
     Example:
 
     ```python
@@ -108,11 +114,9 @@ class EarlyTrigger(RowState):
         self._prompt_length: int | None = None
         self._updates = 0
         self._behind: list[int] = []
-        # -- the latest update's measures
+        # -- the latest update's measures (see Attributes)
         self.mean_eos_prob: torch.Tensor | None = None
-        """(batch,) the mean EOS probability at the latest update (over the steps available)."""
         self.slope: torch.Tensor | None = None
-        """(batch,) the entropy slope at the latest update, bits/step (0 until the window is full)."""
 
     def __repr__(self) -> str:
         return (

@@ -134,8 +134,9 @@ class CacheLayout(RowState):
             self.valid_prompt = [self.width] * batch_size
 
     def rewind(self, row: int, length: int) -> None:
-        """Keep the slots of the row's first ``length`` tokens (the next token is chosen from stored logits, or,
-        if a forward runs anyway, the last kept token is fed again: see ``BackstepLoop._forward``)."""
+        """Keep the slots of the row's first ``length`` tokens. The next token is chosen from stored logits; when
+        the buffer lacks them (a deep rewind), or a forward runs anyway, the loop feeds the last kept token again
+        (``BackstepLoop._forward``, with :meth:`drop_last`)."""
         self.target[row] = min(self.target[row], self.prefix + length - self.dropped[row])
 
     # -- queries -------------------------------------------------------------------------------------------

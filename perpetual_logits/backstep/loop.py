@@ -1,11 +1,18 @@
 """The backstep decoding loop: transformers' ``_sample`` recipe with a rewind step.
 
-Each step: current logits (fresh from the forward, or stored for rows that just rewound) → early triggers and
-per-row temperature → bans → processors → select → per row: append, ask the rewind policy (keep, finish or
-rewind) → stopping criteria → stream what became final → forward. Why and where a row rewinds is the policy's
-call (:class:`~perpetual_logits.backstep.policy.RewindPolicy`, shared with the vLLM driver); a rewind is one
-call here: :meth:`BackstepLoop.rewind` tells every unit (:class:`~perpetual_logits.protocol.RowState`) where the
-row now ends.
+Building a :class:`BackstepLoop` checks the call, builds the units and runs the prompt forward
+(:func:`~perpetual_logits.backstep.prefill.prefill`): the first logits, the cache layout, the decode step and the
+context shift exist before the first step, so every unit is whole. :meth:`BackstepLoop.run` starts the units
+(:class:`~perpetual_logits.RowState`) and then, each step: current logits (fresh from the forward, or stored for
+rows that just rewound) → early triggers and per-row temperature → bans → processors → select → per row: append,
+ask the rewind policy (keep, finish or rewind) → stopping criteria → stream what became final → forward. It
+returns the output, whose events and stats are the run's outcome (the mixin keeps them as
+``model.last_backstep``); the loop keeps nothing on the model.
+
+Why and where a row rewinds is the policy's call (:class:`~perpetual_logits.backstep.policy.RewindPolicy`, shared
+with the vLLM driver); a rewind is one call here, :meth:`BackstepLoop.rewind`: measure (is the position still in
+the logits buffer? the EOS probability), tell every unit where the row now ends (the policy takes the plan
+itself), count.
 
 Forward passes, exactly: at batch size 1, decode forwards = final new tokens + removed tokens + deep rewinds - 1.
 Every kept or removed token is fed once, except the run's last token (stock ``generate()`` never feeds it
