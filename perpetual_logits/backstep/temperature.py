@@ -120,16 +120,14 @@ class TemperatureSchedule(RowState):
 
     def started_at(self, row: int) -> int | None:
         """Where the row's schedule last started (a length, prompt included), or ``None``."""
-        restarted, fired = self.restarts()[row], self.fired_at[row]
-        if restarted is None or fired is None:
-            return fired if restarted is None else restarted
-        return max(restarted, fired)
+        return _later(self.restarts()[row], self.fired_at[row])
 
     def set_factors(self, rows: list[int], lens: list[int], batch: int) -> None:
         """Set the multiplier of every row for the position it chooses now (1.0 when none applies)."""
         steps, on = [0] * batch, [False] * batch
+        restarts = self.restarts()
         for b in rows:
-            start = self.started_at(b)
+            start = _later(restarts[b], self.fired_at[b])
             if start is not None and self.schedule.is_active(lens[b] - start):
                 steps[b], on[b] = lens[b] - start, True
         if not any(on):
@@ -141,3 +139,10 @@ class TemperatureSchedule(RowState):
         self.processor.factors = multipliers(self.table, steps_t, on_t, forever=self.forever)
         if self.truncation is not None and self.truncation_plan is not None:
             self.truncation.set_rows(*self.truncation_plan.row_values(steps_t, on_t, self.vocab_size))
+
+
+def _later(restarted: int | None, fired: int | None) -> int | None:
+    """The later of two starts (a rewind's restart, an early firing); ``None`` when neither happened."""
+    if restarted is None or fired is None:
+        return fired if restarted is None else restarted
+    return max(restarted, fired)
