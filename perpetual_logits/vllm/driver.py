@@ -133,7 +133,7 @@ class PerpetualRequestOutput:
 
 
 @dataclass
-class _Row:
+class Row:
     """One prompt's progress across its engine requests (why and where it rewinds is the policy's call)."""
 
     index: int
@@ -162,18 +162,21 @@ class _Row:
         return len(self.ids) - len(self.prompt)
 
 
-class _Driver:
+class Driver:
     """Runs the prompts through ``llm``'s engine, resubmitting rewound requests from inside the step loop.
 
     The rewind policy (:class:`~perpetual_logits.backstep.policy.RewindPolicy`, the HF loop's too) sees every
     token the engine returns and answers keep, finish or rewind; the driver only moves requests in and out of
     the engine and tells the processor the policy's bans and schedule.
+
+    :meth:`run` drives the engine's own step loop. A caller with a loop of its own (the server's asynchronous
+    engine) drives a row with :meth:`submit` once and :meth:`on_output` for each of its request's outputs.
     """
 
     def __init__(
         self,
         llm: Any,
-        rows: list[_Row],
+        rows: list[Row],
         config: BackstepConfig | None,
         tokenizer: Any,
         on_final: OnFinal | None,
@@ -187,7 +190,7 @@ class _Driver:
         self.on_final = on_final
         self.delta = RequestOutputKind.DELTA
         self.eos = set(eos_token_ids(llm))
-        self.by_id: dict[str, _Row] = {}
+        self.by_id: dict[str, Row] = {}
         self.policy: RewindPolicy | None = None
         self.key = uuid.uuid4().hex  # early triggers keep each row's history in the processor under this key
         if config is not None:
@@ -200,7 +203,9 @@ class _Driver:
             self.policy.set_limits([len(row.prompt) + int(row.params.max_tokens) for row in rows])
 
     # -- submission -------------------------------------------------------------------------------------
-    def _submit(self, row: _Row) -> None:
+    def submit(self, row: Row) -> None:
+        """Send ``row`` to the engine as a new request: its prompt and kept tokens, with our processor's settings
+        from its current length on."""
         params = row.params.clone()
         params.output_kind = self.delta
         params.max_tokens = row.params.max_tokens - row.generated
@@ -227,7 +232,7 @@ class _Driver:
             row.stats.resubmitted_prompt_tokens += len(row.ids)
         row.stats.submissions += 1
 
-    def _settings(self, row: _Row) -> dict[str, Any]:
+    def _settings(self, row: Row) -> dict[str, Any]:
         """Our processor's settings for the engine request that starts at the row's current length: the
         policy's bans from there on, EOS masked once its budget is spent, the schedule since its restart."""
         assert self.config is not None and self.policy is not None
@@ -262,17 +267,19 @@ class _Driver:
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> None:
         for each in self.rows:
-            self._submit(each)
+            self.submit(each)
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
                 row = self.by_id.get(output.request_id)
                 if row is None or output.request_id != row.request_id:
                     continue  # an engine request abandoned after a rewind (aborted; a last output may follow)
-                self._on_output(row, output)
+                self.on_output(row, output)
                 if output.finished or row.request_id != output.request_id:
                     del self.by_id[output.request_id]
 
-    def _on_output(self, row: _Row, output: Any) -> None:
+    def on_output(self, row: Row, output: Any) -> None:
+        """Show the policy the tokens of one engine output of ``row``'s current request; on a rewind the request is
+        aborted and the row submitted again (its ``request_id`` changes), on its end the row is finished."""
         completion = output.outputs[0]
         if row.stats.submissions > 1 and row.generated == row.start and output.num_cached_tokens is not None:
             # The first output of a resubmission tells how much of its prompt came from the prefix cache.
@@ -295,7 +302,7 @@ class _Driver:
                         # The length mode's minimum was reached: the landing starts here. The engine request
                         # carries its processor settings, so it is submitted again from this token.
                         self.engine.abort_request([row.request_id])
-                        self._submit(row)
+                        self.submit(row)
                         return
                     continue
                 if not (finished and i == len(new) - 1):
@@ -309,7 +316,7 @@ class _Driver:
                     eos_prob = _sampled_probability(completion, i, token) if decision.reason == "eos" else math.nan
                     policy.apply(decision, sampled_before + i, eos_prob)
                     del row.ids[decision.position :]
-                    self._submit(row)
+                    self.submit(row)
                 return
         if finished:
             row.stop_reason = getattr(completion, "stop_reason", None)
@@ -317,7 +324,7 @@ class _Driver:
         else:
             self._commit(row)
 
-    def _cut_at_limit(self, row: _Row, view: RowView) -> None:
+    def _cut_at_limit(self, row: Row, view: RowView) -> None:
         """A request at ``max_tokens`` ends where the policy says: no unfinished held-back phrase and, with the
         landing, at its last complete sentence (as on the HF backend)."""
         assert self.policy is not None
@@ -327,7 +334,7 @@ class _Driver:
             del row.ids[cut:]
             row.ids.extend(extra)
 
-    def _finish(self, row: _Row, reason: str | None) -> None:
+    def _finish(self, row: Row, reason: str | None) -> None:
         row.done = True
         row.finish_reason = reason
         row.request_id = None
@@ -335,7 +342,7 @@ class _Driver:
             self.policy.finish(row.index)
         self._commit(row, final=True)
 
-    def _commit(self, row: _Row, final: bool = False) -> None:
+    def _commit(self, row: Row, final: bool = False) -> None:
         """Make tokens final as the policy says (everything at the end); stream them."""
         if self.policy is None:
             begin, end = row.committed, row.generated
@@ -346,10 +353,10 @@ class _Driver:
                 self.on_final(row.index, row.kept[begin:end])
             row.committed = end
 
-    def events(self, row: _Row) -> list[BackstepEvent]:
+    def events(self, row: Row) -> list[BackstepEvent]:
         return self.policy.events[row.index] if self.policy is not None else []
 
-    def text(self, row: _Row) -> str:
+    def text(self, row: Row) -> str:
         """The kept tokens decoded, without the stop string the request stopped at (as vLLM's own text)."""
         text = self.tokenizer.decode(row.kept, skip_special_tokens=row.params.skip_special_tokens)
         stop = row.stop_reason
@@ -415,7 +422,7 @@ def _tokenize(tokenizer: Any, prompt: object, index: int) -> list[int]:
     raise ValueError(f"`prompts[{index}]` must be a string or a non-empty list of token ids, got {prompt!r}")
 
 
-def _check_model_length(llm: Any, rows: list[_Row]) -> None:
+def _check_model_length(llm: Any, rows: list[Row]) -> None:
     """Refuse a request that cannot fit the engine's context: the driver has no context shift (a rewind resubmits
     prompt + kept tokens as one prompt, which vLLM refuses past ``max_model_len``, and vLLM itself would end the
     request there with finish reason "length", short of ``max_tokens``)."""
@@ -497,7 +504,7 @@ def generate(
         if widen is not None and backstep is not None and backstep.schedule is not None:
             check_truncation_off(_with_truncation_off(p))
             WidenSettings.of(widen, backstep.schedule, _configured(p))
-    rows = [_Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
+    rows = [Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
     if backstep is not None:
         _check_model_length(llm, rows)
     if (
@@ -506,7 +513,7 @@ def generate(
         and any(getattr(backstep, name, None) is not None for name in ("end_phrases", "ban_phrases"))
     ):
         raise ValueError("`end_phrases` / `ban_phrases` need the engine's tokenizer")
-    driver = _Driver(llm, rows, backstep, tokenizer, on_final)
+    driver = Driver(llm, rows, backstep, tokenizer, on_final)
     try:
         driver.run()
     except BaseException:

@@ -192,12 +192,12 @@ class VLLMBackend:
             if delta and job.stream and not job.cancelled.is_set():
                 job.emit("delta", delta)
 
-        row = offline._Row(0, list(job.prompt_ids), params)
+        row = offline.Row(0, list(job.prompt_ids), params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # settings vLLM cannot honour were refused at validation already
-            driver = offline._Driver(_EngineView(calls, self.tokenizer), [row], job.backstep, self.tokenizer, on_final)
+            driver = offline.Driver(_EngineView(calls, self.tokenizer), [row], job.backstep, self.tokenizer, on_final)
         self.rows += 1
-        driver._submit(row)
+        driver.submit(row)
         try:
             while not row.done:
                 request_id = row.request_id
@@ -210,7 +210,7 @@ class VLLMBackend:
                         if job.cancelled.is_set():
                             self.aborted += 1
                             return None
-                        driver._on_output(row, output)
+                        driver.on_output(row, output)
                         if row.done or row.request_id != request_id:
                             break
                 for stale in calls.aborted:
