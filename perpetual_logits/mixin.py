@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar, cast
 
@@ -140,8 +141,7 @@ class PerpetualGenerationMixin(GenerationMixin):
         # for every method (the backstep loop also starts those that follow rows, RowState, at their prompt).
         processors = kwargs.get("logits_processor", args[2] if len(args) > 2 else None)
         for proc in processors or ():
-            if isinstance(proc, PerCallState):
-                proc.reset()
+            _reset_for_call(proc)
         with _CallScope.entered(_CallScope(config, kwargs.get("tokenizer")) if config is not None else None):
             return super().generate(*args, **kwargs)
 
@@ -228,6 +228,26 @@ class PerpetualGenerationMixin(GenerationMixin):
         func, args, *rest = reduced
         args = tuple(base if a is type(self) else a for a in args)
         return (_restore_perpetual, (func, args), *rest)
+
+
+def _reset_for_call(processor: object) -> None:
+    """Start a reused processor's per-call records afresh: those that keep them derive from
+    :class:`~perpetual_logits.protocol.PerCallState`."""
+    if isinstance(processor, PerCallState):
+        processor.reset()
+        return
+    # For one release: a processor with a reset() of its own, not declared a PerCallState, is still reset (it was,
+    # by name, before PerCallState existed), with a warning. Remove this probe after that release.
+    reset = getattr(processor, "reset", None)
+    if callable(reset):
+        warnings.warn(
+            f"{type(processor).__name__}.reset() is called at the start of each generate() call only for "
+            "processors that derive from perpetual_logits.protocol.PerCallState; derive from it (calling reset() "
+            "by name alone ends after this release)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        reset()
 
 
 def _restore_perpetual(func: Any, args: tuple[Any, ...]) -> Any:

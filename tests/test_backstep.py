@@ -144,6 +144,23 @@ def test_a_reused_processor_is_reset_once_per_call(backstep) -> None:
         assert counter.resets == call
 
 
+def test_a_processor_with_its_own_reset_is_still_reset_for_one_release_with_a_warning() -> None:
+    class OwnReset(LogitsProcessor):
+        def __init__(self) -> None:
+            self.resets = 0
+
+        def reset(self) -> None:
+            self.resets += 1
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            return scores
+
+    model, proc = make_perpetual(tiny_model("llama")), OwnReset()
+    with pytest.warns(DeprecationWarning, match="PerCallState"):
+        model.generate(torch.tensor([[1, 5]]), max_new_tokens=2, logits_processor=[proc], backstep=False)
+    assert proc.resets == 1
+
+
 def test_make_perpetual_keeps_class_identity_and_is_idempotent(tmp_path) -> None:
     model = tiny_model("llama")
     cls = type(model)
