@@ -7,8 +7,11 @@ Methods 1 and 2 are ``LogitsProcessor``s; Methods 3 and 4 (backstep generation w
 :mod:`perpetual_logits.criteria`; :mod:`perpetual_logits.app` is the command line and its runs.
 """
 
+from typing import TYPE_CHECKING
+
 from ._compat import check_transformers_version
 from ._moved import install as _install_moved_modules
+from ._moved import old_names as _old_names
 
 check_transformers_version()
 _install_moved_modules()
@@ -17,11 +20,11 @@ from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_
 from .analysis.plotting import plot_blockwise, plot_eos_window  # noqa: E402
 from .backstep import (  # noqa: E402
     BackstepConfig,
-    BackstepEvent,
     BackstepOutput,
     BackstepStats,
     Landing,
-    LoopRewinds,
+    LoopDetection,
+    RewindEvent,
 )
 from .backstep.window import ContextShift  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
@@ -33,7 +36,7 @@ from .processors import (  # noqa: E402
     PostEOSResamplingLogitsProcessor,
     SuppressEOSLogitsProcessor,
 )
-from .protocol import Rewind, RewindRule, RowState, RowView  # noqa: E402
+from .protocol import RewindRule, RewindTo, RowState, RowView  # noqa: E402
 from .schedules import (  # noqa: E402
     Constant,
     CosineDecay,
@@ -50,17 +53,27 @@ from .truncation import (  # noqa: E402
     RowTruncation,
     Truncation,
     TruncationSchedule,
-    Widen,
+    Widening,
 )
 
 __version__ = "0.1.0"
+
+if not TYPE_CHECKING:  # renamed public names, for one release
+    __getattr__ = _old_names(
+        __name__,
+        {
+            "BackstepEvent": (__name__, "RewindEvent"),
+            "LoopRewinds": (__name__, "LoopDetection"),
+            "Rewind": (__name__, "RewindTo"),
+            "Widen": (__name__, "Widening"),
+        },
+    )
 
 __all__ = [
     "CHAT_CLOSING_PHRASES",
     "CHAT_END_TOKENS",
     "ENDING_PHRASES",
     "BackstepConfig",
-    "BackstepEvent",
     "BackstepOutput",
     "BackstepStats",
     "Constant",
@@ -74,16 +87,17 @@ __all__ = [
     "ExponentialDecay",
     "Landing",
     "LinearDecay",
+    "LoopDetection",
     "LoopMatch",
-    "LoopRewinds",
     "PerpetualGenerationMixin",
     "PhraseMatch",
     "PhraseMatcher",
     "PhraseScan",
     "PostEOSResamplingLogitsProcessor",
     "RepetitionLoopCriteria",
-    "Rewind",
+    "RewindEvent",
     "RewindRule",
+    "RewindTo",
     "RowState",
     "RowTruncation",
     "RowView",
@@ -94,7 +108,7 @@ __all__ = [
     "SuppressEOSLogitsProcessor",
     "Truncation",
     "TruncationSchedule",
-    "Widen",
+    "Widening",
     "__version__",
     "blockwise",
     "default_end_phrases",

@@ -14,7 +14,7 @@ import torch
 from transformers import GenerationMixin
 
 from .backstep import BackstepConfig, BackstepLoop
-from .backstep.events import BackstepEvent, BackstepStats
+from .backstep.events import BackstepStats, RewindEvent
 from .processor_list import check_no_double_truncation
 
 __all__ = ["PerpetualGenerationMixin", "make_perpetual"]
@@ -38,7 +38,7 @@ _ACTIVE: contextvars.ContextVar[tuple[BackstepConfig, Any] | None] = contextvars
     "perpetual_backstep_active", default=None
 )
 _RUNNING: contextvars.ContextVar[BackstepLoop | None] = contextvars.ContextVar("perpetual_backstep_loop", default=None)
-_LAST: contextvars.ContextVar[tuple[list[list[BackstepEvent]], BackstepStats] | None] = contextvars.ContextVar(
+_LAST: contextvars.ContextVar[tuple[list[list[RewindEvent]], BackstepStats] | None] = contextvars.ContextVar(
     "perpetual_backstep_last", default=None
 )
 
@@ -64,12 +64,12 @@ class PerpetualGenerationMixin(GenerationMixin):
     backstep_tokenizer: Any = None
 
     @property
-    def last_backstep(self) -> tuple[list[list[BackstepEvent]], BackstepStats] | None:
+    def last_backstep(self) -> tuple[list[list[RewindEvent]], BackstepStats] | None:
         """``(events, stats)`` of this thread's latest backstep ``generate()`` call, or ``None``."""
         return _LAST.get()
 
     @last_backstep.setter
-    def last_backstep(self, value: tuple[list[list[BackstepEvent]], BackstepStats] | None) -> None:
+    def last_backstep(self, value: tuple[list[list[RewindEvent]], BackstepStats] | None) -> None:
         _LAST.set(value)
 
     def event_counts(self, batch_size: int) -> list[int]:

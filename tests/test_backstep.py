@@ -373,7 +373,7 @@ def test_method2_processor_state_follows_the_rewind() -> None:
 def test_method4_schedule_heats_exactly_after_each_rewind() -> None:
     model = make_perpetual(tiny_model("llama"))
     torch.manual_seed(0)
-    cfg = BackstepConfig.dynamic(n_remove=3, peak=2.0)
+    cfg = BackstepConfig.method4(n_remove=3, peak=2.0)
     out = model.generate(
         torch.tensor([[1, 5, 6, 7]]),
         do_sample=True,
@@ -514,7 +514,7 @@ def test_tinystories_backstep_is_exact_and_keeps_writing(tinystories) -> None:
     model, tokenizer = tinystories
     make_perpetual(model)
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
-    for cfg in (BackstepConfig(n_remove=10), BackstepConfig.dynamic(n_remove=10)):
+    for cfg in (BackstepConfig(n_remove=10), BackstepConfig.method4(n_remove=10)):
         for attn in ("eager", "sdpa"):
             model.set_attn_implementation(attn)
             torch.manual_seed(0)

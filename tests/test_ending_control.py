@@ -131,7 +131,7 @@ def test_phrase_rewinds_stay_exact_and_cost_no_extra_forward(scripted_model, sto
         output_logits=True,
     )
     stats = out.backstep_stats
-    assert stats.backsteps >= 1
+    assert stats.rewinds >= 1
     phrase_rewinds = sum(e.reason == "phrase" for e in out.backstep_events[0])
     # The token that completes a phrase is refused before it is ever fed, and not counted as removed.
     assert phrase_rewinds and stats.decode_forwards == 20 + stats.removed_tokens + stats.deep_rewinds - 1
@@ -288,7 +288,7 @@ def test_tinystories_methods_3_and_4_with_default_phrases_write_no_end_marker(ti
     make_perpetual(model)
     phrases = pl.default_end_phrases(tokenizer, model.generation_config.eos_token_id)
     enc = tokenizer(["Once upon a time"] * 20, return_tensors="pt")
-    for cfg in (BackstepConfig(n_remove=10, ban_phrases="default"), BackstepConfig.dynamic(10, ban_phrases="default")):
+    for cfg in (BackstepConfig(n_remove=10, ban_phrases="default"), BackstepConfig.method4(10, ban_phrases="default")):
         torch.manual_seed(0)
         out = model.generate(
             **enc, do_sample=True, max_new_tokens=400, backstep=cfg, tokenizer=tokenizer, return_dict_in_generate=True

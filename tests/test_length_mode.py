@@ -181,7 +181,7 @@ def test_tinystories_rows_at_the_limit_end_at_a_sentence_with_no_partial_marker(
     make_perpetual(model)
     enc = tokenizer(["Once upon a time"] * 12, return_tensors="pt")
     torch.manual_seed(0)
-    config = BackstepConfig.dynamic(10, end_phrases="default", landing=True)
+    config = BackstepConfig.method4(10, end_phrases="default", landing=True)
     out = model.generate(
         **enc, do_sample=True, max_new_tokens=200, backstep=config, tokenizer=tokenizer, return_dict_in_generate=True
     )

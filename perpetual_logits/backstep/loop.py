@@ -32,7 +32,7 @@ from ..protocol import RowState
 from .buffer import LogitsRing
 from .cache import CacheLayout, check_cache, check_static_size, sliding_window
 from .config import BackstepConfig
-from .events import BackstepEvent, BackstepOutput, BackstepStats
+from .events import BackstepOutput, BackstepStats, RewindEvent
 from .landing import LandingBias
 from .policy import RewindPlan, RewindPolicy
 from .records import StepRecords
@@ -134,7 +134,7 @@ class BackstepLoop:
         self.stats = BackstepStats()
 
     @property
-    def events(self) -> list[list[BackstepEvent]]:
+    def events(self) -> list[list[RewindEvent]]:
         """Each row's rewinds so far (kept by the policy)."""
         return self.policy.events
 
@@ -262,7 +262,7 @@ class BackstepLoop:
             self.temperature.restart(row, position)
         self.stats.removed_tokens += plan.removed
         self.stats.deep_rewinds += int(deep)
-        self.stats.backsteps += 1
+        self.stats.rewinds += 1
 
     def _cut_at_limit(self, row: int, step: int) -> None:
         """A row at ``max_new_tokens`` ends where the policy says (no unfinished phrase; with the landing, its last

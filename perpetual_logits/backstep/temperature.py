@@ -13,7 +13,7 @@ from ..processor_list import take_over_truncation
 from ..protocol import RowState
 from ..schedules import Schedule, factor_table, multipliers
 from ..triggers import EarlyTrigger
-from ..truncation import RowTruncation, TruncationSchedule, Widen
+from ..truncation import RowTruncation, TruncationSchedule, Widening
 
 if not TYPE_CHECKING:  # names that moved to the processor-list module, for one release
     __getattr__ = moved_names(__name__, "perpetual_logits.processor_list", {"WARPERS", "insert_before_warpers"})
@@ -46,7 +46,11 @@ class TemperatureSchedule(RowState):
     """
 
     def __init__(
-        self, schedule: Schedule, early_trigger: EarlyTrigger | None, device: torch.device, widen: Widen | None = None
+        self,
+        schedule: Schedule,
+        early_trigger: EarlyTrigger | None,
+        device: torch.device,
+        widen: Widening | None = None,
     ) -> None:
         self.schedule = schedule
         self.table = factor_table(schedule)

@@ -22,7 +22,7 @@ Defaults (measured on SmolLM2-135M-Instruct, see ``benchmarks/quality_chat.py``)
 ``min_repeats=3`` copies and at least ``min_loop_tokens=8`` tokens in all (so a one-token span such as a
 digit of "1,000,000" needs 8 copies), spans up to 32 tokens; :func:`find_line_loop`'s line loop is a line of
 at least 4 tokens seen again within the last 16 lines. The loop rewinds (:class:`LoopTracker`, the defaults of
-``LoopRewinds``) keep the token rule, ask 64 tokens of spans without letters or across a line end, and count
+``LoopDetection``) keep the token rule, ask 64 tokens of spans without letters or across a line end, and count
 lines only when a block of them is repeated back to back.
 """
 
