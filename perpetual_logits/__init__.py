@@ -30,7 +30,6 @@ from .backstep.window import ContextShift  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
 from .dry import DRYLogitsProcessor  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
-from .processor_list import take_over_truncation  # noqa: E402
 from .processors import (  # noqa: E402
     EOSLogitsProcessor,
     PostEOSResamplingLogitsProcessor,
@@ -50,15 +49,13 @@ from .text.matcher import PhraseMatch, PhraseMatcher, PhraseScan  # noqa: E402
 from .text.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids  # noqa: E402
 from .triggers import EarlyTrigger  # noqa: E402
 from .truncation import (  # noqa: E402
-    RowTruncation,
     Truncation,
-    TruncationSchedule,
     Widening,
 )
 
 __version__ = "0.1.0"
 
-if not TYPE_CHECKING:  # renamed public names, for one release
+if not TYPE_CHECKING:  # renamed public names, and internals that left the public names, for one release
     __getattr__ = _old_names(
         __name__,
         {
@@ -66,6 +63,9 @@ if not TYPE_CHECKING:  # renamed public names, for one release
             "LoopRewinds": (__name__, "LoopDetection"),
             "Rewind": (__name__, "RewindTo"),
             "Widen": (__name__, "Widening"),
+            "RowTruncation": (f"{__name__}.truncation", "RowTruncation"),
+            "TruncationSchedule": (f"{__name__}.truncation", "TruncationSchedule"),
+            "take_over_truncation": (f"{__name__}.processor_list", "take_over_truncation"),
         },
     )
 
@@ -99,7 +99,6 @@ __all__ = [
     "RewindRule",
     "RewindTo",
     "RowState",
-    "RowTruncation",
     "RowView",
     "Schedule",
     "StepDecay",
@@ -107,7 +106,6 @@ __all__ = [
     "StepStatsRecorder",
     "SuppressEOSLogitsProcessor",
     "Truncation",
-    "TruncationSchedule",
     "Widening",
     "__version__",
     "blockwise",
@@ -120,5 +118,4 @@ __all__ = [
     "plot_blockwise",
     "plot_eos_window",
     "step_stats",
-    "take_over_truncation",
 ]

@@ -149,7 +149,8 @@ class Widening:
     Example:
 
     ```python
-    >>> from perpetual_logits import LinearDecay, Truncation, TruncationSchedule, Widening
+    >>> from perpetual_logits import LinearDecay, Truncation, Widening
+    >>> from perpetual_logits.truncation import TruncationSchedule
     >>> import torch
     >>> plan = TruncationSchedule(Truncation(top_k=50), Widening(top_k=200), LinearDecay(2.0, 10))
     >>> plan.row_values(torch.tensor([0, 5, 10, 0]), torch.tensor([True, True, True, False]), 2048).top_k
@@ -402,7 +403,7 @@ class RowTruncation(LogitsProcessor):
 
     ```python
     >>> import torch
-    >>> from perpetual_logits import RowTruncation
+    >>> from perpetual_logits.truncation import RowTruncation
     >>> proc = RowTruncation(top_k=2)
     >>> scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
     >>> proc.set_rows(top_k=torch.tensor([2, 3]))

@@ -19,19 +19,9 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from perpetual_logits import (
-    Constant,
-    LinearDecay,
-    PostEOSResamplingLogitsProcessor,
-    RowTruncation,
-    StepDecay,
-    Truncation,
-    TruncationSchedule,
-    Widening,
-    take_over_truncation,
-)
-from perpetual_logits.processor_list import check_no_double_truncation, configured_truncation
-from perpetual_logits.truncation import truncate_rows, weight_table
+from perpetual_logits import Constant, LinearDecay, PostEOSResamplingLogitsProcessor, StepDecay, Truncation, Widening
+from perpetual_logits.processor_list import check_no_double_truncation, configured_truncation, take_over_truncation
+from perpetual_logits.truncation import RowTruncation, TruncationSchedule, truncate_rows, weight_table
 
 NEG = float("-inf")
 
