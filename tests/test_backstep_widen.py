@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PAD, BoostEOS, tiny_model
+from support import PAD, BoostEOS, tiny_model
 
 from perpetual_logits import BackstepConfig, LinearDecay, Widening, make_perpetual
 

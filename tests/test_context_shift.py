@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import EOS, PAD, BoostEOS
+from support import EOS, PAD, BoostEOS
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 

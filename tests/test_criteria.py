@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import tiny_model
 from transformers import LogitsProcessor, StoppingCriteriaList
 
 from perpetual_logits import PostEOSResamplingLogitsProcessor

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
+from support import tiny_model
 from transformers import LogitsProcessor, TextIteratorStreamer
 
 import perpetual_logits as pl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, tiny_model
+from support import EOS, tiny_model
 from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, Script, run_script
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer

@@ -8,7 +8,7 @@ import sys
 import warnings
 
 import pytest
-from conftest import REPO
+from support import REPO
 
 import perpetual_logits
 from perpetual_logits._moved import MOVED

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import BoostEOS, tiny_model
+from support import BoostEOS, tiny_model
 
 import perpetual_logits as pl
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import build_tokenizer, deadline
+from support import deadline, tiny_tokenizer
 from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, run_script
 
 from perpetual_logits import BackstepConfig, LoopDetection, RewindRule, RewindTo
@@ -17,13 +17,13 @@ from perpetual_logits.protocol import RowView
 
 VOCAB = 64
 EOS = 2
-A, B, C, D, E, X, Y, Z = 4, 5, 6, 7, 8, 27, 28, 29  # "a" ... "e", "x", "y", "z" in build_tokenizer()
+A, B, C, D, E, X, Y, Z = 4, 5, 6, 7, 8, 27, 28, 29  # "a" ... "e", "x", "y", "z" in tiny_tokenizer()
 PROMPT = [1, 9, 10]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    return tiny_tokenizer()
 
 
 def feed(policy: RewindPolicy, ids: list[int], tokens: list[int], row: int = 0, prompt: int = len(PROMPT)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import doctest
 
 import pytest
-from conftest import REPO, TINYSTORIES, require_model_dir
+from support import REPO, TINYSTORIES, require_model_dir
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
 
-from conftest import TINYSTORIES, deadline, require_model_dir  # noqa: E402
+from support import TINYSTORIES, deadline, require_model_dir  # noqa: E402
 
 from perpetual_logits.app.cli import main  # noqa: E402
 from perpetual_logits.app.running import load_model  # noqa: E402

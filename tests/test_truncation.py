@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, STORIES260K, TINYSTORIES, require_model_dir, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import EOS, STORIES260K, TINYSTORIES, require_model_dir, tiny_model
 from transformers import (
     GenerationConfig,
     LogitNormalization,

@@ -4,7 +4,7 @@ PhraseRule (ending and ban modes) and LoopRule. No model: a word-level tokenizer
 from __future__ import annotations
 
 import pytest
-from conftest import build_tokenizer
+from support import tiny_tokenizer
 
 from perpetual_logits import LoopDetection, RewindRule, RewindTo, RowView
 from perpetual_logits.backstep.rules import EOSRule, LoopRule, PhraseRule
@@ -16,7 +16,7 @@ PROMPT = [1, 30]  # "<s> w0"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    return tiny_tokenizer()
 
 
 def ids(tokenizer, words: str) -> list[int]:
