@@ -9,7 +9,7 @@ import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_phrases import BYTE_LEVEL, PIECES, SENTENCEPIECE, ids_of
+from test_matcher import BYTE_LEVEL, PIECES, SENTENCEPIECE, ids_of
 
 from perpetual_logits.text.endings import CHAT_CLOSING_PHRASES, default_end_phrases
 from perpetual_logits.text.matcher import PhraseMatcher, PhraseScan
