@@ -34,7 +34,10 @@ def test_schedule_factors_at_the_bounds_are_accepted():
 def test_token_ids_outside_the_vocabulary_are_refused_when_it_is_known(data, name):
     with pytest.raises(ValueError, match=rf"\[{name}\]` holds the token id \d+, outside this model's vocabulary"):
         RequestSettings.parse({EXTRA_ARGS_KEY: data}, vocab_size=49152)
-    assert RequestSettings.parse({EXTRA_ARGS_KEY: data}) is not None  # without the vocabulary: only the form is checked
+    parsed = RequestSettings.parse({EXTRA_ARGS_KEY: data})  # without the vocabulary: only the form is checked
+    assert parsed is not None
+    kept = set(parsed.eos or ()) | {token for tokens in (parsed.bans or {}).values() for token in tokens}
+    assert max(kept) >= 49152  # the id outside the vocabulary is kept as given
 
 
 def test_early_and_widen_need_a_schedule_and_valid_values():
