@@ -122,6 +122,7 @@ _SCOPABLE_FLAGS = regex.IGNORECASE | regex.UNICODE | regex.ASCII | regex.V0 | re
 
 
 _WORD_START = r"(?<!\w)"
+_MEMO_ENTRIES = 1 << 16  # answers kept per phrase index (the first seen), so memory stays bounded
 
 
 def _gate(patterns: list[Any]) -> Any:
@@ -189,6 +190,105 @@ def _top_level_alternation(source: str) -> bool:
     return False
 
 
+# Constructs that read text before a match's start (besides lookbehinds, which are removed): a pattern holding any
+# of them gets no prefilter. `\b` and friends look one character back; `^`, `\A`, `\G` depend on where the
+# search starts; `\K` and conditionals are rare enough to leave to the full search.
+_LOOKS_BACK = frozenset("bBAGKmMy")
+
+
+def _without_lookbehinds(source: str) -> str | None:
+    """``source`` (version 0 syntax) with every lookbehind group removed, or ``None`` when something else in it
+    reads text before where a match starts (then no prefilter can be built from it)."""
+    out: list[str] = []
+    i = 0
+    n = len(source)
+    while i < n:
+        char = source[i]
+        if char == "\\":
+            if source[i + 1 : i + 2] in _LOOKS_BACK:
+                return None
+            out.append(source[i : i + 2])
+            i += 2
+        elif char == "[":
+            end = _set_end(source, i)
+            out.append(source[i:end])
+            i = end
+        elif char == "^":
+            return None
+        elif source.startswith(("(?<=", "(?<!"), i):
+            i = _group_end(source, i)
+        elif source.startswith("(?(", i):
+            return None
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _set_end(source: str, i: int) -> int:
+    """Index just after the character set that begins at ``source[i] == "["``."""
+    i += 1
+    if source.startswith("^", i):
+        i += 1
+    if source.startswith("]", i):  # a "]" first in a set is a literal
+        i += 1
+    while i < len(source) and source[i] != "]":
+        i += 2 if source[i] == "\\" else 1
+    return i + 1
+
+
+def _group_end(source: str, i: int) -> int:
+    """Index just after the group that begins at ``source[i] == "("``."""
+    depth = 0
+    while i < len(source):
+        char = source[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "[":
+            i = _set_end(source, i)
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return i
+
+
+def _prefilter(patterns: list[Any]) -> Any:
+    """A pattern that finds (or partially finds) something in a piece of text wherever any of ``patterns``
+    could begin a match or a partial match in it, whatever text comes before the piece: their alternation with
+    the lookbehinds removed (a lookbehind only narrows where a pattern matches). ``None`` when a pattern reads
+    text before its start in another way, or its flags cannot be scoped to its branch."""
+    branches: list[str] = []
+    for pattern in patterns:
+        source = pattern.pattern
+        ignore_case = bool(pattern.flags & regex.IGNORECASE)
+        if source.startswith("(?i)"):
+            source, ignore_case = source[4:], True
+        if (
+            pattern.flags & ~_SCOPABLE_FLAGS
+            or pattern.flags & (regex.V1 | regex.ASCII)
+            or _BACKREFERENCE.search(source)
+        ):
+            return None
+        stripped = _without_lookbehinds(source)
+        if stripped is None or "(?" in stripped.replace("(?:", "").replace("(?i:", "").replace("(?!", "").replace(
+            "(?=", ""
+        ):
+            return None  # inline flags or other extensions: leave them to the full search
+        branches.append(f"(?i:{stripped})" if ignore_case else f"(?:{stripped})")
+    if not branches:
+        return None
+    try:
+        return regex.compile("|".join(branches), regex.V0)
+    except regex.error:
+        return None
+
+
 class PhraseIndex:
     """What every row's :class:`PhraseStream` shares: the automaton of the string phrases, the regular
     expressions, and the matcher's rules. Built once per :class:`~perpetual_logits.text.matcher.PhraseMatcher`
@@ -234,6 +334,13 @@ class PhraseIndex:
             parts.append("[" + "".join(regex.escape(c) for c in sorted(starts_other)) + "]")
         self.starts: Any = regex.compile("|".join(parts), flags) if parts else None
         self.gate = _gate([pattern for _, pattern in self.regexes])
+        # The usual step of a row whose text holds nothing that may become a phrase, answered from what earlier
+        # steps of any row found for the same text (both are pure functions of their key, see
+        # PhraseStream._analyse): whether a new piece of text can begin a regular expression's match
+        # (``prefilter``), and where the string phrases' hold moves after a piece.
+        self.prefilter = _prefilter([pattern for _, pattern in self.regexes]) if self.regexes else None
+        self.inert_pieces: dict[str, bool] = {}
+        self.string_holds: dict[str, int] = {}
 
     @classmethod
     def of(cls, matcher: PhraseMatcher) -> PhraseIndex:
@@ -353,19 +460,55 @@ class PhraseStream:
         end = base + len(text)
         best: tuple[int, int, int, str, str] | None = None  # (token, char, phrase index, phrase, text)
 
+        # The usual step (not the last, the text grown, nothing rewritten, the held text inside the stream):
+        # what it finds depends only on the text from where the hold began (one character before it for the word
+        # boundary) -- a phrase completed now began at a held position -- so earlier steps' answers are reused.
+        usual = (
+            not final
+            and end > old_end
+            and not stream.pending
+            and stream.changed_from is None
+            and stream.head_end <= old_end
+        )
+        held = self.string_from
+        key: str | None = None
+        if (
+            usual
+            and index.starts is not None
+            and base < held
+            and end - held <= index.need_chars
+            and held >= stream.head_end
+        ):
+            key = text[held - base - 1 :]
+
         # 1. String phrases completed by the new text: the automaton over the tail that a new match can span.
-        if index.automaton is not None and end > old_end:
-            lo = max(base, old_end - index.need_chars)
-            hits = list(index.automaton.iter(_normalize(text[lo - base :], index.fold)))
-            if hits:  # rare: most tokens complete no phrase
-                best = self._string_match(hits, lo, prompt_length, old_end, final)
-
-        # 2. Regular expressions, each searched from where its previous search stopped.
-        if index.regexes:
-            best = self._regex_match(prompt_length, old_end, final, best)
-
         # 3. Strings: where the trailing text that may still become a phrase begins.
-        self.string_from = self._string_hold(text, base, end, final)
+        known = index.string_holds.get(key) if key is not None else None
+        if known is not None:  # no phrase completed; the hold moved by `known` characters (-1: none held)
+            self.string_from = end if known < 0 else held + known
+        else:
+            hits: list[Any] = []
+            if index.automaton is not None and end > old_end:
+                lo = max(base, old_end - index.need_chars)
+                hits = list(index.automaton.iter(_normalize(text[lo - base :], index.fold)))
+                if hits:  # rare: most tokens complete no phrase
+                    best = self._string_match(hits, lo, prompt_length, old_end, final)
+            self.string_from = self._string_hold(text, base, end, final)
+            if key is not None and not hits and len(index.string_holds) < _MEMO_ENTRIES:
+                index.string_holds[key] = -1 if self.string_from >= end else self.string_from - held
+
+        # 2. Regular expressions, each searched from where its previous search stopped. None holding text and
+        # the new text unable to begin a match of any of them (whatever came before it): nothing to search.
+        if index.regexes:
+            if (
+                usual
+                and index.prefilter is not None
+                and min(self.regex_from) >= old_end
+                and self._inert(text[old_end - base :])
+            ):
+                self.regex_from = [end] * len(index.regexes)
+            else:
+                best = self._regex_match(prompt_length, old_end, final, best)
 
         if best is not None:
             token, _, _, source, matched = best
@@ -495,6 +638,17 @@ class PhraseStream:
                 if best is None or candidate[:3] < best[:3]:
                     best = candidate
         return best
+
+    def _inert(self, piece: str) -> bool:
+        """Whether no regular expression can match, or partially match, text that begins inside ``piece``."""
+        inert = self.index.inert_pieces
+        known = inert.get(piece)
+        if known is None:
+            m = self.index.prefilter.search(piece, partial=True)
+            known = m is None or m.start() == m.end() == len(piece)
+            if len(inert) < _MEMO_ENTRIES:
+                inert[piece] = known
+        return known
 
     @staticmethod
     def _new(e: int, body: int, final: bool, old_end: int, prompt_chars: int) -> bool:
