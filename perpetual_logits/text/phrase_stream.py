@@ -338,7 +338,7 @@ class PhraseIndex:
         # steps of any row found for the same text (both are pure functions of their key, see
         # PhraseStream._analyse): whether a new piece of text can begin a regular expression's match
         # (``prefilter``), and where the string phrases' hold moves after a piece.
-        self.prefilter = _prefilter([pattern for _, pattern in self.regexes]) if self.regexes else None
+        self.prefilter: Any = _prefilter([pattern for _, pattern in self.regexes]) if self.regexes else None
         self.inert_pieces: dict[str, bool] = {}
         self.string_holds: dict[str, int] = {}
 
