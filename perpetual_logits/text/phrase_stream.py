@@ -190,15 +190,15 @@ def _top_level_alternation(source: str) -> bool:
     return False
 
 
-# Constructs that read text before a match's start (besides lookbehinds, which are removed): a pattern holding any
+# Constructs that read text before a match's start (besides lookbehinds, see _prefilter): a pattern holding any
 # of them gets no prefilter. `\b` and friends look one character back; `^`, `\A`, `\G` depend on where the
 # search starts; `\K` and conditionals are rare enough to leave to the full search.
 _LOOKS_BACK = frozenset("bBAGKmMy")
 
 
 def _without_lookbehinds(source: str) -> str | None:
-    """``source`` (version 0 syntax) with every lookbehind group removed, or ``None`` when something else in it
-    reads text before where a match starts (then no prefilter can be built from it)."""
+    """``source`` (version 0 syntax) with every positive lookbehind group removed, or ``None`` when something
+    else in it reads text before where a match starts (then no prefilter can be built from it)."""
     out: list[str] = []
     i = 0
     n = len(source)
@@ -215,7 +215,7 @@ def _without_lookbehinds(source: str) -> str | None:
             i = end
         elif char == "^":
             return None
-        elif source.startswith(("(?<=", "(?<!"), i):
+        elif source.startswith("(?<=", i):
             i = _group_end(source, i)
         elif source.startswith("(?(", i):
             return None
@@ -258,33 +258,23 @@ def _group_end(source: str, i: int) -> int:
     return i
 
 
-def _prefilter(patterns: list[Any]) -> Any:
-    """A pattern that finds (or partially finds) something in a piece of text wherever any of ``patterns``
-    could begin a match or a partial match in it, whatever text comes before the piece: their alternation with
-    the lookbehinds removed (a lookbehind only narrows where a pattern matches). ``None`` when a pattern reads
-    text before its start in another way, or its flags cannot be scoped to its branch."""
-    branches: list[str] = []
-    for pattern in patterns:
-        source = pattern.pattern
-        ignore_case = bool(pattern.flags & regex.IGNORECASE)
-        if source.startswith("(?i)"):
-            source, ignore_case = source[4:], True
-        if (
-            pattern.flags & ~_SCOPABLE_FLAGS
-            or pattern.flags & (regex.V1 | regex.ASCII)
-            or _BACKREFERENCE.search(source)
-        ):
-            return None
-        stripped = _without_lookbehinds(source)
-        if stripped is None or "(?" in stripped.replace("(?:", "").replace("(?i:", "").replace("(?!", "").replace(
-            "(?=", ""
-        ):
-            return None  # inline flags or other extensions: leave them to the full search
-        branches.append(f"(?i:{stripped})" if ignore_case else f"(?:{stripped})")
-    if not branches:
+def _prefilter(pattern: Any) -> Any:
+    """A pattern that finds (or partially finds) something in a piece of text, searched alone, wherever
+    ``pattern`` could begin a match or a partial match inside that piece, whatever text comes before it:
+    ``pattern`` with its positive lookbehinds removed. A removed lookbehind only narrows where the pattern
+    matches; a negative one is kept, as it holds at the piece's start (it sees nothing there) and reads the same
+    text as in the row inside the piece. ``None`` when the pattern reads text before its start in another way."""
+    source = pattern.pattern
+    if pattern.flags & (regex.V1 | regex.ASCII) or _BACKREFERENCE.search(source):
         return None
+    stripped = _without_lookbehinds(source)
+    if stripped is None:
+        return None
+    body = stripped[4:] if stripped.startswith("(?i)") else stripped
+    if "(?" in body.replace("(?:", "").replace("(?!", "").replace("(?=", "").replace("(?<!", ""):
+        return None  # inline flags inside, named groups, other extensions: left to the full search
     try:
-        return regex.compile("|".join(branches), regex.V0)
+        return regex.compile(stripped, pattern.flags & ~regex.V0)
     except regex.error:
         return None
 
@@ -337,9 +327,10 @@ class PhraseIndex:
         # The usual step of a row whose text holds nothing that may become a phrase, answered from what earlier
         # steps of any row found for the same text (both are pure functions of their key, see
         # PhraseStream._analyse): whether a new piece of text can begin a regular expression's match
-        # (``prefilter``), and where the string phrases' hold moves after a piece.
-        self.prefilter: Any = _prefilter([pattern for _, pattern in self.regexes]) if self.regexes else None
-        self.inert_pieces: dict[str, bool] = {}
+        # (``prefilters``), and where the string phrases' hold moves after a piece.
+        prefilters = [_prefilter(pattern) for _, pattern in self.regexes]
+        self.prefilters: list[Any] | None = prefilters if self.regexes and None not in prefilters else None
+        self.candidates: dict[str, tuple[int, ...]] = {}  # piece -> the regexes that may begin inside it
         self.string_holds: dict[str, int] = {}
 
     @classmethod
@@ -497,16 +488,19 @@ class PhraseStream:
             if key is not None and not hits and len(index.string_holds) < _MEMO_ENTRIES:
                 index.string_holds[key] = -1 if self.string_from >= end else self.string_from - held
 
-        # 2. Regular expressions, each searched from where its previous search stopped. None holding text and
-        # the new text unable to begin a match of any of them (whatever came before it): nothing to search.
+        # 2. Regular expressions, each searched from where its previous search stopped. In the usual step only
+        # those holding text and those that may begin inside the new text (whatever came before it) are
+        # searched: usually none.
         if index.regexes:
-            if (
-                usual
-                and index.prefilter is not None
-                and min(self.regex_from) >= old_end
-                and self._inert(text[old_end - base :])
-            ):
-                self.regex_from = [end] * len(index.regexes)
+            if usual and index.prefilters is not None:
+                piece = text[old_end - base :]
+                candidates = index.candidates.get(piece)
+                if candidates is None:
+                    candidates = self._candidates(piece)
+                if candidates or min(self.regex_from) < old_end:
+                    best = self._regex_match(prompt_length, old_end, final, best, candidates)
+                else:
+                    self.regex_from = [end] * len(index.regexes)
             else:
                 best = self._regex_match(prompt_length, old_end, final, best)
 
@@ -566,11 +560,17 @@ class PhraseStream:
         return best
 
     def _regex_match(
-        self, prompt_length: int, old_end: int, final: bool, best: tuple[int, int, int, str, str] | None
+        self,
+        prompt_length: int,
+        old_end: int,
+        final: bool,
+        best: tuple[int, int, int, str, str] | None,
+        candidates: tuple[int, ...] | None = None,
     ) -> tuple[int, int, int, str, str] | None:
         """``best`` or an earlier regular-expression match that the new text completes; moves each regex's
         hold. A match spans at most max_match_chars characters, so a partial match that began earlier than
-        that before the end is none."""
+        that before the end is none. ``candidates``: the regexes that may begin inside the new text (the usual
+        step); only those and the ones holding text are searched."""
         index = self.index
         stream = self.text
         text = stream.text
@@ -584,7 +584,11 @@ class PhraseStream:
         new_from, prompt_end = old_end - base, prompt_chars - base
         todo: Sequence[int] = range(len(index.regexes))
         skip_to = floor
-        if index.regexes and index.gate is not None:
+        if candidates is not None:
+            # A regex holding nothing that cannot begin inside the new text finds nothing from the old end on.
+            todo = [r for r, position in enumerate(self.regex_from) if position < old_end or r in candidates]
+            self.regex_from = [position if r in todo else end for r, position in enumerate(self.regex_from)]
+        elif index.regexes and index.gate is not None:
             # One search of the alternation of all of them: usually nothing (then nothing is new or held),
             # otherwise none of them has anything before where it found something. A second one over the new
             # text only: when it finds nothing, only the regexes that were holding text need a look.
@@ -639,16 +643,18 @@ class PhraseStream:
                     best = candidate
         return best
 
-    def _inert(self, piece: str) -> bool:
-        """Whether no regular expression can match, or partially match, text that begins inside ``piece``."""
-        inert = self.index.inert_pieces
-        known = inert.get(piece)
-        if known is None:
-            m = self.index.prefilter.search(piece, partial=True)
-            known = m is None or m.start() == m.end() == len(piece)
-            if len(inert) < _MEMO_ENTRIES:
-                inert[piece] = known
-        return known
+    def _candidates(self, piece: str) -> tuple[int, ...]:
+        """The regexes that may match, or partially match, text that begins inside ``piece`` (kept per piece)."""
+        assert self.index.prefilters is not None
+        found = []
+        for r, prefilter in enumerate(self.index.prefilters):
+            m = prefilter.search(piece, partial=True)
+            if m is not None and not m.start() == m.end() == len(piece):
+                found.append(r)
+        candidates = tuple(found)
+        if len(self.index.candidates) < _MEMO_ENTRIES:
+            self.index.candidates[piece] = candidates
+        return candidates
 
     @staticmethod
     def _new(e: int, body: int, final: bool, old_end: int, prompt_chars: int) -> bool:
