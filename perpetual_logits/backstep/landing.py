@@ -356,7 +356,10 @@ class LandingBias(LogitsProcessor):
             boost.append((row, self.strength * min(1.0, (length - due + 1) / margin)))
         if not boost or not self.eos:
             return scores
+        # One tensor operation for every boosted row and EOS id (indexing row by row costs more than the rest).
+        rows = torch.tensor([row for row, _ in boost], device=scores.device)
+        amounts = torch.tensor([amount for _, amount in boost], dtype=scores.dtype, device=scores.device)
+        eos = torch.tensor(self.eos, device=scores.device)
         out = scores.clone()
-        for row, amount in boost:
-            out[row, self.eos] += amount
+        out[rows[:, None], eos[None, :]] += amounts[:, None]
         return out  # type: ignore[return-value]
