@@ -259,11 +259,12 @@ def _group_end(source: str, i: int) -> int:
 
 
 def _prefilter(pattern: Any) -> Any:
-    """A pattern that finds (or partially finds) something in a piece of text, searched alone, wherever
-    ``pattern`` could begin a match or a partial match inside that piece, whatever text comes before it:
-    ``pattern`` with its positive lookbehinds removed. A removed lookbehind only narrows where the pattern
-    matches; a negative one is kept, as it holds at the piece's start (it sees nothing there) and reads the same
-    text as in the row inside the piece. ``None`` when the pattern reads text before its start in another way."""
+    """A pattern that finds (or partially finds) something in a piece of text wherever ``pattern`` could begin a
+    match or a partial match inside that piece, whatever text comes before the piece's one character of context
+    (searched from position 1): ``pattern`` with its positive lookbehinds removed. A removed lookbehind only
+    narrows where the pattern matches; a negative one is kept, as it reads the row's own text, or less of it (then
+    it holds where it might not in the row). ``None`` when the pattern reads text before its start in another
+    way."""
     source = pattern.pattern
     if pattern.flags & (regex.V1 | regex.ASCII) or _BACKREFERENCE.search(source):
         return None
@@ -492,8 +493,8 @@ class PhraseStream:
         # those holding text and those that may begin inside the new text (whatever came before it) are
         # searched: usually none.
         if index.regexes:
-            if usual and index.prefilters is not None:
-                piece = text[old_end - base :]
+            if usual and index.prefilters is not None and old_end > base:
+                piece = text[old_end - base - 1 :]  # the new text after one character of the old
                 candidates = index.candidates.get(piece)
                 if candidates is None:
                     candidates = self._candidates(piece)
@@ -644,11 +645,12 @@ class PhraseStream:
         return best
 
     def _candidates(self, piece: str) -> tuple[int, ...]:
-        """The regexes that may match, or partially match, text that begins inside ``piece`` (kept per piece)."""
+        """The regexes that may match, or partially match, text that begins inside ``piece[1:]`` (``piece[0]``:
+        the character before it, which the negative lookbehinds read); kept per piece."""
         assert self.index.prefilters is not None
         found = []
         for r, prefilter in enumerate(self.index.prefilters):
-            m = prefilter.search(piece, partial=True)
+            m = prefilter.search(piece, 1, partial=True)
             if m is not None and not m.start() == m.end() == len(piece):
                 found.append(r)
         candidates = tuple(found)
