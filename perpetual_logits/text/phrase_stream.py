@@ -122,6 +122,7 @@ _SCOPABLE_FLAGS = regex.IGNORECASE | regex.UNICODE | regex.ASCII | regex.V0 | re
 
 
 _WORD_START = r"(?<!\w)"
+_NOTHING = PhraseScan(None, 0)
 _MEMO_ENTRIES = 1 << 16  # answers kept per phrase index (the first seen), so memory stays bounded
 
 
@@ -422,6 +423,10 @@ class PhraseStream:
             and (n < 2 or not stream.tokens or stream.tokens[-1] == ids[n - 2])
         ):
             self._start(ids, first)
+        elif not final and n > prompt_length:
+            plain = self._plain_step(int(ids[n - 1]), n, prompt_length)
+            if plain is not None:
+                return plain
         old_end = stream.char_base + len(stream.text)
         stream.push(int(ids[n - 1]))
         if stream.changed_from is not None:  # the new token rewrote earlier text: look at the tail again
@@ -432,6 +437,47 @@ class PhraseStream:
         return self._analyse(n, prompt_length, old_end, final)
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _plain_step(self, token: int, n: int, prompt_length: int) -> PhraseScan | None:
+        """A step whose token adds its cached text after the previous one (``None`` otherwise, with nothing
+        changed: the general path runs). The token is appended; what it completes and holds is then answered
+        from what earlier steps of any row found for the same text (see :meth:`_analyse`) when that is known --
+        no string phrase completed and the string hold known, no regex holding text, the regexes that may
+        begin in the new text (usually none) found nothing -- and by the general analysis otherwise."""
+        stream = self.text
+        piece = stream.plain_piece(token)
+        if not piece:
+            return None
+        text, base = stream.text, stream.char_base
+        old_end = base + len(text)
+        end = old_end + len(piece)
+        index = self.index
+        # The string phrases' answer for this text, if known.
+        usual = old_end > base and stream.head_end <= old_end
+        string_from: int | None = end
+        if usual and index.starts is not None:
+            held = self.string_from
+            moved = None
+            if base < held and end - held <= index.need_chars and held >= stream.head_end:
+                moved = index.string_holds.get(text[held - base - 1 :] + piece)
+            string_from = None if moved is None else held + moved if moved >= 0 else end
+        candidates = index.candidates.get(text[-1] + piece) if usual and index.prefilters is not None else None
+        stream.append_piece(token, piece)
+        if not usual or string_from is None:
+            return self._analyse(n, prompt_length, old_end, False)
+        if index.regexes:
+            if candidates is None or min(self.regex_from) < old_end:
+                return self._analyse(n, prompt_length, old_end, False)
+            text, body = stream.text, end - base
+            for r in candidates:  # a regex that may begin in the new text: one search from the old end
+                m = index.regexes[r][1].search(text, old_end - base, body, partial=True)
+                if m is not None and not m.start() == m.end() == body:
+                    return self._analyse(n, prompt_length, old_end, False)
+            self.regex_from = [end] * len(index.regexes)
+        self.string_from = string_from
+        if string_from >= end:
+            return _NOTHING
+        return PhraseScan(None, min(n - stream.cut(string_from), n - prompt_length))
+
     def _start(self, ids: Sequence[int], first: int) -> None:
         n = len(ids)
         self.first = first
