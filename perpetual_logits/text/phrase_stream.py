@@ -444,31 +444,32 @@ class PhraseStream:
         no string phrase completed and the string hold known, no regex holding text, the regexes that may
         begin in the new text (usually none) found nothing -- and by the general analysis otherwise."""
         stream = self.text
-        piece = stream.plain_piece(token)
-        if not piece:
+        old_end = stream.char_base + len(stream.text)
+        if stream.push_plain(token) is None:
             return None
         text, base = stream.text, stream.char_base
-        old_end = base + len(text)
-        end = old_end + len(piece)
-        index = self.index
-        # The string phrases' answer for this text, if known.
-        usual = old_end > base and stream.head_end <= old_end
-        string_from: int | None = end
-        if usual and index.starts is not None:
-            held = self.string_from
-            moved = None
-            if base < held and end - held <= index.need_chars and held >= stream.head_end:
-                moved = index.string_holds.get(text[held - base - 1 :] + piece)
-            string_from = None if moved is None else held + moved if moved >= 0 else end
-        candidates = index.candidates.get(text[-1] + piece) if usual and index.prefilters is not None else None
-        stream.append_piece(token, piece)
-        if not usual or string_from is None:
+        end = base + len(text)
+        if old_end <= base or end == old_end or stream.head_end > old_end:
             return self._analyse(n, prompt_length, old_end, False)
+        index = self.index
+        # The string phrases: no phrase completed and where the hold moves, if known for this text.
+        string_from = end
+        if index.starts is not None:
+            held = self.string_from
+            if held <= base or end - held > index.need_chars or held < stream.head_end:
+                return self._analyse(n, prompt_length, old_end, False)
+            moved = index.string_holds.get(text[held - base - 1 :])
+            if moved is None:
+                return self._analyse(n, prompt_length, old_end, False)
+            if moved >= 0:
+                string_from = held + moved
+        # The regular expressions: none holding text, and those that may begin in the new text find nothing.
         if index.regexes:
+            candidates = index.candidates.get(text[old_end - base - 1 :]) if index.prefilters is not None else None
             if candidates is None or min(self.regex_from) < old_end:
                 return self._analyse(n, prompt_length, old_end, False)
-            text, body = stream.text, end - base
-            for r in candidates:  # a regex that may begin in the new text: one search from the old end
+            body = end - base
+            for r in candidates:  # one search from the old end
                 m = index.regexes[r][1].search(text, old_end - base, body, partial=True)
                 if m is not None and not m.start() == m.end() == body:
                     return self._analyse(n, prompt_length, old_end, False)

@@ -171,20 +171,20 @@ class TextStream:
         self.head_end = self.char_base if self.anchor is None else (self.ends[0] if self.ends else self.char_base)
         self.changed_from = None
 
-    def plain_piece(self, token_id: int) -> str | None:
-        """The text the row's next token adds when it is a plain one (what :meth:`push` would append without
-        decoding: the text so far whole, the token's text after the previous token known and complete), else
-        ``None``."""
+    def push_plain(self, token_id: int) -> str | None:
+        """Append the row's next token when it is a plain one, and return the text it added: the text so far
+        whole, the token's text after the previous token known (cached) and complete -- what :meth:`push` would
+        append without decoding. ``None``, with nothing changed, for any other token (then :meth:`push` it)."""
         tokens = self.tokens
         if self.pending or not tokens or not self._lead.get(token_id):
             return None
         text = self._after.get(tokens[-1] << 32 | token_id)
         if text is None or text.endswith(_REPLACEMENT):
             return None
+        self._append(token_id, text)
         return text
 
-    def append_piece(self, token_id: int, text: str) -> None:
-        """Append the row's next token whose text :meth:`plain_piece` gave."""
+    def _append(self, token_id: int, text: str) -> None:
         self.changed_from = None
         self.tokens.append(token_id)
         self.text += text
@@ -207,7 +207,7 @@ class TextStream:
                 if text is not None and len(self._after) < _PAIRS:
                     self._after[pair] = text
             if text is not None and not text.endswith(_REPLACEMENT):
-                self.append_piece(token_id, text)
+                self._append(token_id, text)
                 return
         self.changed_from = None
         tokens.append(token_id)
