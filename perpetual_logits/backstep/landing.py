@@ -36,10 +36,14 @@ _NO_TEXT = ("", False, 0, False)
 
 # What a piece of text says whatever came before it, per piece (see _piece_facts): pieces repeat across rows
 # and calls, and this runs per row per token.
-_PIECE_FACTS: dict[str, tuple[int, bool, bool, bool, tuple[bool, bool] | None]] = {}
+_Facts = tuple[int, bool, bool, bool, tuple[bool, bool] | None]
+_PIECE_FACTS: dict[str, _Facts] = {}
+_NO_FACTS: _Facts = (0, False, False, False, None)
+# Per tokenizer: a pair key (see RowText._piece; a token alone under _ALONE) -> its text and _piece_facts.
+_PAIR_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
 
 
-def _piece_facts(piece: str) -> tuple[int, bool, bool, bool, tuple[bool, bool] | None]:
+def _piece_facts(piece: str) -> _Facts:
     """For a non-empty ``piece`` appended to a text: its words, whether it begins with an ASCII letter (it may
     continue the text's last word), whether it begins with whitespace (it confirms a sentence end before it),
     whether it holds a sentence end followed by whitespace, and -- when the piece alone decides it -- how the
@@ -152,9 +156,11 @@ class RowText(RowState):
         # -- shared with every RowText of this tokenizer
         self._backend = rust_backend(tokenizer) if tokenizer is not None else None
         self._pieces: dict[int, str] = {}
+        self._facts: dict[int, tuple[str, _Facts]] = {}
         if tokenizer is not None:
             with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
                 self._pieces = _PIECES.setdefault(tokenizer, {})
+                self._facts = _PAIR_FACTS.setdefault(tokenizer, {})
 
     # -- protocol ------------------------------------------------------------------------------------------
     def start(self, batch_size: int, prompt_length: int) -> None:
@@ -197,9 +203,11 @@ class RowText(RowState):
         states = self.states[row]
         tail, pending, words, ends = states[-1] if states else _NO_TEXT
         if self.tokenizer is not None:
-            piece = self._piece(int(ids[length - 2]) if length - 1 > prompt else None, int(ids[length - 1]))
+            token = int(ids[length - 1])
+            key = int(ids[length - 2]) << 32 | token if length - 1 > prompt else _ALONE | token
+            piece, facts = self._facts.get(key) or self._learn(key)
             if piece:
-                count, letter_head, space_head, end_inside, says = _PIECE_FACTS.get(piece) or _piece_facts(piece)
+                count, letter_head, space_head, end_inside, says = facts
                 words += count
                 if letter_head and tail[-1:].isascii() and tail[-1:].isalpha():
                     words -= 1  # the piece continues the text's last run of letters: one word
@@ -241,6 +249,15 @@ class RowText(RowState):
             return False
         # Reached by the incremental count (or time for a recount): confirm on the whole text, once.
         return count_words(self._decode(ids[self.prompt_lengths[row] :])) >= self.min_words
+
+    def _learn(self, key: int) -> tuple[str, _Facts]:
+        """The text of a pair key's token after its neighbour (or alone) and what it says (kept per tokenizer)."""
+        token = int(key & 0xFFFFFFFF)
+        piece = self._alone(token) if key & _ALONE else self._piece(int(key >> 32), token)
+        known = (piece, _PIECE_FACTS.get(piece) or _piece_facts(piece) if piece else _NO_FACTS)
+        if len(self._facts) < _MAX_PIECES:
+            self._facts[key] = known
+        return known
 
     def _piece(self, neighbour: int | None, token: int) -> str:
         """The text ``token`` adds after ``neighbour`` (``None``: it is the first generated token)."""

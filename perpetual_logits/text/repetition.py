@@ -409,7 +409,8 @@ class LoopTracker:
             first = n - span - run
             match = LoopMatch(start=first + span, first=first, span=span, repeats=(n - first) // span, kind="token")
         self.looping = bool(span)
-        line = self._line(token_id)
+        newline = self.newline_ids is not None and token_id in self.newline_ids
+        line = self._line(token_id) if newline else None  # (a line end finishes a line, also after a loop)
         return match if match is not None else line
 
     # -- internals ---------------------------------------------------------------------------------------
