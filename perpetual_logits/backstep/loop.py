@@ -278,7 +278,8 @@ class BackstepLoop:
         self.stats.removed_tokens += length - cut
         steps = self.records.row_steps[row]
         replaced = steps[cut - rows.prompt_length] if cut - rows.prompt_length < len(steps) else step
-        for unit in [*self._units(), self.policy]:
+        # The policy is not told: the row finishes now, and its rules are never asked about it again.
+        for unit in self._units():
             unit.rewind(row, cut)
         for token in extra:
             rows.append(row, token)

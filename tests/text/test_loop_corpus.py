@@ -170,16 +170,20 @@ def test_a_loop_is_cut_where_the_repeat_begins(story_tokenizer, classes):
 
 @settings(max_examples=150, deadline=None)
 @given(
-    ids=st.lists(st.integers(0, 3), min_size=1, max_size=60),
+    ids=st.lists(st.integers(0, 11), min_size=1, max_size=60),
     begin=st.integers(0, 5),
     min_repeats=st.integers(2, 4),
     min_loop_tokens=st.integers(1, 10),
     cuts=st.lists(st.integers(1, 60), max_size=4),
     seed=st.integers(0, 1000),
+    vocab=st.sampled_from([4, 12]),
 )
-def test_tracker_finds_the_token_loops_find_token_loop_finds(ids, begin, min_repeats, min_loop_tokens, cuts, seed):
+def test_tracker_finds_the_token_loops_find_token_loop_finds(
+    ids, begin, min_repeats, min_loop_tokens, cuts, seed, vocab
+):
     """Without token classes the incremental tracker reports exactly what find_token_loop reports after every
-    token, through random rewinds."""
+    token, through random rewinds (with 12 token ids, many tokens were last written more than max_span back)."""
+    ids = [i % vocab for i in ids]
     begin = min(begin, len(ids) - 1)
     tracker = LoopTracker(max_span=8, min_repeats=min_repeats, min_loop_tokens=min_loop_tokens, line_repeats=0)
     tracker.start(ids[:begin], begin)
