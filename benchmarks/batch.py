@@ -108,7 +108,7 @@ def batch_arm(model: Any, batch: int, new_tokens: int, rate: float, repeats: int
         stats = out.backstep_stats
         back_times.append(t)
         forwards.append(stats.decode_forwards + 1)
-        events.append(stats.backsteps)
+        events.append(stats.rewinds)
         peaks.append(stats.peak_cache_slots)
     plain_step = statistics.median(plain_times)
     ideal = [plain_step * f for f in forwards]
@@ -196,7 +196,7 @@ def exactness_arm(model: Any, new_tokens: int = 48) -> dict[str, Any]:
             recorded = torch.stack([step[i] for step in out.logits]).float()
             worst = max(worst, float((recorded - fresh).abs().max()))
         scale = float(fresh.abs().max())
-        result[cache] = {"rewinds": out.backstep_stats.backsteps, "max_abs_diff": worst, "logit_scale": scale}
+        result[cache] = {"rewinds": out.backstep_stats.rewinds, "max_abs_diff": worst, "logit_scale": scale}
     return result
 
 

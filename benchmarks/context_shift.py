@@ -6,7 +6,7 @@ seconds-long check, ``--smollm2`` to add the SmolLM2-135M-Instruct arm (window f
 prompt, 3,000 tokens). Results: ``<out>/context_shift.json``, ``<out>/context_shift.md`` and
 ``<out>/context_shift.png``.
 
-Design. Every run is Method 4 + endings (``BackstepConfig.dynamic(10, end_phrases="default")``) sampling at
+Design. Every run is Method 4 + endings (``BackstepConfig.method4(10, end_phrases="default")``) sampling at
 T 1.0, top-k 50, with ``torch.manual_seed(seed)`` before it; the arms differ only in ``window``:
 ``ContextShift(method="reprefill")``, ``ContextShift(method="rerotate")`` or none (positions run past the
 model's 512, as before issue 17). The whole text of a run is scored once by the judge (stories260K, its own
@@ -115,7 +115,7 @@ def backstep(arm: str, limit: int | None, chat: bool = False) -> BackstepConfig:
     window = None if arm == "none" else ContextShift(method=arm, limit=limit)  # type: ignore[arg-type]
     if chat:
         return BackstepConfig.chat(window=window)
-    return BackstepConfig.dynamic(10, end_phrases="default", window=window)
+    return BackstepConfig.method4(10, end_phrases="default", window=window)
 
 
 def generate(model: Any, tokenizer: Any, texts: list[str], arm: str, seed: int, s: Settings) -> list[Run]:
@@ -259,7 +259,7 @@ def evaluate(runs: list[Run], judge: Any, tokenizer: Any, s: Settings, limit: in
         "peak_cache_slots": peak,
         "left_padding": pad if runs[0].batch > 1 else 0,
         "context_shifts": sum(r.stats["context_shifts"] for r in runs),
-        "backsteps": sum(r.stats["backsteps"] for r in runs),
+        "backsteps": sum(r.stats["rewinds"] for r in runs),
         "seconds_per_token_first": sum(first) / len(first) if first else None,
         "seconds_per_token_last": sum(last) / len(last) if last else None,
         "time_ratio_last_vs_first": time_ratio,

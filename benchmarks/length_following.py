@@ -13,7 +13,7 @@ top-p 0.9. The limit is ``max_new_tokens = 2 * TOKENS_PER_WORD * N`` (twice the 
 
 * baseline -- plain ``generate()``;
 * min_new_tokens -- transformers' ``min_new_tokens = TOKENS_PER_WORD * N`` (EOS masked until then);
-* Method 4 -- ``BackstepConfig.dynamic(10, 2.0)``: rewinds every end, to the limit;
+* Method 4 -- ``BackstepConfig.method4(10, 2.0)``: rewinds every end, to the limit;
 * length mode -- ``BackstepConfig.chat(min_words=N)``: rewinds ends before N words, accepts the model's own end
   after, lands before the limit;
 * length mode + DRY -- the same with :class:`~perpetual_logits.DRYLogitsProcessor` (non-adjacent repeats).
@@ -77,7 +77,7 @@ Arm = Callable[[Context], dict[str, Any]]
 ARMS: dict[str, Arm] = {
     "baseline": lambda ctx: {"backstep": False},
     "min_new_tokens": lambda ctx: {"backstep": False, "min_new_tokens": round(TOKENS_PER_WORD * ctx.words)},
-    "Method 4 (to the limit)": lambda ctx: {"backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK)},
+    "Method 4 (to the limit)": lambda ctx: {"backstep": pl.BackstepConfig.method4(N_REMOVE, PEAK)},
     "length mode": lambda ctx: {"backstep": pl.BackstepConfig.chat(min_words=ctx.words), "tokenizer": ctx.tokenizer},
     "length mode + DRY": lambda ctx: {
         "backstep": pl.BackstepConfig.chat(min_words=ctx.words),

@@ -4,9 +4,9 @@ TinyStories-656K, batches 1 and 32 (``--batches``), per decoding step, in one ru
 repeat runs every arm once, from a rotating start; one untimed warm-up each), on the process's CPU time (one torch
 thread):
 
-* ``dynamic`` -- ``BackstepConfig.dynamic(10)`` (the reference: EOS rule only);
+* ``dynamic`` -- ``BackstepConfig.method4(10)`` (the reference: EOS rule only);
 * ``chat`` -- ``BackstepConfig.chat()`` (chat endings and regexes, loop rewinds);
-* ``ban_N`` -- ``BackstepConfig.dynamic(10, ban_phrases=<N random 2-3-word phrases>)`` (``--phrases``, default
+* ``ban_N`` -- ``BackstepConfig.method4(10, ban_phrases=<N random 2-3-word phrases>)`` (``--phrases``, default
   10,000; words drawn with a fixed seed from the tokenizer's alphabetic pieces).
 
 **No rewind happening** (issue 21's condition), kept honestly: every rule still reads every token, the text simply
@@ -108,12 +108,12 @@ def marker_piece_ids(tokenizer: Any) -> list[int]:
 
 def configs(tokenizer: Any, phrases: int, avoid: Iterable[str] = ()) -> dict[str, BackstepConfig]:
     return {
-        "dynamic": BackstepConfig.dynamic(10),
+        "dynamic": BackstepConfig.method4(10),
         "chat": BackstepConfig.chat(),
         # The preset's rules alone: the landing (issue 16) reads each row's text too, and may cut a row back at
         # the limit (so its tokens are compared as a prefix).
         "chat_no_landing": BackstepConfig.chat(landing=False),
-        f"ban_{phrases}": BackstepConfig.dynamic(10, ban_phrases=random_phrases(tokenizer, phrases, avoid=avoid)),
+        f"ban_{phrases}": BackstepConfig.method4(10, ban_phrases=random_phrases(tokenizer, phrases, avoid=avoid)),
     }
 
 
@@ -187,7 +187,7 @@ def screen_seeds(run: Runner, repeats: int, tries: int) -> tuple[list[int], list
         seed = FIRST_SEED + tried
         tried += 1
         _, out = run(chat, seed)
-        if out.backstep_stats.backsteps == 0:
+        if out.backstep_stats.rewinds == 0:
             seeds.append(seed)
             texts += run.tokenizer.batch_decode(out.sequences)
     if not seeds:
@@ -250,7 +250,7 @@ def measure(
             seconds, out = run(arms[name], seeds[r])
             per_step[name].append(seconds / tokens)
             per_forward[name].append(seconds / max(1, out.backstep_stats.decode_forwards))
-            rewinds[name] += out.backstep_stats.backsteps
+            rewinds[name] += out.backstep_stats.rewinds
             first = reference.setdefault(r, out.sequences)
             same[name] = same[name] and _agree(first, out.sequences, prompt_length, padding)
     ref = per_step["dynamic"]
@@ -290,7 +290,7 @@ def markdown(out: dict[str, Any]) -> str:
     )
     lines = [
         f"Policy cost, TinyStories-656K, {out['tokens']} tokens, {out['repeats']} repeats, CPU time per step "
-        f"({condition}). Ratios to `BackstepConfig.dynamic(10)` in the same run.",
+        f"({condition}). Ratios to `BackstepConfig.method4(10)` in the same run.",
         "",
         "| batch | arm | ms/step | ratio (of medians) | paired min-max | ms/forward | policy alone us/row/token "
         "| policy build s | rewinds | same tokens |",

@@ -101,7 +101,7 @@ def _dry(tokenizer: Any) -> list[Any]:
     return [DRYLogitsProcessor.from_tokenizer(tokenizer)]
 
 
-LOOPS = perpetual_logits.LoopRewinds()
+LOOPS = perpetual_logits.LoopDetection()
 SCHEDULE = f"LinearDecay({PEAK}, {N_REMOVE})"
 #: Every arm, in table order; an arm is one line.
 ARMS: tuple[Arm, ...] = (
@@ -112,8 +112,8 @@ ARMS: tuple[Arm, ...] = (
     Arm("Method 4", "dynamic", f"backstep + {SCHEDULE}"),
     Arm("Method 4 + endings rewound", "dynamic+phrases", "end_phrases='default'"),
     Arm("Method 4 + ban at phrase start", "dynamic", "ban_phrases='default'", {"ban_phrases": "default"}),
-    Arm("Method 4 + loop rewinds", "dynamic", "loops=LoopRewinds()", {"loops": LOOPS}),
-    Arm("Method 4 + endings + loops", "dynamic+phrases", "end_phrases='default' + LoopRewinds()", {"loops": LOOPS}),
+    Arm("Method 4 + loop rewinds", "dynamic", "loops=LoopDetection()", {"loops": LOOPS}),
+    Arm("Method 4 + endings + loops", "dynamic+phrases", "end_phrases='default' + LoopDetection()", {"loops": LOOPS}),
     Arm("Method 1 + repetition penalty", "suppress", "repetition_penalty=1.3", kwargs={"repetition_penalty": 1.3}),
     Arm("Method 1 + no-repeat 4-grams", "suppress", "no_repeat_ngram_size=4", kwargs={"no_repeat_ngram_size": 4}),
     Arm("Method 1 + DRY", "suppress", "DRYLogitsProcessor.from_tokenizer(tokenizer), defaults", processors=_dry),

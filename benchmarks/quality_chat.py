@@ -78,25 +78,25 @@ ARMS: dict[str, Arm] = {
         "logits_processor": [pl.PostEOSResamplingLogitsProcessor(ctx.eos, schedule=pl.LinearDecay(PEAK, N_REMOVE))],
     },
     "Method 3: backstep": lambda ctx: {"backstep": pl.BackstepConfig(n_remove=N_REMOVE)},
-    "Method 4: backstep + dynamic T": lambda ctx: {"backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK)},
+    "Method 4: backstep + dynamic T": lambda ctx: {"backstep": pl.BackstepConfig.method4(N_REMOVE, PEAK)},
     "Method 4 + repetition_penalty=1.3": lambda ctx: {
-        "backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK),
+        "backstep": pl.BackstepConfig.method4(N_REMOVE, PEAK),
         "repetition_penalty": 1.3,
     },
     "Method 4 + no_repeat_ngram_size=4": lambda ctx: {
-        "backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK),
+        "backstep": pl.BackstepConfig.method4(N_REMOVE, PEAK),
         "no_repeat_ngram_size": 4,
     },
     "Method 4 + DRY": lambda ctx: {
-        "backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK),
+        "backstep": pl.BackstepConfig.method4(N_REMOVE, PEAK),
         "logits_processor": [DRYLogitsProcessor.from_tokenizer(ctx.tokenizer)],
     },
     "Method 4 + chat endings rewound": lambda ctx: {
-        "backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK, end_phrases="chat"),
+        "backstep": pl.BackstepConfig.method4(N_REMOVE, PEAK, end_phrases="chat"),
         "tokenizer": ctx.tokenizer,
     },
     "Method 4 + loop rewinds": lambda ctx: {
-        "backstep": pl.BackstepConfig.dynamic(N_REMOVE, PEAK, loops=pl.LoopRewinds()),
+        "backstep": pl.BackstepConfig.method4(N_REMOVE, PEAK, loops=pl.LoopDetection()),
         "tokenizer": ctx.tokenizer,
     },
     "chat preset (BackstepConfig.chat())": lambda ctx: {

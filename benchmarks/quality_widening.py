@@ -118,17 +118,17 @@ def make_processor(arm: str, eos: int) -> Any:
         return pl.PostEOSResamplingLogitsProcessor(eos, schedule=schedule)
     if arm == "temperature + top-k 200":
         return pl.PostEOSResamplingLogitsProcessor(
-            eos, schedule=schedule, widen=pl.Widen(top_k=200), truncation=configured
+            eos, schedule=schedule, widen=pl.Widening(top_k=200), truncation=configured
         )
     if arm == "temperature + full vocab":
         return pl.PostEOSResamplingLogitsProcessor(
-            eos, schedule=schedule, widen=pl.Widen(top_k=0), truncation=configured
+            eos, schedule=schedule, widen=pl.Widening(top_k=0), truncation=configured
         )
     if arm == "top-k 200, no temperature":
         return pl.PostEOSResamplingLogitsProcessor(
             eos,
             schedule=pl.Constant(1.0, steps=1),
-            widen=pl.Widen(top_k=200, schedule=schedule),
+            widen=pl.Widening(top_k=200, schedule=schedule),
             truncation=configured,
         )
     raise ValueError(f"`arm` must be one of {list(ARMS)}, got {arm!r}")

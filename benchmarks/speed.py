@@ -337,7 +337,7 @@ def processor_arms(model: Any, prompt: torch.Tensor, eos: int, settings: SpeedSe
             )
             stats = out.backstep_stats
             return out.sequences.shape[1] - prompt.shape[1], {
-                "backsteps": stats.backsteps,
+                "backsteps": stats.rewinds,
                 "decode_forwards": stats.decode_forwards,
             }
 
@@ -404,7 +404,7 @@ def backstep_arms(model: Any, prompt: torch.Tensor, eos: int, settings: SpeedSet
             new = int((seqs[:, prompt.shape[1] :] != kw["pad_token_id"]).sum())
             final_length = seqs.shape[1]
             return new, {
-                "backsteps": stats.backsteps,
+                "backsteps": stats.rewinds,
                 "removed_tokens": stats.removed_tokens,
                 "deep_rewinds": stats.deep_rewinds,
                 "decode_forwards": stats.decode_forwards,

@@ -6,8 +6,8 @@ No engine: the processor is called on random logits of a batch, as vLLM's V1 sam
 * ``schedule``: the temperature schedule alone (what the driver sent before early triggers and widening);
 * ``early``: + ``EarlyTrigger(8, eos_threshold=0.1)`` (P(EOS) per row per step);
 * ``early, entropy``: + ``entropy_slope`` (the entropy too);
-* ``widen top-k``: + ``Widen(top_k=200)`` around top-k 50 (the processor truncates; vLLM does not);
-* ``widen top-k + top-p``: + ``Widen(top_k=200, top_p=0.99)`` around top-k 50, top-p 0.95 (a sort per step);
+* ``widen top-k``: + ``Widening(top_k=200)`` around top-k 50 (the processor truncates; vLLM does not);
+* ``widen top-k + top-p``: + ``Widening(top_k=200, top_p=0.99)`` around top-k 50, top-p 0.95 (a sort per step);
 * ``vllm top-k`` / ``vllm top-k + top-p`` (with vLLM installed): vLLM's own truncation of the same batch,
   which the widen arms replace (the driver turns it off for their requests).
 
@@ -32,17 +32,17 @@ import perpetual_logits.vllm as plv
 SCHEDULE = pl.LinearDecay(2.0, 10)
 
 
-def _settings(early: pl.EarlyTrigger | None, widen: pl.Widen | None, configured: pl.Truncation, row: int) -> Any:
+def _settings(early: pl.EarlyTrigger | None, widen: pl.Widening | None, configured: pl.Truncation, row: int) -> Any:
     ours: dict[str, Any] = {"eos": [2], "schedule": {**plv.schedule_table(SCHEDULE).to_data(), "started": 0}}
     if early is not None:
         ours["early"] = plv.EarlySettings.of(early, f"row-{row}", 0).to_data()
     if widen is not None:
         ours["widen"] = plv.WidenSettings.of(widen, SCHEDULE, configured).to_data()
-    return {plv.KEY: ours}
+    return {plv.EXTRA_ARGS_KEY: ours}
 
 
 def processor_arm(
-    batch: int, early: pl.EarlyTrigger | None, widen: pl.Widen | None, configured: pl.Truncation
+    batch: int, early: pl.EarlyTrigger | None, widen: pl.Widening | None, configured: pl.Truncation
 ) -> Callable[[torch.Tensor], None]:
     """A processor holding ``batch`` requests; returns one step as a callable."""
     proc = plv.PerpetualLogitsProcessor(None, torch.device("cpu"), False)
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         "schedule": processor_arm(args.batch, None, None, top_k),
         "early": processor_arm(args.batch, early, None, top_k),
         "early, entropy": processor_arm(args.batch, pl.EarlyTrigger(8, 0.1, entropy_slope=0.5), None, top_k),
-        "widen top-k": processor_arm(args.batch, None, pl.Widen(top_k=200), top_k),
-        "widen top-k + top-p": processor_arm(args.batch, None, pl.Widen(top_k=200, top_p=0.99), top_kp),
+        "widen top-k": processor_arm(args.batch, None, pl.Widening(top_k=200), top_k),
+        "widen top-k + top-p": processor_arm(args.batch, None, pl.Widening(top_k=200, top_p=0.99), top_kp),
         "vllm top-k": vllm_arm(50, None),
         "vllm top-k + top-p": vllm_arm(50, 0.95),
     }

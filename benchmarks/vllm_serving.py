@@ -7,8 +7,8 @@ Arms, per prompt count (8 and 64 chat prompts, ``--max-tokens`` final tokens eac
 
 * ``vllm plain``: ``llm.generate`` -- answers end at EOS, so fewer tokens;
 * ``vllm plain, ignore_eos``: every request writes ``max_tokens`` (the work the backstep arm must at least do);
-* ``vllm backstep``: :func:`perpetual_logits.vllm.generate` with ``BackstepConfig.dynamic(n_remove)``;
-* ``hf backstep``: ``make_perpetual(model).generate(..., backstep=BackstepConfig.dynamic(n_remove))`` on one
+* ``vllm backstep``: :func:`perpetual_logits.vllm.generate` with ``BackstepConfig.method4(n_remove)``;
+* ``hf backstep``: ``make_perpetual(model).generate(..., backstep=BackstepConfig.method4(n_remove))`` on one
   left-padded batch of all prompts;
 * with ``--chat-arms``: ``vllm chat preset`` (``BackstepConfig.chat(n_remove)``: endings, loops) and ``vllm chat
   preset, no phrases/loops`` (the same without ``end_phrases`` and ``loops``); the report gives their
@@ -97,7 +97,7 @@ def run_hf(model_path: str, prompts: list[list[int]], max_tokens: int, n_remove:
             temperature=1.0,
             max_new_tokens=max_tokens,
             pad_token_id=pad,
-            backstep=pl.BackstepConfig.dynamic(n_remove),
+            backstep=pl.BackstepConfig.method4(n_remove),
             return_dict_in_generate=True,
         )
     wall = time.perf_counter() - start
@@ -197,7 +197,7 @@ def run_vllm_arms(
 
         chat_config = pl.BackstepConfig.chat(n_remove)
         bare_config = pl.BackstepConfig.chat(n_remove, end_phrases=None, loops=None)
-        arms = [("vllm backstep", pl.BackstepConfig.dynamic(n_remove))]
+        arms = [("vllm backstep", pl.BackstepConfig.method4(n_remove))]
         if chat_arms:
             arms += [("vllm chat preset", chat_config), ("vllm chat preset, no phrases/loops", bare_config)]
         for arm, config in arms:
@@ -271,7 +271,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
         "## Serving: backstep on vLLM",
         "",
         f"SmolLM2-135M-Instruct, chat prompts, {args.max_tokens} final tokens per prompt, temperature 1.0, "
-        f"`BackstepConfig.dynamic({args.n_remove})`; {meta['machine']}; vLLM {meta.get('vllm', '?')} (CPU build, "
+        f"`BackstepConfig.method4({args.n_remove})`; {meta['machine']}; vLLM {meta.get('vllm', '?')} (CPU build, "
         "V1 model runner, eager, float32). Wall time excludes engine start-up; one run per arm."
         + (f" Each prompt starts with {args.context} copies of a ~40-token passage." if args.context else ""),
         "",

@@ -7,8 +7,11 @@ Methods 1 and 2 are ``LogitsProcessor``s; Methods 3 and 4 (backstep generation w
 :mod:`perpetual_logits.criteria`; :mod:`perpetual_logits.app` is the command line and its runs.
 """
 
+from typing import TYPE_CHECKING
+
 from ._compat import check_transformers_version
 from ._moved import install as _install_moved_modules
+from ._moved import old_names as _old_names
 
 check_transformers_version()
 _install_moved_modules()
@@ -17,23 +20,22 @@ from .analysis import StepStats, StepStatsRecorder, blockwise, eos_window, step_
 from .analysis.plotting import plot_blockwise, plot_eos_window  # noqa: E402
 from .backstep import (  # noqa: E402
     BackstepConfig,
-    BackstepEvent,
     BackstepOutput,
     BackstepStats,
     Landing,
-    LoopRewinds,
+    LoopDetection,
+    RewindEvent,
 )
 from .backstep.window import ContextShift  # noqa: E402
 from .criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria  # noqa: E402
 from .dry import DRYLogitsProcessor  # noqa: E402
 from .mixin import PerpetualGenerationMixin, make_perpetual  # noqa: E402
-from .processor_list import take_over_truncation  # noqa: E402
 from .processors import (  # noqa: E402
     EOSLogitsProcessor,
     PostEOSResamplingLogitsProcessor,
     SuppressEOSLogitsProcessor,
 )
-from .protocol import Rewind, RewindRule, RowState, RowView  # noqa: E402
+from .protocol import RewindRule, RewindTo, RowState, RowView  # noqa: E402
 from .schedules import (  # noqa: E402
     Constant,
     CosineDecay,
@@ -47,20 +49,31 @@ from .text.matcher import PhraseMatch, PhraseMatcher, PhraseScan  # noqa: E402
 from .text.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids  # noqa: E402
 from .triggers import EarlyTrigger  # noqa: E402
 from .truncation import (  # noqa: E402
-    RowTruncation,
     Truncation,
-    TruncationSchedule,
-    Widen,
+    Widening,
 )
 
 __version__ = "0.1.0"
+
+if not TYPE_CHECKING:  # renamed public names, and internals that left the public names, for one release
+    __getattr__ = _old_names(
+        __name__,
+        {
+            "BackstepEvent": (__name__, "RewindEvent"),
+            "LoopRewinds": (__name__, "LoopDetection"),
+            "Rewind": (__name__, "RewindTo"),
+            "Widen": (__name__, "Widening"),
+            "RowTruncation": (f"{__name__}.truncation", "RowTruncation"),
+            "TruncationSchedule": (f"{__name__}.truncation", "TruncationSchedule"),
+            "take_over_truncation": (f"{__name__}.processor_list", "take_over_truncation"),
+        },
+    )
 
 __all__ = [
     "CHAT_CLOSING_PHRASES",
     "CHAT_END_TOKENS",
     "ENDING_PHRASES",
     "BackstepConfig",
-    "BackstepEvent",
     "BackstepOutput",
     "BackstepStats",
     "Constant",
@@ -74,18 +87,18 @@ __all__ = [
     "ExponentialDecay",
     "Landing",
     "LinearDecay",
+    "LoopDetection",
     "LoopMatch",
-    "LoopRewinds",
     "PerpetualGenerationMixin",
     "PhraseMatch",
     "PhraseMatcher",
     "PhraseScan",
     "PostEOSResamplingLogitsProcessor",
     "RepetitionLoopCriteria",
-    "Rewind",
+    "RewindEvent",
     "RewindRule",
+    "RewindTo",
     "RowState",
-    "RowTruncation",
     "RowView",
     "Schedule",
     "StepDecay",
@@ -93,8 +106,7 @@ __all__ = [
     "StepStatsRecorder",
     "SuppressEOSLogitsProcessor",
     "Truncation",
-    "TruncationSchedule",
-    "Widen",
+    "Widening",
     "__version__",
     "blockwise",
     "default_end_phrases",
@@ -106,5 +118,4 @@ __all__ = [
     "plot_blockwise",
     "plot_eos_window",
     "step_stats",
-    "take_over_truncation",
 ]

@@ -1,4 +1,4 @@
-"""Old module paths, kept importable for one release after their modules moved into a wing.
+"""Old module paths and old names, kept importable for one release after they moved or were renamed.
 
 The package groups its modules in wings (``app/``, ``analysis/``, ``text/``) and one module edits generate()'s
 processor list (``processor_list``). Code written against an old path (``import perpetual_logits.phrases``,
@@ -8,6 +8,9 @@ home. Nothing here is imported under the old names by the package itself.
 
 There are no files at the old paths on purpose: a moved file is then a rename that git follows, so work on the
 old file merges into the new one.
+
+A name that moved between modules, was renamed or left the package's public names is handed on by the old
+module's ``__getattr__`` (:func:`old_names`), with a warning that names it as it is now.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["MOVED", "MovedModules", "install", "moved_names"]
+__all__ = ["MOVED", "MovedModules", "install", "moved_names", "old_names"]
 
 #: Old module name -> its new home(s). A module that was split has two homes; the old name offers the names of both.
 MOVED: dict[str, tuple[str, ...]] = {
@@ -106,16 +109,50 @@ def moved_names(module: str, home: str, names: Collection[str]) -> Callable[[str
 
     ```
     """
+    return old_names(module, {name: (home, name) for name in names})
+
+
+def old_names(module: str, table: Mapping[str, tuple[str, str]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that hands on names kept for one release under an old name or in an old place.
+
+    Args:
+        module (`str`): the module the ``__getattr__`` belongs to (``__name__``).
+        table (`Mapping[str, tuple[str, str]]`): old name -> (the module that holds it now, its name there). A
+            name that kept its spelling moved; one that changed it was renamed. The warning says which, and
+            names the new place.
+
+    Example:
+
+    ```python
+    >>> import warnings
+    >>> import perpetual_logits as pl
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     old = pl.Widen
+    >>> old is pl.Widening
+    True
+    >>> print(caught[0].message)
+    `perpetual_logits.Widen` was renamed `perpetual_logits.Widening`; use the new name (the old one will be removed
+    in the next release)
+
+    ```
+    """
 
     def __getattr__(name: str) -> Any:
-        if name not in names:
+        if name not in table:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        warnings.warn(
-            f"`{module}.{name}` moved to `{home}.{name}`; import it from there "
-            "(the old name will be removed in the next release)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(home), name)
+        home, new = table[name]
+        if new == name:
+            message = (
+                f"`{module}.{name}` moved to `{home}.{name}`; import it from there "
+                "(the old name will be removed in the next release)"
+            )
+        else:
+            message = (
+                f"`{module}.{name}` was renamed `{home}.{new}`; use the new name "
+                "(the old one will be removed in the next release)"
+            )
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(home), new)
 
     return __getattr__

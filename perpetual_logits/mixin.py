@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationMixin
 
 from .backstep import BackstepConfig, BackstepLoop
-from .backstep.events import BackstepEvent, BackstepStats
+from .backstep.events import BackstepStats, RewindEvent
 from .processor_list import check_no_double_truncation
 from .protocol import PerCallState
 
@@ -78,7 +78,7 @@ class _CallScope:
 
 
 # This thread's latest backstep result: it outlives the call, so it is kept apart from the call's scope.
-_LAST: contextvars.ContextVar[tuple[list[list[BackstepEvent]], BackstepStats] | None] = contextvars.ContextVar(
+_LAST: contextvars.ContextVar[tuple[list[list[RewindEvent]], BackstepStats] | None] = contextvars.ContextVar(
     "perpetual_backstep_last", default=None
 )
 
@@ -104,12 +104,12 @@ class PerpetualGenerationMixin(GenerationMixin):
     backstep_tokenizer: Any = None
 
     @property
-    def last_backstep(self) -> tuple[list[list[BackstepEvent]], BackstepStats] | None:
+    def last_backstep(self) -> tuple[list[list[RewindEvent]], BackstepStats] | None:
         """``(events, stats)`` of this thread's latest backstep ``generate()`` call, or ``None``."""
         return _LAST.get()
 
     @last_backstep.setter
-    def last_backstep(self, value: tuple[list[list[BackstepEvent]], BackstepStats] | None) -> None:
+    def last_backstep(self, value: tuple[list[list[RewindEvent]], BackstepStats] | None) -> None:
         _LAST.set(value)
 
     def event_counts(self, batch_size: int) -> list[int]:

@@ -225,7 +225,7 @@ def take_over_truncation(processors: Iterable[LogitsProcessor]) -> tuple[LogitsP
 
     ```python
     >>> from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-    >>> from perpetual_logits import take_over_truncation
+    >>> from perpetual_logits.processor_list import take_over_truncation
     >>> warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)])
     >>> new, rows = take_over_truncation(warpers)
     >>> [type(p).__name__ for p in new], rows.configured

@@ -38,7 +38,7 @@ from .distributions import eos_on_top, eos_probability, may_hold_lone_eos, resto
 from .protocol import PerCallState, RowState
 from .schedules import FactorTable, LinearDecay, Schedule, factor_table, multipliers
 from .triggers import EarlyTrigger
-from .truncation import Truncation, TruncationSchedule, Widen, truncate_rows
+from .truncation import Truncation, TruncationSchedule, Widening, truncate_rows
 
 __all__ = [
     "EOSLogitsProcessor",
@@ -361,7 +361,7 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         early_trigger (`EarlyTrigger`, *optional*): also restart the schedule *before* EOS is chosen, when a
             row's EOS probability averaged over a window, or its entropy trend, says an ending is near (the
             statistics of the scores this processor sees). See :class:`~perpetual_logits.EarlyTrigger`.
-        widen (`Widen`, *optional*): top-k / top-p / min-p at an eviction; they return to ``truncation`` with
+        widen (`Widening`, *optional*): top-k / top-p / min-p at an eviction; they return to ``truncation`` with
             ``widen.schedule`` (default: ``schedule``). Requires ``truncation``.
         truncation (`Truncation`, *optional*): the top-k / top-p / min-p / temperature you sample with; only
             with ``widen`` (then the processor owns truncation, see above).
@@ -389,7 +389,7 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
         schedule: Schedule | None = None,
         trigger: str | float = "sample",
         early_trigger: EarlyTrigger | None = None,
-        widen: Widen | None = None,
+        widen: Widening | None = None,
         truncation: Truncation | None = None,
     ) -> None:
         if early_trigger is not None and not isinstance(early_trigger, EarlyTrigger):
@@ -419,8 +419,8 @@ class PostEOSResamplingLogitsProcessor(EOSLogitsProcessor):
                     "`truncation` must be a Truncation stating the top_k/top_p/min_p/temperature you sample with "
                     f"when `widen` is given (got {truncation!r}); call generate() with **processor.generate_kwargs()"
                 )
-            if not isinstance(widen, Widen):
-                raise ValueError(f"`widen` must be a Widen when `truncation` is given, got {widen!r}")
+            if not isinstance(widen, Widening):
+                raise ValueError(f"`widen` must be a Widening when `truncation` is given, got {widen!r}")
             self._truncation_plan = TruncationSchedule(truncation, widen, schedule)
         super().__init__(eos_token_id)
 

@@ -6,7 +6,7 @@ and :meth:`RowState.finish` when a row is done. Units are found with ``isinstanc
 derives from :class:`RowState` is told about rewinds too.
 
 A :class:`RewindRule` decides *whether* to rewind: after each new token of a row it returns ``None`` (keep) or
-a :class:`Rewind` (cut back to a position, forbid tokens there, restart the temperature schedule). The loop's
+a :class:`RewindTo` (cut back to a position, forbid tokens there, restart the temperature schedule). The loop's
 own reasons -- a sampled EOS, a completed ending phrase, a banned phrase, a repetition loop -- are such rules,
 and users can write their own.
 """
@@ -16,8 +16,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-__all__ = ["PerCallState", "Rewind", "RewindRule", "RowState", "RowView"]
+from ._moved import old_names
+
+if not TYPE_CHECKING:  # the old name, for one release
+    __getattr__ = old_names(__name__, {"Rewind": (__name__, "RewindTo")})
+
+__all__ = ["PerCallState", "RewindRule", "RewindTo", "RowState", "RowView"]
 
 
 class RowState(ABC):
@@ -68,7 +74,7 @@ class RowView:
 
 
 @dataclass(frozen=True)
-class Rewind:
+class RewindTo:
     """A rule's request: cut the row back to ``position`` tokens and regenerate from there.
 
     The loop never cuts into the prompt or into tokens already final (streamed); it clamps ``position``.
@@ -123,8 +129,8 @@ class RewindRule(RowState):
         """Stateless by default."""
 
     @abstractmethod
-    def check(self, view: RowView) -> Rewind | None:
-        """Return ``None`` to keep the new token, or a :class:`Rewind`."""
+    def check(self, view: RowView) -> RewindTo | None:
+        """Return ``None`` to keep the new token, or a :class:`RewindTo`."""
 
     def held(self, row: int) -> int:
         """Trailing tokens of ``row`` this rule may still take back (kept from the streamer)."""

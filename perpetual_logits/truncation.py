@@ -6,7 +6,7 @@ thresholds"). transformers configures truncation once per ``generate()`` call, f
 
 * :func:`truncate_rows` applies top-k, then top-p, then min-p with a value per row. Row by row it gives exactly
   what transformers' warpers give in that order (tested on random logits, ties and ``-inf`` included).
-* :class:`Truncation` states the configured values (what ``generate()`` would apply); :class:`Widen` states
+* :class:`Truncation` states the configured values (what ``generate()`` would apply); :class:`Widening` states
   the wider values at the event and, optionally, the schedule that brings them back.
 * :class:`TruncationSchedule` turns steps-since-the-event into per-row values.
 * :class:`RowTruncation` is a ``LogitsProcessor`` with per-row values the caller sets before each step, and
@@ -20,7 +20,7 @@ back to the configured one in the same proportion::
     value(s) = (1 - w(s)) * configured + w(s) * wide
     top_k(s) = round(...)                   # top_k=0 ("off") counts as the vocabulary size here
 
-With ``LinearDecay(2.0, 10)``, ``configured top_k=50`` and ``Widen(top_k=200)``, five steps after the event the
+With ``LinearDecay(2.0, 10)``, ``configured top_k=50`` and ``Widening(top_k=200)``, five steps after the event the
 multiplier is 1.5 (half-way back) and top-k is 125. A schedule whose peak is 1.0 (``Constant(1.0, steps=5)``)
 keeps the wide values for its ``length`` steps.
 """
@@ -34,14 +34,19 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers import LogitsProcessor
 
-from ._moved import moved_names
+from ._moved import old_names
 from .schedules import Schedule
 
-if not TYPE_CHECKING:  # names that moved to the processor-list module, for one release
-    __getattr__ = moved_names(
+if not TYPE_CHECKING:  # names that moved to the processor-list module or were renamed, for one release
+    __getattr__ = old_names(
         __name__,
-        "perpetual_logits.processor_list",
-        {"check_no_double_truncation", "configured_truncation", "take_over_truncation"},
+        {
+            **{
+                name: ("perpetual_logits.processor_list", name)
+                for name in ("check_no_double_truncation", "configured_truncation", "take_over_truncation")
+            },
+            "Widen": (__name__, "Widening"),
+        },
     )
 
 __all__ = [
@@ -49,7 +54,7 @@ __all__ = [
     "RowValues",
     "Truncation",
     "TruncationSchedule",
-    "Widen",
+    "Widening",
     "truncate_rows",
 ]
 
@@ -127,7 +132,7 @@ class Truncation:
 
 
 @dataclass(frozen=True)
-class Widen:
+class Widening:
     """Wider truncation right after an event (an eviction, a rewind), back to the configured one on a schedule.
 
     Each value is the setting at the event (schedule step 0); ``None`` leaves that truncation as configured.
@@ -144,9 +149,10 @@ class Widen:
     Example:
 
     ```python
-    >>> from perpetual_logits import LinearDecay, Truncation, TruncationSchedule, Widen
+    >>> from perpetual_logits import LinearDecay, Truncation, Widening
+    >>> from perpetual_logits.truncation import TruncationSchedule
     >>> import torch
-    >>> plan = TruncationSchedule(Truncation(top_k=50), Widen(top_k=200), LinearDecay(2.0, 10))
+    >>> plan = TruncationSchedule(Truncation(top_k=50), Widening(top_k=200), LinearDecay(2.0, 10))
     >>> plan.row_values(torch.tensor([0, 5, 10, 0]), torch.tensor([True, True, True, False]), 2048).top_k
     tensor([200, 125,  50,  50])
 
@@ -160,7 +166,7 @@ class Widen:
 
     def __post_init__(self) -> None:
         if self.top_k is None and self.top_p is None and self.min_p is None:
-            raise ValueError("`Widen` needs at least one of `top_k`, `top_p`, `min_p`")
+            raise ValueError("`Widening` needs at least one of `top_k`, `top_p`, `min_p`")
         if self.top_k is not None:
             object.__setattr__(self, "top_k", _top_k(self.top_k))
         if self.top_p is not None:
@@ -218,16 +224,16 @@ class TruncationSchedule:
 
     Args:
         configured (`Truncation`): the values rows return to (and rows without an event keep).
-        widen (`Widen`): the values at the event.
+        widen (`Widening`): the values at the event.
         schedule (`Schedule`, *optional*): the way back; ``widen.schedule`` takes precedence. One of the two is
             required.
 
     Raises ``ValueError`` when a widened value is narrower than the configured one.
     """
 
-    def __init__(self, configured: Truncation, widen: Widen, schedule: Schedule | None = None) -> None:
-        if not isinstance(widen, Widen):
-            raise ValueError(f"`widen` must be a Widen, got {widen!r}")
+    def __init__(self, configured: Truncation, widen: Widening, schedule: Schedule | None = None) -> None:
+        if not isinstance(widen, Widening):
+            raise ValueError(f"`widen` must be a Widening, got {widen!r}")
         widen.check(configured)
         chosen = widen.schedule if widen.schedule is not None else schedule
         if not isinstance(chosen, Schedule):
@@ -397,7 +403,7 @@ class RowTruncation(LogitsProcessor):
 
     ```python
     >>> import torch
-    >>> from perpetual_logits import RowTruncation
+    >>> from perpetual_logits.truncation import RowTruncation
     >>> proc = RowTruncation(top_k=2)
     >>> scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
     >>> proc.set_rows(top_k=torch.tensor([2, 3]))

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import STORIES260K, TINYSTORIES, require_model_dir
+from support import STORIES260K, TINYSTORIES, require_model_dir
 
 from benchmarks import llama2c
 
@@ -213,7 +213,7 @@ def test_quality_smoke(tmp_path):
 @pytest.mark.slow
 def test_quality_chat_smoke(tmp_path):
     # SmolLM2 is slow on 2 cores: 2 prompts × 12 tokens × every arm, about 40 s.
-    from conftest import MODELS_DIR
+    from support import MODELS_DIR
 
     require_model_dir(MODELS_DIR / "smollm2-135m-instruct")
     from benchmarks import quality_chat
@@ -233,7 +233,7 @@ def test_quality_chat_smoke(tmp_path):
 @pytest.mark.slow
 def test_length_following_smoke_and_combined_report(tmp_path):
     # SmolLM2: one topic, 12 tokens, every arm.
-    from conftest import MODELS_DIR
+    from support import MODELS_DIR
 
     require_model_dir(MODELS_DIR / "smollm2-135m-instruct")
     from benchmarks import length_following

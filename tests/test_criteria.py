@@ -1,15 +1,17 @@
-"""RepetitionLoopCriteria and EvictionBudgetCriteria, by hand and inside plain generate()."""
+"""RepetitionLoopCriteria and EvictionBudgetCriteria, by hand, inside plain generate(), as a guard of backstep
+generation, and on TinyStories-656K."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import tiny_model
 from transformers import LogitsProcessor, StoppingCriteriaList
 
-from perpetual_logits import PostEOSResamplingLogitsProcessor
+import perpetual_logits as pl
+from perpetual_logits import BackstepConfig, PostEOSResamplingLogitsProcessor, make_perpetual
 from perpetual_logits.criteria import EventSource, EvictionBudgetCriteria, RepetitionLoopCriteria
 
 PAD = 0
@@ -199,3 +201,43 @@ def test_budget_stops_a_row_after_k_evictions_in_generate():
     assert (generated[0, 6:] == PAD).all() and (generated[0, :6] != PAD).all()
     assert (generated[1] != PAD).all() and generated.shape[1] == 20
     assert budget.counts(2)[1] == 0
+
+
+# --- guards ------------------------------------------------------------------------------------------------
+
+
+def test_budget_criterion_reads_live_backstep_counts() -> None:
+    model = make_perpetual(tiny_model("llama"))
+
+    class Boost(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            out = scores.clone()
+            out[:, 2] += 4.0
+            return out  # type: ignore[return-value]
+
+    torch.manual_seed(0)
+    out = model.generate(
+        torch.tensor([[1, 5, 6]]),
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=200,
+        logits_processor=[Boost()],
+        stopping_criteria=[pl.EvictionBudgetCriteria(model, max_events=3)],
+        backstep=BackstepConfig(n_remove=2),
+        return_dict_in_generate=True,
+    )
+    assert len(out.backstep_events[0]) == 3
+    assert out.sequences.shape[1] - 3 < 200  # stopped by the budget, not by max_new_tokens
+
+
+@pytest.mark.slow
+def test_tinystories_loop_criterion_leaves_a_story_alone(tinystories) -> None:
+    model, tokenizer = tinystories
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    criterion = pl.RepetitionLoopCriteria(min_span=2, max_span=16, repeats=3, prompt_length=ids.shape[1])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        plain = model.generate(ids, do_sample=True, max_new_tokens=300)
+        torch.manual_seed(seed)
+        guarded = model.generate(ids, do_sample=True, max_new_tokens=300, stopping_criteria=[criterion])
+        assert torch.equal(plain, guarded)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tokenizer, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import tiny_model, tiny_tokenizer
 
 from perpetual_logits.analysis.metrics import rep_n
 from perpetual_logits.dry import DRYLogitsProcessor, dry_penalties
@@ -69,7 +69,7 @@ def test_reduces_verbatim_repetition_in_generate():
 
 
 def test_from_tokenizer_and_validation():
-    tok = build_tokenizer()
+    tok = tiny_tokenizer()
     dry = DRYLogitsProcessor.from_tokenizer(tok, breakers=["z"])
     assert dry.sequence_breakers == {tok.convert_tokens_to_ids("z")}
     for kwargs, name in [

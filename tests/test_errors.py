@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import deadline, save_tiny_model
+from support import deadline, save_tiny_model
 
 from perpetual_logits import (
     Constant,
@@ -131,7 +131,7 @@ def test_continuation_is_still_recognised():
 
 
 def test_suppress_records_restart_for_a_new_prompt_in_generate():
-    from conftest import tiny_model
+    from support import tiny_model
 
     model = tiny_model("llama")
     proc = SuppressEOSLogitsProcessor(2)

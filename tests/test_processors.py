@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, BoostEOS, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import EOS, BoostEOS, tiny_model
 
 from perpetual_logits import (
     Constant,

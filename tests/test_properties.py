@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import deadline, save_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import deadline, save_tiny_model
 
 from perpetual_logits import (
     Constant,

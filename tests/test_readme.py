@@ -5,7 +5,7 @@ from __future__ import annotations
 import doctest
 
 import pytest
-from conftest import REPO, TINYSTORIES, require_model_dir
+from support import REPO, TINYSTORIES, require_model_dir
 
 
 @pytest.mark.slow
@@ -18,8 +18,9 @@ def test_readme_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.run(test, clear_globs=False)
     assert result.attempted > 10
     assert result.failed == 0, f"{result.failed} README example(s) failed; see the output above"
-    # The examples ran on the local copy, as the README tells offline readers to arrange.
-    assert test.globs["model_id"] == str(path)
+    # The examples ran on the local copy, as the README tells offline readers to arrange: the model and the
+    # tokenizer they used were loaded from it.
+    assert test.globs["model"].name_or_path == test.globs["tokenizer"].name_or_path == str(path)
 
 
 def test_architecture_section_names_every_room_and_only_rooms() -> None:

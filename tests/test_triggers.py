@@ -1,4 +1,5 @@
-"""EarlyTrigger: fires on a rising EOS probability or a falling entropy, with a cool-down, per row."""
+"""EarlyTrigger: fires on a rising EOS probability or a falling entropy, with a cool-down, per row; wired into
+Method 2 and the backstep schedule."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import tiny_model
+from transformers import LogitsProcessor
 
+import perpetual_logits as pl
+from perpetual_logits import BackstepConfig, make_perpetual
 from perpetual_logits.triggers import EarlyTrigger
 
 
@@ -194,3 +199,85 @@ def test_matches_reference_and_never_fires_within_cool_down(batch, window, thres
         fires = [i for i, f in enumerate(got) if f[row]]
         assert all(b - a >= window for a, b in pairwise(fires))
         assert not fires or fires[0] >= window - 1
+
+
+# --- inside generation ---------------------------------------------------------------------------------------
+
+
+class RisingEOS(LogitsProcessor):
+    """EOS probability rises step by step in the scores the processors after it see."""
+
+    def __init__(self, eos: int = 2) -> None:
+        self.eos = eos
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = scores.clone()
+        out[:, self.eos] = -5.0 + 1.0 * (input_ids.shape[1] - 3)
+        return out  # type: ignore[return-value]
+
+
+def rising_eos_model(eos: int = 2):
+    """A tiny model whose own (raw) EOS logit rises with the position: an ending announced in advance."""
+    model = make_perpetual(tiny_model("llama"))
+
+    def hook(module, args, kwargs, output):
+        position = kwargs["position_ids"][:, -1].float()
+        output.logits[:, -1, eos] = -5.0 + 1.0 * (position - 2)
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return model
+
+
+def test_early_trigger_restarts_the_method2_schedule_before_any_eviction() -> None:
+    model = tiny_model("llama")
+    trigger = EarlyTrigger(window=3, eos_threshold=0.05)
+    proc = pl.PostEOSResamplingLogitsProcessor(2, schedule=pl.LinearDecay(2.0, 4), trigger=0.99, early_trigger=trigger)
+    out = model.generate(
+        torch.tensor([[1, 5, 6]]),
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=14,
+        logits_processor=[RisingEOS(), proc],
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    early = proc.early_triggers[0]
+    assert early, "the rising EOS probability must fire the early trigger"
+    first = early[0]
+    assert all(first < e for e in proc.evictions[0])  # before EOS would have been chosen
+    # at the firing step the row is sampled at the schedule's peak: non-EOS scores are the raw logits / 2
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[2] = False
+    ratio = out.logits[first][0][keep] / out.scores[first][0][keep]
+    assert torch.allclose(ratio, torch.full_like(ratio, 2.0), rtol=1e-4)
+    if first > 0:
+        before = out.logits[first - 1][0][keep] / out.scores[first - 1][0][keep]
+        assert torch.allclose(before, torch.ones_like(before), rtol=1e-4)
+
+
+def test_early_trigger_starts_the_backstep_schedule() -> None:
+    model = rising_eos_model()
+    cfg = BackstepConfig(
+        n_remove=3,
+        schedule=pl.LinearDecay(2.0, 4),
+        early_trigger=EarlyTrigger(window=3, eos_threshold=0.05),
+    )
+    out = model.generate(
+        torch.tensor([[1, 5, 6]]),
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=12,
+        backstep=cfg,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    assert out.early_triggers[0], "fired on the rising EOS probability"
+    j = out.early_triggers[0][0]
+    assert j >= 2  # needs a full window first
+    ratio = (out.logits[j][0] / out.scores[j][0])[torch.isfinite(out.scores[j][0])]
+    # the step where it fired is sampled at the schedule's peak (raw logits / 2), EOS column aside
+    assert torch.allclose(ratio[:2], torch.full((2,), 2.0), rtol=1e-4)
+    assert out.backstep_stats.early_triggers == len(out.early_triggers[0])

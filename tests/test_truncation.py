@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, STORIES260K, TINYSTORIES, require_model_dir, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import EOS, STORIES260K, TINYSTORIES, require_model_dir, tiny_model
 from transformers import (
     GenerationConfig,
     LogitNormalization,
@@ -19,19 +19,9 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from perpetual_logits import (
-    Constant,
-    LinearDecay,
-    PostEOSResamplingLogitsProcessor,
-    RowTruncation,
-    StepDecay,
-    Truncation,
-    TruncationSchedule,
-    Widen,
-    take_over_truncation,
-)
-from perpetual_logits.processor_list import check_no_double_truncation, configured_truncation
-from perpetual_logits.truncation import truncate_rows, weight_table
+from perpetual_logits import Constant, LinearDecay, PostEOSResamplingLogitsProcessor, StepDecay, Truncation, Widening
+from perpetual_logits.processor_list import check_no_double_truncation, configured_truncation, take_over_truncation
+from perpetual_logits.truncation import RowTruncation, TruncationSchedule, truncate_rows, weight_table
 
 NEG = float("-inf")
 
@@ -126,7 +116,7 @@ def test_truncate_rows_validation() -> None:
         truncate_rows(scores, temperature=0.0)
 
 
-# -- Truncation / Widen / TruncationSchedule -----------------------------------------------------------------
+# -- Truncation / Widening / TruncationSchedule -----------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
@@ -147,31 +137,31 @@ def test_truncation_validation(kwargs, name) -> None:
         Truncation(**kwargs)
     if name != "temperature":
         with pytest.raises(ValueError, match=f"`{name}`"):
-            Widen(**kwargs)
+            Widening(**kwargs)
         with pytest.raises(ValueError, match=f"`{name}`"):
             RowTruncation(**kwargs)
 
 
 def test_widen_validation() -> None:
     with pytest.raises(ValueError, match="at least one"):
-        Widen()
+        Widening()
     with pytest.raises(ValueError, match="`schedule`"):
-        Widen(top_k=100, schedule=2.0)  # type: ignore[arg-type]
+        Widening(top_k=100, schedule=2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`top_k`=20 is narrower"):
-        Widen(top_k=20).check(Truncation(top_k=50))
+        Widening(top_k=20).check(Truncation(top_k=50))
     with pytest.raises(ValueError, match=r"`top_k`=200 is narrower than the configured top_k=0"):
-        Widen(top_k=200).check(Truncation(top_k=0))
+        Widening(top_k=200).check(Truncation(top_k=0))
     with pytest.raises(ValueError, match=r"`top_p`=0\.8 is narrower"):
-        Widen(top_p=0.8).check(Truncation(top_p=0.9))
+        Widening(top_p=0.8).check(Truncation(top_p=0.9))
     with pytest.raises(ValueError, match=r"`min_p`=0\.2 is narrower"):
-        Widen(min_p=0.2).check(Truncation(min_p=0.1))
-    Widen(top_k=0, top_p=1.0, min_p=0.0).check(Truncation(top_k=50, top_p=0.9, min_p=0.1))  # off is widest
+        Widening(min_p=0.2).check(Truncation(min_p=0.1))
+    Widening(top_k=0, top_p=1.0, min_p=0.0).check(Truncation(top_k=50, top_p=0.9, min_p=0.1))  # off is widest
     with pytest.raises(ValueError, match="`schedule`"):
-        TruncationSchedule(Truncation(), Widen(top_k=100))
+        TruncationSchedule(Truncation(), Widening(top_k=100))
 
 
 def test_schedule_mapping() -> None:
-    plan = TruncationSchedule(Truncation(top_k=50, top_p=0.9, min_p=0.1), Widen(top_k=200, top_p=0.99, min_p=0.0),
+    plan = TruncationSchedule(Truncation(top_k=50, top_p=0.9, min_p=0.1), Widening(top_k=200, top_p=0.99, min_p=0.0),
                               LinearDecay(2.0, 10))  # fmt: skip
     steps = torch.arange(12)
     values = plan.row_values(steps, torch.ones(12, dtype=torch.bool), 2048)
@@ -182,11 +172,11 @@ def test_schedule_mapping() -> None:
     idle = plan.row_values(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.bool), 2048)
     assert idle.top_k.tolist() == [50] * 3 and idle.top_p.tolist() == [0.9] * 3 and idle.min_p.tolist() == [0.1] * 3
     # A truncation that is off in every row at every step is None (truncate_rows skips it).
-    plan = TruncationSchedule(Truncation(top_k=50), Widen(top_k=200), LinearDecay(2.0, 10))
+    plan = TruncationSchedule(Truncation(top_k=50), Widening(top_k=200), LinearDecay(2.0, 10))
     values = plan.row_values(steps, torch.ones(12, dtype=torch.bool), 2048)
     assert values.top_p is None and values.min_p is None
     assert values.top_k is not None and values.top_k.tolist() == [200, 185, 170, 155, 140, 125, 110, 95, 80, 65, 50, 50]
-    plan = TruncationSchedule(Truncation(top_k=50, top_p=0.9), Widen(top_p=1.0), LinearDecay(2.0, 10))
+    plan = TruncationSchedule(Truncation(top_k=50, top_p=0.9), Widening(top_p=1.0), LinearDecay(2.0, 10))
     values = plan.row_values(steps, torch.ones(12, dtype=torch.bool), 2048)
     assert values.top_p is not None and values.top_p[0].item() == 1.0 and values.top_p[10].item() == 0.9
     assert values.top_k is not None and values.top_k.tolist() == [50] * 12
@@ -196,13 +186,13 @@ def test_schedule_mapping_off_values_and_odd_schedules() -> None:
     vocab = 100
     active = torch.ones(4, dtype=torch.bool)
     # top_k=0 ("off") counts as the vocabulary size, and comes back as 0 at the event.
-    plan = TruncationSchedule(Truncation(top_k=50), Widen(top_k=0), LinearDecay(3.0, 2))
+    plan = TruncationSchedule(Truncation(top_k=50), Widening(top_k=0), LinearDecay(3.0, 2))
     assert plan.row_values(torch.arange(4), active, vocab).top_k.tolist() == [0, 75, 50, 50]
     # A flat schedule (peak 1.0) keeps the wide values for its length.
-    plan = TruncationSchedule(Truncation(top_k=5), Widen(top_k=20), Constant(1.0, steps=2))
+    plan = TruncationSchedule(Truncation(top_k=5), Widening(top_k=20), Constant(1.0, steps=2))
     assert plan.row_values(torch.arange(4), active, vocab).top_k.tolist() == [20, 20, 5, 5]
     # A schedule that never ends keeps them forever; widen.schedule wins over the caller's schedule.
-    plan = TruncationSchedule(Truncation(top_k=5), Widen(top_k=20, schedule=Constant(2.0)), LinearDecay(2.0, 1))
+    plan = TruncationSchedule(Truncation(top_k=5), Widening(top_k=20, schedule=Constant(2.0)), LinearDecay(2.0, 1))
     assert plan.row_values(torch.tensor([0, 5, 10**6, 3]), active, vocab).top_k.tolist() == [20, 20, 20, 20]
     # Cooling schedules map the same way (w = (f - 1) / (f(0) - 1)).
     assert weight_table(LinearDecay(0.5, 2)).tolist() == [1.0, 0.5, 0.0]
@@ -282,7 +272,7 @@ def test_take_over_truncation_placement_and_errors() -> None:
 
 
 def test_check_no_double_truncation() -> None:
-    owner = PostEOSResamplingLogitsProcessor(EOS, widen=Widen(top_k=100), truncation=Truncation(top_k=20))
+    owner = PostEOSResamplingLogitsProcessor(EOS, widen=Widening(top_k=100), truncation=Truncation(top_k=20))
     plain = PostEOSResamplingLogitsProcessor(EOS)
     with pytest.raises(ValueError, match="top_k=50"):
         check_no_double_truncation([owner], GenerationConfig(do_sample=True, top_k=50))
@@ -298,14 +288,14 @@ def test_check_no_double_truncation() -> None:
 # -- Method 2 -------------------------------------------------------------------------------------------------
 def test_method2_widen_validation() -> None:
     with pytest.raises(ValueError, match="`truncation` must be a Truncation"):
-        PostEOSResamplingLogitsProcessor(EOS, widen=Widen(top_k=100))
-    with pytest.raises(ValueError, match="`widen` must be a Widen"):
+        PostEOSResamplingLogitsProcessor(EOS, widen=Widening(top_k=100))
+    with pytest.raises(ValueError, match="`widen` must be a Widening"):
         PostEOSResamplingLogitsProcessor(EOS, truncation=Truncation())
-    with pytest.raises(ValueError, match="`widen` must be a Widen"):
+    with pytest.raises(ValueError, match="`widen` must be a Widening"):
         PostEOSResamplingLogitsProcessor(EOS, widen=(50, 200), truncation=Truncation())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="narrower"):
-        PostEOSResamplingLogitsProcessor(EOS, widen=Widen(top_k=10), truncation=Truncation(top_k=50))
-    proc = PostEOSResamplingLogitsProcessor(EOS, widen=Widen(top_p=0.99), truncation=Truncation(top_p=0.9))
+        PostEOSResamplingLogitsProcessor(EOS, widen=Widening(top_k=10), truncation=Truncation(top_k=50))
+    proc = PostEOSResamplingLogitsProcessor(EOS, widen=Widening(top_p=0.99), truncation=Truncation(top_p=0.9))
     assert proc.generate_kwargs() == {"do_sample": True, "top_k": 0, "top_p": 1.0, "min_p": None, "temperature": 1.0}
     assert PostEOSResamplingLogitsProcessor(EOS).generate_kwargs() == {"do_sample": True}
 
@@ -330,7 +320,7 @@ def test_method2_widened_counts_follow_the_schedule_per_row() -> None:
     prompt = torch.tensor([[1, 5, 6, 7]] * 3)
     events = {3: {0}, 5: {2}, 9: {0}}
     proc = PostEOSResamplingLogitsProcessor(
-        EOS, schedule=LinearDecay(2.0, 4), trigger="argmax", widen=Widen(top_k=90), truncation=Truncation(top_k=10)
+        EOS, schedule=LinearDecay(2.0, 4), trigger="argmax", widen=Widening(top_k=90), truncation=Truncation(top_k=10)
     )
     torch.manual_seed(0)
     out = model.generate(
@@ -359,7 +349,7 @@ def test_method2_widened_scores_equal_per_row_warpers_on_tinystories(tinystories
     schedule = LinearDecay(2.0, 10)
     configured = Truncation(top_k=50, top_p=0.9, temperature=0.8)
     proc = PostEOSResamplingLogitsProcessor(
-        eos, schedule=schedule, widen=Widen(top_k=200, top_p=0.99), truncation=configured
+        eos, schedule=schedule, widen=Widening(top_k=200, top_p=0.99), truncation=configured
     )
     batch = tokenizer(["Once upon a time"] * 3, return_tensors="pt")
     plen = batch.input_ids.shape[1]
@@ -401,7 +391,7 @@ def test_method2_widened_is_wider_only_after_evictions_on_tinystories(tinystorie
     model, tokenizer = tinystories
     eos = int(model.config.eos_token_id)
     proc = PostEOSResamplingLogitsProcessor(
-        eos, schedule=LinearDecay(2.0, 10), widen=Widen(top_k=200), truncation=Truncation(top_k=50)
+        eos, schedule=LinearDecay(2.0, 10), widen=Widening(top_k=200), truncation=Truncation(top_k=50)
     )
     batch = tokenizer(["Once upon a time", "Tom had a big red ball"], return_tensors="pt", padding=True)
     torch.manual_seed(0)
@@ -435,7 +425,7 @@ def test_method2_widen_leaves_greedy_unchanged(tinystories) -> None:
     eos = int(model.config.eos_token_id)
     inputs = tokenizer("Once upon a time", return_tensors="pt")
     outs = []
-    for widen in (None, Widen(top_k=200, top_p=0.99)):
+    for widen in (None, Widening(top_k=200, top_p=0.99)):
         kwargs = {"widen": widen, "truncation": Truncation(top_k=50, top_p=0.9)} if widen else {}
         proc = PostEOSResamplingLogitsProcessor(eos, trigger="argmax", **kwargs)  # type: ignore[arg-type]
         outs.append(model.generate(**inputs, do_sample=False, max_new_tokens=250, logits_processor=[proc]))
@@ -472,7 +462,7 @@ def test_a_perpetual_model_refuses_double_truncation_with_a_widening_processor()
 
     model = pl.make_perpetual(tiny_model("llama"))
     wide = pl.PostEOSResamplingLogitsProcessor(
-        EOS, schedule=pl.LinearDecay(2.0, 4), widen=pl.Widen(top_k=40), truncation=pl.Truncation(top_k=10)
+        EOS, schedule=pl.LinearDecay(2.0, 4), widen=pl.Widening(top_k=40), truncation=pl.Truncation(top_k=10)
     )
     ids = torch.tensor([[1, 5, 6]])
     with pytest.raises(ValueError, match="top_k"):

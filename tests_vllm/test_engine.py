@@ -63,7 +63,7 @@ def test_driver_with_nothing_to_do_equals_plain_vllm(llm, prompts, baseline):
 def test_backstep_driver_reaches_max_tokens_without_eos_or_banned_phrases(llm, prompts, baseline):
     tokenizer = llm.get_tokenizer()
     eos = set(plv.eos_token_ids(llm))
-    config = pl.BackstepConfig.dynamic(n_remove=4, peak=2.0, end_phrases="default", ban_phrases=["I hope"])
+    config = pl.BackstepConfig.method4(n_remove=4, peak=2.0, end_phrases="default", ban_phrases=["I hope"])
     streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     outs = plv.generate(
         llm,

@@ -18,7 +18,7 @@ SHORT = 6
     "extra",
     [
         plv.suppress_eos(10**6),
-        {plv.KEY: {"bans": [[0, [60000]]]}},
+        {plv.EXTRA_ARGS_KEY: {"bans": [[0, [60000]]]}},
         plv.resample_eos(eos_token_id=60000),
     ],
 )
@@ -44,8 +44,8 @@ def test_the_processors_own_truncation_equals_vllms_where_nothing_is_widened(llm
     # A request with `widen` is submitted with vLLM's truncation off; our processor truncates it in vLLM's
     # order and arithmetic, so until a schedule starts it samples exactly what vLLM samples.
     configured = pl.Truncation(top_k=20, top_p=0.9, min_p=0.05, temperature=0.8)
-    widen = plv.WidenSettings.of(pl.Widen(top_k=0, top_p=1.0, min_p=0.0), pl.LinearDecay(2.0, 4), configured)
-    ours = {plv.KEY: {"schedule": {"factors": [2.0], "started": None}, "widen": widen.to_data()}}
+    widen = plv.WidenSettings.of(pl.Widening(top_k=0, top_p=1.0, min_p=0.0), pl.LinearDecay(2.0, 4), configured)
+    ours = {plv.EXTRA_ARGS_KEY: {"schedule": {"factors": [2.0], "started": None}, "widen": widen.to_data()}}
     plain = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=24, seed=s) for s in (1, 2)]
     taken_over = [SamplingParams(temperature=0.8, max_tokens=24, seed=s, extra_args=ours) for s in (1, 2)]
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts[:2], plain, use_tqdm=False)]
@@ -54,8 +54,8 @@ def test_the_processors_own_truncation_equals_vllms_where_nothing_is_widened(llm
 
 
 def test_backstep_with_early_trigger_and_widen_runs_and_passes_them_to_the_processor(llm, prompts, monkeypatch):
-    config = pl.BackstepConfig.dynamic(
-        4, widen=pl.Widen(top_k=200), early_trigger=pl.EarlyTrigger(window=2, eos_threshold=0.02)
+    config = pl.BackstepConfig.method4(
+        4, widen=pl.Widening(top_k=200), early_trigger=pl.EarlyTrigger(window=2, eos_threshold=0.02)
     )
     submitted = []
     engine = llm.llm_engine
@@ -78,7 +78,7 @@ def test_backstep_with_early_trigger_and_widen_runs_and_passes_them_to_the_proce
     prompt_lengths = {len(tokenizer.encode(p)) for p in prompts[:2]}
     rows = {}
     for length, sent in submitted:
-        ours = sent.extra_args[plv.KEY]
+        ours = sent.extra_args[plv.EXTRA_ARGS_KEY]
         # Widening from the first token (the early trigger may start it anywhere): vLLM's truncation is off.
         assert (sent.top_k, sent.top_p, sent.min_p) == (0, 1.0, 0.0) and ours["widen"]["configured"]["top_k"] == 20
         early = ours["early"]
@@ -90,7 +90,7 @@ def test_backstep_with_early_trigger_and_widen_runs_and_passes_them_to_the_proce
 
 
 def test_backstep_refuses_widen_that_vllm_could_not_honour(llm, prompts):
-    config = pl.BackstepConfig.dynamic(4, widen=pl.Widen(top_k=200))
+    config = pl.BackstepConfig.method4(4, widen=pl.Widening(top_k=200))
     with pytest.raises(ValueError, match="narrower than the configured top_k=0"):  # vLLM's default: no top-k
         plv.generate(llm, prompts[:1], SamplingParams(temperature=0.8, max_tokens=4), backstep=config)
     with pytest.raises(ValueError, match="repetition_penalty"):

@@ -24,7 +24,7 @@ def test_a_minimum_in_words_then_the_models_own_end_or_a_landing(llm, prompts):
 
 def test_a_request_at_max_tokens_is_cut_back_to_its_last_sentence(llm, prompts):
     params = [SamplingParams(temperature=0.7, top_k=0, max_tokens=60, seed=7 + i) for i in range(len(prompts))]
-    config = BackstepConfig.dynamic(n_remove=4, landing=True)
+    config = BackstepConfig.method4(n_remove=4, landing=True)
     streamed: dict[int, list[int]] = {}
     outs = plv.generate(
         llm, prompts, params, backstep=config, on_final=lambda i, ids: streamed.setdefault(i, []).extend(ids)
@@ -39,7 +39,7 @@ def test_the_landing_bonus_ends_rows_at_a_sentence_end_inside_the_zone(llm, prom
     """Our processor raises EOS after a sentence-end token in the last quarter of the budget (as LandingBias does on
     HF): with a strong bonus every row takes its own end there, none is cut at the limit."""
     params = [SamplingParams(temperature=0.7, top_k=0, max_tokens=120, seed=11 + i) for i in range(len(prompts))]
-    config = BackstepConfig.dynamic(n_remove=4, landing=Landing(margin=30, strength=40.0))
+    config = BackstepConfig.method4(n_remove=4, landing=Landing(margin=30, strength=40.0))
     outs = plv.generate(llm, prompts, params, backstep=config)
     eos = set(plv.eos_token_ids(llm))
     for out in outs:
@@ -49,6 +49,6 @@ def test_the_landing_bonus_ends_rows_at_a_sentence_end_inside_the_zone(llm, prom
 
 def test_reaching_the_minimum_resubmits_the_request_with_the_landing(llm, prompts):
     params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=100, seed=3)
-    (out,) = plv.generate(llm, prompts[:1], params, backstep=BackstepConfig.dynamic(n_remove=4, min_tokens=20))
+    (out,) = plv.generate(llm, prompts[:1], params, backstep=BackstepConfig.method4(n_remove=4, min_tokens=20))
     # one submission at the start, one where the minimum was reached (plus one per rewind)
     assert out.stats.submissions >= 2 + len(out.backstep_events)

@@ -7,7 +7,7 @@ import pytest
 from vllm import SamplingParams
 
 import perpetual_logits.vllm as plv
-from perpetual_logits import BackstepConfig, LoopRewinds, Rewind, RewindRule
+from perpetual_logits import BackstepConfig, LoopDetection, RewindRule, RewindTo
 from perpetual_logits.backstep.policy import RewindPlan, RewindPolicy
 from perpetual_logits.protocol import RowView
 
@@ -27,18 +27,18 @@ class Twice(RewindRule):
     def start(self, batch_size: int, prompt_length: int) -> None:
         self.fired = [0] * batch_size
 
-    def check(self, view: RowView) -> Rewind | None:
+    def check(self, view: RowView) -> RewindTo | None:
         generated = len(view.ids) - view.prompt_length
         if self.fired[view.row] < 2 and generated == 6 + 5 * self.fired[view.row]:
             self.fired[view.row] += 1
-            return Rewind(position=len(view.ids) - 3, ban_first_removed=True, reason=self.reason)
+            return RewindTo(position=len(view.ids) - 3, ban_first_removed=True, reason=self.reason)
         return None
 
 
 def test_user_rules_rewind_on_vllm(llm, prompts):
     rule = Twice()
     # EOS masked throughout (no EOS budget): only the user rule rewinds, at the same points as on HF.
-    config = BackstepConfig.dynamic(n_remove=4, max_backsteps=0, rules=[rule])
+    config = BackstepConfig.method4(n_remove=4, max_backsteps=0, rules=[rule])
     outs = plv.generate(llm, prompts, [params(SEED + i) for i in range(len(prompts))], backstep=config)
     for out in outs:
         assert len(out.token_ids) == MAX and out.finish_reason == "length"
@@ -57,7 +57,7 @@ def test_loops_rewind_on_vllm_where_the_policy_rewinds_the_same_tokens(llm):
         add_generation_prompt=True,
     )
     # Greedy SmolLM2 writes "Hello, hello, hello.": a two-token span twice back to back is a loop here.
-    loops = LoopRewinds(min_span=2, max_span=8, min_repeats=2, min_loop_tokens=4, line_repeats=0, max_rewinds=2)
+    loops = LoopDetection(min_span=2, max_span=8, min_repeats=2, min_loop_tokens=4, line_repeats=0, max_rewinds=2)
     no_eos = {"n_remove": 4, "max_backsteps": 0}  # EOS masked: only loops rewind
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX)
     plain, backstep = (
@@ -104,7 +104,7 @@ def test_ignore_eos_with_backstep_rewinds_every_eos(llm, prompts):
 
 def test_our_extra_args_key_is_refused_with_backstep_by_name(llm, prompts):
     config = BackstepConfig(n_remove=3, max_backsteps=2)
-    for extra in (plv.suppress_eos(5), {plv.KEY: 5}):
+    for extra in (plv.suppress_eos(5), {plv.EXTRA_ARGS_KEY: 5}):
         with pytest.raises(ValueError, match=r"`params.extra_args\['perpetual_logits'\]` must not be set"):
             plv.generate(llm, prompts[0], params(SEED, extra_args=extra), backstep=config)
     with pytest.raises(ValueError, match=r"`params.extra_args` must be a dict"):

@@ -87,7 +87,7 @@ def test_method2_sample_trigger_is_reproducible_with_a_seed():
 def test_driver_settings_schedule_and_bans_by_generated_position():
     proc = v1_processor()
     output: list[int] = []
-    extra = {plv.KEY: {"eos": [EOS], "bans": [[0, [EOS, 4]]], "schedule": {"factors": [2.0, 1.5]}}}
+    extra = {plv.EXTRA_ARGS_KEY: {"eos": [EOS], "bans": [[0, [EOS, 4]]], "schedule": {"factors": [2.0, 1.5]}}}
     add(proc, 0, SamplingParams(extra_args=extra), output)
     logits = torch.ones(1, VOCAB)
     out = proc.apply(logits.clone())
@@ -101,7 +101,7 @@ def test_driver_settings_schedule_and_bans_by_generated_position():
 
 def test_a_row_with_everything_banned_keeps_its_logits():
     proc = v1_processor()
-    add(proc, 0, SamplingParams(extra_args={plv.KEY: {"bans": [[0, list(range(VOCAB))]]}}), [])
+    add(proc, 0, SamplingParams(extra_args={plv.EXTRA_ARGS_KEY: {"bans": [[0, list(range(VOCAB))]]}}), [])
     logits = torch.randn(1, VOCAB)
     assert torch.equal(proc.apply(logits.clone()), logits)
 
@@ -120,7 +120,7 @@ def test_state_follows_removed_and_swapped_requests():
 def test_v2_interface_maps_rows_to_slots_and_positions():
     req_states = SimpleNamespace(device=torch.device("cpu"), prompt_len=SimpleNamespace(np=[0, 0, 10, 0]))
     proc = plv.PerpetualLogitsProcessor(None, req_states)
-    extra = {plv.KEY: {"eos": [EOS], "bans": [[1, [4]]], "schedule": {"factors": [2.0, 4.0]}}}
+    extra = {plv.EXTRA_ARGS_KEY: {"eos": [EOS], "bans": [[1, [4]]], "schedule": {"factors": [2.0, 4.0]}}}
     assert proc.add_request(2, SamplingParams(extra_args=extra))
     assert not proc.add_request(3, SamplingParams())
     proc.apply_staged_writes()
@@ -135,11 +135,11 @@ def test_v2_interface_maps_rows_to_slots_and_positions():
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({plv.KEY: {"suppress": True}}, "unknown keys"),
-        ({plv.KEY: {"suppress_eos": "yes"}}, "suppress_eos"),
-        ({plv.KEY: {"bans": [[0, [-1]]]}}, "bans tokens"),
-        ({plv.KEY: {"schedule": {"factors": [0.0]}}}, "factors"),
-        ({plv.KEY: {"resample": {"factors": [2.0], "trigger": "often"}}}, "trigger"),
+        ({plv.EXTRA_ARGS_KEY: {"suppress": True}}, "unknown keys"),
+        ({plv.EXTRA_ARGS_KEY: {"suppress_eos": "yes"}}, "suppress_eos"),
+        ({plv.EXTRA_ARGS_KEY: {"bans": [[0, [-1]]]}}, "bans tokens"),
+        ({plv.EXTRA_ARGS_KEY: {"schedule": {"factors": [0.0]}}}, "factors"),
+        ({plv.EXTRA_ARGS_KEY: {"resample": {"factors": [2.0], "trigger": "often"}}}, "trigger"),
     ],
 )
 def test_malformed_settings_are_refused_at_admission(extra, message):
@@ -161,7 +161,7 @@ def test_importing_perpetual_logits_never_imports_vllm():
     "extra",
     [
         plv.suppress_eos([EOS, 10**6]),
-        {plv.KEY: {"bans": [[0, [4, 60000]]]}},
+        {plv.EXTRA_ARGS_KEY: {"bans": [[0, [4, 60000]]]}},
         plv.resample_eos(eos_token_id=[EOS, 60000], trigger="argmax"),
         plv.resample_eos(eos_token_id=60000, trigger="argmax"),
         plv.suppress_eos(10**6),
@@ -174,8 +174,8 @@ def test_ids_outside_the_vocabulary_never_raise_in_the_worker(extra):
     add(proc, 0, SamplingParams(extra_args=extra), [])
     out = proc.apply(logits_eos_on_top())
     assert torch.isfinite(out).any()
-    ids = extra[plv.KEY].get("eos", [])
-    masked = {4} if "bans" in extra[plv.KEY] else ({EOS} if EOS in ids else set())
+    ids = extra[plv.EXTRA_ARGS_KEY].get("eos", [])
+    masked = {4} if "bans" in extra[plv.EXTRA_ARGS_KEY] else ({EOS} if EOS in ids else set())
     assert all(out[0, t] == float("-inf") for t in masked)
     assert all(torch.isfinite(out[0, t]) for t in set(range(VOCAB)) - masked)
 
@@ -220,7 +220,7 @@ def test_early_trigger_restarts_the_schedule_as_on_the_hf_backend_across_a_resub
             "early": plv.EarlySettings.of(trigger, "row-0", at).to_data(),
         }
         output: list[int] = []
-        add(proc, 0, SamplingParams(extra_args={plv.KEY: proc_settings}), output)
+        add(proc, 0, SamplingParams(extra_args={plv.EXTRA_ARGS_KEY: proc_settings}), output)
         return proc, output
 
     proc = v1_processor()
@@ -245,8 +245,8 @@ def test_early_trigger_restarts_the_schedule_as_on_the_hf_backend_across_a_resub
 
 # -- widen: the processor truncates itself ------------------------------------------------------------------
 def test_widen_truncates_wide_at_the_start_and_returns_to_the_configured_values():
-    widen = plv.WidenSettings.of(pl.Widen(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
-    extra = {plv.KEY: {"schedule": {"factors": [2.0, 1.5], "started": 0}, "widen": widen.to_data()}}
+    widen = plv.WidenSettings.of(pl.Widening(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
+    extra = {plv.EXTRA_ARGS_KEY: {"schedule": {"factors": [2.0, 1.5], "started": 0}, "widen": widen.to_data()}}
     proc = v1_processor()
     output: list[int] = []
     add(proc, 0, SamplingParams(extra_args=extra), output)
@@ -258,8 +258,8 @@ def test_widen_truncates_wide_at_the_start_and_returns_to_the_configured_values(
 
 
 def test_widen_is_refused_with_vllms_own_truncation_or_penalties():
-    widen = plv.WidenSettings.of(pl.Widen(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
-    extra = {plv.KEY: {"schedule": {"factors": [2.0, 1.5]}, "widen": widen.to_data()}}
+    widen = plv.WidenSettings.of(pl.Widening(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
+    extra = {plv.EXTRA_ARGS_KEY: {"schedule": {"factors": [2.0, 1.5]}, "widen": widen.to_data()}}
     with pytest.raises(ValueError, match=r"top_k=0, top_p=1\.0, min_p=0\.0"):
         plv.PerpetualLogitsProcessor.validate_params(SamplingParams(top_k=2, extra_args=extra))
     with pytest.raises(ValueError, match=r"repetition_penalty=1\.2"):
@@ -298,7 +298,7 @@ def test_early_trigger_histories_are_bounded(monkeypatch):
             "schedule": {"factors": [2.0], "started": None},
             "early": plv.EarlySettings.of(pl.EarlyTrigger(window=2), f"row-{row}", 0).to_data(),
         }
-        add(proc, row, SamplingParams(extra_args={plv.KEY: settings}), [])
+        add(proc, row, SamplingParams(extra_args={plv.EXTRA_ARGS_KEY: settings}), [])
     assert list(proc.histories) == ["row-1", "row-2"]  # the least recently used went first
     proc.apply(torch.zeros(3, VOCAB))  # row 0 keeps its own history while it runs
 
@@ -314,12 +314,12 @@ def test_a_preempted_request_keeps_its_trigger_history_and_schedule_when_it_come
 
     def run(preempt_at: int | None) -> list[float]:
         proc, output = v1_processor(), []
-        add(proc, 0, SamplingParams(extra_args={plv.KEY: settings}), output)
+        add(proc, 0, SamplingParams(extra_args={plv.EXTRA_ARGS_KEY: settings}), output)
         factors = []
         for i, logits in enumerate(steps):
             if i == preempt_at:  # vLLM removes the request and adds it back with the tokens it has
                 proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[]))
-                add(proc, 0, SamplingParams(extra_args={plv.KEY: settings}), output)
+                add(proc, 0, SamplingParams(extra_args={plv.EXTRA_ARGS_KEY: settings}), output)
             factors.append(_factor_of(proc.apply(logits.clone() + 0.01), logits + 0.01))
             output.append(3)
         return factors
@@ -332,7 +332,7 @@ def test_a_preempted_request_keeps_its_trigger_history_and_schedule_when_it_come
 # -- the landing's EOS bonus ---------------------------------------------------------------------------------
 def landing(start: int, margin: int = 4, strength: float = 8.0, last_token: int = 1) -> dict[str, Any]:
     data = {"start": start, "margin": margin, "strength": strength, "sentence_ends": [5], "last_token": last_token}
-    return {plv.KEY: {"eos": [EOS], "landing": data}}
+    return {plv.EXTRA_ARGS_KEY: {"eos": [EOS], "landing": data}}
 
 
 def test_landing_raises_eos_after_a_sentence_end_token_from_its_start_rising_over_the_margin():
@@ -378,4 +378,4 @@ def test_landing_on_the_v2_interface_reads_the_last_sampled_token_of_the_slot():
 )
 def test_malformed_landing_settings_are_refused(data, message):
     with pytest.raises(ValueError, match=message):
-        plv.RequestSettings.parse({plv.KEY: {"landing": data}}, vocab_size=VOCAB)
+        plv.RequestSettings.parse({plv.EXTRA_ARGS_KEY: {"landing": data}}, vocab_size=VOCAB)

@@ -23,19 +23,28 @@ Where things are:
   judged per row, the temperature's place, the truncation take-over) are :mod:`perpetual_logits.processor_list`.
 """
 
+from typing import TYPE_CHECKING
+
+from .._moved import old_names
 from .cache import check_cache
-from .config import BackstepConfig, LoopRewinds
-from .events import BackstepEvent, BackstepOutput, BackstepStats
+from .config import BackstepConfig, LoopDetection
+from .events import BackstepOutput, BackstepStats, RewindEvent
 from .landing import Landing
 from .loop import BackstepLoop
 
+if not TYPE_CHECKING:  # the old names, for one release
+    __getattr__ = old_names(
+        __name__,
+        {"BackstepEvent": (__name__, "RewindEvent"), "LoopRewinds": (__name__, "LoopDetection")},
+    )
+
 __all__ = [
     "BackstepConfig",
-    "BackstepEvent",
     "BackstepLoop",
     "BackstepOutput",
     "BackstepStats",
     "Landing",
-    "LoopRewinds",
+    "LoopDetection",
+    "RewindEvent",
     "check_cache",
 ]

@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import _validation
+from .._moved import old_names
 from ..protocol import RewindRule
 from ..schedules import LinearDecay, Schedule
 from ..triggers import EarlyTrigger
-from ..truncation import Widen
+from ..truncation import Widening
 from .landing import Landing
 from .window import ContextShift
 
-__all__ = ["BackstepConfig", "LoopRewinds"]
+if not TYPE_CHECKING:  # the old name, for one release
+    __getattr__ = old_names(__name__, {"LoopRewinds": (__name__, "LoopDetection")})
+
+__all__ = ["BackstepConfig", "LoopDetection"]
 
 _EXHAUSTED = ("suppress", "stop")
 PhraseList = Sequence[str | re.Pattern[str]]
 
 
 @dataclass(frozen=True)
-class LoopRewinds:
-    """Settings of loop rewinds: a row whose newest tokens repeat an earlier span is cut back to where the
+class LoopDetection:
+    """Settings of loop detection: a row whose newest tokens repeat an earlier span is cut back to where the
     repeat began (one copy is kept), the token that started the repeat is forbidden there, and the row
     resamples (hotter, with a schedule). Detection is :func:`~perpetual_logits.text.repetition.find_token_loop`
     and, with a tokenizer, :func:`~perpetual_logits.text.repetition.find_line_loop`.
@@ -48,10 +53,10 @@ class LoopRewinds:
     Example:
 
     ```python
-    >>> from perpetual_logits import LoopRewinds
-    >>> LoopRewinds().max_span
+    >>> from perpetual_logits import LoopDetection
+    >>> LoopDetection().max_span
     32
-    >>> LoopRewinds(min_span=8, max_span=4)
+    >>> LoopDetection(min_span=8, max_span=4)
     Traceback (most recent call last):
     ...
     ValueError: `max_span` must be >= min_span (8), got 4
@@ -134,8 +139,8 @@ class BackstepConfig:
         early_trigger (`EarlyTrigger`, *optional*): start the ``schedule`` before EOS is sampled, when a row's
             EOS probability (averaged over a window) or its entropy trend says an ending is near. Needs a
             ``schedule``.
-        loops (`LoopRewinds`, *optional*): rewind rows that fall into a repetition loop.
-        widen (`Widen`, *optional*): after each rewind, sample with wider top-k / top-p / min-p that return to
+        loops (`LoopDetection`, *optional*): rewind rows that fall into a repetition loop.
+        widen (`Widening`, *optional*): after each rewind, sample with wider top-k / top-p / min-p that return to
             the configured values with the schedule (``widen.schedule`` or ``schedule``); the loop replaces
             ``generate()``'s top-k/top-p/min-p warpers by per-row ones. Needs a ``schedule`` and sampling.
         window (`ContextShift`, *optional*): write on past the model's context window: a row that reaches it
@@ -170,7 +175,7 @@ class BackstepConfig:
     >>> from perpetual_logits import BackstepConfig, LinearDecay
     >>> BackstepConfig(n_remove=5).hold_back, BackstepConfig(n_remove=5).logits_buffer
     (10, 6)
-    >>> BackstepConfig.dynamic(n_remove=4, peak=2.0).schedule
+    >>> BackstepConfig.method4(n_remove=4, peak=2.0).schedule
     LinearDecay(peak=2.0, steps=4)
     >>> BackstepConfig(n_remove=0)
     Traceback (most recent call last):
@@ -191,8 +196,8 @@ class BackstepConfig:
     ban_phrases: Literal["default"] | PhraseList | None = None
     max_phrase_rewinds: int = 200
     early_trigger: EarlyTrigger | None = None
-    loops: LoopRewinds | None = None
-    widen: Widen | None = None
+    loops: LoopDetection | None = None
+    widen: Widening | None = None
     rules: Sequence[RewindRule] = ()
     max_rule_rewinds: int = 50
     window: ContextShift | None = None
@@ -230,12 +235,12 @@ class BackstepConfig:
             if self.schedule is None:
                 raise ValueError("`early_trigger` starts the temperature schedule: set `schedule` too")
         if self.widen is not None:
-            if not isinstance(self.widen, Widen):
-                raise ValueError(f"`widen` must be None or a Widen, got {self.widen!r}")
+            if not isinstance(self.widen, Widening):
+                raise ValueError(f"`widen` must be None or a Widening, got {self.widen!r}")
             if self.schedule is None:
                 raise ValueError("`widen` follows the temperature schedule after a rewind: set `schedule` too")
-        if self.loops is not None and not isinstance(self.loops, LoopRewinds):
-            raise ValueError(f"`loops` must be None or a LoopRewinds, got {self.loops!r}")
+        if self.loops is not None and not isinstance(self.loops, LoopDetection):
+            raise ValueError(f"`loops` must be None or a LoopDetection, got {self.loops!r}")
         if self.window is not None and not isinstance(self.window, ContextShift):
             raise ValueError(f"`window` must be None or a ContextShift, got {self.window!r}")
         if isinstance(self.rules, RewindRule) or not isinstance(self.rules, Sequence):
@@ -273,9 +278,20 @@ class BackstepConfig:
         )
 
     @classmethod
-    def dynamic(cls, n_remove: int = 10, peak: float = 2.0, **kwargs: Any) -> BackstepConfig:
+    def method4(cls, n_remove: int = 10, peak: float = 2.0, **kwargs: Any) -> BackstepConfig:
         """Method 4 as in the blog: ``peak`` right after the rewind, linearly back to 1.0 where EOS was."""
         return cls(n_remove=n_remove, schedule=LinearDecay(peak, n_remove), **kwargs)
+
+    @classmethod
+    def dynamic(cls, n_remove: int = 10, peak: float = 2.0, **kwargs: Any) -> BackstepConfig:
+        """Deprecated: the old name of :meth:`method4` (removed in the next release)."""
+        warnings.warn(
+            "`BackstepConfig.dynamic` was renamed `BackstepConfig.method4`; use the new name "
+            "(the old one will be removed in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return cls.method4(n_remove=n_remove, peak=peak, **kwargs)
 
     @classmethod
     def chat(cls, n_remove: int = 12, peak: float = 1.6, **kwargs: Any) -> BackstepConfig:
@@ -284,9 +300,13 @@ class BackstepConfig:
         landing before ``max_new_tokens``. Give a minimum (``min_words=300`` for "write 300 words", or
         ``min_tokens``) and the answer ends at the model's own end of turn once it is reached.
 
+        It is named after its audience on purpose: what it adds to :meth:`method4` is specific to chat models --
+        the chat closing phrases (:data:`~perpetual_logits.CHAT_CLOSING_PHRASES`) and the chat end tokens
+        (:data:`~perpetual_logits.CHAT_END_TOKENS`) of ``end_phrases="chat"``.
+
         Needs the tokenizer (``generate(..., tokenizer=...)`` or ``make_perpetual(model, tokenizer=...)``).
         """
         kwargs.setdefault("end_phrases", "chat")
-        kwargs.setdefault("loops", LoopRewinds())
+        kwargs.setdefault("loops", LoopDetection())
         kwargs.setdefault("landing", True)
-        return cls.dynamic(n_remove=n_remove, peak=peak, **kwargs)
+        return cls.method4(n_remove=n_remove, peak=peak, **kwargs)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-__all__ = ["BackstepEvent", "BackstepOutput", "BackstepStats"]
+from .._moved import old_names
+
+if not TYPE_CHECKING:  # the old name, for one release
+    __getattr__ = old_names(__name__, {"BackstepEvent": (__name__, "RewindEvent")})
+
+__all__ = ["BackstepOutput", "BackstepStats", "RewindEvent"]
 
 
 @dataclass(frozen=True)
-class BackstepEvent:
+class RewindEvent:
     """One rewind of one row. Each field means the same on the HF and the vLLM backend.
 
     Attributes:
@@ -58,7 +65,7 @@ class BackstepStats:
         decode_forwards: forwards after the prompt.
         removed_tokens: tokens removed by rewinds, all rows.
         deep_rewinds: rewinds that re-fed a token because the logits buffer did not reach back.
-        backsteps: rewinds, all rows and reasons.
+        rewinds: rewinds, all rows and reasons.
         cache_slots: cache length (slots per row) at the end.
         peak_cache_slots: the largest cache length during the run.
         realignments: times rows' cache slots were moved (after rewinds in a batch).
@@ -72,7 +79,7 @@ class BackstepStats:
     decode_forwards: int = 0
     removed_tokens: int = 0
     deep_rewinds: int = 0
-    backsteps: int = 0
+    rewinds: int = 0
     cache_slots: int = 0
     peak_cache_slots: int = 0
     realignments: int = 0
@@ -80,11 +87,22 @@ class BackstepStats:
     context_shifts: int = 0
     landing_cuts: int = 0
 
+    @property
+    def backsteps(self) -> int:
+        """Deprecated: the old name of :attr:`rewinds` (removed in the next release)."""
+        warnings.warn(
+            "`BackstepStats.backsteps` was renamed `BackstepStats.rewinds`; use the new name "
+            "(the old one will be removed in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.rewinds
+
 
 @dataclass
 class BackstepOutput(GenerateDecoderOnlyOutput):
     """``GenerateDecoderOnlyOutput`` plus, per row, the backstep events and the run's work counters."""
 
-    backstep_events: list[list[BackstepEvent]] | None = None
+    backstep_events: list[list[RewindEvent]] | None = None
     backstep_stats: BackstepStats | None = None
     early_triggers: list[list[int]] | None = None

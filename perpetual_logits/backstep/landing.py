@@ -21,7 +21,7 @@ from transformers import LogitsProcessor
 
 from .. import _validation
 from ..protocol import RowState, RowView
-from ..text.boundaries import _sentence_end_inside, count_words, ends_sentence
+from ..text.boundaries import _CLOSERS, _ENDERS, _sentence_end_inside, count_words, ends_sentence
 from ..text.text_stream import rust_backend
 
 __all__ = ["Landing", "LandingBias", "RowText"]
@@ -32,6 +32,44 @@ _PIECES: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDiction
 _MAX_PIECES = 1 << 16
 _ALONE = 1 << 62  # the key bit of a token's text alone (pair keys stay below it)
 _ANY_END = frozenset(".!?…。！？")  # a piece without these holds no sentence end (no regex needed)
+_NO_TEXT = ("", False, 0, False)
+
+# What a piece of text says whatever came before it, per piece (see _piece_facts): pieces repeat across rows
+# and calls, and this runs per row per token.
+_Facts = tuple[int, bool, bool, bool, tuple[bool, bool] | None]
+_PIECE_FACTS: dict[str, _Facts] = {}
+_NO_FACTS: _Facts = (0, False, False, False, None)
+# Per tokenizer: a pair key (see RowText._piece; a token alone under _ALONE) -> its text and _piece_facts.
+_PAIR_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
+
+
+def _piece_facts(piece: str) -> _Facts:
+    """For a non-empty ``piece`` appended to a text: its words, whether it begins with an ASCII letter (it may
+    continue the text's last word), whether it begins with whitespace (it confirms a sentence end before it),
+    whether it holds a sentence end followed by whitespace, and -- when the piece alone decides it -- how the
+    text now ends: ``(pending, ends)`` as :meth:`RowText.observe` keeps them (``None``: it depends on the text
+    before, e.g. a piece of spaces or closing quotes only, or one longer than the tail kept)."""
+    says: tuple[bool, bool] | None = None
+    stripped = piece.rstrip(" \t")
+    head = stripped.rstrip(_CLOSERS)
+    if len(piece) <= 12 and head:
+        if stripped.endswith("\n"):
+            says = (False, True)
+        else:
+            punctuation = head[-1] in _ENDERS
+            says = (False, punctuation) if stripped != piece else (punctuation, punctuation)
+    facts = (
+        count_words(piece),
+        piece[0].isascii() and piece[0].isalpha(),
+        piece[0].isspace(),
+        bool(_ANY_END.intersection(piece)) and _sentence_end_inside(piece) > 0,
+        says,
+    )
+    if len(_PIECE_FACTS) < _MAX_PIECES:
+        _PIECE_FACTS[piece] = facts
+    return facts
+
+
 #: While its incremental count is short of ``min_words``, a row's words are counted on its whole decoded text
 #: every this many tokens (the incremental count can miss a character split over byte-level tokens).
 _RECOUNT_EVERY = 32
@@ -103,24 +141,26 @@ class RowText(RowState):
         self.min_tokens = min_tokens
         self.min_words = min_words
         self.landing = landing
+        self.has_minimum = bool(min_tokens or min_words)
         # -- per row: prompt length, the most tokens it may hold, the end of its text after each generated
         #    token, whether that end is sentence punctuation not yet confirmed by a space, its sentence/line ends
         #    (lengths, ascending), where its minimum was reached
         self.prompt_lengths: list[int] = []
         self.limits: list[int | None] = []
-        self.tails: list[list[str]] = []
-        self.pending: list[list[bool]] = []
-        self.words: list[list[int]] = []  # per row: words of its generated text after each generated token
-        self.ends: list[list[bool]] = []  # per row: whether its text ends a sentence after each generated token
+        # per row, after each generated token: (the text's last characters, whether they end with sentence
+        # punctuation not yet confirmed by a space, the words written, whether the text ends a sentence)
+        self.states: list[list[tuple[str, bool, int, bool]]] = []
         self.land_from: list[int | None] = []  # per row: the limit minus its margin (None: no known limit)
         self.boundaries: list[list[int]] = []
         self.reached_at: list[int | None] = []
         # -- shared with every RowText of this tokenizer
         self._backend = rust_backend(tokenizer) if tokenizer is not None else None
         self._pieces: dict[int, str] = {}
+        self._facts: dict[int, tuple[str, _Facts]] = {}
         if tokenizer is not None:
             with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
                 self._pieces = _PIECES.setdefault(tokenizer, {})
+                self._facts = _PAIR_FACTS.setdefault(tokenizer, {})
 
     # -- protocol ------------------------------------------------------------------------------------------
     def start(self, batch_size: int, prompt_length: int) -> None:
@@ -131,10 +171,7 @@ class RowText(RowState):
         batch = len(prompt_lengths)
         self.prompt_lengths = list(prompt_lengths)
         self.limits = list(limits) if limits is not None else [None] * batch
-        self.tails = [[] for _ in range(batch)]
-        self.pending = [[] for _ in range(batch)]
-        self.words = [[] for _ in range(batch)]
-        self.ends = [[] for _ in range(batch)]
+        self.states = [[] for _ in range(batch)]
         self._limits_changed()
         self.boundaries = [[] for _ in range(batch)]
         self.reached_at = [None] * batch
@@ -149,10 +186,7 @@ class RowText(RowState):
 
     def rewind(self, row: int, length: int) -> None:
         generated = max(0, length - self.prompt_lengths[row])
-        del self.tails[row][generated:]
-        del self.pending[row][generated:]
-        del self.words[row][generated:]
-        del self.ends[row][generated:]
+        del self.states[row][generated:]
         kept = self.boundaries[row]
         while kept and kept[-1] > length:
             kept.pop()
@@ -166,29 +200,33 @@ class RowText(RowState):
         row, ids = view.row, view.ids
         length = len(ids)
         prompt = self.prompt_lengths[row]
-        tail, pending = (self.tails[row][-1], self.pending[row][-1]) if self.tails[row] else ("", False)
-        words = self.words[row][-1] if self.words[row] else 0
-        ends = self.ends[row][-1] if self.ends[row] else False
+        states = self.states[row]
+        tail, pending, words, ends = states[-1] if states else _NO_TEXT
         if self.tokenizer is not None:
-            piece = self._piece(int(ids[length - 2]) if length - 1 > prompt else None, int(ids[length - 1]))
+            token = int(ids[length - 1])
+            key = int(ids[length - 2]) << 32 | token if length - 1 > prompt else _ALONE | token
+            piece, facts = self._facts.get(key) or self._learn(key)
             if piece:
-                words += count_words(piece)
-                if tail[-1:].isascii() and tail[-1:].isalpha() and piece[0].isascii() and piece[0].isalpha():
+                count, letter_head, space_head, end_inside, says = facts
+                words += count
+                if letter_head and tail[-1:].isascii() and tail[-1:].isalpha():
                     words -= 1  # the piece continues the text's last run of letters: one word
-                if (pending and piece[0].isspace()) or (_ANY_END.intersection(piece) and _sentence_end_inside(piece)):
+                if (pending and space_head) or end_inside:
                     self._mark(row, length - 1)  # a cut may end before this token (and spell what it ends)
                 tail = (tail + piece)[-16:]
-                stripped = tail.rstrip(" \t")
-                if stripped.endswith("\n") or (stripped != tail and ends_sentence(stripped)):
-                    self._mark(row, length)
-                    pending, ends = False, True
+                if says is not None:  # the piece alone says how the text now ends
+                    pending, ends = says
+                    if ends and not pending:
+                        self._mark(row, length)
                 else:
-                    pending = ends = ends_sentence(tail)
-        self.tails[row].append(tail)
-        self.pending[row].append(pending)
-        self.words[row].append(words)
-        self.ends[row].append(ends)
-        if self.reached_at[row] is None and self._minimum_met(row, ids):
+                    stripped = tail.rstrip(" \t")
+                    if stripped.endswith("\n") or (stripped != tail and ends_sentence(stripped)):
+                        self._mark(row, length)
+                        pending, ends = False, True
+                    else:
+                        pending = ends = ends_sentence(tail)
+        states.append((tail, pending, words, ends))
+        if self.has_minimum and self.reached_at[row] is None and self._minimum_met(row, ids):
             self.reached_at[row] = length
             return True
         return False
@@ -206,11 +244,20 @@ class RowText(RowState):
             return True
         if 2 * generated < self.min_words:  # a word takes at least half a token: no need to count yet
             return False
-        counted = self.words[row][-1] if self.words[row] else 0
+        counted = self.words(row)
         if counted < self.min_words and generated % _RECOUNT_EVERY:
             return False
         # Reached by the incremental count (or time for a recount): confirm on the whole text, once.
         return count_words(self._decode(ids[self.prompt_lengths[row] :])) >= self.min_words
+
+    def _learn(self, key: int) -> tuple[str, _Facts]:
+        """The text of a pair key's token after its neighbour (or alone) and what it says (kept per tokenizer)."""
+        token = int(key & 0xFFFFFFFF)
+        piece = self._alone(token) if key & _ALONE else self._piece(int(key >> 32), token)
+        known = (piece, _PIECE_FACTS.get(piece) or _piece_facts(piece) if piece else _NO_FACTS)
+        if len(self._facts) < _MAX_PIECES:
+            self._facts[key] = known
+        return known
 
     def _piece(self, neighbour: int | None, token: int) -> str:
         """The text ``token`` adds after ``neighbour`` (``None``: it is the first generated token)."""
@@ -244,7 +291,12 @@ class RowText(RowState):
 
     # -- queries -------------------------------------------------------------------------------------------
     def length(self, row: int) -> int:
-        return self.prompt_lengths[row] + len(self.tails[row])
+        return self.prompt_lengths[row] + len(self.states[row])
+
+    def words(self, row: int) -> int:
+        """Words of the row's generated text, counted token by token."""
+        states = self.states[row]
+        return states[-1][2] if states else 0
 
     def minimum_reached(self, row: int) -> bool:
         """The row has its minimum (the length mode is on and the row wrote enough)."""
@@ -252,7 +304,8 @@ class RowText(RowState):
 
     def at_sentence_end(self, row: int) -> bool:
         """The text (special tokens skipped) ends with a sentence or line end now."""
-        return bool(self.ends[row]) and self.ends[row][-1]
+        states = self.states[row]
+        return bool(states) and states[-1][3]
 
     def margin(self, row: int) -> int:
         """The landing's margin for ``row``: at most the last quarter of its budget (0 without a known limit)."""
@@ -309,16 +362,21 @@ class LandingBias(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         boost: list[tuple[int, float]] = []
-        for row in range(scores.shape[0]):
+        # Rows whose text ends a sentence now (few): only they can get the bonus.
+        ending = [row for row, states in enumerate(self.text.states) if states and states[-1][3]]
+        for row in ending:
             length = self.text.length(row)
             due = self.text.due(row)
-            if due is None or length < due or not self.text.at_sentence_end(row):
+            if due is None or length < due:
                 continue
             margin = self.text.margin(row) or self.margin
             boost.append((row, self.strength * min(1.0, (length - due + 1) / margin)))
         if not boost or not self.eos:
             return scores
+        # One tensor operation for every boosted row and EOS id (indexing row by row costs more than the rest).
+        rows = torch.tensor([row for row, _ in boost], device=scores.device)
+        amounts = torch.tensor([amount for _, amount in boost], dtype=scores.dtype, device=scores.device)
+        eos = torch.tensor(self.eos, device=scores.device)
         out = scores.clone()
-        for row, amount in boost:
-            out[row, self.eos] += amount
+        out[rows[:, None], eos[None, :]] += amounts[:, None]
         return out  # type: ignore[return-value]

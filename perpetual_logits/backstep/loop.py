@@ -39,7 +39,7 @@ from ..protocol import RowState
 from .buffer import LogitsRing
 from .cache import sliding_window
 from .config import BackstepConfig
-from .events import BackstepEvent, BackstepOutput, BackstepStats
+from .events import BackstepOutput, BackstepStats, RewindEvent
 from .landing import LandingBias
 from .policy import RewindPlan, RewindPolicy
 from .prefill import prefill
@@ -153,7 +153,7 @@ class BackstepLoop:
         self.stats = BackstepStats(prefill_forwards=1)
 
     @property
-    def events(self) -> list[list[BackstepEvent]]:
+    def events(self) -> list[list[RewindEvent]]:
         """Each row's rewinds so far (kept by the policy)."""
         return self.policy.events
 
@@ -236,7 +236,7 @@ class BackstepLoop:
         # -- count
         self.stats.removed_tokens += plan.removed
         self.stats.deep_rewinds += int(deep)
-        self.stats.backsteps += 1
+        self.stats.rewinds += 1
 
     def _cut_at_limit(self, row: int, step: int) -> None:
         """A row at ``max_new_tokens`` ends where the policy says (no unfinished phrase; with the landing, its last
@@ -252,7 +252,8 @@ class BackstepLoop:
         self.stats.removed_tokens += length - cut
         steps = self.records.row_steps[row]
         replaced = steps[cut - rows.prompt_length] if cut - rows.prompt_length < len(steps) else step
-        for unit in [*self.units, self.policy]:
+        # The policy is not told: the row finishes now, and its rules are never asked about it again.
+        for unit in self.units:
             unit.rewind(row, cut)
         for token in extra:
             rows.append(row, token)

@@ -11,11 +11,11 @@ long (:class:`~perpetual_logits.backstep.bans.Bans`), where the temperature sche
 Settled between the backends (they used to differ):
 
 * every rule has its own per-row budget: ``max_backsteps`` (EOS), ``max_phrase_rewinds`` for the endings and,
-  separately, for the banned phrases, ``LoopRewinds.max_rewinds``, ``max_rule_rewinds`` per user rule;
+  separately, for the banned phrases, ``LoopDetection.max_rewinds``, ``max_rule_rewinds`` per user rule;
 * a rewind forbids exactly what its rule asks: EOS is forbidden at the rewind point of an EOS or ending rewind
   (the text had finished there), not after a banned phrase, a loop or a user rule -- an EOS sampled there is a
   plain EOS, handled by the EOS rule with its budget and ``on_exhausted``;
-* :class:`~perpetual_logits.BackstepEvent` fields mean one thing each (see its docstring).
+* :class:`~perpetual_logits.RewindEvent` fields mean one thing each (see its docstring).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..protocol import Rewind, RewindRule, RowState, RowView
+from ..protocol import RewindRule, RewindTo, RowState, RowView
 from ..text.boundaries import cut_point, sentence_end_token_ids
 from ..text.endings import default_end_phrases
 from ..text.matcher import PhraseMatcher
 from ..text.repetition import newline_token_ids, word_token_ids
 from .bans import Bans
 from .config import BackstepConfig
-from .events import BackstepEvent
+from .events import RewindEvent
 from .landing import Landing, RowText
 from .rules import EOSRule, LoopRule, PhraseRule
 
@@ -153,7 +153,7 @@ class RewindPolicy(RowState):
         self.bans = Bans()
         self.schedule_from: list[int | None] = []
         self.final: list[int] = []
-        self.events: list[list[BackstepEvent]] = []
+        self.events: list[list[RewindEvent]] = []
 
     def _ban_rewound(self, greedy: bool) -> bool:
         """``ban_rewound_token``, whose default is to ban under greedy decoding (a plain rewind would regenerate
@@ -242,7 +242,7 @@ class RewindPolicy(RowState):
             return plan
         return "finish" if view.ids[-1] in self.eos or view.final else "keep"
 
-    def _plan(self, view: RowView, request: Rewind, floor: int, rule: RewindRule) -> RewindPlan | None:
+    def _plan(self, view: RowView, request: RewindTo, floor: int, rule: RewindRule) -> RewindPlan | None:
         """The clamped rewind for ``request``, or ``None`` when it would remove nothing."""
         ids, row = view.ids, view.row
         length = len(ids)
@@ -278,7 +278,7 @@ class RewindPolicy(RowState):
         )
 
     # -- applying --------------------------------------------------------------------------------------------
-    def apply(self, plan: RewindPlan, step: int, eos_prob: float, deep: bool = False) -> BackstepEvent:
+    def apply(self, plan: RewindPlan, step: int, eos_prob: float, deep: bool = False) -> RewindEvent:
         """Carry out ``plan`` on the policy's own state (rules, bans, schedule restart) and record its event.
 
         Args:
@@ -294,7 +294,7 @@ class RewindPolicy(RowState):
             self.bans.add(row, pos, tokens)
         if plan.restart_schedule:
             self.schedule_from[row] = position
-        event = BackstepEvent(
+        event = RewindEvent(
             step=step,
             position=position - self.prompt_lengths[row],
             removed=plan.removed,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from ..protocol import Rewind, RewindRule, RowView
+from ..protocol import RewindRule, RewindTo, RowView
 from ..text.matcher import PhraseMatcher
 from ..text.phrase_stream import PhraseStream
 from ..text.repetition import LoopTracker
-from .config import LoopRewinds
+from .config import LoopDetection
 
 __all__ = ["EOSRule", "LoopRule", "PhraseRule"]
 
@@ -39,10 +39,10 @@ class EOSRule(RewindRule):
     def start(self, batch_size: int, prompt_length: int) -> None:
         self.ban_rows = [self.ban_rewound] * batch_size
 
-    def check(self, view: RowView) -> Rewind | None:
+    def check(self, view: RowView) -> RewindTo | None:
         if view.ids[-1] not in self.eos:
             return None
-        return Rewind(
+        return RewindTo(
             position=len(view.ids) - 1 - self.n_remove,
             ban_here=self.ban_here,  # the regenerated token must not end the row at once
             ban_first_removed=self.ban_rows[view.row],
@@ -105,7 +105,7 @@ class PhraseRule(RewindRule):
         """Trailing tokens of ``row`` that begin a phrase not (yet) completed: dropped if the row must end now."""
         return self.unfinished[row]
 
-    def check(self, view: RowView) -> Rewind | None:
+    def check(self, view: RowView) -> RewindTo | None:
         scan = self.streams[view.row].feed(view.ids, view.prompt_length, view.text_start, final=view.final)
         # An ending rewinds n_remove tokens before the phrase: those must not be streamed while it may complete.
         extra = self.n_remove if self.mode == "ending" and scan.hold else 0
@@ -117,8 +117,8 @@ class PhraseRule(RewindRule):
         self.used[view.row] += 1
         begin = match.start
         if self.mode == "ban":
-            return Rewind(position=begin, ban_first_removed=True, reason=self.reason, detail=match.phrase)
-        return Rewind(
+            return RewindTo(position=begin, ban_first_removed=True, reason=self.reason, detail=match.phrase)
+        return RewindTo(
             position=begin - self.n_remove,
             bans={begin: (view.ids[begin],)},
             ban_here=self.eos,
@@ -143,7 +143,7 @@ class LoopRule(RewindRule):
     reason = "loop"
 
     def __init__(
-        self, settings: LoopRewinds, newline_ids: Collection[int] | None, word_ids: Collection[int] | None = None
+        self, settings: LoopDetection, newline_ids: Collection[int] | None, word_ids: Collection[int] | None = None
     ) -> None:
         self.settings = settings
         self.newline_ids = frozenset(newline_ids) if newline_ids is not None else None
@@ -160,7 +160,7 @@ class LoopRule(RewindRule):
         if tracker is not None:
             tracker.rewind(length)
 
-    def check(self, view: RowView) -> Rewind | None:
+    def check(self, view: RowView) -> RewindTo | None:
         s = self.settings
         if self.used[view.row] >= s.max_rewinds:
             return None
@@ -185,4 +185,4 @@ class LoopRule(RewindRule):
             return None
         self.used[view.row] += 1
         detail = f"{match.kind} loop: span {match.span} x {match.repeats}"
-        return Rewind(position=match.start, ban_first_removed=True, reason=self.reason, detail=detail)
+        return RewindTo(position=match.start, ban_first_removed=True, reason=self.reason, detail=detail)

@@ -14,7 +14,7 @@ from ..processor_list import take_over_truncation
 from ..protocol import RowState
 from ..schedules import Schedule, factor_table, multipliers
 from ..triggers import EarlyTrigger
-from ..truncation import RowTruncation, TruncationSchedule, Widen
+from ..truncation import RowTruncation, TruncationSchedule, Widening
 
 if not TYPE_CHECKING:  # names that moved to the processor-list module, for one release
     __getattr__ = moved_names(__name__, "perpetual_logits.processor_list", {"WARPERS", "insert_before_warpers"})
@@ -58,7 +58,7 @@ class TemperatureSchedule(RowState):
         early_trigger: EarlyTrigger | None,
         device: torch.device,
         restarts: Callable[[], Sequence[int | None]],
-        widen: Widen | None = None,
+        widen: Widening | None = None,
     ) -> None:
         # -- settings
         self.schedule = schedule

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..app.methods import make_schedule
-from ..backstep.config import BackstepConfig, LoopRewinds
+from ..backstep.config import BackstepConfig, LoopDetection
 from .errors import APIError
 from .schemas import PRESETS, BackstepSettings
 
@@ -87,7 +87,9 @@ def resolve_backstep(
     loops = fields.pop("loops", False)
     try:
         schedule = None if schedule_name == "none" else make_schedule(schedule_name, peak, n_remove)
-        config = BackstepConfig(n_remove=n_remove, schedule=schedule, loops=LoopRewinds() if loops else None, **fields)
+        config = BackstepConfig(
+            n_remove=n_remove, schedule=schedule, loops=LoopDetection() if loops else None, **fields
+        )
     except ValueError as err:
         named = _NAMED.match(str(err))
         known = named is not None and named.group(1) in BackstepSettings.model_fields

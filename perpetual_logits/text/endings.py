@@ -137,7 +137,7 @@ CHAT_CLOSING_PHRASES: tuple[regex.Pattern[str], ...] = (
 * **sign-offs** — "Best/Kind/Warm regards", "Happy learning!" (and writing, coding, ...).
 
 Deliberately *not* listed, because assistants use them mid-answer (checked on SmolLM2-135M-Instruct's own
-answers, ``tests/test_chat_phrases.py``): "Finally,", "Overall,", "Remember,", "In short", "Good luck", "I'd
+answers, ``tests/text/test_chat_phrases.py``): "Finally,", "Overall,", "Remember,", "In short", "Good luck", "I'd
 be happy to help" (an opening), "Sincerely," (the natural end of a letter the user asked for).
 """
 

@@ -122,6 +122,8 @@ _SCOPABLE_FLAGS = regex.IGNORECASE | regex.UNICODE | regex.ASCII | regex.V0 | re
 
 
 _WORD_START = r"(?<!\w)"
+_NOTHING = PhraseScan(None, 0)
+_MEMO_ENTRIES = 1 << 16  # answers kept per phrase index (the first seen), so memory stays bounded
 
 
 def _gate(patterns: list[Any]) -> Any:
@@ -189,6 +191,96 @@ def _top_level_alternation(source: str) -> bool:
     return False
 
 
+# Constructs that read text before a match's start (besides lookbehinds, see _prefilter): a pattern holding any
+# of them gets no prefilter. `\b` and friends look one character back; `^`, `\A`, `\G` depend on where the
+# search starts; `\K` and conditionals are rare enough to leave to the full search.
+_LOOKS_BACK = frozenset("bBAGKmMy")
+
+
+def _without_lookbehinds(source: str) -> str | None:
+    """``source`` (version 0 syntax) with every positive lookbehind group removed, or ``None`` when something
+    else in it reads text before where a match starts (then no prefilter can be built from it)."""
+    out: list[str] = []
+    i = 0
+    n = len(source)
+    while i < n:
+        char = source[i]
+        if char == "\\":
+            if source[i + 1 : i + 2] in _LOOKS_BACK:
+                return None
+            out.append(source[i : i + 2])
+            i += 2
+        elif char == "[":
+            end = _set_end(source, i)
+            out.append(source[i:end])
+            i = end
+        elif char == "^":
+            return None
+        elif source.startswith("(?<=", i):
+            i = _group_end(source, i)
+        elif source.startswith("(?(", i):
+            return None
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _set_end(source: str, i: int) -> int:
+    """Index just after the character set that begins at ``source[i] == "["``."""
+    i += 1
+    if source.startswith("^", i):
+        i += 1
+    if source.startswith("]", i):  # a "]" first in a set is a literal
+        i += 1
+    while i < len(source) and source[i] != "]":
+        i += 2 if source[i] == "\\" else 1
+    return i + 1
+
+
+def _group_end(source: str, i: int) -> int:
+    """Index just after the group that begins at ``source[i] == "("``."""
+    depth = 0
+    while i < len(source):
+        char = source[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "[":
+            i = _set_end(source, i)
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return i
+
+
+def _prefilter(pattern: Any) -> Any:
+    """A pattern that finds (or partially finds) something in a piece of text wherever ``pattern`` could begin a
+    match or a partial match inside that piece, whatever text comes before the piece's one character of context
+    (searched from position 1): ``pattern`` with its positive lookbehinds removed. A removed lookbehind only
+    narrows where the pattern matches; a negative one is kept, as it reads the row's own text, or less of it (then
+    it holds where it might not in the row). ``None`` when the pattern reads text before its start in another
+    way."""
+    source = pattern.pattern
+    if pattern.flags & (regex.V1 | regex.ASCII) or _BACKREFERENCE.search(source):
+        return None
+    stripped = _without_lookbehinds(source)
+    if stripped is None:
+        return None
+    body = stripped[4:] if stripped.startswith("(?i)") else stripped
+    if "(?" in body.replace("(?:", "").replace("(?!", "").replace("(?=", "").replace("(?<!", ""):
+        return None  # inline flags inside, named groups, other extensions: left to the full search
+    try:
+        return regex.compile(stripped, pattern.flags & ~regex.V0)
+    except regex.error:
+        return None
+
+
 class PhraseIndex:
     """What every row's :class:`PhraseStream` shares: the automaton of the string phrases, the regular
     expressions, and the matcher's rules. Built once per :class:`~perpetual_logits.text.matcher.PhraseMatcher`
@@ -234,6 +326,14 @@ class PhraseIndex:
             parts.append("[" + "".join(regex.escape(c) for c in sorted(starts_other)) + "]")
         self.starts: Any = regex.compile("|".join(parts), flags) if parts else None
         self.gate = _gate([pattern for _, pattern in self.regexes])
+        # The usual step of a row whose text holds nothing that may become a phrase, answered from what earlier
+        # steps of any row found for the same text (both are pure functions of their key, see
+        # PhraseStream._analyse): whether a new piece of text can begin a regular expression's match
+        # (``prefilters``), and where the string phrases' hold moves after a piece.
+        prefilters = [_prefilter(pattern) for _, pattern in self.regexes]
+        self.prefilters: list[Any] | None = prefilters if self.regexes and None not in prefilters else None
+        self.candidates: dict[str, tuple[int, ...]] = {}  # piece -> the regexes that may begin inside it
+        self.string_holds: dict[str, int] = {}
 
     @classmethod
     def of(cls, matcher: PhraseMatcher) -> PhraseIndex:
@@ -323,6 +423,10 @@ class PhraseStream:
             and (n < 2 or not stream.tokens or stream.tokens[-1] == ids[n - 2])
         ):
             self._start(ids, first)
+        elif not final and n > prompt_length:
+            plain = self._plain_step(int(ids[n - 1]), n, prompt_length)
+            if plain is not None:
+                return plain
         old_end = stream.char_base + len(stream.text)
         stream.push(int(ids[n - 1]))
         if stream.changed_from is not None:  # the new token rewrote earlier text: look at the tail again
@@ -333,6 +437,48 @@ class PhraseStream:
         return self._analyse(n, prompt_length, old_end, final)
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _plain_step(self, token: int, n: int, prompt_length: int) -> PhraseScan | None:
+        """A step whose token adds its cached text after the previous one (``None`` otherwise, with nothing
+        changed: the general path runs). The token is appended; what it completes and holds is then answered
+        from what earlier steps of any row found for the same text (see :meth:`_analyse`) when that is known --
+        no string phrase completed and the string hold known, no regex holding text, the regexes that may
+        begin in the new text (usually none) found nothing -- and by the general analysis otherwise."""
+        stream = self.text
+        old_end = stream.char_base + len(stream.text)
+        if stream.push_plain(token) is None:
+            return None
+        text, base = stream.text, stream.char_base
+        end = base + len(text)
+        if old_end <= base or end == old_end or stream.head_end > old_end:
+            return self._analyse(n, prompt_length, old_end, False)
+        index = self.index
+        # The string phrases: no phrase completed and where the hold moves, if known for this text.
+        string_from = end
+        if index.starts is not None:
+            held = self.string_from
+            if held <= base or end - held > index.need_chars or held < stream.head_end:
+                return self._analyse(n, prompt_length, old_end, False)
+            moved = index.string_holds.get(text[held - base - 1 :])
+            if moved is None:
+                return self._analyse(n, prompt_length, old_end, False)
+            if moved >= 0:
+                string_from = held + moved
+        # The regular expressions: none holding text, and those that may begin in the new text find nothing.
+        if index.regexes:
+            candidates = index.candidates.get(text[old_end - base - 1 :]) if index.prefilters is not None else None
+            if candidates is None or min(self.regex_from) < old_end:
+                return self._analyse(n, prompt_length, old_end, False)
+            body = end - base
+            for r in candidates:  # one search from the old end
+                m = index.regexes[r][1].search(text, old_end - base, body, partial=True)
+                if m is not None and not m.start() == m.end() == body:
+                    return self._analyse(n, prompt_length, old_end, False)
+            self.regex_from = [end] * len(index.regexes)
+        self.string_from = string_from
+        if string_from >= end:
+            return _NOTHING
+        return PhraseScan(None, min(n - stream.cut(string_from), n - prompt_length))
+
     def _start(self, ids: Sequence[int], first: int) -> None:
         n = len(ids)
         self.first = first
@@ -353,19 +499,58 @@ class PhraseStream:
         end = base + len(text)
         best: tuple[int, int, int, str, str] | None = None  # (token, char, phrase index, phrase, text)
 
+        # The usual step (not the last, the text grown, nothing rewritten, the held text inside the stream):
+        # what it finds depends only on the text from where the hold began (one character before it for the word
+        # boundary) -- a phrase completed now began at a held position -- so earlier steps' answers are reused.
+        usual = (
+            not final
+            and end > old_end
+            and not stream.pending
+            and stream.changed_from is None
+            and stream.head_end <= old_end
+        )
+        held = self.string_from
+        key: str | None = None
+        if (
+            usual
+            and index.starts is not None
+            and base < held
+            and end - held <= index.need_chars
+            and held >= stream.head_end
+        ):
+            key = text[held - base - 1 :]
+
         # 1. String phrases completed by the new text: the automaton over the tail that a new match can span.
-        if index.automaton is not None and end > old_end:
-            lo = max(base, old_end - index.need_chars)
-            hits = list(index.automaton.iter(_normalize(text[lo - base :], index.fold)))
-            if hits:  # rare: most tokens complete no phrase
-                best = self._string_match(hits, lo, prompt_length, old_end, final)
-
-        # 2. Regular expressions, each searched from where its previous search stopped.
-        if index.regexes:
-            best = self._regex_match(prompt_length, old_end, final, best)
-
         # 3. Strings: where the trailing text that may still become a phrase begins.
-        self.string_from = self._string_hold(text, base, end, final)
+        known = index.string_holds.get(key) if key is not None else None
+        if known is not None:  # no phrase completed; the hold moved by `known` characters (-1: none held)
+            self.string_from = end if known < 0 else held + known
+        else:
+            hits: list[Any] = []
+            if index.automaton is not None and end > old_end:
+                lo = max(base, old_end - index.need_chars)
+                hits = list(index.automaton.iter(_normalize(text[lo - base :], index.fold)))
+                if hits:  # rare: most tokens complete no phrase
+                    best = self._string_match(hits, lo, prompt_length, old_end, final)
+            self.string_from = self._string_hold(text, base, end, final)
+            if key is not None and not hits and len(index.string_holds) < _MEMO_ENTRIES:
+                index.string_holds[key] = -1 if self.string_from >= end else self.string_from - held
+
+        # 2. Regular expressions, each searched from where its previous search stopped. In the usual step only
+        # those holding text and those that may begin inside the new text (whatever came before it) are
+        # searched: usually none.
+        if index.regexes:
+            if usual and index.prefilters is not None and old_end > base:
+                piece = text[old_end - base - 1 :]  # the new text after one character of the old
+                candidates = index.candidates.get(piece)
+                if candidates is None:
+                    candidates = self._candidates(piece)
+                if candidates or min(self.regex_from) < old_end:
+                    best = self._regex_match(prompt_length, old_end, final, best, candidates)
+                else:
+                    self.regex_from = [end] * len(index.regexes)
+            else:
+                best = self._regex_match(prompt_length, old_end, final, best)
 
         if best is not None:
             token, _, _, source, matched = best
@@ -423,11 +608,17 @@ class PhraseStream:
         return best
 
     def _regex_match(
-        self, prompt_length: int, old_end: int, final: bool, best: tuple[int, int, int, str, str] | None
+        self,
+        prompt_length: int,
+        old_end: int,
+        final: bool,
+        best: tuple[int, int, int, str, str] | None,
+        candidates: tuple[int, ...] | None = None,
     ) -> tuple[int, int, int, str, str] | None:
         """``best`` or an earlier regular-expression match that the new text completes; moves each regex's
         hold. A match spans at most max_match_chars characters, so a partial match that began earlier than
-        that before the end is none."""
+        that before the end is none. ``candidates``: the regexes that may begin inside the new text (the usual
+        step); only those and the ones holding text are searched."""
         index = self.index
         stream = self.text
         text = stream.text
@@ -441,7 +632,11 @@ class PhraseStream:
         new_from, prompt_end = old_end - base, prompt_chars - base
         todo: Sequence[int] = range(len(index.regexes))
         skip_to = floor
-        if index.regexes and index.gate is not None:
+        if candidates is not None:
+            # A regex holding nothing that cannot begin inside the new text finds nothing from the old end on.
+            todo = [r for r, position in enumerate(self.regex_from) if position < old_end or r in candidates]
+            self.regex_from = [position if r in todo else end for r, position in enumerate(self.regex_from)]
+        elif index.regexes and index.gate is not None:
             # One search of the alternation of all of them: usually nothing (then nothing is new or held),
             # otherwise none of them has anything before where it found something. A second one over the new
             # text only: when it finds nothing, only the regexes that were holding text need a look.
@@ -495,6 +690,20 @@ class PhraseStream:
                 if best is None or candidate[:3] < best[:3]:
                     best = candidate
         return best
+
+    def _candidates(self, piece: str) -> tuple[int, ...]:
+        """The regexes that may match, or partially match, text that begins inside ``piece[1:]`` (``piece[0]``:
+        the character before it, which the negative lookbehinds read); kept per piece."""
+        assert self.index.prefilters is not None
+        found = []
+        for r, prefilter in enumerate(self.index.prefilters):
+            m = prefilter.search(piece, 1, partial=True)
+            if m is not None and not m.start() == m.end() == len(piece):
+                found.append(r)
+        candidates = tuple(found)
+        if len(self.index.candidates) < _MEMO_ENTRIES:
+            self.index.candidates[piece] = candidates
+        return candidates
 
     @staticmethod
     def _new(e: int, body: int, final: bool, old_end: int, prompt_chars: int) -> bool:

@@ -22,7 +22,7 @@ Defaults (measured on SmolLM2-135M-Instruct, see ``benchmarks/quality_chat.py``)
 ``min_repeats=3`` copies and at least ``min_loop_tokens=8`` tokens in all (so a one-token span such as a
 digit of "1,000,000" needs 8 copies), spans up to 32 tokens; :func:`find_line_loop`'s line loop is a line of
 at least 4 tokens seen again within the last 16 lines. The loop rewinds (:class:`LoopTracker`, the defaults of
-``LoopRewinds``) keep the token rule, ask 64 tokens of spans without letters or across a line end, and count
+``LoopDetection``) keep the token rule, ask 64 tokens of spans without letters or across a line end, and count
 lines only when a block of them is repeated back to back.
 """
 
@@ -355,6 +355,9 @@ class LoopTracker:
         # The row, from `begin` on (tokens before it are never part of a loop).
         self.ids: list[int] = []
         self.begin = 0
+        # Where each token was last written (an index into ids): a new token last seen more than max_span back
+        # repeats no span, which is the usual token, decided without looking at the window.
+        self.last_seen: dict[int, int] = {}
         self.looping = False  # the previous token already ended a loop (reported then, or kept)
         # Finished non-blank lines: (first token index, token tuple), oldest first, and where the current
         # line began.
@@ -377,10 +380,12 @@ class LoopTracker:
         ids = self.ids
         ids.append(token_id)
         n = len(ids)
+        seen = self.last_seen.get(token_id, -1)
+        self.last_seen[token_id] = n - 1
         # Spans p the row can hold a copy of (the token p back lies at `begin` or later), shortest first.
         longest = min(self.max_span, n - 1 - self.begin)
         span = run = 0
-        if longest >= self.min_span:
+        if longest >= self.min_span and not (self.only_repeats and seen < n - 1 - longest):
             if self.only_repeats:
                 back = ids[n - 1 - longest : n - 1]  # reversed below: back[p - 1] is the token p before the new one
                 back.reverse()
@@ -404,7 +409,8 @@ class LoopTracker:
             first = n - span - run
             match = LoopMatch(start=first + span, first=first, span=span, repeats=(n - first) // span, kind="token")
         self.looping = bool(span)
-        line = self._line(token_id)
+        newline = self.newline_ids is not None and token_id in self.newline_ids
+        line = self._line(token_id) if newline else None  # (a line end finishes a line, also after a loop)
         return match if match is not None else line
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -434,6 +440,7 @@ class LoopTracker:
     def _recount(self) -> None:
         """Rebuild the line records from the row (after a start or a rewind); runs are counted when asked."""
         ids, n = self.ids, len(self.ids)
+        self.last_seen = {token: i for i, token in enumerate(ids)}
         self.looping = False
         self.lines = []
         self.line_start = self.begin

@@ -171,28 +171,46 @@ class TextStream:
         self.head_end = self.char_base if self.anchor is None else (self.ends[0] if self.ends else self.char_base)
         self.changed_from = None
 
+    def push_plain(self, token_id: int) -> str | None:
+        """Append the row's next token when it is a plain one, and return the text it added: the text so far
+        whole, the token's text after the previous token known (cached) and complete -- what :meth:`push` would
+        append without decoding. ``None``, with nothing changed, for any other token (then :meth:`push` it)."""
+        tokens = self.tokens
+        if self.pending or not tokens or not self._lead.get(token_id):
+            return None
+        text = self._after.get(tokens[-1] << 32 | token_id)
+        if text is None or text.endswith(_REPLACEMENT):
+            return None
+        self._append(token_id, text)
+        return text
+
+    def _append(self, token_id: int, text: str) -> None:
+        self.changed_from = None
+        self.tokens.append(token_id)
+        self.text += text
+        self.ends.append(self.char_base + len(self.text))
+        self.own.append(True)
+        if len(self.text) > self._trim_at:
+            self._trim()
+
     def push(self, token_id: int) -> None:
         """Append the row's next token."""
-        self.changed_from = None
         tokens = self.tokens
-        tokens.append(token_id)
-        if self.pending == 0 and len(tokens) > 1 and (self._lead.get(token_id) or self._lead_of(token_id)):
+        if self.pending == 0 and tokens and (self._lead.get(token_id) or self._lead_of(token_id)):
             # The usual token: the text so far is whole and neither this token nor the one before it is a
             # byte-fallback piece (the only pieces whose text depends on more than their left neighbour), so
             # the text grows by what this token adds after the previous one (one short decode).
-            pair = tokens[-2] << 32 | token_id
+            pair = tokens[-1] << 32 | token_id
             text = self._after.get(pair)
             if text is None:
-                text = self._relative(tokens[-2], [token_id])
+                text = self._relative(tokens[-1], [token_id])
                 if text is not None and len(self._after) < _PAIRS:
                     self._after[pair] = text
             if text is not None and not text.endswith(_REPLACEMENT):
-                self.text += text
-                self.ends.append(self.char_base + len(self.text))
-                self.own.append(True)
-                if len(self.text) > self._trim_at:
-                    self._trim()
+                self._append(token_id, text)
                 return
+        self.changed_from = None
+        tokens.append(token_id)
         first = max(0, len(self.tokens) - max(_WINDOW, self.pending + 2))
         start = self.ends[first - 1] if first > 0 else self.char_base
         anchor = self.tokens[first - 1] if first > 0 else self.anchor

@@ -8,10 +8,13 @@ Importing ``perpetual_logits`` never imports this package. This package imports 
 (the processor subclasses vLLM's interfaces) and still imports without it (for the docs and type checks).
 """
 
+from typing import TYPE_CHECKING
+
+from .._moved import old_names
 from .driver import LLM, PerpetualRequestOutput, RequestStats, eos_token_ids, generate
 from .processor import PerpetualLogitsProcessor, processor_for_vocabulary
 from .settings import (
-    KEY,
+    EXTRA_ARGS_KEY,
     EarlySettings,
     RequestSettings,
     ScheduleTable,
@@ -21,8 +24,11 @@ from .settings import (
     suppress_eos,
 )
 
+if not TYPE_CHECKING:  # the old name, for one release
+    __getattr__ = old_names(__name__, {"KEY": (__name__, "EXTRA_ARGS_KEY")})
+
 __all__ = [
-    "KEY",
+    "EXTRA_ARGS_KEY",
     "LLM",
     "EarlySettings",
     "PerpetualLogitsProcessor",

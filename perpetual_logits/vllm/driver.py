@@ -26,12 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backstep import BackstepConfig, BackstepEvent
+from ..backstep import BackstepConfig, RewindEvent
 from ..backstep.policy import RewindPlan, RewindPolicy
 from ..protocol import RowView
 from ..truncation import Truncation
 from .processor import PerpetualLogitsProcessor, check_truncation_off, processor_for_vocabulary
-from .settings import KEY, EarlySettings, LandingSettings, RequestSettings, WidenSettings, schedule_table
+from .settings import EXTRA_ARGS_KEY, EarlySettings, LandingSettings, RequestSettings, WidenSettings, schedule_table
 
 __all__ = ["LLM", "PerpetualRequestOutput", "RequestStats", "eos_token_ids", "generate"]
 
@@ -116,7 +116,7 @@ class PerpetualRequestOutput:
             string the request stopped at (unless ``include_stop_str_in_output``), as vLLM's own text.
         finish_reason: ``"length"`` (``max_tokens`` final tokens), ``"stop"`` (EOS, or a stop string / id of
             the request's ``SamplingParams``), as vLLM reports it.
-        backstep_events: the rewinds, in order (see :class:`~perpetual_logits.BackstepEvent`; ``step`` is the
+        backstep_events: the rewinds, in order (see :class:`~perpetual_logits.RewindEvent`; ``step`` is the
             number of tokens the request had sampled before the token that triggered the rewind, removed ones
             included; ``eos_prob`` is the sampled EOS id's raw probability for an EOS rewind -- the same as the
             HF backend's when the model has one EOS id -- and NaN for other reasons: vLLM returns no other
@@ -128,7 +128,7 @@ class PerpetualRequestOutput:
     token_ids: list[int]
     text: str
     finish_reason: str | None
-    backstep_events: list[BackstepEvent]
+    backstep_events: list[RewindEvent]
     stats: RequestStats
 
 
@@ -219,7 +219,7 @@ class Driver:
                 params.seed = (row.params.seed * 1_000_003 + row.stats.submissions) % (1 << 63)
             ours = self._settings(row)
             if ours:
-                params.extra_args = {**(row.params.extra_args or {}), KEY: ours}
+                params.extra_args = {**(row.params.extra_args or {}), EXTRA_ARGS_KEY: ours}
             if "widen" in ours:  # the processor truncates (see WidenSettings); vLLM's truncation would narrow it
                 params.top_k, params.top_p, params.min_p = 0, 1.0, 0.0
         row.request_id = f"pl-{next(_ids)}-{row.index}"
@@ -353,7 +353,7 @@ class Driver:
                 self.on_final(row.index, row.kept[begin:end])
             row.committed = end
 
-    def events(self, row: Row) -> list[BackstepEvent]:
+    def events(self, row: Row) -> list[RewindEvent]:
         return self.policy.events[row.index] if self.policy is not None else []
 
     def text(self, row: Row) -> str:
@@ -406,11 +406,11 @@ def _check_extra_args(params: Any) -> None:
         return
     if not isinstance(extra, dict):
         raise ValueError(f"`params.extra_args` must be a dict, got {type(extra).__name__}")
-    if KEY in extra:
+    if EXTRA_ARGS_KEY in extra:
         raise ValueError(
-            f"`params.extra_args[{KEY!r}]` must not be set with backstep= (got {extra[KEY]!r}): the driver sets it "
-            "from the BackstepConfig -- EOS is rewound on the model's EOS ids and masked once max_backsteps is "
-            "spent (on_exhausted='suppress'); for Methods 1 and 2 call llm.generate without backstep="
+            f"`params.extra_args[{EXTRA_ARGS_KEY!r}]` must not be set with backstep= (got {extra[EXTRA_ARGS_KEY]!r}): "
+            "the driver sets it from the BackstepConfig -- EOS is rewound on the model's EOS ids and masked once "
+            "max_backsteps is spent (on_exhausted='suppress'); for Methods 1 and 2 call llm.generate without backstep="
         )
 
 
@@ -459,7 +459,7 @@ def generate(
             meaning here (vLLM keeps no logits to reuse; the prefix cache plays its part); ``early_trigger``
             and ``widen`` run in the processor (``widen`` with vLLM's penalties, or narrower than the request's
             own truncation, is refused). ``params.extra_args`` must then not set our key
-            (:data:`~perpetual_logits.vllm.KEY`): the driver sets it.
+            (:data:`~perpetual_logits.vllm.EXTRA_ARGS_KEY`): the driver sets it.
         on_final (`callable`, *optional*): streaming with hold-back: called as ``on_final(prompt_index,
             token_ids)`` with each request's tokens once they are final (never removed afterwards). The calls of
             one request add up to its returned ``token_ids``.

@@ -15,15 +15,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _validation
+from .._moved import old_names
 from ..schedules import MAX_MULTIPLIER, MIN_MULTIPLIER, Schedule
 from ..triggers import EarlyTrigger
-from ..truncation import Truncation, Widen
+from ..truncation import Truncation, Widening
+
+if not TYPE_CHECKING:  # the old name, for one release
+    __getattr__ = old_names(__name__, {"KEY": (__name__, "EXTRA_ARGS_KEY")})
 
 __all__ = [
-    "KEY",
+    "EXTRA_ARGS_KEY",
     "EarlySettings",
     "LandingSettings",
     "RequestSettings",
@@ -35,7 +39,7 @@ __all__ = [
 ]
 
 #: The key of ``SamplingParams.extra_args`` this package reads; other keys are left to other processors.
-KEY = "perpetual_logits"
+EXTRA_ARGS_KEY = "perpetual_logits"
 
 _TRIGGERS = ("sample", "argmax")
 
@@ -210,7 +214,7 @@ class LandingSettings:
 
 @dataclass(frozen=True)
 class WidenSettings:
-    """:class:`~perpetual_logits.Widen` as plain data: the processor truncates each request itself.
+    """:class:`~perpetual_logits.Widening` as plain data: the processor truncates each request itself.
 
     vLLM applies a request's top-k / top-p / min-p after the logits processors, with one value for the whole
     request, so it can only narrow what a processor leaves. A request with ``widen`` is therefore submitted with
@@ -222,13 +226,13 @@ class WidenSettings:
         weights (`tuple[float, ...]`): ``w(s)`` by steps since the schedule started (1 = wide, 0 = configured),
             the last entry holding for later steps (see :mod:`perpetual_logits.truncation`).
         forever (`bool`): the weight schedule never ends: every step uses ``weights[0]``.
-        wide (`Widen`): the values at the start (``None`` fields stay configured).
+        wide (`Widening`): the values at the start (``None`` fields stay configured).
         configured (`Truncation`): the request's own top-k / top-p / min-p and temperature.
     """
 
     weights: tuple[float, ...]
     forever: bool
-    wide: Widen
+    wide: Widening
     configured: Truncation
 
     def __post_init__(self) -> None:
@@ -239,8 +243,8 @@ class WidenSettings:
                 raise ValueError(f"`widen.weights` must hold floats in [0, 1], got {w!r}")
         if not isinstance(self.forever, bool):
             raise ValueError(f"`widen.forever` must be a bool, got {self.forever!r}")
-        if not isinstance(self.wide, Widen) or not isinstance(self.configured, Truncation):
-            raise ValueError("`widen` needs a Widen and the configured Truncation")
+        if not isinstance(self.wide, Widening) or not isinstance(self.configured, Truncation):
+            raise ValueError("`widen` needs a Widening and the configured Truncation")
         self.wide.check(self.configured)
 
     def weight(self, s: int) -> float:
@@ -280,22 +284,22 @@ class WidenSettings:
             raise ValueError(f"`widen.weights` must be a list of floats, got {weights!r}")
         if not isinstance(conf, Mapping) or set(conf) != {"top_k", "top_p", "min_p", "temp"}:
             raise ValueError(f"`widen.configured` must be a dict of top_k, top_p, min_p, temp; got {conf!r}")
-        wide = Widen(data["top_k"], data["top_p"], data["min_p"])
+        wide = Widening(data["top_k"], data["top_p"], data["min_p"])
         configured = Truncation(conf["top_k"], conf["top_p"], conf["min_p"], conf["temp"])
         return cls(tuple(weights), data["forever"], wide, configured)
 
     @classmethod
-    def of(cls, widen: Widen, schedule: Schedule, configured: Truncation) -> WidenSettings:
+    def of(cls, widen: Widening, schedule: Schedule, configured: Truncation) -> WidenSettings:
         """The settings of ``widen`` returning on ``widen.schedule`` (else ``schedule``), around ``configured``."""
         from ..truncation import weight_table
 
-        if not isinstance(widen, Widen):
-            raise ValueError(f"`widen` must be a Widen, got {widen!r}")
+        if not isinstance(widen, Widening):
+            raise ValueError(f"`widen` must be a Widening, got {widen!r}")
         chosen = widen.schedule if widen.schedule is not None else schedule
         if not isinstance(chosen, Schedule):
             raise ValueError(f"`schedule` must be a Schedule when `widen.schedule` is None, got {chosen!r}")
         weights = tuple(float(w) for w in weight_table(chosen).tolist())
-        return cls(weights, chosen.length is None, Widen(widen.top_k, widen.top_p, widen.min_p), configured)
+        return cls(weights, chosen.length is None, Widening(widen.top_k, widen.top_p, widen.min_p), configured)
 
 
 def schedule_table(schedule: Schedule) -> ScheduleTable:
@@ -343,7 +347,7 @@ def suppress_eos(eos_token_id: int | Iterable[int] | None = None) -> dict[str, A
 
     ```
     """
-    return {KEY: {"suppress_eos": True, **_eos_data(eos_token_id)}}
+    return {EXTRA_ARGS_KEY: {"suppress_eos": True, **_eos_data(eos_token_id)}}
 
 
 def resample_eos(
@@ -382,7 +386,9 @@ def resample_eos(
     _check_trigger(trigger)
     if seed is not None:
         _validation.positive_int(seed, "seed", minimum=0)
-    return {KEY: {"resample": {**table.to_data(), "trigger": trigger, "seed": seed}, **_eos_data(eos_token_id)}}
+    return {
+        EXTRA_ARGS_KEY: {"resample": {**table.to_data(), "trigger": trigger, "seed": seed}, **_eos_data(eos_token_id)}
+    }
 
 
 def _check_trigger(trigger: object) -> str | float:
@@ -395,7 +401,7 @@ def _check_trigger(trigger: object) -> str | float:
 
 @dataclass(frozen=True)
 class RequestSettings:
-    """What the processor does for one request, parsed from ``extra_args[KEY]``.
+    """What the processor does for one request, parsed from ``extra_args[EXTRA_ARGS_KEY]``.
 
     Positions count the request's generated tokens (its output index), from 0.
 
@@ -442,11 +448,11 @@ class RequestSettings:
         ```python
         >>> RequestSettings.parse({"other": 1}) is None
         True
-        >>> RequestSettings.parse({KEY: {"bans": [[0, [2, 7]]], "schedule": {"factors": [2.0]}}})
+        >>> RequestSettings.parse({EXTRA_ARGS_KEY: {"bans": [[0, [2, 7]]], "schedule": {"factors": [2.0]}}})
         RequestSettings(eos=None, suppress_eos=False, resample=None, trigger='sample', seed=None,
                         schedule=ScheduleTable(factors=(2.0,), forever=False), bans={0: (2, 7)}, started=0,
                         early=None, widen=None, landing=None)
-        >>> RequestSettings.parse({KEY: {"supress_eos": True}})
+        >>> RequestSettings.parse({EXTRA_ARGS_KEY: {"supress_eos": True}})
         Traceback (most recent call last):
         ...
         ValueError: `extra_args['perpetual_logits']` has unknown keys ['supress_eos'] (known: ...)
@@ -457,15 +463,15 @@ class RequestSettings:
 
         ```
         """
-        if not extra_args or KEY not in extra_args:
+        if not extra_args or EXTRA_ARGS_KEY not in extra_args:
             return None
-        data = extra_args[KEY]
+        data = extra_args[EXTRA_ARGS_KEY]
         if not isinstance(data, Mapping):
-            raise ValueError(f"`extra_args[{KEY!r}]` must be a dict, got {data!r}")
+            raise ValueError(f"`extra_args[{EXTRA_ARGS_KEY!r}]` must be a dict, got {data!r}")
         known = {"bans", "early", "eos", "landing", "resample", "schedule", "suppress_eos", "widen"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"`extra_args[{KEY!r}]` has unknown keys {unknown} (known: {sorted(known)})")
+            raise ValueError(f"`extra_args[{EXTRA_ARGS_KEY!r}]` has unknown keys {unknown} (known: {sorted(known)})")
         eos = _validation.eos_ids(data["eos"], "eos") if data.get("eos") is not None else None
         suppress = data.get("suppress_eos", False)
         if not isinstance(suppress, bool):
@@ -495,8 +501,8 @@ class RequestSettings:
             outside = [t for t in landing.sentence_ends if t >= vocab_size] if landing is not None else []
             if outside:
                 raise ValueError(
-                    f"`extra_args[{KEY!r}]['landing']['sentence_ends']` holds the token id {outside[0]}, outside "
-                    f"this model's vocabulary (ids 0 to {vocab_size - 1})"
+                    f"`extra_args[{EXTRA_ARGS_KEY!r}]['landing']['sentence_ends']` holds the token id {outside[0]}, "
+                    f"outside this model's vocabulary (ids 0 to {vocab_size - 1})"
                 )
         if not (suppress or resample or schedule or bans or landing):
             return None
@@ -522,8 +528,8 @@ def _check_vocabulary(eos: tuple[int, ...] | None, bans: Mapping[int, tuple[int,
         for token in ids:
             if token >= vocab:
                 raise ValueError(
-                    f"`extra_args[{KEY!r}][{name!r}]` holds the token id {token}, outside this model's vocabulary "
-                    f"(ids 0 to {vocab - 1})"
+                    f"`extra_args[{EXTRA_ARGS_KEY!r}][{name!r}]` holds the token id {token}, outside this model's "
+                    f"vocabulary (ids 0 to {vocab - 1})"
                 )
 
 

@@ -4,9 +4,9 @@ PhraseRule (ending and ban modes) and LoopRule. No model: a word-level tokenizer
 from __future__ import annotations
 
 import pytest
-from conftest import build_tokenizer
+from support import tiny_tokenizer
 
-from perpetual_logits import LoopRewinds, Rewind, RewindRule, RowView
+from perpetual_logits import LoopDetection, RewindRule, RewindTo, RowView
 from perpetual_logits.backstep.rules import EOSRule, LoopRule, PhraseRule
 from perpetual_logits.text.matcher import PhraseMatcher
 
@@ -16,14 +16,14 @@ PROMPT = [1, 30]  # "<s> w0"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    return tiny_tokenizer()
 
 
 def ids(tokenizer, words: str) -> list[int]:
     return tokenizer.convert_tokens_to_ids(words.split())
 
 
-def feed(rule: RewindRule, row_ids: list[int], row: int = 0, start: int = len(PROMPT)) -> list[tuple[int, Rewind]]:
+def feed(rule: RewindRule, row_ids: list[int], row: int = 0, start: int = len(PROMPT)) -> list[tuple[int, RewindTo]]:
     """Show the rule the row after each new token from index ``start``; return (index, rewind) of each request."""
     found = []
     for end in range(start + 1, len(row_ids) + 1):
@@ -46,7 +46,7 @@ def test_eos_rule_cuts_n_remove_before_the_eos_and_bans_eos_there():
     assert feed(rule, row[:-1]) == []
     ((at, rewind),) = feed(rule, row, start=len(row) - 1)
     assert at == 5
-    assert rewind == Rewind(position=3, ban_here=(EOS, 7), ban_first_removed=False, reason="eos")
+    assert rewind == RewindTo(position=3, ban_here=(EOS, 7), ban_first_removed=False, reason="eos")
     ((_, other),) = feed(rule, row, row=1, start=len(row) - 1)
     assert other.ban_first_removed  # per row
 
@@ -57,7 +57,7 @@ def test_phrase_rule_ban_mode_rewinds_to_where_the_phrase_began(tokenizer):
     row = PROMPT + ids(tokenizer, "w1 w5 w6 w2")
     found = feed(rule, row)
     # "w5 w6" is confirmed once the character after it is known (a word boundary), i.e. at "w2"
-    assert found == [(5, Rewind(position=3, ban_first_removed=True, reason="phrase", detail="w5 w6"))]
+    assert found == [(5, RewindTo(position=3, ban_first_removed=True, reason="phrase", detail="w5 w6"))]
 
 
 def test_phrase_rule_holds_back_a_phrase_that_may_complete(tokenizer):
@@ -76,7 +76,7 @@ def test_phrase_rule_ending_mode_rewinds_n_remove_before_and_bans_the_first_toke
     row = PROMPT + ids(tokenizer, "w1 w2 w5 w6 w3")
     ((_, rewind),) = feed(rule, row)
     w5 = row[4]
-    assert rewind == Rewind(position=3, bans={4: (w5,)}, ban_here=(EOS,), reason="ending", detail="w5 w6")
+    assert rewind == RewindTo(position=3, bans={4: (w5,)}, ban_here=(EOS,), reason="ending", detail="w5 w6")
     # after the rewind the row writes the phrase again: its one rewind is spent, so the phrase is kept
     rule.rewind(0, rewind.position)
     assert feed(rule, row, start=rewind.position) == []
@@ -93,7 +93,7 @@ def test_phrase_rule_after_a_rewind_sees_only_the_new_text(tokenizer):
 
 
 def test_loop_rule_rewinds_to_where_the_repeat_began():
-    rule = LoopRule(LoopRewinds(min_span=2, max_span=4, min_repeats=3, min_loop_tokens=6, line_repeats=0), None)
+    rule = LoopRule(LoopDetection(min_span=2, max_span=4, min_repeats=3, min_loop_tokens=6, line_repeats=0), None)
     rule.start(batch_size=1, prompt_length=len(PROMPT))
     row = [*PROMPT, 40, 41, 42, 41, 42, 41, 42]  # "41 42" three times from index 3
     ((at, rewind),) = feed(rule, row)
@@ -104,7 +104,7 @@ def test_loop_rule_rewinds_to_where_the_repeat_began():
 
 def test_loop_rule_spends_its_budget_then_keeps_loops():
     rule = LoopRule(
-        LoopRewinds(min_span=1, max_span=4, min_repeats=3, min_loop_tokens=3, line_repeats=0, max_rewinds=1), None
+        LoopDetection(min_span=1, max_span=4, min_repeats=3, min_loop_tokens=3, line_repeats=0, max_rewinds=1), None
     )
     rule.start(batch_size=1, prompt_length=len(PROMPT))
     row = [*PROMPT, 40, 40, 40]

@@ -49,7 +49,7 @@ class RewindReport:
 
     @classmethod
     def of(cls, events: Sequence[Any]) -> RewindReport:
-        """From the loop's :class:`~perpetual_logits.BackstepEvent` list of one row."""
+        """From the loop's :class:`~perpetual_logits.RewindEvent` list of one row."""
         reasons = Counter(str(e.reason) for e in events)
         return cls(len(events), sum(int(e.removed) for e in events), dict(sorted(reasons.items())))
 

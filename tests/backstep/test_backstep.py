@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, PAD, BoostEOS, tiny_config, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import EOS, PAD, BoostEOS, tiny_config, tiny_model
 from transformers import LlamaForCausalLM, LogitsProcessor, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
@@ -204,11 +204,11 @@ def test_from_pretrained_on_a_mixin_subclass(tmp_path) -> None:
 
 
 def test_default_config_reaches_a_pipeline() -> None:
-    from conftest import build_tokenizer
+    from support import tiny_tokenizer
     from transformers import pipeline
 
     model = make_perpetual(tiny_model("llama"), backstep=BackstepConfig(n_remove=2, max_backsteps=3))
-    tokenizer = build_tokenizer()
+    tokenizer = tiny_tokenizer()
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     model.last_backstep = None
     generator("a b c", max_new_tokens=10, do_sample=False, logits_processor=[BoostEOS(4.0)])
@@ -313,12 +313,12 @@ def test_streamer_receives_exactly_the_final_tokens() -> None:
 
 
 def test_text_iterator_streamer_text_equals_decoded_output() -> None:
-    from conftest import build_tokenizer
+    from support import tiny_tokenizer
 
-    tokenizer = build_tokenizer()
+    tokenizer = tiny_tokenizer()
     model = make_perpetual(tiny_model("llama"))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    ids = tokenizer("a b c", return_tensors="pt").input_ids
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("a b c").input_ids]])
     torch.manual_seed(4)
     out = model.generate(
         ids,
@@ -391,7 +391,7 @@ def test_method2_processor_state_follows_the_rewind() -> None:
 def test_method4_schedule_heats_exactly_after_each_rewind() -> None:
     model = make_perpetual(tiny_model("llama"))
     torch.manual_seed(0)
-    cfg = BackstepConfig.dynamic(n_remove=3, peak=2.0)
+    cfg = BackstepConfig.method4(n_remove=3, peak=2.0)
     out = model.generate(
         torch.tensor([[1, 5, 6, 7]]),
         do_sample=True,
@@ -532,7 +532,7 @@ def test_tinystories_backstep_is_exact_and_keeps_writing(tinystories) -> None:
     model, tokenizer = tinystories
     make_perpetual(model)
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
-    for cfg in (BackstepConfig(n_remove=10), BackstepConfig.dynamic(n_remove=10)):
+    for cfg in (BackstepConfig(n_remove=10), BackstepConfig.method4(n_remove=10)):
         for attn in ("eager", "sdpa"):
             model.set_attn_implementation(attn)
             torch.manual_seed(0)

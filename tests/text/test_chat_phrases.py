@@ -4,10 +4,9 @@ nothing in SmolLM2-135M-Instruct's own natural answers or in ordinary mid-answer
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import build_tokenizer
+from support import DATA, tiny_tokenizer
 
 from perpetual_logits.text.endings import (
     CHAT_CLOSING_PHRASES,
@@ -18,7 +17,7 @@ from perpetual_logits.text.endings import (
 )
 from perpetual_logits.text.matcher import PhraseMatcher
 
-NATURAL = json.loads((Path(__file__).parent / "data" / "smollm2_natural_answers.json").read_text())["answers"]
+NATURAL = json.loads((DATA / "smollm2_natural_answers.json").read_text())["answers"]
 
 
 def closings(text: str) -> list[str]:
@@ -93,7 +92,7 @@ def test_smollm2_natural_answers_hold_no_ending(answer):
 
 
 def test_default_end_phrases_for_chat():
-    tok = build_tokenizer()
+    tok = tiny_tokenizer()
     plain = default_end_phrases(tok)
     chat = default_end_phrases(tok, chat=True)
     assert all(isinstance(p, str) for p in plain)
@@ -107,7 +106,7 @@ def test_default_end_phrases_for_chat():
 
 
 def test_phrase_matcher_takes_the_chat_set():
-    tok = build_tokenizer()
+    tok = tiny_tokenizer()
     matcher = PhraseMatcher(default_end_phrases(tok, chat=True), tok)
     # The word-level test tokenizer spells "<|im_end|>" as unknown pieces, so use closings it can write.
     ids = tok("a b c", add_special_tokens=False).input_ids

@@ -1,4 +1,5 @@
-"""Ending control beyond the EOS token, wired into generation: phrase rewinds, early triggers, guards.
+"""Ending control beyond the EOS token in backstep generation: phrase rewinds (early triggers wired into
+generation are tested in test_triggers.py, the stopping guards in test_criteria.py).
 
 Scripted runs use a tiny random Llama with TinyStories-656K's tokenizer (vocab 2048) and a processor that
 forces a given token script, so we know exactly which tokens spell a phrase.
@@ -10,7 +11,6 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import LogitsProcessor, TextIteratorStreamer
 
 import perpetual_logits as pl
@@ -131,7 +131,7 @@ def test_phrase_rewinds_stay_exact_and_cost_no_extra_forward(scripted_model, sto
         output_logits=True,
     )
     stats = out.backstep_stats
-    assert stats.backsteps >= 1
+    assert stats.rewinds >= 1
     phrase_rewinds = sum(e.reason == "phrase" for e in out.backstep_events[0])
     # The token that completes a phrase is refused before it is ever fed, and not counted as removed.
     assert phrase_rewinds and stats.decode_forwards == 20 + stats.removed_tokens + stats.deep_rewinds - 1
@@ -170,115 +170,6 @@ def test_invalid_ending_control_config(kwargs, name: str) -> None:
         BackstepConfig(**kwargs)
 
 
-# --- early triggers ---------------------------------------------------------------------------------------
-
-
-class RisingEOS(LogitsProcessor):
-    """EOS probability rises step by step in the scores the processors after it see."""
-
-    def __init__(self, eos: int = 2) -> None:
-        self.eos = eos
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = scores.clone()
-        out[:, self.eos] = -5.0 + 1.0 * (input_ids.shape[1] - 3)
-        return out  # type: ignore[return-value]
-
-
-def rising_eos_model(eos: int = 2):
-    """A tiny model whose own (raw) EOS logit rises with the position: an ending announced in advance."""
-    model = make_perpetual(tiny_model("llama"))
-
-    def hook(module, args, kwargs, output):
-        position = kwargs["position_ids"][:, -1].float()
-        output.logits[:, -1, eos] = -5.0 + 1.0 * (position - 2)
-        return output
-
-    model.register_forward_hook(hook, with_kwargs=True)
-    return model
-
-
-def test_early_trigger_restarts_the_method2_schedule_before_any_eviction() -> None:
-    model = tiny_model("llama")
-    trigger = EarlyTrigger(window=3, eos_threshold=0.05)
-    proc = pl.PostEOSResamplingLogitsProcessor(2, schedule=pl.LinearDecay(2.0, 4), trigger=0.99, early_trigger=trigger)
-    out = model.generate(
-        torch.tensor([[1, 5, 6]]),
-        do_sample=True,
-        top_k=0,
-        max_new_tokens=14,
-        logits_processor=[RisingEOS(), proc],
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=True,
-    )
-    early = proc.early_triggers[0]
-    assert early, "the rising EOS probability must fire the early trigger"
-    first = early[0]
-    assert all(first < e for e in proc.evictions[0])  # before EOS would have been chosen
-    # at the firing step the row is sampled at the schedule's peak: non-EOS scores are the raw logits / 2
-    keep = torch.ones(64, dtype=torch.bool)
-    keep[2] = False
-    ratio = out.logits[first][0][keep] / out.scores[first][0][keep]
-    assert torch.allclose(ratio, torch.full_like(ratio, 2.0), rtol=1e-4)
-    if first > 0:
-        before = out.logits[first - 1][0][keep] / out.scores[first - 1][0][keep]
-        assert torch.allclose(before, torch.ones_like(before), rtol=1e-4)
-
-
-def test_early_trigger_starts_the_backstep_schedule() -> None:
-    model = rising_eos_model()
-    cfg = BackstepConfig(
-        n_remove=3,
-        schedule=pl.LinearDecay(2.0, 4),
-        early_trigger=EarlyTrigger(window=3, eos_threshold=0.05),
-    )
-    out = model.generate(
-        torch.tensor([[1, 5, 6]]),
-        do_sample=True,
-        top_k=0,
-        max_new_tokens=12,
-        backstep=cfg,
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=True,
-    )
-    assert out.early_triggers[0], "fired on the rising EOS probability"
-    j = out.early_triggers[0][0]
-    assert j >= 2  # needs a full window first
-    ratio = (out.logits[j][0] / out.scores[j][0])[torch.isfinite(out.scores[j][0])]
-    # the step where it fired is sampled at the schedule's peak (raw logits / 2), EOS column aside
-    assert torch.allclose(ratio[:2], torch.full((2,), 2.0), rtol=1e-4)
-    assert out.backstep_stats.early_triggers == len(out.early_triggers[0])
-
-
-# --- guards ------------------------------------------------------------------------------------------------
-
-
-def test_budget_criterion_reads_live_backstep_counts() -> None:
-    model = make_perpetual(tiny_model("llama"))
-
-    class Boost(LogitsProcessor):
-        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-            out = scores.clone()
-            out[:, 2] += 4.0
-            return out  # type: ignore[return-value]
-
-    torch.manual_seed(0)
-    out = model.generate(
-        torch.tensor([[1, 5, 6]]),
-        do_sample=True,
-        top_k=0,
-        max_new_tokens=200,
-        logits_processor=[Boost()],
-        stopping_criteria=[pl.EvictionBudgetCriteria(model, max_events=3)],
-        backstep=BackstepConfig(n_remove=2),
-        return_dict_in_generate=True,
-    )
-    assert len(out.backstep_events[0]) == 3
-    assert out.sequences.shape[1] - 3 < 200  # stopped by the budget, not by max_new_tokens
-
-
 # --- TinyStories-656K --------------------------------------------------------------------------------------
 
 
@@ -288,7 +179,7 @@ def test_tinystories_methods_3_and_4_with_default_phrases_write_no_end_marker(ti
     make_perpetual(model)
     phrases = pl.default_end_phrases(tokenizer, model.generation_config.eos_token_id)
     enc = tokenizer(["Once upon a time"] * 20, return_tensors="pt")
-    for cfg in (BackstepConfig(n_remove=10, ban_phrases="default"), BackstepConfig.dynamic(10, ban_phrases="default")):
+    for cfg in (BackstepConfig(n_remove=10, ban_phrases="default"), BackstepConfig.method4(10, ban_phrases="default")):
         torch.manual_seed(0)
         out = model.generate(
             **enc, do_sample=True, max_new_tokens=400, backstep=cfg, tokenizer=tokenizer, return_dict_in_generate=True
@@ -304,16 +195,3 @@ def test_tinystories_methods_3_and_4_with_default_phrases_write_no_end_marker(ti
     out = model.generate(**enc, do_sample=True, max_new_tokens=400, backstep=BackstepConfig(n_remove=10))
     texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :])
     assert sum(t.count("<|end_story|>") for t in texts) > 0
-
-
-@pytest.mark.slow
-def test_tinystories_loop_criterion_leaves_a_story_alone(tinystories) -> None:
-    model, tokenizer = tinystories
-    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
-    criterion = pl.RepetitionLoopCriteria(min_span=2, max_span=16, repeats=3, prompt_length=ids.shape[1])
-    for seed in range(3):
-        torch.manual_seed(seed)
-        plain = model.generate(ids, do_sample=True, max_new_tokens=300)
-        torch.manual_seed(seed)
-        guarded = model.generate(ids, do_sample=True, max_new_tokens=300, stopping_criteria=[criterion])
-        assert torch.equal(plain, guarded)

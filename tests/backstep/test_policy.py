@@ -7,23 +7,23 @@ import threading
 
 import pytest
 import torch
-from conftest import build_tokenizer, deadline
+from support import deadline, tiny_tokenizer
 from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, run_script
 
-from perpetual_logits import BackstepConfig, LoopRewinds, Rewind, RewindRule
+from perpetual_logits import BackstepConfig, LoopDetection, RewindRule, RewindTo
 from perpetual_logits.backstep.policy import RewindPlan, RewindPolicy
 from perpetual_logits.backstep.rules import PhraseRule
 from perpetual_logits.protocol import RowView
 
 VOCAB = 64
 EOS = 2
-A, B, C, D, E, X, Y, Z = 4, 5, 6, 7, 8, 27, 28, 29  # "a" ... "e", "x", "y", "z" in build_tokenizer()
+A, B, C, D, E, X, Y, Z = 4, 5, 6, 7, 8, 27, 28, 29  # "a" ... "e", "x", "y", "z" in tiny_tokenizer()
 PROMPT = [1, 9, 10]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    return tiny_tokenizer()
 
 
 def feed(policy: RewindPolicy, ids: list[int], tokens: list[int], row: int = 0, prompt: int = len(PROMPT)):
@@ -50,10 +50,10 @@ class At(RewindRule):
     def __init__(self, token: int, position=lambda view: len(view.ids) - 2, **rewind) -> None:
         self.token, self.position, self.rewind_args = token, position, rewind
 
-    def check(self, view: RowView) -> Rewind | None:
+    def check(self, view: RowView) -> RewindTo | None:
         if view.ids[-1] != self.token:
             return None
-        return Rewind(position=self.position(view), reason=self.reason, **self.rewind_args)
+        return RewindTo(position=self.position(view), reason=self.reason, **self.rewind_args)
 
 
 # -- the policy alone ------------------------------------------------------------------------------------------
@@ -172,15 +172,15 @@ def test_user_rules_keep_all_tokens_at_len_ids_have_a_budget_and_check_ban_ids()
     with pytest.raises(ValueError, match=r"At asked to forbid token ids \[1000000\].*ban_here.*\[0, 64\)"):
         feed(outside, list(PROMPT), [A, B])
     with pytest.raises(ValueError, match="`ban_here` must hold token ids"):
-        Rewind(position=3, ban_here=(-1,))
+        RewindTo(position=3, ban_here=(-1,))
     with pytest.raises(ValueError, match=r"`bans\[4\]` must hold token ids"):
-        Rewind(position=3, bans={4: (-2,)})
+        RewindTo(position=3, bans={4: (-2,)})
     with pytest.raises(TypeError, match="`position` must be an int"):
-        Rewind(position=2.5)  # type: ignore[arg-type]
+        RewindTo(position=2.5)  # type: ignore[arg-type]
 
 
 def test_rules_follow_rewinds(tokenizer) -> None:
-    loops = LoopRewinds(min_span=2, max_span=4, min_repeats=3, min_loop_tokens=6, line_repeats=0)
+    loops = LoopDetection(min_span=2, max_span=4, min_repeats=3, min_loop_tokens=6, line_repeats=0)
     policy = RewindPolicy(BackstepConfig(loops=loops), [EOS], VOCAB, tokenizer)
     policy.start(1, len(PROMPT))
     ids = list(PROMPT)
@@ -218,7 +218,7 @@ class Locked(RewindRule):
         self.lock = lock or threading.Lock()
         self.seen = 0
 
-    def check(self, view: RowView) -> Rewind | None:
+    def check(self, view: RowView) -> RewindTo | None:
         with self.lock:
             self.seen += 1
         return None
@@ -249,11 +249,11 @@ class Twice(RewindRule):
     def start(self, batch_size: int, prompt_length: int) -> None:
         self.fired = [0] * batch_size
 
-    def check(self, view: RowView) -> Rewind | None:
+    def check(self, view: RowView) -> RewindTo | None:
         generated = len(view.ids) - view.prompt_length
         if self.fired[view.row] < 2 and generated == 6 + 5 * self.fired[view.row]:
             self.fired[view.row] += 1
-            return Rewind(position=len(view.ids) - 3, ban_first_removed=True, reason=self.reason)
+            return RewindTo(position=len(view.ids) - 3, ban_first_removed=True, reason=self.reason)
         return None
 
 
@@ -292,7 +292,7 @@ def test_rewind_to_len_ids_keeps_every_token(scripted_model) -> None:
 
 def test_an_always_rewinding_user_rule_stops_at_its_budget(scripted_model) -> None:
     always = At(None, position=lambda view: len(view.ids) - 1)  # type: ignore[arg-type]
-    always.check = lambda view: Rewind(position=len(view.ids) - 1, reason="always")  # type: ignore[method-assign]
+    always.check = lambda view: RewindTo(position=len(view.ids) - 1, reason="always")  # type: ignore[method-assign]
     with deadline(60):
         out, _ = generate(scripted_model, BackstepConfig(n_remove=2, rules=[always]), max_new_tokens=8)
     assert len(out.backstep_events[0]) == 50  # max_rule_rewinds' default
@@ -301,7 +301,7 @@ def test_an_always_rewinding_user_rule_stops_at_its_budget(scripted_model) -> No
 
 def test_a_rule_banning_an_id_outside_the_vocabulary_fails_clearly(scripted_model) -> None:
     rule = At(None, ban_here=(10**6,))  # type: ignore[arg-type]
-    rule.check = lambda view: Rewind(position=len(view.ids) - 1, ban_here=(10**6,))  # type: ignore[method-assign]
+    rule.check = lambda view: RewindTo(position=len(view.ids) - 1, ban_here=(10**6,))  # type: ignore[method-assign]
     with pytest.raises(ValueError, match=r"asked to forbid token ids \[1000000\]"):
         generate(scripted_model, BackstepConfig(rules=[rule]), max_new_tokens=4)
 

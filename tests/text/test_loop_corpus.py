@@ -1,4 +1,4 @@
-"""What the default LoopRewinds() calls a loop (issue 19 item 2): degenerate repetition is rewound, repetitive
+"""What the default LoopDetection() calls a loop (issue 19 item 2): degenerate repetition is rewound, repetitive
 structure (JSON, YAML, tables, code, lists, recipes, song choruses) never is. Texts are tokenized with
 TinyStories-656K's tokenizer and fed to the loop rule one token at a time, as generation does."""
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perpetual_logits import LoopRewinds
+from perpetual_logits import LoopDetection
 from perpetual_logits.backstep.rules import LoopRule
 from perpetual_logits.protocol import RowView
 from perpetual_logits.text.repetition import LoopTracker, find_token_loop, newline_token_ids, word_token_ids
@@ -128,11 +128,11 @@ def classes(story_tokenizer):
     return newline_token_ids(story_tokenizer), word_token_ids(story_tokenizer)
 
 
-def loops_in(tokenizer, classes, text: str, settings: LoopRewinds | None = None) -> list[str]:
+def loops_in(tokenizer, classes, text: str, settings: LoopDetection | None = None) -> list[str]:
     """The loops the default rule finds while the text is generated token by token (after a short prompt);
     a found loop is kept (not rewound), as when the rule's budget is spent."""
     newlines, words = classes
-    rule = LoopRule(settings or LoopRewinds(), newlines, words)
+    rule = LoopRule(settings or LoopDetection(), newlines, words)
     # One encode of prompt and text, so that the text's first line is spelled like the lines after it.
     prompt = len(tokenizer.encode("Here it is:", add_special_tokens=False))
     ids = tokenizer.encode("Here it is:\n" + text, add_special_tokens=False)
@@ -159,7 +159,7 @@ def test_a_loop_is_cut_where_the_repeat_begins(story_tokenizer, classes):
     newlines, words = classes
     text = LOOPS["a poem cycling two lines"]
     ids = story_tokenizer.encode("Here:\n" + text, add_special_tokens=False)
-    rule = LoopRule(LoopRewinds(), newlines, words)
+    rule = LoopRule(LoopDetection(), newlines, words)
     rule.start(1, 2)
     requests = [rule.check(RowView(0, ids[:n], 2, 0)) for n in range(3, len(ids) + 1)]
     request = next(r for r in requests if r is not None)
@@ -170,16 +170,20 @@ def test_a_loop_is_cut_where_the_repeat_begins(story_tokenizer, classes):
 
 @settings(max_examples=150, deadline=None)
 @given(
-    ids=st.lists(st.integers(0, 3), min_size=1, max_size=60),
+    ids=st.lists(st.integers(0, 11), min_size=1, max_size=60),
     begin=st.integers(0, 5),
     min_repeats=st.integers(2, 4),
     min_loop_tokens=st.integers(1, 10),
     cuts=st.lists(st.integers(1, 60), max_size=4),
     seed=st.integers(0, 1000),
+    vocab=st.sampled_from([4, 12]),
 )
-def test_tracker_finds_the_token_loops_find_token_loop_finds(ids, begin, min_repeats, min_loop_tokens, cuts, seed):
+def test_tracker_finds_the_token_loops_find_token_loop_finds(
+    ids, begin, min_repeats, min_loop_tokens, cuts, seed, vocab
+):
     """Without token classes the incremental tracker reports exactly what find_token_loop reports after every
-    token, through random rewinds."""
+    token, through random rewinds (with 12 token ids, many tokens were last written more than max_span back)."""
+    ids = [i % vocab for i in ids]
     begin = min(begin, len(ids) - 1)
     tracker = LoopTracker(max_span=8, min_repeats=min_repeats, min_loop_tokens=min_loop_tokens, line_repeats=0)
     tracker.start(ids[:begin], begin)

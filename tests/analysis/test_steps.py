@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import EOS, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import EOS, tiny_model
 
 import perpetual_logits
 from perpetual_logits.analysis import (

@@ -181,7 +181,7 @@ def test_tinystories_rows_at_the_limit_end_at_a_sentence_with_no_partial_marker(
     make_perpetual(model)
     enc = tokenizer(["Once upon a time"] * 12, return_tensors="pt")
     torch.manual_seed(0)
-    config = BackstepConfig.dynamic(10, end_phrases="default", landing=True)
+    config = BackstepConfig.method4(10, end_phrases="default", landing=True)
     out = model.generate(
         **enc, do_sample=True, max_new_tokens=200, backstep=config, tokenizer=tokenizer, return_dict_in_generate=True
     )
@@ -223,7 +223,7 @@ def test_words_and_the_minimum_follow_the_decoded_text_through_rewinds(data, sto
         ids.append(data.draw(st.sampled_from(text_pieces), label="token"))
         just = text.observe(RowView(0, ids, len(prompt), 0))
         words = count_words(story_tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True))
-        assert text.words[0][-1] == words
+        assert text.words(0) == words
         if reached_at is None and words >= minimum and 2 * (len(ids) - len(prompt)) >= minimum:
             reached_at = len(ids)
             assert just
@@ -243,3 +243,32 @@ def test_a_cut_never_makes_a_row_longer_than_it_was(data, story_tokenizer, text_
     floor = data.draw(st.integers(0, len(ids)), label="floor")
     length, extra = cut_point(story_tokenizer, ids, floor)
     assert floor <= length <= len(ids) and length + len(extra) <= len(ids)
+
+
+def test_the_landing_bias_raises_eos_for_rows_at_a_sentence_end_past_their_due_point(story_tokenizer) -> None:
+    """Three rows, 20 new tokens after a 1-token prompt, margin 8 (capped to a quarter of the budget: 5): the
+    bonus starts 5 tokens before the limit and rises to its strength over them, only where the text ends a
+    sentence; the input is untouched."""
+    from perpetual_logits.backstep.landing import LandingBias
+
+    text = RowText(story_tokenizer, 0, 0, Landing(margin=8, strength=2.0))
+    text.start_rows([1, 1, 1], limits=[21, 21, 21])
+    words = ids_of(story_tokenizer, " the dog ran to the big park and the cat sat on the red mat all day")
+    rows = [
+        [*words[:14], *ids_of(story_tokenizer, ".")],  # ends a sentence, past the due point (13)
+        words[:15],  # past the due point, mid-sentence
+        [*words[:5], *ids_of(story_tokenizer, ".")],  # a sentence end before the due point
+    ]
+    for row, generated in enumerate(rows):
+        ids = [1]
+        for token in generated:
+            ids.append(token)
+            text.observe(RowView(row, list(ids), 1, 0))
+    scores = torch.zeros(3, len(story_tokenizer))
+    out = LandingBias(text, [EOS, 5])(torch.zeros(3, 1, dtype=torch.long), scores)
+    assert out is not scores and not scores.any()
+    length, due = text.length(0), text.due(0)
+    assert due == 21 - 5 and length >= due
+    expected = 2.0 * min(1.0, (length - due + 1) / 5)
+    assert out[0, [EOS, 5]].tolist() == pytest.approx([expected, expected])
+    assert out[0].count_nonzero() == 2 and not out[1:].any()

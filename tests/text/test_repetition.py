@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import DATA
 
 from perpetual_logits.text.repetition import LoopMatch, find_line_loop, find_token_loop, newline_token_ids
 
@@ -168,9 +169,8 @@ def test_newline_token_ids_rejects_non_tokenizers():
 # -- recorded SmolLM2-135M-Instruct answers (tests/data): the defaults catch its loops, nothing else -------------
 def test_defaults_on_recorded_smollm2_answers():
     import json
-    from pathlib import Path
 
-    data = json.loads((Path(__file__).parent / "data" / "smollm2_natural_answers.json").read_text())
+    data = json.loads((DATA / "smollm2_natural_answers.json").read_text())
     newlines = frozenset(data["newline_ids"])
     found: dict[str, list[tuple[str, int]]] = {}
     for prompt, ids in data["token_ids"].items():

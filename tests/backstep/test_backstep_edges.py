@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from conftest import EOS, PAD, BoostEOS, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import EOS, PAD, BoostEOS, tiny_model
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation import logits_process as lp
 

@@ -9,7 +9,7 @@ import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_phrases import BYTE_LEVEL, PIECES, SENTENCEPIECE, ids_of
+from test_matcher import BYTE_LEVEL, PIECES, SENTENCEPIECE, ids_of
 
 from perpetual_logits.text.endings import CHAT_CLOSING_PHRASES, default_end_phrases
 from perpetual_logits.text.matcher import PhraseMatcher, PhraseScan
@@ -236,3 +236,104 @@ def test_the_gate_finds_where_the_first_of_its_patterns_does(text, picks, data):
 
     found = [s for s in map(where, patterns) if s is not None]
     assert where(gate) == (min(found) if found else None)
+
+
+# One matcher per setting for every example of the test below: the answers that one example's steps leave in the
+# matcher's index (the usual step's hold, the pieces that cannot begin a regular expression) serve the next
+# examples, whose texts before those pieces differ. Each is checked against a stream that keeps no answers.
+_SHARED_MATCHERS: dict[tuple[str, bool, bool], PhraseMatcher] = {}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tokenizer=st.sampled_from(["byte_level", "sentencepiece"]),
+    case_sensitive=st.booleans(),
+    word_boundaries=st.booleans(),
+    prompt=st.lists(st.sampled_from(ITEMS), max_size=4),
+    steps=actions,
+    final=st.booleans(),
+)
+def test_answers_learned_from_other_rows_change_nothing(
+    tokenizer, case_sensitive, word_boundaries, prompt, steps, final
+):
+    tok = BYTE_LEVEL if tokenizer == "byte_level" else SENTENCEPIECE
+    key = (tokenizer, case_sensitive, word_boundaries)
+    if key not in _SHARED_MATCHERS:
+        _SHARED_MATCHERS[key] = PhraseMatcher(
+            STRINGS + REGEXES, tok, case_sensitive=case_sensitive, word_boundaries=word_boundaries
+        )
+    learning = PhraseStream(_SHARED_MATCHERS[key])
+    plain = _forgetful_stream(PhraseMatcher(STRINGS + REGEXES, tok, case_sensitive, word_boundaries))
+    ids = ids_of(tok, prompt)
+    prompt_length = len(ids)
+    for n, (kind, value) in enumerate(steps):
+        if kind == "cut":
+            ids = ids[: max(prompt_length, len(ids) - value)]
+            learning.rewind(len(ids))
+            plain.rewind(len(ids))
+            continue
+        ids = ids + (ids_of(tok, [value]) if isinstance(value, str) else [value])
+        last = final and n == len(steps) - 1
+        context = (tok.decode(ids), ids)
+        assert learning.feed(ids, prompt_length, final=last) == plain.feed(ids, prompt_length, final=last), context
+        assert (learning.string_from, learning.regex_from) == (plain.string_from, plain.regex_from), context
+
+
+def _forgetful_stream(matcher: PhraseMatcher) -> PhraseStream:
+    """A stream whose matcher keeps no answers: every step is worked out in full."""
+    stream = PhraseStream(matcher)
+    stream.index.string_holds = _Forgetful()
+    stream.index.candidates = _Forgetful()
+    return stream
+
+
+def test_the_usual_step_reuses_answers_and_agrees_with_a_stream_that_does_not(story_tokenizer):
+    """Rows of a story with the chat set: most steps are answered from what earlier steps found (the answers
+    are used, not dead code), and every scan and hold equals that of a stream whose answers are never kept."""
+    matcher = PhraseMatcher(default_end_phrases(story_tokenizer, chat=True), story_tokenizer)
+    text = (
+        "Once upon a time, a happy dog named Max liked to play. Let me tell you about the end of the park. "
+        "In the end, they had fun. I hope this helps you see why the sun was happy. The End of nothing."
+    )
+    ids = story_tokenizer.encode(text, add_special_tokens=False)
+    fresh = PhraseMatcher(default_end_phrases(story_tokenizer, chat=True), story_tokenizer)
+    module = importlib.import_module(PhraseStream.__module__)
+    for _ in range(2):  # the second row finds the answers of the first
+        learning, plain = PhraseStream(matcher), _forgetful_stream(fresh)
+        for n in range(1, len(ids) + 1):
+            assert learning.feed(ids[:n]) == plain.feed(ids[:n]), story_tokenizer.decode(ids[:n])
+            assert (learning.string_from, learning.regex_from) == (plain.string_from, plain.regex_from)
+    assert len(matcher.__dict__["_stream_index"].string_holds) > 10
+    candidates = matcher.__dict__["_stream_index"].candidates.values()
+    assert () in candidates and any(candidates)  # most pieces begin no regex; some ("I hope", "Let") may
+    assert module._MEMO_ENTRIES > 0
+
+
+class _Forgetful(dict):
+    """A memo that keeps nothing: every step is worked out in full."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def test_the_prefilter_drops_positive_lookbehinds_and_refuses_what_reads_before_a_match():
+    module = importlib.import_module(PhraseStream.__module__)
+    conclusion = module._prefilter(CHAT_CLOSING_PHRASES[0])  # "In conclusion" after a sentence end or a heading
+    assert conclusion is not None and "(?<=" not in conclusion.pattern
+
+    def begins_something(prefilter, piece, before=" "):  # as the stream reads it, after one character of context
+        m = prefilter.search(before + piece, 1, partial=True)
+        return m is not None and not m.start() == m.end() == len(piece) + 1
+
+    assert begins_something(conclusion, "in conclusion") and begins_something(conclusion, " in conc")
+    assert not begins_something(conclusion, " the dog")
+    # A negative lookbehind stays: it holds at the piece's start and reads the piece's own text inside it.
+    let_me_know = module._prefilter(CHAT_CLOSING_PHRASES[2])
+    assert "(?<!" in let_me_know.pattern
+    assert begins_something(let_me_know, " let") and begins_something(let_me_know, "let")
+    assert not begins_something(let_me_know, " outlet") and not begins_something(let_me_know, "let", before="t")
+    for source in [r"\bword", r"^word", r"\Aword", r"(a)?(?(1)b|c)", r"(?<!\bx)y"]:
+        assert module._prefilter(regex.compile(source)) is None, source
+    # A "(?<" inside a set or after a backslash is no lookbehind.
+    assert module._without_lookbehinds(r"[(?<=]x\(?<=y") == r"[(?<=]x\(?<=y"
+    assert module._without_lookbehinds(r"(?<=a(b)[)])c(?<!d)") == "c(?<!d)"

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import EOS, PAD, BoostEOS, tiny_model
+from support import EOS, PAD, BoostEOS, tiny_model
 from transformers.generation import logits_process as lp
 
 import perpetual_logits as pl
@@ -215,9 +215,9 @@ def test_last_backstep_is_per_thread() -> None:
 
 
 def test_sliding_window_batch_with_phrase_rewinds_works_when_the_run_fits_the_window() -> None:
-    from conftest import build_tokenizer
+    from support import tiny_tokenizer
 
-    tokenizer = build_tokenizer()
+    tokenizer = tiny_tokenizer()
     model = make_perpetual(tiny_model("mistral", sliding_window=32, attn="sdpa"))
     ids, mask = left_padded([[1, 5, 6], [1, 9, 10, 11]])
     torch.manual_seed(0)
@@ -331,7 +331,7 @@ def test_inputs_embeds_prompt_works_with_backstep() -> None:
 
 @pytest.mark.parametrize("length_kwargs", [{"min_new_tokens": 10}, {"min_length": 16}])
 def test_a_rewound_row_is_held_to_its_own_minimum_length(length_kwargs: dict) -> None:
-    from conftest import build_tokenizer
+    from support import tiny_tokenizer
 
     model = make_perpetual(tiny_model("llama", attn="sdpa"))
     ids, mask = left_padded(PROMPTS)
@@ -342,7 +342,7 @@ def test_a_rewound_row_is_held_to_its_own_minimum_length(length_kwargs: dict) ->
         max_new_tokens=20,
         logits_processor=[BoostEOS(2.0)],
         backstep=BackstepConfig(n_remove=3, ban_phrases=["a", "b", "c", "d", "e"]),
-        tokenizer=build_tokenizer(),
+        tokenizer=tiny_tokenizer(),
         return_dict_in_generate=True,
         output_scores=True,
         **length_kwargs,

@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
 
-from conftest import TINYSTORIES, deadline, require_model_dir  # noqa: E402
+from support import TINYSTORIES, deadline, require_model_dir  # noqa: E402
 
 from perpetual_logits.app.cli import main  # noqa: E402
 from perpetual_logits.app.running import load_model  # noqa: E402
@@ -496,7 +496,7 @@ def test_backstep_streams_each_row_of_a_batch_to_a_row_streamer(loaded):
 
 # -- method settings: preset, server defaults, request fields --------------------------------------------------------
 def test_request_settings_override_server_defaults_over_the_preset():
-    from perpetual_logits import LoopRewinds
+    from perpetual_logits import LoopDetection
     from perpetual_logits.schedules import LinearDecay
     from perpetual_logits.serve.errors import APIError
     from perpetual_logits.serve.methods import resolve_backstep
@@ -505,7 +505,7 @@ def test_request_settings_override_server_defaults_over_the_preset():
     server = MethodDefaults("chat", BackstepSettings(n_remove=6, peak=1.2))
     name, config = resolve_backstep(server, None, None)  # the server's fields over its preset
     assert name == "chat" and config.n_remove == 6 and config.schedule == LinearDecay(1.2, 6)
-    assert config.end_phrases == "chat" and config.loops == LoopRewinds()  # the chat preset's loop settings
+    assert config.end_phrases == "chat" and config.loops == LoopDetection()  # the chat preset's loop settings
     name, config = resolve_backstep(server, None, BackstepSettings(n_remove=4, schedule="none"))
     assert (config.n_remove, config.schedule, config.end_phrases) == (4, None, "chat")
     name, config = resolve_backstep(server, "backstep", None)  # a named preset starts from the preset alone

@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import EOS, PAD, BoostEOS
+from support import EOS, PAD, BoostEOS
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from perpetual_logits import BackstepConfig, ContextShift, Rewind, RewindRule, RowView, _compat, make_perpetual
+from perpetual_logits import BackstepConfig, ContextShift, RewindRule, RewindTo, RowView, _compat, make_perpetual
 
 LIMIT = 16
 KEEP = 3
@@ -171,11 +171,11 @@ class RewindFar(RewindRule):
         self.at = at
         self.done: set[int] = set()
 
-    def check(self, view: RowView) -> Rewind | None:
+    def check(self, view: RowView) -> RewindTo | None:
         length = len(view.ids)
         if length in self.at and length not in self.done:
             self.done.add(length)
-            return Rewind(position=view.prompt_length, reason=self.reason)
+            return RewindTo(position=view.prompt_length, reason=self.reason)
         return None
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_model
+from support import REPO, save_tiny_model
 
 import perpetual_logits
 from perpetual_logits.app import cli, methods, running
@@ -20,20 +20,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random llama (vocab 64, EOS 2) and a word-level tokenizer over the same 64 ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    words = ["<unk>", "<s>", "</s>", "\n"] + [f"w{i}" for i in range(60)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
-    )
-    tokenizer.save_pretrained(folder)
-    tiny_model("llama").save_pretrained(folder)
-    return folder
+    """A tiny random llama (vocab 64, EOS 2) and the tests' word-level tokenizer over the same 64 ids."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -52,12 +40,13 @@ def strict_json(text: str):
 # -- generate -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_generate_json(capsys, tiny_dir, method):
+    # "b c" is token ids 5 and 6: a prompt after which the chat preset's 25 tokens reach a line end to land on
     code, out, err = run(
-        capsys, "generate", "--model", str(tiny_dir), "--method", method, "--max-new-tokens", "25", "--json", "w1 w2"
+        capsys, "generate", "--model", str(tiny_dir), "--method", method, "--max-new-tokens", "25", "--json", "b c"
     )
     assert code == 0, err
     payload = strict_json(out)  # exactly one JSON object on stdout
-    assert payload["method"] == method and payload["prompt"] == "w1 w2"
+    assert payload["method"] == method and payload["prompt"] == "b c"
     assert 0 < payload["new_tokens"] <= 25
     assert payload["intervention_kind"] == methods.METHODS[method].intervention
     if method == "chat":  # the preset lands: its own end after a sentence in the last quarter, or cut back to one

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PAD, BoostEOS, tiny_model
+from support import PAD, BoostEOS, tiny_model
 
-from perpetual_logits import BackstepConfig, LinearDecay, Widen, make_perpetual
+from perpetual_logits import BackstepConfig, LinearDecay, Widening, make_perpetual
 
 
 def finite_counts(out, row: int) -> list[int]:
@@ -34,7 +34,7 @@ def test_after_a_rewind_top_k_is_wide_and_returns_on_schedule_rows_without_event
         top_k=5,
         max_new_tokens=30,
         logits_processor=[BoostEOS(2.5)],
-        backstep=BackstepConfig(n_remove=2, schedule=LinearDecay(2.0, 4), widen=Widen(top_k=20), max_backsteps=4),
+        backstep=BackstepConfig(n_remove=2, schedule=LinearDecay(2.0, 4), widen=Widening(top_k=20), max_backsteps=4),
         return_dict_in_generate=True,
         output_scores=True,
     )
@@ -55,14 +55,14 @@ def test_after_a_rewind_top_k_is_wide_and_returns_on_schedule_rows_without_event
 
 def test_widen_needs_a_schedule_and_leaves_greedy_decoding_alone() -> None:
     with pytest.raises(ValueError, match="schedule"):
-        BackstepConfig(widen=Widen(top_k=20))
+        BackstepConfig(widen=Widening(top_k=20))
     with pytest.raises(ValueError, match="widen"):
-        BackstepConfig.dynamic(4, widen="wide")
+        BackstepConfig.method4(4, widen="wide")
     model = make_perpetual(tiny_model("llama"))
     kwargs = {"do_sample": False, "max_new_tokens": 20, "logits_processor": [BoostEOS(2.0)]}
     ids = torch.tensor([[1, 5, 6]])
-    plain = model.generate(ids, backstep=BackstepConfig.dynamic(2), **kwargs)
-    widened = model.generate(ids, backstep=BackstepConfig.dynamic(2, widen=Widen(top_k=20)), **kwargs)
+    plain = model.generate(ids, backstep=BackstepConfig.method4(2), **kwargs)
+    widened = model.generate(ids, backstep=BackstepConfig.method4(2, widen=Widening(top_k=20)), **kwargs)
     assert torch.equal(plain, widened)
 
 
@@ -74,5 +74,5 @@ def test_widen_narrower_than_configured_is_refused_clearly() -> None:
             do_sample=True,
             top_k=50,
             max_new_tokens=3,
-            backstep=BackstepConfig.dynamic(4, widen=Widen(top_k=10)),
+            backstep=BackstepConfig.method4(4, widen=Widening(top_k=10)),
         )

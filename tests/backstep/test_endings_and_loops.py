@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, tiny_model
+from support import EOS, tiny_model
 from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, Script, run_script
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 import perpetual_logits as pl
-from perpetual_logits import BackstepConfig, LoopRewinds, make_perpetual
+from perpetual_logits import BackstepConfig, LoopDetection, make_perpetual
 
 
 def test_an_ending_phrase_rewinds_n_remove_tokens_before_it(scripted_model, story_tokenizer) -> None:
@@ -43,7 +43,7 @@ def test_ending_rewinds_are_exact_and_forward_counted(scripted_model, story_toke
         top_k=0,
         max_new_tokens=20,
         logits_processor=[Script(script, prompt.shape[1])],
-        backstep=BackstepConfig.dynamic(n_remove=3, end_phrases="default"),
+        backstep=BackstepConfig.method4(n_remove=3, end_phrases="default"),
         tokenizer=story_tokenizer,
         return_dict_in_generate=True,
         output_logits=True,
@@ -106,7 +106,7 @@ def test_a_token_loop_is_rewound_to_where_the_repeat_began_and_its_first_token_b
         top_k=0,
         max_new_tokens=24,
         logits_processor=[pl.SuppressEOSLogitsProcessor(EOS), Loop(span, len(prompt))],
-        backstep=BackstepConfig(n_remove=3, loops=LoopRewinds(min_repeats=3, min_loop_tokens=6)),
+        backstep=BackstepConfig(n_remove=3, loops=LoopDetection(min_repeats=3, min_loop_tokens=6)),
         return_dict_in_generate=True,
         output_logits=True,
     )
@@ -133,7 +133,7 @@ def test_a_streamer_never_shows_a_loop_that_is_removed() -> None:
         top_k=0,
         max_new_tokens=30,
         logits_processor=[pl.SuppressEOSLogitsProcessor(EOS), Loop([11, 12], len(prompt))],
-        backstep=BackstepConfig(n_remove=2, hold_back=8, loops=LoopRewinds(min_repeats=3, min_loop_tokens=6)),
+        backstep=BackstepConfig(n_remove=2, hold_back=8, loops=LoopDetection(min_repeats=3, min_loop_tokens=6)),
         streamer=streamer,
     )
     assert streamer.tokens == out[0].tolist()
@@ -147,7 +147,7 @@ def test_loop_rewind_budget_bounds_the_work() -> None:
         do_sample=False,
         max_new_tokens=40,
         logits_processor=[pl.SuppressEOSLogitsProcessor(EOS), Loop([11, 12], len(prompt), repeats=40)],
-        backstep=BackstepConfig(n_remove=2, loops=LoopRewinds(min_repeats=3, min_loop_tokens=6, max_rewinds=2)),
+        backstep=BackstepConfig(n_remove=2, loops=LoopDetection(min_repeats=3, min_loop_tokens=6, max_rewinds=2)),
         return_dict_in_generate=True,
     )
     assert sum(e.reason == "loop" for e in out.backstep_events[0]) == 2
@@ -159,10 +159,10 @@ class EveryThirdIsSeven(pl.RewindRule):
 
     reason = "seven"
 
-    def check(self, view: pl.RowView) -> pl.Rewind | None:
+    def check(self, view: pl.RowView) -> pl.RewindTo | None:
         index = len(view.ids) - 1 - view.prompt_length
         if view.ids[-1] == 7 and index % 3 == 0:
-            return pl.Rewind(position=len(view.ids) - 1, ban_here=(7,), reason=self.reason, restart_schedule=False)
+            return pl.RewindTo(position=len(view.ids) - 1, ban_here=(7,), reason=self.reason, restart_schedule=False)
         return None
 
 
