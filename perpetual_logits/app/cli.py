@@ -58,7 +58,17 @@ class CLIError(Exception):
 class _Parser(argparse.ArgumentParser):
     # argparse prints the usage block and exits; one line through CLIError keeps every user error alike.
     def error(self, message: str) -> NoReturn:
-        raise CLIError(f"{self.prog}: error: {message} (see --help)")
+        raise CLIError(f"{self.prog}: error: {_one_line(message)} (see --help)")
+
+
+# What str.splitlines() breaks at: shown escaped, so that an argument holding one ("\r") keeps the message on
+# one line without losing what was typed.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks written as escapes (``"\\r"``)."""
+    return text.translate(_LINE_BREAKS)
 
 
 # -- argument types ----------------------------------------------------------------------------------------

@@ -168,6 +168,9 @@ def test_demo_tiny(capsys, tiny_dir, tmp_path):
         (["demo", "--runs", "1.5"], "--runs"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
+        # An argument holding a line break (found by the CLI property test) is shown escaped, on the one line.
+        (["analyze", "--model", "M", "--out", "x", "--n-remove", "\r"], "--n-remove \\r"),
+        (["analyze", "--model", "M", "--out", "x", "--bogus\u2028flag"], "--bogus\\u2028flag"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(capsys, argv, message):
