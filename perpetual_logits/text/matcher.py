@@ -75,7 +75,7 @@ class PhraseScan:
     hold: int
 
 
-class _Compiled:
+class CompiledPhrase:
     """One phrase, ready for :meth:`PhraseMatcher.scan`. A string phrase's regular expression is compiled on
     first use: the incremental matcher (``PhraseStream``) never needs it, and compiling 10,000 of them takes
     seconds."""
@@ -107,7 +107,7 @@ _SLACK_CHARS = 16  # extra text decoded before the longest phrase: whitespace ru
 _DEFAULT_REGEX_CHARS = 64
 
 
-def _compile_string(phrase: str, case_sensitive: bool, word_boundaries: bool) -> tuple[_Compiled, int]:
+def _compile_string(phrase: str, case_sensitive: bool, word_boundaries: bool) -> tuple[CompiledPhrase, int]:
     text = phrase.strip()
     if not text:
         raise ValueError(f"`phrases` must not contain empty or whitespace-only strings, got {phrase!r}")
@@ -116,7 +116,7 @@ def _compile_string(phrase: str, case_sensitive: bool, word_boundaries: bool) ->
     flags = regex.V0 | (0 if case_sensitive else regex.IGNORECASE)
     # The longest text a match can span: whitespace runs count as one character; the slack covers more.
     length = len(_SPACES.sub(" ", text))
-    return _Compiled(phrase, (text, head, tail), stable_at_end=not tail, literal=True, flags=flags), length
+    return CompiledPhrase(phrase, (text, head, tail), stable_at_end=not tail, literal=True, flags=flags), length
 
 
 def _string_pattern(text: str, head: bool, tail: bool) -> str:
@@ -125,7 +125,7 @@ def _string_pattern(text: str, head: bool, tail: bool) -> str:
     return ("(?<!\\w)" if head else "") + "".join(parts) + ("(?!\\w)" if tail else "")
 
 
-def _compile_pattern(pattern: Any) -> _Compiled:
+def _compile_pattern(pattern: Any) -> CompiledPhrase:
     if isinstance(pattern, re.Pattern):
         if not isinstance(pattern.pattern, str):
             raise ValueError(f"`phrases` patterns must be str patterns, got the bytes pattern {pattern!r}")
@@ -134,7 +134,7 @@ def _compile_pattern(pattern: Any) -> _Compiled:
         compiled = pattern
     if compiled.match("") is not None:
         raise ValueError(f"`phrases` pattern {compiled.pattern!r} matches the empty string")
-    return _Compiled(compiled.pattern, compiled, stable_at_end=False)
+    return CompiledPhrase(compiled.pattern, compiled, stable_at_end=False)
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -300,7 +300,7 @@ class PhraseMatcher:
             raise ValueError("`phrases` must be a non-empty list of strings or compiled regular expressions")
         # Empty / whitespace-only strings and regexes that match the empty string are refused here, by name.
         _validation.phrases(phrases, "phrases")
-        compiled: list[_Compiled] = []
+        compiled: list[CompiledPhrase] = []
         longest = 0
         has_regex = False
         for phrase in phrases:
@@ -325,9 +325,9 @@ class PhraseMatcher:
         self.case_sensitive = case_sensitive
         self.word_boundaries = word_boundaries
         self.max_match_chars: int = max(max_match_chars, longest)
-        self._compiled = compiled
+        self.compiled = compiled
         # Characters of text that every scan must see: the longest match plus slack.
-        self._need_chars = self.max_match_chars + _SLACK_CHARS
+        self.need_chars = self.max_match_chars + _SLACK_CHARS
 
     def __repr__(self) -> str:
         return f"PhraseMatcher({len(self.phrases)} phrases, max_match_chars={self.max_match_chars})"
@@ -426,16 +426,16 @@ class PhraseMatcher:
     def _first_window_start(self, ids: list[int], prompt_length: int) -> int:
         # Most tokens decode to at least two characters, so half the needed characters in tokens is a good
         # first guess; _window() widens it when the text turns out too short.
-        return max(0, len(ids) - max(8, self._need_chars // 2))
+        return max(0, len(ids) - max(8, self.need_chars // 2))
 
     def _window(self, ids: list[int], start: int, text: str, prompt_length: int) -> _Window:
         """Decode from ``start``; move the start back until the text is long enough (or the row begins)."""
-        while start > 0 and len(text) < self._need_chars + len(_decode(self.tokenizer, ids[start : start + 1])):
+        while start > 0 and len(text) < self.need_chars + len(_decode(self.tokenizer, ids[start : start + 1])):
             start = max(0, start - max(8, len(ids) - start))  # double the window
             text = _decode(self.tokenizer, ids[start:])
         return _Window(self.tokenizer, ids, start, text)
 
-    def _pending(self, item: _Compiled, end: int, body_end: int, final: bool) -> bool:
+    def _pending(self, item: CompiledPhrase, end: int, body_end: int, final: bool) -> bool:
         """A complete match whose end is not confirmed yet (more text could undo it)."""
         return not final and not item.stable_at_end and end >= body_end
 
@@ -450,10 +450,10 @@ class PhraseMatcher:
         # space, half a character): nothing may start inside it unless it is the row's first token.
         head = len(w.prefix(1)) if w.start > 0 else 0
 
-        best: tuple[int, int, _Compiled, str] | None = None  # (token, char, phrase, text)
+        best: tuple[int, int, CompiledPhrase, str] | None = None  # (token, char, phrase, text)
         new_from: int | None = None
         prompt_chars: int | None = None
-        for item in self._compiled:
+        for item in self.compiled:
             for m in item.pattern.finditer(body, head):
                 s, e = m.span()
                 if e == s or self._pending(item, e, body_end, final):
@@ -473,7 +473,7 @@ class PhraseMatcher:
             return PhraseScan(PhraseMatch(token, item.source, matched), len(w.ids) - token)
 
         hold_from = body_end if body_end < len(text) else None
-        for item in self._compiled:
+        for item in self.compiled:
             pos = head
             while pos <= body_end:
                 m = item.pattern.search(body, pos, partial=True)

@@ -35,6 +35,7 @@ one search of their alternation that usually finds nothing.
 from __future__ import annotations
 
 import re
+import weakref
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import islice
@@ -293,14 +294,14 @@ class PhraseIndex:
     def __init__(self, matcher: PhraseMatcher) -> None:
         self.matcher = matcher
         self.fold = not matcher.case_sensitive
-        self.need_chars: int = matcher._need_chars
+        self.need_chars: int = matcher.need_chars
         self.max_match_chars: int = matcher.max_match_chars
         self.automaton: Any = None
         starts_word: set[str] = set()
         starts_other: set[str] = set()
         keys: dict[str, tuple[int, bool, bool, int]] = {}  # key -> (length, head, tail, phrase index)
         self.regexes: list[tuple[int, Any]] = []  # (phrase index, pattern)
-        for index, item in enumerate(matcher._compiled):
+        for index, item in enumerate(matcher.compiled):
             if not item.literal:
                 self.regexes.append((index, item.pattern))
                 continue
@@ -338,10 +339,10 @@ class PhraseIndex:
     @classmethod
     def of(cls, matcher: PhraseMatcher) -> PhraseIndex:
         """The index of ``matcher``, built on first use and kept on it."""
-        index: PhraseIndex | None = matcher.__dict__.get("_stream_index")
+        index = _INDEXES.get(matcher)
         if index is None:
             index = cls(matcher)
-            matcher.__dict__["_stream_index"] = index
+            _INDEXES[matcher] = index
         return index
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PhraseIndex:
@@ -349,6 +350,10 @@ class PhraseIndex:
 
     def __copy__(self) -> PhraseIndex:
         return self
+
+
+# Each matcher's index, built on first use and kept as long as the matcher lives.
+_INDEXES: weakref.WeakKeyDictionary[PhraseMatcher, PhraseIndex] = weakref.WeakKeyDictionary()
 
 
 class PhraseStream:

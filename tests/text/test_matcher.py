@@ -398,7 +398,7 @@ def _brute_force(matcher: PhraseMatcher, tok, ids: list[int], prompt_length: int
         body = text.rstrip("\ufffd")
         prompt_text = tok.decode(ids[:prompt_length])
         starts = []
-        for item in matcher._compiled:
+        for item in matcher.compiled:
             for m in item.pattern.finditer(body):
                 s, e = m.span()
                 if e < len(body) or item.stable_at_end:

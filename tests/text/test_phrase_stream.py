@@ -13,7 +13,7 @@ from test_matcher import BYTE_LEVEL, PIECES, SENTENCEPIECE, ids_of
 
 from perpetual_logits.text.endings import CHAT_CLOSING_PHRASES, default_end_phrases
 from perpetual_logits.text.matcher import PhraseMatcher, PhraseScan
-from perpetual_logits.text.phrase_stream import PhraseStream
+from perpetual_logits.text.phrase_stream import PhraseIndex, PhraseStream
 
 STRINGS = ["The End", "<|end_story|>", "the end", "Fin", "End", "e E", "Once upon", "x x", "!"]
 REGEXES = [regex.compile(r"Chapter \d+"), regex.compile(r"(?i)(?<!\w)hello(?!\w)"), CHAT_CLOSING_PHRASES[6]]
@@ -50,7 +50,7 @@ class PlainDecoder:
 def replay(matcher, ids, prompt_length, padding, steps, tok, final=False):
     """Feed ``steps`` (tokens, or cuts of a few tokens) to a stream and to scan(); they must agree each time."""
     stream = PhraseStream(matcher)
-    strings = [c.source for c in matcher._compiled if c.literal]
+    strings = [c.source for c in matcher.compiled if c.literal]
     regexes = len(strings) < len(matcher.phrases)
     # With regular expressions, scan()'s hold follows the regex module's partial matches over its whole
     # window, and those report some starts that no continuation can complete (a partial match across a
@@ -132,8 +132,8 @@ def test_long_rows_stay_bounded_and_agree():
     matcher = PhraseMatcher(STRINGS + REGEXES, SENTENCEPIECE)
     steps = [("cut", rng.randint(1, 8)) if rng.random() < 0.03 else ("token", rng.choice(ITEMS)) for _ in range(3000)]
     stream = replay(matcher, [], 0, 0, steps, SENTENCEPIECE)
-    assert len(stream.text.text) < 4 * matcher._need_chars + 300
-    assert len(stream.text.tokens) < 4 * matcher._need_chars + 300
+    assert len(stream.text.text) < 4 * matcher.need_chars + 300
+    assert len(stream.text.tokens) < 4 * matcher.need_chars + 300
 
 
 def test_matching_benchmark_smoke(tinystories_path, tmp_path, capsys):
@@ -303,8 +303,8 @@ def test_the_usual_step_reuses_answers_and_agrees_with_a_stream_that_does_not(st
         for n in range(1, len(ids) + 1):
             assert learning.feed(ids[:n]) == plain.feed(ids[:n]), story_tokenizer.decode(ids[:n])
             assert (learning.string_from, learning.regex_from) == (plain.string_from, plain.regex_from)
-    assert len(matcher.__dict__["_stream_index"].string_holds) > 10
-    candidates = matcher.__dict__["_stream_index"].candidates.values()
+    assert len(PhraseIndex.of(matcher).string_holds) > 10
+    candidates = PhraseIndex.of(matcher).candidates.values()
     assert () in candidates and any(candidates)  # most pieces begin no regex; some ("I hope", "Let") may
     assert module._MEMO_ENTRIES > 0
 
