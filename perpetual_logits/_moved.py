@@ -36,7 +36,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "perpetual_logits.plotting": ("perpetual_logits.analysis.plotting",),
     "perpetual_logits.methods": ("perpetual_logits.app.methods", "perpetual_logits.app.running"),
     "perpetual_logits.report": ("perpetual_logits.app.report", "perpetual_logits.app.demo"),
-    "perpetual_logits.cli": ("perpetual_logits.app.cli",),
+    "perpetual_logits.app.cli": ("perpetual_logits.cli",),
     "perpetual_logits.chat_model": ("perpetual_logits.app.chat_model",),
     "perpetual_logits.backstep.lengths": ("perpetual_logits.processor_list",),
 }

@@ -22,9 +22,10 @@ from perpetual_logits import (
     StepDecay,
     SuppressEOSLogitsProcessor,
     _validation,
+    cli,
     eos_window,
 )
-from perpetual_logits.app import cli, demo, report, running
+from perpetual_logits.app import demo, report, running
 from perpetual_logits.schedules import TABLE_STEPS, factor_table, multipliers
 
 

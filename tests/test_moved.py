@@ -183,6 +183,6 @@ def test_console_script_entry_point_resolves():
 
     line = next(x for x in (REPO / "pyproject.toml").read_text().splitlines() if x.startswith("perpetual-logits ="))
     value = line.split("=", 1)[1].strip().strip('"')
-    from perpetual_logits.app.cli import main
+    from perpetual_logits.cli import main
 
     assert EntryPoint(name="perpetual-logits", value=value, group="console_scripts").load() is main

@@ -35,8 +35,8 @@ from perpetual_logits import (
     StepDecay,
     StepStatsRecorder,
     SuppressEOSLogitsProcessor,
+    cli,
 )
-from perpetual_logits.app import cli
 from perpetual_logits.app.methods import METHODS, MethodSettings
 
 

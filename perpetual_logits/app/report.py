@@ -1,7 +1,7 @@
 """The "why models stop" report: runs, statistics, trend, figures, JSON and markdown (the demo is :mod:`.demo`).
 
 Everything here is library code: it raises ``ValueError`` for bad input and prints nothing; the command
-line (:mod:`perpetual_logits.app.cli`) adds progress bars and turns errors into exit codes.
+line (:mod:`perpetual_logits.cli`) adds progress bars and turns errors into exit codes.
 
 Example:
 

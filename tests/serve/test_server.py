@@ -20,8 +20,8 @@ uvicorn = pytest.importorskip("uvicorn", reason="the [serve] extra is not instal
 
 from support import TINYSTORIES, deadline, require_model_dir  # noqa: E402
 
-from perpetual_logits.app.cli import main  # noqa: E402
 from perpetual_logits.app.running import load_model  # noqa: E402
+from perpetual_logits.cli import main  # noqa: E402
 from perpetual_logits.serve import MethodDefaults, ServerSettings, create_app, running  # noqa: E402
 from perpetual_logits.serve.backends.hf import HFBackend  # noqa: E402
 

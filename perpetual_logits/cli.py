@@ -9,8 +9,9 @@ Subcommands:
 * ``demo`` — every method side by side: a table, sample texts and the figures;
 * ``serve`` — an OpenAI-compatible HTTP server with backstep (:mod:`perpetual_logits.serve`, the ``[serve]`` extra).
 
-The work is done by the rest of :mod:`perpetual_logits.app` (methods, running, report, demo); this module
-parses arguments, shows progress bars and turns the library's ``ValueError`` into one line on stderr.
+The work is done by :mod:`perpetual_logits.app` (methods, running, report, demo) and
+:mod:`perpetual_logits.serve`; this module, above both, parses arguments, shows progress bars and turns the
+library's ``ValueError`` into one line on stderr.
 
 Exit status: 0 on success, 2 for any error the user can fix (a bad argument, a missing model, an unreadable
 prompts file, an output folder that cannot be written, a setting the model cannot honour) — one line on
@@ -33,9 +34,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..schedules import MAX_MULTIPLIER, MIN_MULTIPLIER
-from .methods import MAX_NEW_TOKENS, MAX_SEED, METHODS, SCHEDULES, MethodSettings
-from .running import RunResult
+from .app.methods import MAX_NEW_TOKENS, MAX_SEED, METHODS, SCHEDULES, MethodSettings
+from .app.running import RunResult
+from .schedules import MAX_MULTIPLIER, MIN_MULTIPLIER
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROMPTS", "main"]
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep language models writing past the point where they learned to stop.",
         epilog="Exit status: 0 success, 2 user error (one line on stderr), 130 interrupted.",
     )
-    from .. import __version__
+    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,analyze,demo,serve}")
@@ -353,7 +354,7 @@ def _note(text: str) -> None:
 
 def _fitted_budget(loaded: Any, prompts: Sequence[str], wanted: int, chat: bool) -> int:
     """The smallest budget any of ``prompts`` runs with (the model's window lowers it); one note when lowered."""
-    from .running import fitted_budget
+    from .app.running import fitted_budget
 
     budget = min(fitted_budget(loaded, prompt, wanted, chat=chat) for prompt in prompts)
     if budget < wanted:
@@ -367,8 +368,8 @@ def _fitted_budget(loaded: Any, prompts: Sequence[str], wanted: int, chat: bool)
 
 # -- commands ------------------------------------------------------------------------------------------------
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .report import finite
-    from .running import load_model, run_method
+    from .app.report import finite
+    from .app.running import load_model, run_method
 
     prompt = _check_prompt_text(args.prompt)
     settings = _settings(args)
@@ -413,8 +414,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .report import analyze_runs, output_dir, read_prompts, trend_sentences, write_analysis
-    from .running import load_model
+    from .app.report import analyze_runs, output_dir, read_prompts, trend_sentences, write_analysis
+    from .app.running import load_model
 
     prompts = read_prompts(args.prompts) if args.prompts is not None else list(DEFAULT_PROMPTS)
     for prompt in prompts:
@@ -446,9 +447,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEFAULT_CHAT_PROMPTS, demo_summary, run_demo, write_demo
-    from .report import output_dir
-    from .running import load_model
+    from .app.demo import DEFAULT_CHAT_PROMPTS, demo_summary, run_demo, write_demo
+    from .app.report import output_dir
+    from .app.running import load_model
 
     out = output_dir(args.out)
     for prompt in args.prompt or ():
@@ -492,7 +493,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from ..serve.server import ServeOptions, run
+        from .serve.server import ServeOptions, run
     except ImportError as err:
         raise CLIError(
             f"{_PROG} serve needs the [serve] extra ({err.name} is missing): pip install 'perpetual-logits[serve]'"
@@ -512,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Example:
 
     ```python
-    >>> from perpetual_logits.app.cli import main
+    >>> from perpetual_logits.cli import main
     >>> main(["generate", "--model", "x", "--max-new-tokens", "0", "hi"])
     2
 

@@ -11,7 +11,8 @@ import pytest
 from support import REPO, save_tiny_model
 
 import perpetual_logits
-from perpetual_logits.app import cli, methods, running
+from perpetual_logits import cli
+from perpetual_logits.app import methods, running
 from perpetual_logits.text.boundaries import ends_sentence
 
 METHODS = list(methods.METHODS)
