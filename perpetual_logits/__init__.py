@@ -35,7 +35,7 @@ from .processors import (  # noqa: E402
     PostEOSResamplingLogitsProcessor,
     SuppressEOSLogitsProcessor,
 )
-from .protocol import RewindRule, RewindTo, RowState, RowView  # noqa: E402
+from .protocol import PerCallState, RewindRule, RewindTo, RowState, RowView  # noqa: E402
 from .schedules import (  # noqa: E402
     Constant,
     CosineDecay,
@@ -89,6 +89,7 @@ __all__ = [
     "LinearDecay",
     "LoopDetection",
     "LoopMatch",
+    "PerCallState",
     "PerpetualGenerationMixin",
     "PhraseMatch",
     "PhraseMatcher",
