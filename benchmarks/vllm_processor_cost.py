@@ -37,7 +37,7 @@ def _settings(early: pl.EarlyTrigger | None, widen: pl.Widening | None, configur
     if early is not None:
         ours["early"] = plv.EarlySettings.of(early, f"row-{row}", 0).to_data()
     if widen is not None:
-        ours["widen"] = plv.WidenSettings.of(widen, SCHEDULE, configured).to_data()
+        ours["widen"] = plv.WideningSettings.of(widen, SCHEDULE, configured).to_data()
     return {plv.EXTRA_ARGS_KEY: ours}
 
 

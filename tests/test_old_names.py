@@ -25,6 +25,8 @@ RENAMED = [
     ("perpetual_logits.truncation", "Widen", "Widening"),
     ("perpetual_logits.vllm", "KEY", "EXTRA_ARGS_KEY"),
     ("perpetual_logits.vllm.settings", "KEY", "EXTRA_ARGS_KEY"),
+    ("perpetual_logits.vllm", "WidenSettings", "WideningSettings"),
+    ("perpetual_logits.vllm.settings", "WidenSettings", "WideningSettings"),
 ]
 
 

@@ -44,7 +44,7 @@ def test_the_processors_own_truncation_equals_vllms_where_nothing_is_widened(llm
     # A request with `widen` is submitted with vLLM's truncation off; our processor truncates it in vLLM's
     # order and arithmetic, so until a schedule starts it samples exactly what vLLM samples.
     configured = pl.Truncation(top_k=20, top_p=0.9, min_p=0.05, temperature=0.8)
-    widen = plv.WidenSettings.of(pl.Widening(top_k=0, top_p=1.0, min_p=0.0), pl.LinearDecay(2.0, 4), configured)
+    widen = plv.WideningSettings.of(pl.Widening(top_k=0, top_p=1.0, min_p=0.0), pl.LinearDecay(2.0, 4), configured)
     ours = {plv.EXTRA_ARGS_KEY: {"schedule": {"factors": [2.0], "started": None}, "widen": widen.to_data()}}
     plain = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=24, seed=s) for s in (1, 2)]
     taken_over = [SamplingParams(temperature=0.8, max_tokens=24, seed=s, extra_args=ours) for s in (1, 2)]

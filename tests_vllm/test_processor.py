@@ -245,7 +245,7 @@ def test_early_trigger_restarts_the_schedule_as_on_the_hf_backend_across_a_resub
 
 # -- widen: the processor truncates itself ------------------------------------------------------------------
 def test_widen_truncates_wide_at_the_start_and_returns_to_the_configured_values():
-    widen = plv.WidenSettings.of(pl.Widening(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
+    widen = plv.WideningSettings.of(pl.Widening(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
     extra = {plv.EXTRA_ARGS_KEY: {"schedule": {"factors": [2.0, 1.5], "started": 0}, "widen": widen.to_data()}}
     proc = v1_processor()
     output: list[int] = []
@@ -258,7 +258,7 @@ def test_widen_truncates_wide_at_the_start_and_returns_to_the_configured_values(
 
 
 def test_widen_is_refused_with_vllms_own_truncation_or_penalties():
-    widen = plv.WidenSettings.of(pl.Widening(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
+    widen = plv.WideningSettings.of(pl.Widening(top_k=0), pl.LinearDecay(2.0, 2), pl.Truncation(top_k=2))
     extra = {plv.EXTRA_ARGS_KEY: {"schedule": {"factors": [2.0, 1.5]}, "widen": widen.to_data()}}
     with pytest.raises(ValueError, match=r"top_k=0, top_p=1\.0, min_p=0\.0"):
         plv.PerpetualLogitsProcessor.validate_params(SamplingParams(top_k=2, extra_args=extra))

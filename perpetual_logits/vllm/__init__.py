@@ -18,14 +18,16 @@ from .settings import (
     EarlySettings,
     RequestSettings,
     ScheduleTable,
-    WidenSettings,
+    WideningSettings,
     resample_eos,
     schedule_table,
     suppress_eos,
 )
 
 if not TYPE_CHECKING:  # the old name, for one release
-    __getattr__ = old_names(__name__, {"KEY": (__name__, "EXTRA_ARGS_KEY")})
+    __getattr__ = old_names(
+        __name__, {"KEY": (__name__, "EXTRA_ARGS_KEY"), "WidenSettings": (__name__, "WideningSettings")}
+    )
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -36,7 +38,7 @@ __all__ = [
     "RequestSettings",
     "RequestStats",
     "ScheduleTable",
-    "WidenSettings",
+    "WideningSettings",
     "eos_token_ids",
     "generate",
     "processor_for_vocabulary",

@@ -31,7 +31,7 @@ from ..backstep.policy import RewindPlan, RewindPolicy
 from ..protocol import RowView
 from ..truncation import Truncation
 from .processor import PerpetualLogitsProcessor, check_truncation_off, processor_for_vocabulary
-from .settings import EXTRA_ARGS_KEY, EarlySettings, LandingSettings, RequestSettings, WidenSettings, schedule_table
+from .settings import EXTRA_ARGS_KEY, EarlySettings, LandingSettings, RequestSettings, WideningSettings, schedule_table
 
 __all__ = ["LLM", "PerpetualRequestOutput", "RequestStats", "eos_token_ids", "generate"]
 
@@ -220,7 +220,7 @@ class Driver:
             ours = self._settings(row)
             if ours:
                 params.extra_args = {**(row.params.extra_args or {}), EXTRA_ARGS_KEY: ours}
-            if "widen" in ours:  # the processor truncates (see WidenSettings); vLLM's truncation would narrow it
+            if "widen" in ours:  # the processor truncates (see WideningSettings); vLLM's truncation would narrow it
                 params.top_k, params.top_p, params.min_p = 0, 1.0, 0.0
         row.request_id = f"pl-{next(_ids)}-{row.index}"
         row.start = row.generated
@@ -256,7 +256,7 @@ class Driver:
             if early is not None:
                 ours["early"] = EarlySettings.of(early, f"{self.key}-{row.index}", row.generated).to_data()
             if widen is not None and not greedy:
-                ours["widen"] = WidenSettings.of(widen, schedule, _configured(row.params)).to_data()
+                ours["widen"] = WideningSettings.of(widen, schedule, _configured(row.params)).to_data()
         row.landing = policy.landing_bonus(row.index)
         if row.landing is not None:
             due, margin, strength = row.landing
@@ -503,7 +503,7 @@ def generate(
         widen = backstep.widen if backstep is not None and p.temperature >= 1e-5 else None
         if widen is not None and backstep is not None and backstep.schedule is not None:
             check_truncation_off(_with_truncation_off(p))
-            WidenSettings.of(widen, backstep.schedule, _configured(p))
+            WideningSettings.of(widen, backstep.schedule, _configured(p))
     rows = [Row(i, _tokenize(tokenizer, prompt, i), p) for i, (prompt, p) in enumerate(zip(items, per_prompt))]
     if backstep is not None:
         _check_model_length(llm, rows)

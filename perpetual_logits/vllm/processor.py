@@ -396,7 +396,7 @@ class _ProcessorCore:
     @staticmethod
     def _truncate(logits: torch.Tensor, rows: list[tuple[int, _Live, int]]) -> None:
         """Top-k / top-p / min-p of requests with ``widen``, which vLLM does not truncate itself (see
-        :class:`~perpetual_logits.vllm.settings.WidenSettings`)."""
+        :class:`~perpetual_logits.vllm.settings.WideningSettings`)."""
         todo: list[tuple[int, float, int, float, float]] = []
         vocab = logits.shape[-1]
         for row, live, index in rows:

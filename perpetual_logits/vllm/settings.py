@@ -24,7 +24,9 @@ from ..triggers import EarlyTrigger
 from ..truncation import Truncation, Widening
 
 if not TYPE_CHECKING:  # the old name, for one release
-    __getattr__ = old_names(__name__, {"KEY": (__name__, "EXTRA_ARGS_KEY")})
+    __getattr__ = old_names(
+        __name__, {"KEY": (__name__, "EXTRA_ARGS_KEY"), "WidenSettings": (__name__, "WideningSettings")}
+    )
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -32,7 +34,7 @@ __all__ = [
     "LandingSettings",
     "RequestSettings",
     "ScheduleTable",
-    "WidenSettings",
+    "WideningSettings",
     "resample_eos",
     "schedule_table",
     "suppress_eos",
@@ -213,7 +215,7 @@ class LandingSettings:
 
 
 @dataclass(frozen=True)
-class WidenSettings:
+class WideningSettings:
     """:class:`~perpetual_logits.Widening` as plain data: the processor truncates each request itself.
 
     vLLM applies a request's top-k / top-p / min-p after the logits processors, with one value for the whole
@@ -275,7 +277,7 @@ class WidenSettings:
         }
 
     @classmethod
-    def from_data(cls, data: object) -> WidenSettings:
+    def from_data(cls, data: object) -> WideningSettings:
         keys = {"weights", "forever", "top_k", "top_p", "min_p", "configured"}
         if not isinstance(data, Mapping) or set(data) != keys:
             raise ValueError(f"`widen` must be a dict with exactly the keys {sorted(keys)}, got {data!r}")
@@ -289,7 +291,7 @@ class WidenSettings:
         return cls(tuple(weights), data["forever"], wide, configured)
 
     @classmethod
-    def of(cls, widen: Widening, schedule: Schedule, configured: Truncation) -> WidenSettings:
+    def of(cls, widen: Widening, schedule: Schedule, configured: Truncation) -> WideningSettings:
         """The settings of ``widen`` returning on ``widen.schedule`` (else ``schedule``), around ``configured``."""
         from ..truncation import weight_table
 
@@ -416,7 +418,7 @@ class RequestSettings:
         started (`int` or `None`): the position where ``schedule`` started (0 or less: before this request;
             ``None``: not started, only an early trigger starts it). ``schedule["started"]``, default 0.
         early (`EarlySettings` or `None`): an early trigger that (re)starts ``schedule`` where it fires.
-        widen (`WidenSettings` or `None`): per-request truncation, wider after each start of ``schedule``.
+        widen (`WideningSettings` or `None`): per-request truncation, wider after each start of ``schedule``.
         landing (`LandingSettings` or `None`): the landing's EOS bonus at sentence ends.
     """
 
@@ -429,7 +431,7 @@ class RequestSettings:
     bans: Mapping[int, tuple[int, ...]] | None = None
     started: int | None = 0
     early: EarlySettings | None = None
-    widen: WidenSettings | None = None
+    widen: WideningSettings | None = None
     landing: LandingSettings | None = None
 
     @classmethod
@@ -492,7 +494,7 @@ class RequestSettings:
                 raise ValueError(f"`schedule.started` must be None or an int <= 0, got {started!r}")
         bans = _parse_bans(data.get("bans"))
         early = EarlySettings.from_data(data["early"]) if data.get("early") is not None else None
-        widen = WidenSettings.from_data(data["widen"]) if data.get("widen") is not None else None
+        widen = WideningSettings.from_data(data["widen"]) if data.get("widen") is not None else None
         if (early is not None or widen is not None) and schedule is None:
             raise ValueError("`early` and `widen` follow the temperature schedule: set `schedule` too")
         landing = LandingSettings.from_data(data["landing"]) if data.get("landing") is not None else None

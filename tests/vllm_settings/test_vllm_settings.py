@@ -7,7 +7,13 @@ import torch
 
 import perpetual_logits as pl
 from perpetual_logits.truncation import Truncation, TruncationSchedule, Widening
-from perpetual_logits.vllm.settings import EXTRA_ARGS_KEY, EarlySettings, RequestSettings, ScheduleTable, WidenSettings
+from perpetual_logits.vllm.settings import (
+    EXTRA_ARGS_KEY,
+    EarlySettings,
+    RequestSettings,
+    ScheduleTable,
+    WideningSettings,
+)
 
 
 @pytest.mark.parametrize("factor", [1e-300, 0.0009, 1000.5, float("inf"), -1.0])
@@ -48,7 +54,7 @@ def test_early_and_widen_need_a_schedule_and_valid_values():
     with pytest.raises(ValueError, match="window"):
         RequestSettings.parse({EXTRA_ARGS_KEY: {"early": bad, "schedule": {"factors": [2.0]}}})
     with pytest.raises(ValueError, match="narrower"):
-        WidenSettings.of(Widening(top_k=10), pl.LinearDecay(2.0, 4), Truncation(top_k=50))
+        WideningSettings.of(Widening(top_k=10), pl.LinearDecay(2.0, 4), Truncation(top_k=50))
     with pytest.raises(ValueError, match=r"schedule.started"):
         RequestSettings.parse({EXTRA_ARGS_KEY: {"schedule": {"factors": [2.0], "started": 3}}})
 
@@ -58,7 +64,7 @@ def test_widen_settings_give_the_hf_backends_values_step_by_step():
     schedule = pl.LinearDecay(2.0, 10)
     configured = Truncation(top_k=50, top_p=0.9, min_p=0.05, temperature=0.7)
     widen = Widening(top_k=200, top_p=0.99, min_p=0.0)
-    settings = WidenSettings.from_data(WidenSettings.of(widen, schedule, configured).to_data())
+    settings = WideningSettings.from_data(WideningSettings.of(widen, schedule, configured).to_data())
     plan = TruncationSchedule(configured, widen, schedule)
     steps = torch.arange(14)
     hf = plan.row_values(steps, torch.ones(14, dtype=torch.bool), 2048)
