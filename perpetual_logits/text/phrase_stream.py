@@ -333,6 +333,8 @@ class PhraseIndex:
         # (``prefilters``), and where the string phrases' hold moves after a piece.
         prefilters = [_prefilter(pattern) for _, pattern in self.regexes]
         self.prefilters: list[Any] | None = prefilters if self.regexes and None not in prefilters else None
+        # One search of them all first: most new pieces begin none of them.
+        self.prefilter_gate = _gate(prefilters) if self.prefilters is not None else None
         self.candidates: dict[str, tuple[int, ...]] = {}  # piece -> the regexes that may begin inside it
         self.string_holds: dict[str, int] = {}
 
@@ -699,12 +701,15 @@ class PhraseStream:
     def _candidates(self, piece: str) -> tuple[int, ...]:
         """The regexes that may match, or partially match, text that begins inside ``piece[1:]`` (``piece[0]``:
         the character before it, which the negative lookbehinds read); kept per piece."""
-        assert self.index.prefilters is not None
+        index = self.index
+        assert index.prefilters is not None
         found = []
-        for r, prefilter in enumerate(self.index.prefilters):
-            m = prefilter.search(piece, 1, partial=True)
-            if m is not None and not m.start() == m.end() == len(piece):
-                found.append(r)
+        m = index.prefilter_gate.search(piece, 1, partial=True) if index.prefilter_gate is not None else None
+        if index.prefilter_gate is None or (m is not None and not m.start() == m.end() == len(piece)):
+            for r, prefilter in enumerate(index.prefilters):
+                m = prefilter.search(piece, 1, partial=True)
+                if m is not None and not m.start() == m.end() == len(piece):
+                    found.append(r)
         candidates = tuple(found)
         if len(self.index.candidates) < _MEMO_ENTRIES:
             self.index.candidates[piece] = candidates
