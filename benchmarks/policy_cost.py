@@ -33,14 +33,16 @@ fills as any earlier request would in a serving process). ``--allow-rewinds`` sk
 suppression (the earlier measurement, where rewinds happen and their forwards are part of the cost).
 
 ``policy alone``: the same tokens replayed through the policy without the model (``after_token`` and ``settle``
-per row per token, the fastest of the repeats): the rules' own cost, steadier than the end-to-end ratio on a busy
-machine.
+per row per token, the fastest of the repeats, each reading the text as new: the phrase matchers' answers kept
+for text already seen are forgotten first): the rules' own cost, steadier than the end-to-end ratio.
 
-Where the time went (cProfile and line profiles at batch 32, chat preset, no rewind): the rules' per-row work is
-about all of the difference to ``dynamic`` -- the phrase stream (text decode per token, the regular expressions'
-partial search, the automaton and the hold-back scan) and the loop tracker. Replaying the same 32 x 96 tokens
-through the policy alone (no model; a loaded machine, so as a hint only) went from about 30 to 14 us per row per
-token for the chat preset (its loop rule from about 7 to 1.5 us) and from 18 to 8.5 us for 10,000 phrases.
+Where the time went (cProfile, line profiles and timers around the policy inside real runs, batch 32, chat
+preset, no rewind): the rules' per-row Python is about all of the difference to ``method4`` -- the phrase stream
+(the token's text, the automaton, the regular expressions, the hold-back), the landing's reading of each token,
+the loop tracker, and settling the hold-back per row. Inside a run the same calls cost about twice what the
+replay measures (the model's forward leaves the caches cold between steps). Replayed, the chat preset went from
+about 30 to 17 us per row per token by the previous session and to about 14 us now, on new text (9 us on text the
+matchers have seen: answers kept per text piece); 10,000 phrases from 18 to 8 us (4 us on seen text).
 
     python benchmarks/policy_cost.py                         # the measurement (quiet machine)
     python benchmarks/policy_cost.py --smoke                 # seconds: tiny sizes, results to a temp folder
@@ -66,7 +68,9 @@ from benchmarks import common
 from perpetual_logits import BackstepConfig, make_perpetual
 from perpetual_logits.backstep import policy as policy_module
 from perpetual_logits.backstep.policy import RewindPolicy
+from perpetual_logits.backstep.rules import PhraseRule
 from perpetual_logits.protocol import RowView
+from perpetual_logits.text.phrase_stream import PhraseIndex
 
 FIRST_SEED = 1000
 
@@ -200,13 +204,18 @@ def policy_alone(
 ) -> float:
     """Microseconds per row per token of the policy alone (no model), replaying ``sequences``' new tokens through
     :meth:`RewindPolicy.after_token` and :meth:`RewindPolicy.settle` as the HF loop calls them; the fastest of
-    ``repeats``."""
+    ``repeats``. Each repeat reads the text as new: the answers the phrase matchers keep for text they have seen
+    (see :class:`~perpetual_logits.text.phrase_stream.PhraseIndex`) are forgotten first, so a replay is not
+    answered from its own earlier repeats."""
     rows = sequences.tolist()
     batch, length = len(rows), len(rows[0])
     best = float("inf")
     for _ in range(max(1, repeats)):
         policy = RewindPolicy(config, [2], vocab, tokenizer)
         ids = [row[:prompt] for row in rows]
+        for rule in policy.rules:
+            if isinstance(rule, PhraseRule):
+                PhraseIndex.of(rule.matcher).forget()
         start = time.process_time()
         policy.start(batch, prompt)
         for k in range(prompt, length):

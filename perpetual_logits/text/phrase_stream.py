@@ -347,6 +347,11 @@ class PhraseIndex:
             _INDEXES[matcher] = index
         return index
 
+    def forget(self) -> None:
+        """Drop the answers kept for text seen so far (they are rebuilt as text comes; for measurements)."""
+        self.string_holds.clear()
+        self.candidates.clear()
+
     def __deepcopy__(self, memo: dict[int, Any]) -> PhraseIndex:
         return self  # immutable once built: every copy of a rule shares it
 
