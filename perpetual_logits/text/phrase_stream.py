@@ -63,6 +63,17 @@ def _is_word(char: str) -> bool:
     return _WORD.match(char) is not None
 
 
+_WORD_CHARS: dict[str, bool] = {}
+
+
+def _word_char(char: str) -> bool:
+    """``_is_word``, kept per character (asked once per row per token)."""
+    known = _WORD_CHARS.get(char)
+    if known is None:
+        known = _WORD_CHARS[char] = _is_word(char)
+    return known
+
+
 def _spaces_as_one(raw: str) -> str:
     """``raw`` with each whitespace character replaced by a space (same length)."""
     if raw.isascii():
@@ -337,6 +348,22 @@ class PhraseIndex:
         self.prefilter_gate = _gate(prefilters) if self.prefilters is not None else None
         self.candidates: dict[str, tuple[int, ...]] = {}  # piece -> the regexes that may begin inside it
         self.string_holds: dict[str, int] = {}
+        # Keys stand for all the texts with the same answer: the character before the text by its class when only
+        # `(?<!\w)` reads it, and ASCII text case folded when matching ignores case.
+        kept = [p.pattern for p in self.prefilters] if self.prefilters is not None else []
+        self.regex_head_by_class = all(source.count("(?<!") == source.count("(?<!\\w)") for source in kept)
+        self.regex_fold = bool(kept) and all(p.flags & regex.IGNORECASE for p in self.prefilters or [])
+
+    def string_key(self, text: str) -> str:
+        """The key of the string phrases' answer for ``text``: the character before the held text (only whether it
+        is a word character matters to where a phrase may begin), the held text and the new piece."""
+        key = ("a" if _word_char(text[0]) else " ") + text[1:]
+        return key.lower() if self.fold and key.isascii() else key
+
+    def piece_key(self, text: str) -> str:
+        """The key of which regexes may begin in ``text[1:]`` (``text[0]``: the character before it)."""
+        key = (("a" if _word_char(text[0]) else " ") + text[1:]) if self.regex_head_by_class else text
+        return key.lower() if self.regex_fold and key.isascii() else key
 
     @classmethod
     def of(cls, matcher: PhraseMatcher) -> PhraseIndex:
@@ -470,14 +497,18 @@ class PhraseStream:
             held = self.string_from
             if held <= base or end - held > index.need_chars or held < stream.head_end:
                 return self._analyse(n, prompt_length, old_end, False)
-            moved = index.string_holds.get(text[held - base - 1 :])
+            moved = index.string_holds.get(index.string_key(text[held - base - 1 :]))
             if moved is None:
                 return self._analyse(n, prompt_length, old_end, False)
             if moved >= 0:
                 string_from = held + moved
         # The regular expressions: none holding text, and those that may begin in the new text find nothing.
         if index.regexes:
-            candidates = index.candidates.get(text[old_end - base - 1 :]) if index.prefilters is not None else None
+            candidates = (
+                index.candidates.get(index.piece_key(text[old_end - base - 1 :]))
+                if index.prefilters is not None
+                else None
+            )
             if candidates is None or min(self.regex_from) < old_end:
                 return self._analyse(n, prompt_length, old_end, False)
             body = end - base
@@ -530,7 +561,7 @@ class PhraseStream:
             and end - held <= index.need_chars
             and held >= stream.head_end
         ):
-            key = text[held - base - 1 :]
+            key = index.string_key(text[held - base - 1 :])
 
         # 1. String phrases completed by the new text: the automaton over the tail that a new match can span.
         # 3. Strings: where the trailing text that may still become a phrase begins.
@@ -554,7 +585,7 @@ class PhraseStream:
         if index.regexes:
             if usual and index.prefilters is not None and old_end > base:
                 piece = text[old_end - base - 1 :]  # the new text after one character of the old
-                candidates = index.candidates.get(piece)
+                candidates = index.candidates.get(index.piece_key(piece))
                 if candidates is None:
                     candidates = self._candidates(piece)
                 if candidates or min(self.regex_from) < old_end:
@@ -717,7 +748,7 @@ class PhraseStream:
                     found.append(r)
         candidates = tuple(found)
         if len(self.index.candidates) < _MEMO_ENTRIES:
-            self.index.candidates[piece] = candidates
+            self.index.candidates[index.piece_key(piece)] = candidates
         return candidates
 
     @staticmethod
