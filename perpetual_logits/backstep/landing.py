@@ -26,20 +26,17 @@ from ..text.text_stream import rust_backend
 
 __all__ = ["Landing", "LandingBias", "RowText"]
 
-#: Per tokenizer: the text a token adds after its left neighbour (special tokens skipped), keyed
-#: ``neighbour << 32 | token``. Rows keep writing the same word pairs, so most tokens need no decode.
-_PIECES: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
 _MAX_PIECES = 1 << 16
 _ALONE = 1 << 62  # the key bit of a token's text alone (pair keys stay below it)
 _ANY_END = frozenset(".!?…。！？")  # a piece without these holds no sentence end (no regex needed)
 _NO_TEXT = ("", False, 0, False)
 
-# What a piece of text says whatever came before it, per piece (see _piece_facts): pieces repeat across rows
-# and calls, and this runs per row per token.
+# What a piece of text says whatever came before it (see _piece_facts).
 _Facts = tuple[int, bool, bool, bool, tuple[bool, bool] | None]
-_PIECE_FACTS: dict[str, _Facts] = {}
 _NO_FACTS: _Facts = (0, False, False, False, None)
-# Per tokenizer: a pair key (see RowText._piece; a token alone under _ALONE) -> its text and _piece_facts.
+#: Per tokenizer: the text a token adds after its left neighbour (special tokens skipped) and what it says,
+#: keyed ``neighbour << 32 | token`` (a token alone: ``_ALONE | token``). Rows keep writing the same word pairs,
+#: so most tokens need no decode; this runs per row per token.
 _PAIR_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
 
 
@@ -58,16 +55,13 @@ def _piece_facts(piece: str) -> _Facts:
         else:
             punctuation = head[-1] in _ENDERS
             says = (False, punctuation) if stripped != piece else (punctuation, punctuation)
-    facts = (
+    return (
         count_words(piece),
         piece[0].isascii() and piece[0].isalpha(),
         piece[0].isspace(),
         bool(_ANY_END.intersection(piece)) and _sentence_end_inside(piece) > 0,
         says,
     )
-    if len(_PIECE_FACTS) < _MAX_PIECES:
-        _PIECE_FACTS[piece] = facts
-    return facts
 
 
 #: While its incremental count is short of ``min_words``, a row's words are counted on its whole decoded text
@@ -155,11 +149,9 @@ class RowText(RowState):
         self.reached_at: list[int | None] = []
         # -- shared with every RowText of this tokenizer
         self._backend = rust_backend(tokenizer) if tokenizer is not None else None
-        self._pieces: dict[int, str] = {}
         self._facts: dict[int, tuple[str, _Facts]] = {}
         if tokenizer is not None:
             with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
-                self._pieces = _PIECES.setdefault(tokenizer, {})
                 self._facts = _PAIR_FACTS.setdefault(tokenizer, {})
 
     # -- protocol ------------------------------------------------------------------------------------------
@@ -253,41 +245,22 @@ class RowText(RowState):
     def _learn(self, key: int) -> tuple[str, _Facts]:
         """The text of a pair key's token after its neighbour (or alone) and what it says (kept per tokenizer)."""
         token = int(key & 0xFFFFFFFF)
-        piece = self._alone(token) if key & _ALONE else self._piece(int(key >> 32), token)
-        known = (piece, _PIECE_FACTS.get(piece) or _piece_facts(piece) if piece else _NO_FACTS)
+        if key & _ALONE:
+            piece = self._decode([token])
+        else:
+            neighbour = int(key >> 32)
+            before = (self._facts.get(_ALONE | neighbour) or self._learn(_ALONE | neighbour))[0]
+            after = self._decode([neighbour, token])
+            piece = after[len(before) :] if after.startswith(before) else after[-1:]
+        known = (piece, _piece_facts(piece) if piece else _NO_FACTS)
         if len(self._facts) < _MAX_PIECES:
             self._facts[key] = known
         return known
-
-    def _piece(self, neighbour: int | None, token: int) -> str:
-        """The text ``token`` adds after ``neighbour`` (``None``: it is the first generated token)."""
-        if neighbour is None:
-            return self._alone(token)
-        key = neighbour << 32 | token
-        cache = self._pieces
-        piece = cache.get(key)
-        if piece is None:
-            before = self._alone(neighbour)
-            after = self._decode([neighbour, token])
-            piece = after[len(before) :] if after.startswith(before) else after[-1:]
-            if len(cache) < _MAX_PIECES:
-                cache[key] = piece
-        return piece
 
     def _decode(self, ids: Sequence[int]) -> str:
         if self._backend is not None:  # the Rust tokenizer itself: several times faster than the Python wrapper
             return str(self._backend.decode(list(ids), skip_special_tokens=True))
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
-
-    def _alone(self, token: int) -> str:
-        """The token's text alone (cached with the pairs, under the key of no neighbour)."""
-        key = _ALONE | token
-        text = self._pieces.get(key)
-        if text is None:
-            text = self._decode([token])
-            if len(self._pieces) < _MAX_PIECES:
-                self._pieces[key] = text
-        return text
 
     # -- queries -------------------------------------------------------------------------------------------
     def length(self, row: int) -> int:

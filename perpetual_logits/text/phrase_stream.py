@@ -176,24 +176,16 @@ def _top_level_alternation(source: str) -> bool:
     """Whether the pattern ``source`` (version 0 syntax) has a ``|`` outside every group and set, where a
     leading lookbehind would apply to one alternative only."""
     depth = 0
-    in_set = False
     i = 0
     while i < len(source):
         char = source[i]
         if char == "\\":
             i += 2
             continue
-        if in_set:
-            in_set = char != "]"
-        elif char == "[":
-            in_set = True
-            i += 1
-            if source.startswith("^", i):
-                i += 1
-            if source.startswith("]", i):  # a "]" first in a set is a literal
-                i += 1
+        if char == "[":
+            i = _set_end(source, i)
             continue
-        elif char == "(":
+        if char == "(":
             depth += 1
         elif char == ")":
             depth -= 1
@@ -494,14 +486,12 @@ class PhraseStream:
         # The string phrases: no phrase completed and where the hold moves, if known for this text.
         string_from = end
         if index.starts is not None:
-            held = self.string_from
-            if held <= base or end - held > index.need_chars or held < stream.head_end:
-                return self._analyse(n, prompt_length, old_end, False)
-            moved = index.string_holds.get(index.string_key(text[held - base - 1 :]))
+            key = self._held_key()
+            moved = index.string_holds.get(key) if key is not None else None
             if moved is None:
                 return self._analyse(n, prompt_length, old_end, False)
             if moved >= 0:
-                string_from = held + moved
+                string_from = self.string_from + moved
         # The regular expressions: none holding text, and those that may begin in the new text find nothing.
         if index.regexes:
             candidates = (
@@ -521,6 +511,16 @@ class PhraseStream:
         if string_from >= end:
             return _NOTHING
         return PhraseScan(None, min(n - stream.cut(string_from), n - prompt_length))
+
+    def _held_key(self) -> str | None:
+        """The key of the string phrases' answer for the text from where the hold began (one character before it
+        included) to the end, or ``None`` when that text does not lie whole in the stream or is longer than a
+        match can be (then the general analysis runs)."""
+        stream, held = self.text, self.string_from
+        base = stream.char_base
+        if held <= base or held < stream.head_end or base + len(stream.text) - held > self.index.need_chars:
+            return None
+        return self.index.string_key(stream.text[held - base - 1 :])
 
     def _start(self, ids: Sequence[int], first: int) -> None:
         n = len(ids)
@@ -553,15 +553,7 @@ class PhraseStream:
             and stream.head_end <= old_end
         )
         held = self.string_from
-        key: str | None = None
-        if (
-            usual
-            and index.starts is not None
-            and base < held
-            and end - held <= index.need_chars
-            and held >= stream.head_end
-        ):
-            key = index.string_key(text[held - base - 1 :])
+        key = self._held_key() if usual and index.starts is not None else None
 
         # 1. String phrases completed by the new text: the automaton over the tail that a new match can span.
         # 3. Strings: where the trailing text that may still become a phrase begins.

@@ -74,12 +74,21 @@ def replay(matcher, ids, prompt_length, padding, steps, tok, final=False):
         context = (matcher.tokenizer.decode(ids), ids)
         if not regexes:
             assert got == want, context
-            continue
-        assert got.match == want.match, context
-        if got.match is None and floor is not None:
-            assert floor.feed(ids, prompt_length, padding, final=last).hold <= got.hold <= want.hold, context
-        elif got.match is None:
-            assert got.hold <= want.hold, context
+        else:
+            assert got.match == want.match, context
+            if got.match is None and floor is not None:
+                assert floor.feed(ids, prompt_length, padding, final=last).hold <= got.hold <= want.hold, context
+            elif got.match is None:
+                assert got.hold <= want.hold, context
+        if got.match is not None:
+            # What a rule does with a match: the row is cut back to where the phrase began. (Without the cut the
+            # two differ on an overlapping occurrence that only text a rule never keeps can show: scan() finds
+            # matches that do not overlap, "e E" in "Once E" then nothing in "Once E End", while the stream reports
+            # the "E E" the new token completes.)
+            ids = ids[: max(prompt_length, got.match.start)]
+            stream.rewind(len(ids))
+            if floor is not None:
+                floor.rewind(len(ids))
     return stream
 
 
