@@ -357,7 +357,7 @@ class RewindPolicy(RowState):
         cut = max(length - partial, floor)
         text = self.text
         if text is not None and text.landing is not None and text.landing.cut_back:
-            return cut_point(text.tokenizer, ids[:cut], floor, prompt)
+            return cut_point(text.tokenizer, ids[:cut], floor, prompt, ends=text.boundaries[row])
         return cut, []
 
     def settle(self, row: int, length: int, finished: bool) -> tuple[int, int]:

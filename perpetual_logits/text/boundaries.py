@@ -134,7 +134,9 @@ def _spell(
     return None
 
 
-def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int = 0) -> tuple[int, list[int]]:
+def cut_point(
+    tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int = 0, ends: Sequence[int] | None = None
+) -> tuple[int, list[int]]:
     """Where to cut a row that must stop now: the latest point at or after ``floor`` where its text ends a
     sentence or a line; failing that, the latest whole word; failing that, nowhere (``len(ids)``).
 
@@ -150,6 +152,9 @@ def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int
         floor (`int`): the shortest allowed result (tokens already final; at least ``prompt_length``).
         prompt_length (`int`, defaults to 0): where the generated text starts; an empty generated text is never
             chosen.
+        ends (`Sequence[int]`, *optional*): where the caller saw the text end a sentence or line (lengths, as
+            :class:`~perpetual_logits.backstep.landing.RowText` keeps them): those are tried first, latest first,
+            and the first that holds is the answer; the search back token by token runs only when none does.
 
     Returns:
         `tuple[int, list[int]]`: the tokens to keep (``ids[:length]``) and the tokens to append after them.
@@ -181,25 +186,47 @@ def cut_point(tokenizer: Any, ids: Sequence[int], floor: int, prompt_length: int
     following = _decode(tokenizer, ids[start:n])
     if ends_sentence(following):
         return n, []
+    # The sentence ends the caller kept track of, latest first: the first that holds is the answer (two short
+    # decodes each, where the search below decodes once per token back to it).
+    for p in sorted((e for e in ends if floor <= e < n), reverse=True) if ends else ():
+        if p == start:
+            break
+        text = _decode(tokenizer, ids[start:p])
+        found, _ = _end_at(tokenizer, ids, p, start, floor, n, text, _decode(tokenizer, ids[start : p + 1]))
+        if found is not None:
+            return found
     word_end: int | None = None
     for p in range(n - 1, floor - 1, -1):
         text = _decode(tokenizer, ids[start:p])  # and `following`: the text up to p + 1
-        piece = following[len(text) :] if following.startswith(text) else ""
-        inside = _sentence_end_inside(piece)
-        if inside and (p > start or text):
-            spelled = _spell(tokenizer, ids[:p], start, floor, piece[:inside], n)
-            if spelled is not None:
-                return spelled
+        found, spaced = _end_at(tokenizer, ids, p, start, floor, n, text, following)
+        if found is not None:
+            return found
         if p == start:
             break  # nothing of the generated text would be judged (or kept)
-        spaced = piece[:1].isspace() or (text[-1:].isspace() and text.strip() != "")
-        stripped = text.rstrip(" \t")
-        if stripped.endswith("\n") or (spaced and ends_sentence(stripped)):
-            return p, []
         if word_end is None and spaced:
             word_end = p
         following = text
     return (word_end, []) if word_end is not None else (n, [])
+
+
+def _end_at(
+    tokenizer: Any, ids: Sequence[int], p: int, start: int, floor: int, n: int, text: str, following: str
+) -> tuple[tuple[int, list[int]] | None, bool]:
+    """Whether :func:`cut_point` may cut at ``p`` (``text``: the text of ``ids[start:p]``, ``following``: of
+    ``ids[start:p + 1]``): the cut, or ``None``; and whether a word ends at ``p``."""
+    piece = following[len(text) :] if following.startswith(text) else ""
+    inside = _sentence_end_inside(piece)
+    if inside and (p > start or text):
+        spelled = _spell(tokenizer, ids[:p], start, floor, piece[:inside], n)
+        if spelled is not None:
+            return spelled, True
+    if p == start:
+        return None, False
+    spaced = piece[:1].isspace() or (text[-1:].isspace() and text.strip() != "")
+    stripped = text.rstrip(" \t")
+    if stripped.endswith("\n") or (spaced and ends_sentence(stripped)):
+        return (p, []), spaced
+    return None, spaced
 
 
 def sentence_end_token_ids(tokenizer: Any) -> frozenset[int]:
