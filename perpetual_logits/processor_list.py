@@ -9,7 +9,9 @@ Backstep generation changes that list in three ways, all here:
   after a rewind (:func:`take_over_truncation`, :func:`configured_truncation`); a processor that truncates
   itself must not meet ``generate()``'s own truncation (:func:`check_no_double_truncation`);
 * **lengths** -- processors judged by a row's length or tokens run per group of equal-length rows
-  (:func:`per_row_lengths`, :class:`RowLengths`).
+  (:func:`per_row_lengths`, :class:`RowLengths`);
+* **calls** -- the finished list is called every step as :class:`StepProcessors`, which checks once what
+  transformers' list checks on every call (the extra arguments a processor asks for).
 
 Why the lengths matter: inside a backstep batch the rows have different lengths (a rewound row is shorter than
 its neighbours). Processors receive the rows left-padded to the longest (``generate()``'s own layout), so a
@@ -22,6 +24,7 @@ length, on exactly those rows' tokens -- what it would see if that row ran alone
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,6 +43,7 @@ __all__ = [
     "TRUNCATION_WARPERS",
     "WARPERS",
     "RowLengths",
+    "StepProcessors",
     "check_no_double_truncation",
     "configured_truncation",
     "insert_before_warpers",
@@ -133,6 +137,48 @@ def per_row_lengths(processors: LogitsProcessorList, lengths: Callable[[], list[
         # exact types only: a subclass may keep per-row state that a sub-batch would renumber
         [RowLengths(p, lengths) if type(p) in LENGTH_DEPENDENT + READS_TOKENS else p for p in processors]
     )
+
+
+class StepProcessors(LogitsProcessorList):
+    """The processors of a backstep run, called once per step with the rows and their scores only.
+
+    transformers' ``LogitsProcessorList`` reads each processor's signature on every call (to pass the extra
+    arguments some processors ask for); that costs about as much as a cheap processor itself, every step. Here
+    the same check runs once, when the list is built: a processor that asks for more than ``input_ids`` and
+    ``scores`` fails then with transformers' message, as it would have at the first step (the loop passes
+    nothing else). Not to be changed once built.
+
+    Args:
+        processors: the processors, in order.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import MinLengthLogitsProcessor
+    >>> processors = StepProcessors([MinLengthLogitsProcessor(3, eos_token_id=0)])
+    >>> processors(torch.tensor([[5, 6]]), torch.zeros(1, 4)).tolist()
+    [[-inf, 0.0, 0.0, 0.0]]
+
+    ```
+    """
+
+    def __init__(self, processors: Iterable[LogitsProcessor]) -> None:
+        super().__init__(processors)
+        for processor in self:
+            names = list(inspect.signature(processor.__call__).parameters)
+            if len(names) > 2:
+                raise ValueError(
+                    f"Make sure that all the required parameters: {names} for {processor.__class__} are passed to "
+                    "the logits processor."
+                )
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if kwargs:
+            return super().__call__(input_ids, scores, **kwargs)
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
 
 
 # -- temperature ------------------------------------------------------------------------------------------

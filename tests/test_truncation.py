@@ -12,7 +12,9 @@ from transformers import (
     LogitNormalization,
     LogitsProcessor,
     LogitsProcessorList,
+    MinLengthLogitsProcessor,
     MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -20,7 +22,12 @@ from transformers import (
 )
 
 from perpetual_logits import Constant, LinearDecay, PostEOSResamplingLogitsProcessor, StepDecay, Truncation, Widening
-from perpetual_logits.processor_list import check_no_double_truncation, configured_truncation, take_over_truncation
+from perpetual_logits.processor_list import (
+    StepProcessors,
+    check_no_double_truncation,
+    configured_truncation,
+    take_over_truncation,
+)
 from perpetual_logits.truncation import RowTruncation, TruncationSchedule, truncate_rows, weight_table
 
 NEG = float("-inf")
@@ -469,3 +476,20 @@ def test_a_perpetual_model_refuses_double_truncation_with_a_widening_processor()
         model.generate(ids, do_sample=True, top_k=10, max_new_tokens=3, logits_processor=[wide])
     out = model.generate(ids, max_new_tokens=3, logits_processor=[wide], **wide.generate_kwargs())
     assert out.shape == (1, 6)
+
+
+def test_step_processors_check_once_and_apply_like_transformers_list() -> None:
+    """The backstep loop's list reads each processor's signature once, when built, and then scores exactly as
+    transformers' list does; a processor that needs more than (input_ids, scores) is refused at once."""
+    processors = [MinLengthLogitsProcessor(4, eos_token_id=0), RepetitionPenaltyLogitsProcessor(1.5)]
+    ids = torch.tensor([[1, 2, 2], [3, 1, 0]])
+    scores = torch.randn(2, 5)
+    expected = LogitsProcessorList(processors)(ids, scores.clone())
+    assert torch.equal(StepProcessors(processors)(ids, scores.clone()), expected)
+
+    class NeedsMore:
+        def __call__(self, input_ids, scores, cur_len):
+            return scores
+
+    with pytest.raises(ValueError, match=r"required parameters: \['input_ids', 'scores', 'cur_len'\]"):
+        StepProcessors([NeedsMore()])

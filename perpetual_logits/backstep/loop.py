@@ -34,7 +34,7 @@ from transformers.generation import EosTokenCriteria, MaxLengthCriteria
 
 from .. import _compat
 from ..distributions import eos_probability
-from ..processor_list import insert_before_warpers, per_row_lengths
+from ..processor_list import StepProcessors, insert_before_warpers, per_row_lengths
 from ..protocol import RowState
 from .buffer import LogitsRing
 from .cache import sliding_window
@@ -129,7 +129,7 @@ class BackstepLoop:
         text = self.policy.text
         if text is not None and text.landing is not None:
             processors = LogitsProcessorList([LandingBias(text, self.eos), *processors])
-        self.processors = processors
+        self.processors = StepProcessors(processors)
         # Length and EOS are handled per row here; every other criterion sees the rows left-padded.
         self.criteria = StoppingCriteriaList(
             [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
