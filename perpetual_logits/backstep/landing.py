@@ -22,7 +22,7 @@ from transformers import LogitsProcessor
 from .. import _validation
 from ..protocol import RowState, RowView
 from ..text.boundaries import _CLOSERS, _ENDERS, _sentence_end_inside, count_words, ends_sentence
-from ..text.text_stream import rust_backend
+from ..text.text_stream import TokenTexts, rust_backend
 
 __all__ = ["Landing", "LandingBias", "RowText"]
 
@@ -38,6 +38,10 @@ _NO_FACTS: _Facts = (0, False, False, False, None)
 #: keyed ``neighbour << 32 | token`` (a token alone: ``_ALONE | token``). Rows keep writing the same word pairs,
 #: so most tokens need no decode; this runs per row per token.
 _PAIR_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
+
+
+# What a piece of text says, per piece (most pairs of tokens add the same piece as others with that token).
+_FACTS_OF_PIECE: dict[str, _Facts] = {}
 
 
 def _piece_facts(piece: str) -> _Facts:
@@ -62,6 +66,19 @@ def _piece_facts(piece: str) -> _Facts:
         bool(_ANY_END.intersection(piece)) and _sentence_end_inside(piece) > 0,
         says,
     )
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids that ``decode(..., skip_special_tokens=True)`` skips: the tokenizer's special tokens and its added
+    tokens marked special."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or ()}
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if isinstance(added, dict):
+        ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    backend = rust_backend(tokenizer)
+    if backend is not None:
+        ids.update(int(i) for i, token in backend.get_added_tokens_decoder().items() if token.special)
+    return frozenset(ids)
 
 
 #: While its incremental count is short of ``min_words``, a row's words are counted on its whole decoded text
@@ -153,6 +170,11 @@ class RowText(RowState):
         if tokenizer is not None:
             with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
                 self._facts = _PAIR_FACTS.setdefault(tokenizer, {})
+        # The text a token adds after its neighbour, decoded once for every reader of the tokenizer (the phrase
+        # rules' text streams read the same pairs); this text skips special tokens, theirs keeps them, so pairs
+        # with a special token are decoded here.
+        self._texts = TokenTexts.of(tokenizer) if tokenizer is not None else None
+        self._special = _special_ids(tokenizer) if tokenizer is not None else frozenset()
 
     # -- protocol ------------------------------------------------------------------------------------------
     def start(self, batch_size: int, prompt_length: int) -> None:
@@ -249,10 +271,20 @@ class RowText(RowState):
             piece = self._decode([token])
         else:
             neighbour = int(key >> 32)
-            before = (self._facts.get(_ALONE | neighbour) or self._learn(_ALONE | neighbour))[0]
-            after = self._decode([neighbour, token])
-            piece = after[len(before) :] if after.startswith(before) else after[-1:]
-        known = (piece, _piece_facts(piece) if piece else _NO_FACTS)
+            shared = self._texts is not None and neighbour not in self._special and token not in self._special
+            found = self._texts.after_pair(neighbour, token) if shared and self._texts is not None else None
+            if found is not None:
+                piece = found
+            else:
+                before = (self._facts.get(_ALONE | neighbour) or self._learn(_ALONE | neighbour))[0]
+                after = self._decode([neighbour, token])
+                piece = after[len(before) :] if after.startswith(before) else after[-1:]
+        facts = _FACTS_OF_PIECE.get(piece)
+        if facts is None:
+            facts = _piece_facts(piece) if piece else _NO_FACTS
+            if len(_FACTS_OF_PIECE) < _MAX_PIECES:
+                _FACTS_OF_PIECE[piece] = facts
+        known = (piece, facts)
         if len(self._facts) < _MAX_PIECES:
             self._facts[key] = known
         return known

@@ -36,27 +36,14 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-__all__ = ["TextStream", "rust_backend"]
+__all__ = ["TextStream", "TokenTexts", "rust_backend"]
 
 _REPLACEMENT = "\ufffd"  # what decoders show for an incomplete UTF-8 sequence
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _WINDOW = 8  # tokens decoded per step (after the anchor): enough for any piece to see its neighbours
 
 
-# Per tokenizer, shared by every row's stream (a token's text never changes, and rows keep writing the same
-# words): each token's text alone, and the text a token adds after a given left neighbour (keyed
-# ``neighbour << 32 | token``; at most _PAIRS of them, the first seen, so memory stays bounded).
-_LEADS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
-_AFTER: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
-_PAIRS = 1 << 15
-
-
-def _shared(caches: weakref.WeakKeyDictionary[Any, dict[int, str]], tokenizer: Any) -> dict[int, str]:
-    """The cache of ``tokenizer`` in ``caches`` (a private one when it cannot be weakly referenced)."""
-    try:
-        return caches.setdefault(tokenizer, {})
-    except TypeError:
-        return {}
+_PAIRS = 1 << 15  # token pairs whose text is kept per tokenizer (the first seen), so memory stays bounded
 
 
 def rust_backend(tokenizer: Any) -> Tokenizer | None:
@@ -68,6 +55,98 @@ def rust_backend(tokenizer: Any) -> Tokenizer | None:
     if isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return backend
     return None
+
+
+class TokenTexts:
+    """What a tokenizer's tokens read as, shared by every row and every reader of that tokenizer (a token's text
+    never changes, and rows keep writing the same words): each token's text alone, and the text a token adds
+    after a given left neighbour, special tokens' text included (``tokenizer.decode(ids,
+    skip_special_tokens=False)``).
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase` or `tokenizers.Tokenizer`): decodes the tokens.
+
+    Example:
+
+    ```python
+    >>> from tokenizers import Tokenizer, decoders, models
+    >>> tok = Tokenizer(models.BPE({"<unk>": 0, "Once": 1, "Ġupon": 2}, [], unk_token="<unk>"))
+    >>> tok.decoder = decoders.ByteLevel()
+    >>> texts = TokenTexts.of(tok)
+    >>> texts.lead(2), texts.after_pair(1, 2), TokenTexts.of(tok) is texts
+    (' upon', ' upon', True)
+
+    ```
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.backend = rust_backend(tokenizer)
+        self.leads: dict[int, str] = {}  # token id -> its text alone
+        self.after: dict[int, str] = {}  # neighbour << 32 | token id -> the text the token adds after it
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> TokenTexts:
+        """The texts of ``tokenizer``, kept as long as it lives (a tokenizer that cannot be weakly referenced
+        gets its own each time)."""
+        try:
+            texts = _TEXTS.get(tokenizer)
+            if texts is None:
+                texts = _TEXTS[tokenizer] = cls(tokenizer)
+        except TypeError:
+            return cls(tokenizer)
+        return texts
+
+    def decode(self, ids: list[int]) -> str:
+        if self.backend is not None:
+            return str(self.backend.decode(ids, skip_special_tokens=False))
+        return str(self.tokenizer.decode(ids, skip_special_tokens=False))
+
+    def lead(self, token_id: int) -> str:
+        """The token's text alone; empty for a byte-fallback piece ("<0x74>"), which is decoded together with
+        the byte pieces next to it (an invalid run becomes one U+FFFD per byte, even for ASCII bytes)."""
+        lead = self.leads.get(token_id)
+        if lead is None:
+            lead = "" if _BYTE_PIECE.fullmatch(self._piece(token_id)) else self.decode([token_id])
+            self.leads[token_id] = lead
+        return lead
+
+    def relative(self, anchor: int | None, ids: list[int]) -> str | None:
+        """Text of ``ids`` as it reads after ``anchor``, or ``None`` when the anchor cannot tell (its own text
+        does not begin the whole: it ends inside a character, or inside a run of byte-fallback bytes decoded
+        together)."""
+        if anchor is None:
+            return self.decode(ids)
+        lead = self.lead(anchor)
+        whole = self.decode([anchor, *ids])
+        # An anchor with no text alone (a SentencePiece "▁" or byte whose space is stripped at the start) says
+        # nothing about where its text ends; one ending in U+FFFD ends inside a character.
+        if not lead or lead.endswith(_REPLACEMENT) or not whole.startswith(lead):
+            return None
+        return whole[len(lead) :]
+
+    def after_pair(self, neighbour: int, token_id: int) -> str | None:
+        """The text ``token_id`` adds after ``neighbour`` (see :meth:`relative`), kept per pair."""
+        pair = neighbour << 32 | token_id
+        text = self.after.get(pair)
+        if text is None:
+            text = self.relative(neighbour, [token_id])
+            if text is not None and len(self.after) < _PAIRS:
+                self.after[pair] = text
+        return text
+
+    def forget(self) -> None:
+        """Drop the texts kept for pairs of tokens (they are learned again as text comes; for measurements)."""
+        self.after.clear()
+
+    def _piece(self, token_id: int) -> str:
+        if self.backend is not None:
+            return str(self.backend.id_to_token(token_id) or "")
+        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        return str(convert(token_id) or "") if callable(convert) else ""
+
+
+_TEXTS: weakref.WeakKeyDictionary[Any, TokenTexts] = weakref.WeakKeyDictionary()
 
 
 class TextStream:
@@ -125,8 +204,10 @@ class TextStream:
         self.head_end = 0
         # Where the last push or cut changed text that was there before (a rewrite), or None.
         self.changed_from: int | None = None
-        self._lead = _shared(_LEADS, tokenizer)  # token id -> its text alone
-        self._after = _shared(_AFTER, tokenizer)  # neighbour << 32 | token id -> the text the token adds
+        texts = TokenTexts.of(tokenizer)
+        self._texts = texts
+        self._lead = texts.leads  # token id -> its text alone
+        self._after = texts.after  # neighbour << 32 | token id -> the text the token adds
 
     # -- state --------------------------------------------------------------------------------------------
     @property
@@ -196,16 +277,11 @@ class TextStream:
     def push(self, token_id: int) -> None:
         """Append the row's next token."""
         tokens = self.tokens
-        if self.pending == 0 and tokens and (self._lead.get(token_id) or self._lead_of(token_id)):
+        if self.pending == 0 and tokens and (self._lead.get(token_id) or self._texts.lead(token_id)):
             # The usual token: the text so far is whole and neither this token nor the one before it is a
             # byte-fallback piece (the only pieces whose text depends on more than their left neighbour), so
             # the text grows by what this token adds after the previous one (one short decode).
-            pair = tokens[-1] << 32 | token_id
-            text = self._after.get(pair)
-            if text is None:
-                text = self._relative(tokens[-1], [token_id])
-                if text is not None and len(self._after) < _PAIRS:
-                    self._after[pair] = text
+            text = self._after.get(tokens[-1] << 32 | token_id) or self._texts.after_pair(tokens[-1], token_id)
             if text is not None and not text.endswith(_REPLACEMENT):
                 self._append(token_id, text)
                 return
@@ -214,7 +290,7 @@ class TextStream:
         first = max(0, len(self.tokens) - max(_WINDOW, self.pending + 2))
         start = self.ends[first - 1] if first > 0 else self.char_base
         anchor = self.tokens[first - 1] if first > 0 else self.anchor
-        text = self._relative(anchor, self.tokens[first:])
+        text = self._texts.relative(anchor, self.tokens[first:])
         if self.pending == 0 and text is not None and not text.endswith(_REPLACEMENT):
             old = len(self.text) - (start - self.char_base)
             if text.startswith(self.text[start - self.char_base :]):  # the usual case: new text appended
@@ -249,40 +325,6 @@ class TextStream:
         return True
 
     # -- internals ---------------------------------------------------------------------------------------
-    def _decode(self, ids: list[int]) -> str:
-        if self.backend is not None:
-            return str(self.backend.decode(ids, skip_special_tokens=False))
-        return str(self.tokenizer.decode(ids, skip_special_tokens=False))
-
-    def _relative(self, anchor: int | None, ids: list[int]) -> str | None:
-        """Text of ``ids`` as it reads after ``anchor``, or ``None`` when the anchor cannot tell (its own text
-        does not begin the whole: it ends inside a character, or inside a run of byte-fallback bytes decoded
-        together)."""
-        if anchor is None:
-            return self._decode(ids)
-        lead = self._lead_of(anchor)
-        whole = self._decode([anchor, *ids])
-        # An anchor with no text alone (a SentencePiece "▁" or byte whose space is stripped at the start) says
-        # nothing about where its text ends; one ending in U+FFFD ends inside a character.
-        if not lead or lead.endswith(_REPLACEMENT) or not whole.startswith(lead):
-            return None
-        return whole[len(lead) :]
-
-    def _lead_of(self, token_id: int) -> str:
-        """The token's text alone; empty for a byte-fallback piece ("<0x74>"), which is decoded together with
-        the byte pieces next to it (an invalid run becomes one U+FFFD per byte, even for ASCII bytes)."""
-        lead = self._lead.get(token_id)
-        if lead is None:
-            lead = "" if _BYTE_PIECE.fullmatch(self._piece(token_id)) else self._decode([token_id])
-            self._lead[token_id] = lead
-        return lead
-
-    def _piece(self, token_id: int) -> str:
-        if self.backend is not None:
-            return str(self.backend.id_to_token(token_id) or "")
-        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
-        return str(convert(token_id) or "") if callable(convert) else ""
-
     def _redecode(self, first: int) -> None:
         """Work out tokens[first:]'s text and ends from prefix decodes, as a decode of the whole row sees them:
         a token whose prefix text is a prefix of the window's text ends there; one that is not (bytes of a
@@ -290,18 +332,18 @@ class TextStream:
         unfinished character, whose tokens are pending."""
         # An anchor whose text the window changes (bytes of one character, or one run of byte-fallback bytes
         # decoded together) cannot anchor: move the window's start back.
-        while first > 0 and self._relative(self.tokens[first - 1], self.tokens[first:]) is None:
+        while first > 0 and self._texts.relative(self.tokens[first - 1], self.tokens[first:]) is None:
             first -= 1
         anchor = self.tokens[first - 1] if first > 0 else self.anchor
         window = self.tokens[first:]
         start = self.ends[first - 1] if first > 0 else self.char_base
-        whole = self._relative(anchor, window)
+        whole = self._texts.relative(anchor, window)
         if whole is None:  # the stream's own anchor ends inside a character: read the window without it
-            anchor, whole = None, self._decode(window)
+            anchor, whole = None, self._texts.decode(window)
         body = whole.rstrip(_REPLACEMENT)
         ends: list[int | None] = []
         for j in range(1, len(window) + 1):
-            prefix = self._relative(anchor, window[:j]) if anchor is not None else self._decode(window[:j])
+            prefix = self._texts.relative(anchor, window[:j]) if anchor is not None else self._texts.decode(window[:j])
             own = prefix is not None and len(prefix) <= len(body) and body.startswith(prefix)
             ends.append(start + len(prefix) if own and prefix is not None else None)
         own_flags = [end is not None for end in ends]

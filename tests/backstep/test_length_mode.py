@@ -20,6 +20,7 @@ from perpetual_logits import BackstepConfig, Landing, make_perpetual
 from perpetual_logits.backstep.landing import RowText
 from perpetual_logits.protocol import RowView
 from perpetual_logits.text.boundaries import count_words, cut_point, ends_sentence
+from perpetual_logits.text.text_stream import TokenTexts
 
 EOS = 2
 
@@ -290,3 +291,22 @@ def test_the_cut_from_the_tracked_sentence_ends_equals_the_search_back(data, sto
     floor = data.draw(st.integers(len(prompt), len(ids)), label="floor")
     searched = cut_point(story_tokenizer, ids, floor, len(prompt))
     assert cut_point(story_tokenizer, ids, floor, len(prompt), ends=text.boundaries[0]) == searched
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_rowtext_reads_a_pair_as_its_own_decode_would(data, story_tokenizer) -> None:
+    """RowText takes a pair's text from the tokenizer's shared pair texts (decoded once for the phrase rules'
+    streams too) unless a special token is involved: the piece is what decoding the pair with special tokens
+    skipped adds after the neighbour -- for any pair, byte-fallback pieces and special tokens included."""
+    token = st.integers(0, len(story_tokenizer) - 1)
+    neighbour, last = data.draw(token, label="neighbour"), data.draw(token, label="token")
+    text = RowText(story_tokenizer, 0, 0, Landing())
+    piece = text._learn(neighbour << 32 | last)[0]
+    before = story_tokenizer.decode([neighbour], skip_special_tokens=True)
+    after = story_tokenizer.decode([neighbour, last], skip_special_tokens=True)
+    assert piece == (after[len(before) :] if after.startswith(before) else after[-1:])
+    special = set(story_tokenizer.all_special_ids)
+    texts = TokenTexts.of(story_tokenizer)
+    if neighbour not in special and last not in special and texts.relative(neighbour, [last]) is not None:
+        assert (neighbour << 32 | last) in texts.after  # shared, not decoded twice
