@@ -20,6 +20,12 @@ never completes what they look for.
   loops and endings, "The end." say, never fire); ``--screen`` tries at most that many seeds per timed repeat.
 * The banned phrases are drawn from the tokenizer's words, then every phrase that occurs in the text of the
   screened runs (case folded, any spacing) is dropped and another drawn, so none can match those runs.
+* **Text the policy has not seen.** The policy keeps answers for text it has read (the phrase matchers' per
+  text piece, the tokenizer's text per token pair), and a seed's text is read in the screening and in earlier
+  repeats. So before each timed run every kept answer is forgotten and learned again from the other seeds'
+  texts (replayed through the policy, untimed): the timed run reads new text, with answers kept from about
+  12,000 tokens of other text, as in a process that served a few requests before. (Before this, the timed runs
+  re-read seen text, which made ``chat`` look about 1 us per row per token cheaper.)
 * Checked, not assumed: no rule changes a token until it rewinds (the schedule starts at the first rewind), so
   with one seed every arm must write the very same tokens. ``same_tokens`` reports whether they did in every
   timed run, and ``rewinds`` the rewinds the timed runs made (both must read true / 0 for a valid result).
@@ -33,8 +39,8 @@ fills as any earlier request would in a serving process). ``--allow-rewinds`` sk
 suppression (the earlier measurement, where rewinds happen and their forwards are part of the cost).
 
 ``policy alone``: the same tokens replayed through the policy without the model (``after_token`` and ``settle``
-per row per token, the fastest of the repeats, each reading the text as new: the phrase matchers' answers kept
-for text already seen are forgotten first): the rules' own cost, steadier than the end-to-end ratio.
+per row per token, the fastest of the repeats, each reading the text as new, as the timed runs do): the rules'
+own cost, steadier than the end-to-end ratio.
 
 Where the time went (cProfile, line profiles and timers around the policy inside real runs, batch 32, chat
 preset, no rewind): the rules' per-row Python is about all of the difference to ``method4`` -- the phrase stream
@@ -66,11 +72,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
 from perpetual_logits import BackstepConfig, make_perpetual
+from perpetual_logits.backstep import landing
 from perpetual_logits.backstep import policy as policy_module
 from perpetual_logits.backstep.policy import RewindPolicy
 from perpetual_logits.backstep.rules import PhraseRule
 from perpetual_logits.protocol import RowView
 from perpetual_logits.text.phrase_stream import PhraseIndex
+from perpetual_logits.text.text_stream import TokenTexts
 
 FIRST_SEED = 1000
 
@@ -199,34 +207,67 @@ def screen_seeds(run: Runner, repeats: int, tries: int) -> tuple[list[int], list
     return [seeds[r % len(seeds)] for r in range(repeats)], texts, tried
 
 
+def forget_seen_text(config: BackstepConfig, tokenizer: Any, vocab: int) -> None:
+    """Drop every answer kept for text already seen: the phrase matchers' (see
+    :class:`~perpetual_logits.text.phrase_stream.PhraseIndex`) and the tokenizer's texts of token pairs (the
+    text stream's and the landing's). The texts of single tokens stay: they are facts about the vocabulary."""
+    for rule in RewindPolicy(config, [2], vocab, tokenizer).rules:
+        if isinstance(rule, PhraseRule):
+            PhraseIndex.of(rule.matcher).forget()
+    TokenTexts.of(tokenizer).forget()
+    landing._PAIR_FACTS.get(tokenizer, {}).clear()
+
+
+def replay(
+    config: BackstepConfig, rows: list[list[int]], prompt: int, tokenizer: Any, vocab: int, strict: bool = True
+) -> float:
+    """CPU seconds to replay the new tokens of ``rows`` through a fresh policy, as the HF loop calls it
+    (:meth:`RewindPolicy.after_token` per row, then :meth:`RewindPolicy.settle` per row, per token). ``strict``:
+    a rewind is an error (the tokens were screened to rewind nothing); else it is ignored (only learning)."""
+    batch, length = len(rows), len(rows[0])
+    policy = RewindPolicy(config, [2], vocab, tokenizer)
+    ids = [row[:prompt] for row in rows]
+    start = time.process_time()
+    policy.start(batch, prompt)
+    for k in range(prompt, length):
+        for b in range(batch):
+            ids[b].append(rows[b][k])
+            decision = policy.after_token(RowView(b, ids[b], prompt, 0, final=k == length - 1))
+            if strict and decision not in ("keep", "finish"):
+                raise RuntimeError("a rewind while replaying tokens that did not rewind")
+        for b in range(batch):
+            policy.settle(b, k + 1, False)
+    return time.process_time() - start
+
+
 def policy_alone(
-    config: BackstepConfig, sequences: torch.Tensor, prompt: int, tokenizer: Any, vocab: int, repeats: int
+    config: BackstepConfig,
+    sequences: torch.Tensor,
+    others: list[list[list[int]]],
+    prompt: int,
+    tokenizer: Any,
+    vocab: int,
+    repeats: int,
 ) -> float:
     """Microseconds per row per token of the policy alone (no model), replaying ``sequences``' new tokens through
-    :meth:`RewindPolicy.after_token` and :meth:`RewindPolicy.settle` as the HF loop calls them; the fastest of
-    ``repeats``. Each repeat reads the text as new: the answers the phrase matchers keep for text they have seen
-    (see :class:`~perpetual_logits.text.phrase_stream.PhraseIndex`) are forgotten first, so a replay is not
-    answered from its own earlier repeats."""
+    the policy (:func:`replay`); the fastest of ``repeats``. Each repeat reads the text as new, as the timed runs
+    do (:func:`read_as_new`: answers kept only from ``others``)."""
     rows = sequences.tolist()
-    batch, length = len(rows), len(rows[0])
     best = float("inf")
     for _ in range(max(1, repeats)):
-        policy = RewindPolicy(config, [2], vocab, tokenizer)
-        ids = [row[:prompt] for row in rows]
-        for rule in policy.rules:
-            if isinstance(rule, PhraseRule):
-                PhraseIndex.of(rule.matcher).forget()
-        start = time.process_time()
-        policy.start(batch, prompt)
-        for k in range(prompt, length):
-            for b in range(batch):
-                ids[b].append(rows[b][k])
-                if policy.after_token(RowView(b, ids[b], prompt, 0, final=k == length - 1)) not in ("keep", "finish"):
-                    raise RuntimeError("a rewind while replaying tokens that did not rewind")
-            for b in range(batch):
-                policy.settle(b, k + 1, False)
-        best = min(best, time.process_time() - start)
-    return 1e6 * best / (batch * (length - prompt))
+        read_as_new(config, others, prompt, tokenizer, vocab)
+        best = min(best, replay(config, rows, prompt, tokenizer, vocab))
+    return 1e6 * best / (len(rows) * (len(rows[0]) - prompt))
+
+
+def read_as_new(config: BackstepConfig, others: list[list[list[int]]], prompt: int, tokenizer: Any, vocab: int) -> None:
+    """Before a timed run: forget every answer kept for text already seen (:func:`forget_seen_text`), then learn
+    them again from ``others`` -- the texts of the other seeds' runs, replayed untimed -- so that the timed run
+    reads text the policy has not seen, with answers kept from other text, as in a process that served other
+    requests before."""
+    forget_seen_text(config, tokenizer, vocab)
+    for rows in others:
+        replay(config, rows, prompt, tokenizer, vocab, strict=False)
 
 
 def measure(
@@ -244,18 +285,25 @@ def measure(
     built = {name: build_seconds(config, tokenizer, vocab) for name, config in arms.items()}
     for config in arms.values():
         run(config, 0)  # warm-up, untimed (and the phrase matchers are built: generate() calls reuse them)
+    prompt_length = int(run.prompt["input_ids"].shape[1])
+    # Each seed's text (untimed, the reference arm): what the timed runs of the other seeds learn from first.
+    texts_of = {seed: run(arms["dynamic"], seed)[1].sequences.tolist() for seed in dict.fromkeys(seeds)}
+
+    def others_of(seed: int) -> list[list[list[int]]]:
+        return [rows for other, rows in texts_of.items() if other != seed]
+
     per_step: dict[str, list[float]] = {name: [] for name in arms}
     per_forward: dict[str, list[float]] = {name: [] for name in arms}
     rewinds = dict.fromkeys(arms, 0)
     same = dict.fromkeys(arms, True)
     reference: dict[int, torch.Tensor] = {}
     names = list(arms)
-    prompt_length = int(run.prompt["input_ids"].shape[1])
     config = model.generation_config
     padding = frozenset(int(t) for t in (config.pad_token_id, config.eos_token_id, 0) if t is not None)
     for r in range(repeats):
         k = r % len(names)
         for name in [*names[k:], *names[:k]]:
+            read_as_new(arms[name], others_of(seeds[r]), prompt_length, tokenizer, vocab)
             seconds, out = run(arms[name], seeds[r])
             per_step[name].append(seconds / tokens)
             per_forward[name].append(seconds / max(1, out.backstep_stats.decode_forwards))
@@ -266,7 +314,9 @@ def measure(
     prompt = int(run.prompt["input_ids"].shape[1])
     # The reference tokens rewound nobody only when the runs are rewind-free (checked by same_tokens).
     alone = {
-        name: None if allow_rewinds else policy_alone(config, reference[0], prompt, tokenizer, vocab, repeats)
+        name: None
+        if allow_rewinds
+        else policy_alone(config, reference[0], others_of(seeds[0]), prompt, tokenizer, vocab, repeats)
         for name, config in arms.items()
     }
     result: dict[str, Any] = {}
