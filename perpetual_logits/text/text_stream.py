@@ -28,6 +28,7 @@ where the row's text must follow what ``tokenizer.decode`` says.
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 from bisect import bisect_right
@@ -84,6 +85,12 @@ class TokenTexts:
         self.backend = rust_backend(tokenizer)
         self.leads: dict[int, str] = {}  # token id -> its text alone
         self.after: dict[int, str] = {}  # neighbour << 32 | token id -> the text the token adds after it
+        # When the decoder reads each token on its own (see _reads_tokens_alone), a plain token adds the same
+        # text after every plain neighbour: learned from its first pair, then no pair of it is decoded again.
+        self.local = _reads_tokens_alone(self.backend)
+        added = self.backend.get_added_tokens_decoder() if self.backend is not None and self.local else {}
+        self.added = frozenset(int(i) for i in added)
+        self.follows: dict[int, str] = {}  # token id -> the text it adds after any plain neighbour
 
     @classmethod
     def of(cls, tokenizer: Any) -> TokenTexts:
@@ -126,18 +133,50 @@ class TokenTexts:
         return whole[len(lead) :]
 
     def after_pair(self, neighbour: int, token_id: int) -> str | None:
-        """The text ``token_id`` adds after ``neighbour`` (see :meth:`relative`), kept per pair."""
+        """The text ``token_id`` adds after ``neighbour`` (see :meth:`relative`), kept per pair -- or, with a
+        decoder that reads each token on its own, per token."""
         pair = neighbour << 32 | token_id
         text = self.after.get(pair)
-        if text is None:
-            text = self.relative(neighbour, [token_id])
-            if text is not None and len(self.after) < _PAIRS:
+        if text is not None:
+            return text
+        plain = self.local and self._plain(neighbour) and self._plain(token_id)
+        if plain:
+            text = self.follows.get(token_id)
+            if text is not None:
+                return text
+        text = self.relative(neighbour, [token_id])
+        if text is not None:
+            if plain:
+                self.follows[token_id] = text
+            elif len(self.after) < _PAIRS:
                 self.after[pair] = text
         return text
+
+    def known(self, neighbour: int, token_id: int) -> str | None:
+        """:meth:`after_pair` when it needs no decode (the pair, or the token after any plain neighbour, seen
+        before), else ``None``."""
+        text = self.after.get(neighbour << 32 | token_id)
+        if text is None and self.local:
+            text = self.follows.get(token_id)
+            if text is not None and not (self._known_plain(neighbour) and self._known_plain(token_id)):
+                return None
+        return text
+
+    def _known_plain(self, token_id: int) -> bool:
+        lead = self.leads.get(token_id)
+        return lead is not None and lead != "" and token_id not in self.added and _REPLACEMENT not in lead
+
+    def _plain(self, token_id: int) -> bool:
+        """Neither added (special) nor a byte-fallback piece, and its text alone is whole characters."""
+        lead = self.leads.get(token_id)
+        if lead is None:
+            lead = self.lead(token_id)
+        return bool(lead) and token_id not in self.added and _REPLACEMENT not in lead
 
     def forget(self) -> None:
         """Drop the texts kept for pairs of tokens (they are learned again as text comes; for measurements)."""
         self.after.clear()
+        self.follows.clear()
 
     def _piece(self, token_id: int) -> str:
         if self.backend is not None:
@@ -147,6 +186,38 @@ class TokenTexts:
 
 
 _TEXTS: weakref.WeakKeyDictionary[Any, TokenTexts] = weakref.WeakKeyDictionary()
+
+# Decoder steps after which a token that is not the first reads the same whatever came before it (given that
+# neither it nor its neighbour is a byte-fallback piece, an added token, or bytes of an unfinished character):
+# ByteLevel maps each token's bytes, Metaspace and ByteFallback work per token, Fuse joins, Strip at the start
+# touches the first token only, Replace of one character cannot span two tokens.
+_PER_TOKEN_STEPS = frozenset({"ByteLevel", "Metaspace", "ByteFallback", "Fuse"})
+
+
+def _reads_tokens_alone(backend: Tokenizer | None) -> bool:
+    """Whether ``backend``'s decoder reads each token on its own (see _PER_TOKEN_STEPS); ``False`` for any
+    decoder not known to, and when the decode is not the backend's (transformers' clean-up of spaces)."""
+    if backend is None:
+        return False
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder")
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+    def alone(step: Any) -> bool:
+        if not isinstance(step, dict):
+            return False
+        kind = step.get("type")
+        if kind == "Sequence":
+            return all(alone(inner) for inner in step.get("decoders") or [])
+        if kind == "Replace":
+            pattern = step.get("pattern") or {}
+            return isinstance(pattern.get("String"), str) and len(pattern["String"]) == 1
+        if kind == "Strip":
+            return step.get("stop") == 0
+        return kind in _PER_TOKEN_STEPS
+
+    return decoder is not None and alone(decoder)
 
 
 class TextStream:
@@ -259,7 +330,7 @@ class TextStream:
         tokens = self.tokens
         if self.pending or not tokens or not self._lead.get(token_id):
             return None
-        text = self._after.get(tokens[-1] << 32 | token_id)
+        text = self._after.get(tokens[-1] << 32 | token_id) or self._texts.known(tokens[-1], token_id)
         if text is None or text.endswith(_REPLACEMENT):
             return None
         self._append(token_id, text)
