@@ -340,11 +340,20 @@ class PhraseIndex:
         self.prefilter_gate = _gate(prefilters) if self.prefilters is not None else None
         self.candidates: dict[str, tuple[int, ...]] = {}  # piece -> the regexes that may begin inside it
         self.string_holds: dict[str, int] = {}
+        # The quiet step -- nothing held before it, nothing held after it, no regex may begin in the new text --
+        # keyed by the character before the new text (see before_key) and the new text: the key of the new end.
+        self.quiet: dict[tuple[int, str], int] = {}
         # Keys stand for all the texts with the same answer: the character before the text by its class when only
         # `(?<!\w)` reads it, and ASCII text case folded when matching ignores case.
         kept = [p.pattern for p in self.prefilters] if self.prefilters is not None else []
         self.regex_head_by_class = all(source.count("(?<!") == source.count("(?<!\\w)") for source in kept)
         self.regex_fold = bool(kept) and all(p.flags & regex.IGNORECASE for p in self.prefilters or [])
+        self.before_by_class = self.regex_head_by_class or not self.regexes
+
+    def before_key(self, char: str) -> int:
+        """The character before new text as :meth:`string_key` and :meth:`piece_key` read it: whether it is a word
+        character, or the character itself when a regex's lookbehind reads more of it."""
+        return int(_word_char(char)) if self.before_by_class else ord(char) + 2
 
     def string_key(self, text: str) -> str:
         """The key of the string phrases' answer for ``text``: the character before the held text (only whether it
@@ -370,6 +379,7 @@ class PhraseIndex:
         """Drop the answers kept for text seen so far (they are rebuilt as text comes; for measurements)."""
         self.string_holds.clear()
         self.candidates.clear()
+        self.quiet.clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PhraseIndex:
         return self  # immutable once built: every copy of a rule shares it
@@ -421,8 +431,12 @@ class PhraseStream:
         self.synced = False
         # Hold-back: where text that may still become a phrase begins (absolute character positions; the
         # text's end when there is none), for the string phrases and for each regular expression.
-        self.string_from = 0
-        self.regex_from: list[int] = [0] * len(self.index.regexes)
+        self._string_from = 0
+        self._regex_from: list[int] = [0] * len(self.index.regexes)
+        # Quiet: nothing is held at the text's end; the key of its last character (PhraseIndex.before_key), or -1.
+        # While quiet, the hold positions above may lag behind the end (a quiet step does not move them: they are
+        # brought up to where the quiet steps began when a step is not quiet).
+        self.quiet_before = -1
 
     # -- public ------------------------------------------------------------------------------------------
     def rewind(self, length: int) -> None:
@@ -459,6 +473,7 @@ class PhraseStream:
             if plain is not None:
                 return plain
         old_end = stream.char_base + len(stream.text)
+        self._leave_quiet(old_end)
         stream.push(int(ids[n - 1]))
         if stream.changed_from is not None:  # the new token rewrote earlier text: look at the tail again
             old_end = min(old_end, stream.changed_from)
@@ -476,7 +491,15 @@ class PhraseStream:
         begin in the new text (usually none) found nothing -- and by the general analysis otherwise."""
         stream = self.text
         old_end = stream.char_base + len(stream.text)
-        if stream.push_plain(token) is None:
+        before = self.quiet_before
+        piece = stream.push_plain(token)
+        if before >= 0:
+            after = self.index.quiet.get((before, piece)) if piece is not None else None
+            if after is not None:  # the quiet step: nothing held before and after, nothing may begin
+                self.quiet_before = after
+                return _NOTHING
+            self._leave_quiet(old_end)
+        if piece is None:
             return None
         text, base = stream.text, stream.char_base
         end = base + len(text)
@@ -491,7 +514,7 @@ class PhraseStream:
             if moved is None:
                 return self._analyse(n, prompt_length, old_end, False)
             if moved >= 0:
-                string_from = self.string_from + moved
+                string_from = self._string_from + moved
         # The regular expressions: none holding text, and those that may begin in the new text find nothing.
         if index.regexes:
             candidates = (
@@ -499,16 +522,21 @@ class PhraseStream:
                 if index.prefilters is not None
                 else None
             )
-            if candidates is None or min(self.regex_from) < old_end:
+            if candidates is None or min(self._regex_from) < old_end:
                 return self._analyse(n, prompt_length, old_end, False)
             body = end - base
             for r in candidates:  # one search from the old end
                 m = index.regexes[r][1].search(text, old_end - base, body, partial=True)
                 if m is not None and not m.start() == m.end() == body:
                     return self._analyse(n, prompt_length, old_end, False)
-            self.regex_from = [end] * len(index.regexes)
-        self.string_from = string_from
+            if candidates:
+                before = -1  # the searches read more than the new text: not a quiet step for the memo
+            self._regex_from = [end] * len(index.regexes)
+        self._string_from = string_from
         if string_from >= end:
+            self.quiet_before = index.before_key(text[-1])
+            if before >= 0 and len(index.quiet) < _MEMO_ENTRIES:
+                index.quiet[(before, piece)] = self.quiet_before
             return _NOTHING
         return PhraseScan(None, min(n - stream.cut(string_from), n - prompt_length))
 
@@ -516,7 +544,7 @@ class PhraseStream:
         """The key of the string phrases' answer for the text from where the hold began (one character before it
         included) to the end, or ``None`` when that text does not lie whole in the stream or is longer than a
         match can be (then the general analysis runs)."""
-        stream, held = self.text, self.string_from
+        stream, held = self.text, self._string_from
         base = stream.char_base
         if held <= base or held < stream.head_end or base + len(stream.text) - held > self.index.need_chars:
             return None
@@ -531,8 +559,26 @@ class PhraseStream:
 
     def _rescan_from(self, position: int) -> None:
         start = max(position, self.text.head_end)
-        self.string_from = start
-        self.regex_from = [start] * len(self.index.regexes)
+        self._string_from = start
+        self._regex_from = [start] * len(self.index.regexes)
+        self.quiet_before = -1
+
+    def _leave_quiet(self, end: int) -> None:
+        """After quiet steps up to the text's end ``end`` (before any new text): nothing is held there."""
+        if self.quiet_before >= 0:
+            self._string_from = end
+            self._regex_from = [end] * len(self.index.regexes)
+            self.quiet_before = -1
+
+    @property
+    def string_from(self) -> int:
+        """Where trailing text that may still become a string phrase begins (the text's end: none)."""
+        return self.text.end if self.quiet_before >= 0 else self._string_from
+
+    @property
+    def regex_from(self) -> list[int]:
+        """Per regular expression, where trailing text that may still become its match begins."""
+        return [self.text.end] * len(self._regex_from) if self.quiet_before >= 0 else list(self._regex_from)
 
     def _analyse(self, n: int, prompt_length: int, old_end: int, final: bool) -> PhraseScan:
         index = self.index
@@ -552,14 +598,14 @@ class PhraseStream:
             and stream.changed_from is None
             and stream.head_end <= old_end
         )
-        held = self.string_from
+        held = self._string_from
         key = self._held_key() if usual and index.starts is not None else None
 
         # 1. String phrases completed by the new text: the automaton over the tail that a new match can span.
         # 3. Strings: where the trailing text that may still become a phrase begins.
         known = index.string_holds.get(key) if key is not None else None
         if known is not None:  # no phrase completed; the hold moved by `known` characters (-1: none held)
-            self.string_from = end if known < 0 else held + known
+            self._string_from = end if known < 0 else held + known
         else:
             hits: list[Any] = []
             if index.automaton is not None and end > old_end:
@@ -567,9 +613,9 @@ class PhraseStream:
                 hits = list(index.automaton.iter(_normalize(text[lo - base :], index.fold)))
                 if hits:  # rare: most tokens complete no phrase
                     best = self._string_match(hits, lo, prompt_length, old_end, final)
-            self.string_from = self._string_hold(text, base, end, final)
+            self._string_from = self._string_hold(text, base, end, final)
             if key is not None and not hits and len(index.string_holds) < _MEMO_ENTRIES:
-                index.string_holds[key] = -1 if self.string_from >= end else self.string_from - held
+                index.string_holds[key] = -1 if self._string_from >= end else self._string_from - held
 
         # 2. Regular expressions, each searched from where its previous search stopped. In the usual step only
         # those holding text and those that may begin inside the new text (whatever came before it) are
@@ -580,23 +626,25 @@ class PhraseStream:
                 candidates = index.candidates.get(index.piece_key(piece))
                 if candidates is None:
                     candidates = self._candidates(piece)
-                if candidates or min(self.regex_from) < old_end:
+                if candidates or min(self._regex_from) < old_end:
                     best = self._regex_match(prompt_length, old_end, final, best, candidates)
                 else:
-                    self.regex_from = [end] * len(index.regexes)
+                    self._regex_from = [end] * len(index.regexes)
             else:
                 best = self._regex_match(prompt_length, old_end, final, best)
 
         if best is not None:
             token, _, _, source, matched = best
             return PhraseScan(PhraseMatch(token, source, matched), n - token)
-        hold_from = min(self.string_from, min(self.regex_from)) if index.regexes else self.string_from
+        hold_from = min(self._string_from, min(self._regex_from)) if index.regexes else self._string_from
         if final and stream.pending:
             # The last call: the unfinished character counts as text (U+FFFD), which no phrase continues into.
             hold_from = end
         tokens = n - stream.cut(hold_from) if hold_from < end else 0
         if not final:  # bytes of an unfinished character may still become the start of a phrase
             tokens = max(tokens, stream.pending)
+        if usual and tokens == 0 and hold_from >= end:
+            self.quiet_before = index.before_key(text[-1])  # nothing held: the next step may be a quiet one
         return PhraseScan(None, min(tokens, n - prompt_length))
 
     def _string_match(
@@ -669,27 +717,27 @@ class PhraseStream:
         skip_to = floor
         if candidates is not None:
             # A regex holding nothing that cannot begin inside the new text finds nothing from the old end on.
-            todo = [r for r, position in enumerate(self.regex_from) if position < old_end or r in candidates]
-            self.regex_from = [position if r in todo else end for r, position in enumerate(self.regex_from)]
+            todo = [r for r, position in enumerate(self._regex_from) if position < old_end or r in candidates]
+            self._regex_from = [position if r in todo else end for r, position in enumerate(self._regex_from)]
         elif index.regexes and index.gate is not None:
             # One search of the alternation of all of them: usually nothing (then nothing is new or held),
             # otherwise none of them has anything before where it found something. A second one over the new
             # text only: when it finds nothing, only the regexes that were holding text need a look.
-            lowest = min(max(min(self.regex_from) - base, floor), body)
+            lowest = min(max(min(self._regex_from) - base, floor), body)
             m = index.gate.search(text, lowest, body, partial=True)
             if m is None or m.start() == m.end() == body:  # (the empty partial match at the very end: nothing)
                 todo = range(0)
-                self.regex_from = [end] * len(index.regexes)
+                self._regex_from = [end] * len(index.regexes)
             else:
                 skip_to = max(floor, m.start())
                 fresh = max(skip_to, min(old_end - base, body))
                 m = index.gate.search(text, fresh, body, partial=True) if fresh > skip_to else m
                 if fresh > skip_to and (m is None or m.start() == m.end() == body):
-                    todo = [r for r, position in enumerate(self.regex_from) if position < old_end]
-                    self.regex_from = [position if position < old_end else end for position in self.regex_from]
+                    todo = [r for r, position in enumerate(self._regex_from) if position < old_end]
+                    self._regex_from = [position if position < old_end else end for position in self._regex_from]
         for r in todo:
             phrase, pattern = index.regexes[r]
-            position = min(max(self.regex_from[r] - base, skip_to), body)
+            position = min(max(self._regex_from[r] - base, skip_to), body)
             hold: int | None = None
             partial_from: int | None = None
             found: tuple[int, int] | None = None
@@ -717,7 +765,7 @@ class PhraseStream:
                     if e > s and (final or e < body) and self._new(e, body, final, new_from, prompt_end):
                         found = (s, e)
                         break
-            self.regex_from[r] = base + (hold if hold is not None else body)
+            self._regex_from[r] = base + (hold if hold is not None else body)
             if found is not None:
                 s, e = found
                 token = max(stream.cut(base + s), prompt_length)
@@ -755,7 +803,7 @@ class PhraseStream:
             return end
         fold = index.fold
         automaton = index.automaton
-        position = max(self.string_from, self.text.head_end, end - 2 * index.need_chars)
+        position = max(self._string_from, self.text.head_end, end - 2 * index.need_chars)
         for m in index.starts.finditer(text, min(position, end) - base, end - base):
             tail = _normalize(text[m.start() :], fold)
             if not automaton.match(tail):

@@ -293,6 +293,7 @@ def _forgetful_stream(matcher: PhraseMatcher) -> PhraseStream:
     stream = PhraseStream(matcher)
     stream.index.string_holds = _Forgetful()
     stream.index.candidates = _Forgetful()
+    stream.index.quiet = _Forgetful()
     return stream
 
 
@@ -315,6 +316,7 @@ def test_the_usual_step_reuses_answers_and_agrees_with_a_stream_that_does_not(st
     assert len(PhraseIndex.of(matcher).string_holds) > 10
     candidates = PhraseIndex.of(matcher).candidates.values()
     assert () in candidates and any(candidates)  # most pieces begin no regex; some ("I hope", "Let") may
+    assert len(PhraseIndex.of(matcher).quiet) > 10  # and most steps hold nothing before or after
     assert module._MEMO_ENTRIES > 0
 
 
