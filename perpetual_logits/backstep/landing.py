@@ -38,6 +38,9 @@ _NO_FACTS: _Facts = (0, False, False, False, None)
 #: keyed ``neighbour << 32 | token`` (a token alone: ``_ALONE | token``). Rows keep writing the same word pairs,
 #: so most tokens need no decode; this runs per row per token.
 _PAIR_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
+#: Per tokenizer whose tokens read alone (see TokenTexts.reads_alone): a token's text and what it says after any
+#: neighbour that reads alone too (listed here once it was read after one), keyed by the token.
+_FOLLOW_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
 
 
 # What a piece of text says, per piece (most pairs of tokens add the same piece as others with that token).
@@ -167,9 +170,11 @@ class RowText(RowState):
         # -- shared with every RowText of this tokenizer
         self._backend = rust_backend(tokenizer) if tokenizer is not None else None
         self._facts: dict[int, tuple[str, _Facts]] = {}
+        self._follow: dict[int, tuple[str, _Facts]] = {}
         if tokenizer is not None:
             with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
                 self._facts = _PAIR_FACTS.setdefault(tokenizer, {})
+                self._follow = _FOLLOW_FACTS.setdefault(tokenizer, {})
         # The text a token adds after its neighbour, decoded once for every reader of the tokenizer (the phrase
         # rules' text streams read the same pairs); this text skips special tokens, theirs keeps them, so pairs
         # with a special token are decoded here.
@@ -218,8 +223,13 @@ class RowText(RowState):
         tail, pending, words, ends = states[-1] if states else _NO_TEXT
         if self.tokenizer is not None:
             token = int(ids[length - 1])
-            key = int(ids[length - 2]) << 32 | token if length - 1 > prompt else _ALONE | token
-            piece, facts = self._facts.get(key) or self._learn(key)
+            if length - 1 > prompt:
+                neighbour = int(ids[length - 2])
+                known = self._follow.get(token) if neighbour in self._follow else None
+                key = neighbour << 32 | token
+            else:
+                known, key = None, _ALONE | token
+            piece, facts = known or self._facts.get(key) or self._learn(key)
             if piece:
                 count, letter_head, space_head, end_inside, says = facts
                 words += count
@@ -267,15 +277,17 @@ class RowText(RowState):
     def _learn(self, key: int) -> tuple[str, _Facts]:
         """The text of a pair key's token after its neighbour (or alone) and what it says (kept per tokenizer)."""
         token = int(key & 0xFFFFFFFF)
+        neighbour = int(key >> 32)
+        shared = False  # the text came from the tokenizer's shared texts (no special token involved)
         if key & _ALONE:
             piece = self._decode([token])
         else:
-            neighbour = int(key >> 32)
             shared = self._texts is not None and neighbour not in self._special and token not in self._special
             found = self._texts.after_pair(neighbour, token) if shared and self._texts is not None else None
             if found is not None:
                 piece = found
             else:
+                shared = False
                 before = (self._facts.get(_ALONE | neighbour) or self._learn(_ALONE | neighbour))[0]
                 after = self._decode([neighbour, token])
                 piece = after[len(before) :] if after.startswith(before) else after[-1:]
@@ -285,7 +297,11 @@ class RowText(RowState):
             if len(_FACTS_OF_PIECE) < _MAX_PIECES:
                 _FACTS_OF_PIECE[piece] = facts
         known = (piece, facts)
-        if len(self._facts) < _MAX_PIECES:
+        texts = self._texts
+        if shared and texts is not None and texts.reads_alone(neighbour) and texts.reads_alone(token):
+            if len(self._follow) < _MAX_PIECES:
+                self._follow[token] = known  # the same after any neighbour that reads alone
+        elif len(self._facts) < _MAX_PIECES:
             self._facts[key] = known
         return known
 

@@ -162,6 +162,11 @@ class TokenTexts:
                 return None
         return text
 
+    def reads_alone(self, token_id: int) -> bool:
+        """Whether the token (its text alone already read) adds the same text after every neighbour that also
+        reads alone: the decoder reads tokens on their own and the token is plain."""
+        return self.local and self._known_plain(token_id)
+
     def _known_plain(self, token_id: int) -> bool:
         lead = self.leads.get(token_id)
         return lead is not None and lead != "" and token_id not in self.added and _REPLACEMENT not in lead

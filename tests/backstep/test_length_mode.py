@@ -310,3 +310,20 @@ def test_rowtext_reads_a_pair_as_its_own_decode_would(data, story_tokenizer) -> 
     texts = TokenTexts.of(story_tokenizer)
     if neighbour not in special and last not in special and texts.relative(neighbour, [last]) is not None:
         assert texts.known(neighbour, last) == piece  # shared: the streams read it without a decode
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_rowtext_follows_the_decoded_text_token_by_token(data, story_tokenizer, text_pieces) -> None:
+    """Whichever way RowText got a token's text -- per pair, or per token after any neighbour that reads alone,
+    learned from other rows -- its text's end is always the decoded text's end."""
+    prompt = ids_of(story_tokenizer, "Once upon a time")
+    special = st.sampled_from(sorted(story_tokenizer.all_special_ids))
+    for _ in range(2):  # the second row reads what the first taught
+        ids = [*prompt, *data.draw(st.lists(st.one_of(st.sampled_from(text_pieces), special), max_size=30))]
+        text = RowText(story_tokenizer, 0, 0, Landing())
+        text.start_rows([len(prompt)], limits=[len(ids) + 1])
+        for n in range(len(prompt) + 1, len(ids) + 1):
+            text.observe(RowView(0, ids[:n], len(prompt), 0))
+            decoded = story_tokenizer.decode(ids[len(prompt) : n], skip_special_tokens=True)
+            assert text.states[0][-1][0] == decoded[-16:] or not decoded.strip(), (decoded, ids[:n])
