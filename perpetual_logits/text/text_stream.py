@@ -142,25 +142,27 @@ class TokenTexts:
         plain = self.local and self._plain(neighbour) and self._plain(token_id)
         if plain:
             text = self.follows.get(token_id)
-            if text is not None:
-                return text
+            if text is None:
+                text = self.relative(neighbour, [token_id])
+                if text is not None:
+                    self.follows[token_id] = text
+            if text is not None and neighbour not in self.follows:
+                self.after_pair(token_id, neighbour)  # the neighbour's own text, once: later pairs need no decode
+            return text
         text = self.relative(neighbour, [token_id])
-        if text is not None:
-            if plain:
-                self.follows[token_id] = text
-            elif len(self.after) < _PAIRS:
-                self.after[pair] = text
+        if text is not None and len(self.after) < _PAIRS:
+            self.after[pair] = text
         return text
 
     def known(self, neighbour: int, token_id: int) -> str | None:
         """:meth:`after_pair` when it needs no decode (the pair, or the token after any plain neighbour, seen
         before), else ``None``."""
-        text = self.after.get(neighbour << 32 | token_id)
-        if text is None and self.local:
-            text = self.follows.get(token_id)
-            if text is not None and not (self._known_plain(neighbour) and self._known_plain(token_id)):
-                return None
-        return text
+        follows = self.follows  # plain tokens only: a neighbour found there is plain
+        if neighbour in follows:
+            text = follows.get(token_id)
+            if text is not None:
+                return text
+        return self.after.get(neighbour << 32 | token_id)
 
     def reads_alone(self, token_id: int) -> bool:
         """Whether the token (its text alone already read) adds the same text after every neighbour that also
@@ -284,6 +286,7 @@ class TextStream:
         self._texts = texts
         self._lead = texts.leads  # token id -> its text alone
         self._after = texts.after  # neighbour << 32 | token id -> the text the token adds
+        self._follows = texts.follows  # plain token id -> the text it adds after any plain neighbour
 
     # -- state --------------------------------------------------------------------------------------------
     @property
@@ -335,7 +338,10 @@ class TextStream:
         tokens = self.tokens
         if self.pending or not tokens or not self._lead.get(token_id):
             return None
-        text = self._after.get(tokens[-1] << 32 | token_id) or self._texts.known(tokens[-1], token_id)
+        previous, follows = tokens[-1], self._follows
+        text = follows.get(token_id) if previous in follows else None  # a plain token after a plain one
+        if text is None:
+            text = self._after.get(previous << 32 | token_id)
         if text is None or text.endswith(_REPLACEMENT):
             return None
         self._append(token_id, text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,16 +45,19 @@ def test_a_pair_reads_as_its_own_decode_after_other_pairs_taught_the_token(token
 
 
 def test_a_plain_token_is_decoded_once_whatever_its_neighbours(story_tokenizer) -> None:
+    """Once each token of a text was read after some plain neighbour, any pair of them -- pairs never seen
+    included -- is read without a decode."""
     ids = story_tokenizer(" the dog ran to the park and the cat sat", add_special_tokens=False).input_ids
     texts = TokenTexts(story_tokenizer)
-    the = ids[0]
-    texts.after_pair(ids[1], the)  # learned here
+    for neighbour, token in pairwise(ids):
+        texts.after_pair(neighbour, token)
     calls = []
     decode = texts.decode
     texts.decode = lambda batch: calls.append(batch) or decode(batch)  # type: ignore[method-assign]
-    first = texts.after_pair(ids[1], the)
-    assert [texts.after_pair(n, the) for n in ids[2:]] == [first] * len(ids[2:])
-    assert not any(len(batch) == 2 for batch in calls)  # no pair decoded again (only neighbours alone)
+    unseen = [(a, b) for a in ids for b in ids if (a, b) not in set(pairwise(ids))]
+    assert [texts.known(a, b) for a, b in unseen] == [texts.after_pair(a, b) for a, b in unseen]
+    assert all(texts.known(a, b) == _fresh_text(story_tokenizer, a, b) for a, b in unseen)
+    assert calls == []
 
 
 def test_decoders_not_known_to_read_tokens_alone_keep_one_text_per_pair() -> None:
