@@ -223,8 +223,12 @@ class RowText(RowState):
         tail, pending, words, ends = states[-1] if states else _NO_TEXT
         if self.tokenizer is not None:
             token = int(ids[length - 1])
-            if length - 1 > prompt:
-                neighbour = int(ids[length - 2])
+            neighbour = int(ids[length - 2]) if length - 1 > prompt else -1
+            if neighbour in self._special:  # skipped in the text: the token follows the text before it
+                neighbour = next(
+                    (int(t) for t in reversed(ids[prompt : length - 2]) if int(t) not in self._special), -1
+                )
+            if neighbour >= 0:
                 known = self._follow.get(token) if neighbour in self._follow else None
                 key = neighbour << 32 | token
             else:

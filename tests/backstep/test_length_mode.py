@@ -326,4 +326,16 @@ def test_rowtext_follows_the_decoded_text_token_by_token(data, story_tokenizer, 
         for n in range(len(prompt) + 1, len(ids) + 1):
             text.observe(RowView(0, ids[:n], len(prompt), 0))
             decoded = story_tokenizer.decode(ids[len(prompt) : n], skip_special_tokens=True)
-            assert text.states[0][-1][0] == decoded[-16:] or not decoded.strip(), (decoded, ids[:n])
+            assert text.states[0][-1][0] == decoded[-16:], (decoded, ids[:n])
+
+
+def test_a_token_after_a_skipped_special_token_follows_the_text_before_it(story_tokenizer) -> None:
+    """Found by the property test above: "\\n", <unk>, "▁again" reads "\\n again" (the <unk> is skipped); RowText
+    read "again" after the <unk> as if it began the text and dropped its space."""
+    prompt = ids_of(story_tokenizer, "Once upon a time")
+    ids = [*prompt, 3, story_tokenizer.unk_token_id, *ids_of(story_tokenizer, " again")]
+    text = RowText(story_tokenizer, 0, 0, Landing())
+    text.start_rows([len(prompt)], limits=[len(ids) + 1])
+    for n in range(len(prompt) + 1, len(ids) + 1):
+        text.observe(RowView(0, ids[:n], len(prompt), 0))
+    assert text.states[0][-1][0] == story_tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
