@@ -95,6 +95,13 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return str(tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    backend = rust_backend(tokenizer)  # the Rust tokenizer encodes the same without the Python wrapper's cost
+    if backend is not None:
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def _sentence_end_inside(piece: str) -> int:
     """The length of ``piece``'s head up to its last sentence end followed by whitespace (0: none)."""
     end = 0
@@ -118,7 +125,7 @@ def _spell(
         if not target.startswith(kept):
             continue
         segment = target[len(kept) :]
-        encoded = list(tokenizer.encode(segment, add_special_tokens=False))
+        encoded = _encode(tokenizer, segment)
         candidates = [encoded]
         if len(encoded) > 1 and not _decode(tokenizer, encoded[:1]).strip():
             candidates.append(encoded[1:])  # SentencePiece's dummy prefix ("▁") before a word continued here
