@@ -162,12 +162,13 @@ class LoopRule(RewindRule):
 
     def check(self, view: RowView) -> RewindTo | None:
         s = self.settings
-        if self.used[view.row] >= s.max_rewinds:
+        row, ids = view.row, view.ids
+        if self.used[row] >= s.max_rewinds:
             return None
-        tracker = self.trackers[view.row]
-        n = len(view.ids)
-        if tracker is None or len(tracker.ids) != n - 1 or (n > 1 and tracker.ids and tracker.ids[-1] != view.ids[-2]):
-            tracker = self.trackers[view.row] = LoopTracker(
+        tracker = self.trackers[row]
+        n = len(ids)
+        if tracker is None or len(tracker.ids) != n - 1 or (n > 1 and tracker.ids and tracker.ids[-1] != ids[n - 2]):
+            tracker = self.trackers[row] = LoopTracker(
                 s.min_span,
                 s.max_span,
                 s.min_repeats,
@@ -179,10 +180,10 @@ class LoopRule(RewindRule):
                 self.newline_ids if s.line_repeats else None,
                 self.word_ids,
             )
-            tracker.start(view.ids[: n - 1], max(view.prompt_length, view.text_start))
-        match = tracker.push(int(view.ids[-1]))
+            tracker.start(ids[: n - 1], max(view.prompt_length, view.text_start))
+        match = tracker.push(int(ids[n - 1]))
         if match is None:
             return None
-        self.used[view.row] += 1
+        self.used[row] += 1
         detail = f"{match.kind} loop: span {match.span} x {match.repeats}"
         return RewindTo(position=match.start, ban_first_removed=True, reason=self.reason, detail=detail)

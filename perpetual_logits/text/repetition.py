@@ -382,6 +382,11 @@ class LoopTracker:
         n = len(ids)
         seen = self.last_seen.get(token_id, -1)
         self.last_seen[token_id] = n - 1
+        if self.only_repeats and seen < n - 1 - self.max_span:
+            # The usual token: not written within max_span, it repeats no span (and ends any loop).
+            self.looping = False
+            newline_ids = self.newline_ids
+            return self._line(token_id) if newline_ids is not None and token_id in newline_ids else None
         # Spans p the row can hold a copy of (the token p back lies at `begin` or later), shortest first.
         longest = min(self.max_span, n - 1 - self.begin)
         span = run = 0
