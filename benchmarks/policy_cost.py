@@ -19,7 +19,9 @@ never completes what they look for.
 * Seeds are screened: a seed is used only when an untimed run of the ``chat`` arm with it rewinds nothing (its
   loops and endings, "The end." say, never fire); ``--screen`` tries at most that many seeds per timed repeat.
 * The banned phrases are drawn from the tokenizer's words, then every phrase that occurs in the text of the
-  screened runs (case folded, any spacing) is dropped and another drawn, so none can match those runs.
+  screened runs or of the reference arm's runs with those seeds (case folded, any spacing) is dropped and another
+  drawn, so none can match those runs (the screening's chat runs alone were not enough: the landing cuts their
+  last words, which the other arms write).
 * **Text the policy has not seen.** The policy keeps answers for text it has read (the phrase matchers' per
   text piece, the tokenizer's text per token pair), and a seed's text is read in the screening and in earlier
   repeats. So before each timed run every kept answer is forgotten and learned again from the other seeds'
@@ -280,15 +282,18 @@ def measure(
         seeds, tried = [FIRST_SEED + r for r in range(repeats)], 0
     else:
         seeds, texts, tried = screen_seeds(run, repeats, screen)
-    arms = configs(tokenizer, phrases, avoid=texts)
+    # Each seed's whole text (untimed, the reference arm: the screening's chat runs are cut back by the landing,
+    # so their texts lack the last words the other arms write): what the banned phrases avoid, and what the timed
+    # runs of the other seeds learn from first.
+    texts_of = {seed: run(BackstepConfig.method4(10), seed)[1].sequences.tolist() for seed in dict.fromkeys(seeds)}
+    whole = [run.tokenizer.decode(row) for rows in texts_of.values() for row in rows] if not allow_rewinds else []
+    arms = configs(tokenizer, phrases, avoid=[*texts, *whole])
     vocab = int(model.config.vocab_size)
 
     built = {name: build_seconds(config, tokenizer, vocab) for name, config in arms.items()}
     for config in arms.values():
         run(config, 0)  # warm-up, untimed (and the phrase matchers are built: generate() calls reuse them)
     prompt_length = int(run.prompt["input_ids"].shape[1])
-    # Each seed's text (untimed, the reference arm): what the timed runs of the other seeds learn from first.
-    texts_of = {seed: run(arms["dynamic"], seed)[1].sequences.tolist() for seed in dict.fromkeys(seeds)}
 
     def others_of(seed: int) -> list[list[list[int]]]:
         return [rows for other, rows in texts_of.items() if other != seed]
