@@ -156,6 +156,8 @@ class RowText(RowState):
         self.min_words = min_words
         self.landing = landing
         self.has_minimum = bool(min_tokens or min_words)
+        # Tokens held back for the cut at most (0: no cut back, nothing held).
+        self._held_at_most = 2 * landing.margin if landing is not None and landing.cut_back else 0
         # -- per row: prompt length, the most tokens it may hold, the end of its text after each generated
         #    token, whether that end is sentence punctuation not yet confirmed by a space, its sentence/line ends
         #    (lengths, ascending), where its minimum was reached
@@ -362,11 +364,12 @@ class RowText(RowState):
 
     def held(self, row: int) -> int:
         """Trailing tokens a streamer must hold so that a cut back to the last sentence end stays possible."""
-        if self.landing is None or not self.landing.cut_back:
+        most = self._held_at_most
+        if not most:
             return 0
         kept = self.boundaries[row]
-        last = kept[-1] if kept else self.prompt_lengths[row]
-        return min(self.length(row) - last, 2 * self.landing.margin)
+        prompt = self.prompt_lengths[row]
+        return min(prompt + len(self.states[row]) - (kept[-1] if kept else prompt), most)
 
 
 class LandingBias(LogitsProcessor):

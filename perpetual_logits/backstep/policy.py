@@ -145,8 +145,13 @@ class RewindPolicy(RowState):
             if landing is not None or config.length_mode
             else None
         )
-        # Rules that can hold tokens back from the streamer (the others always hold none): asked every step.
+        # Rules that can hold tokens back from the streamer (the others always hold none), and with them the
+        # landing's text (it may cut back to the last sentence end): asked every step.
         self.holders = [rule for rule in self.rules if type(rule).held is not RewindRule.held]
+        self.held_by: list[RowText | RewindRule] = [
+            *([self.text] if self.text is not None and self.text.landing is not None else []),
+            *self.holders,
+        ]
         # -- per-row state: prompt lengths, budgets spent, bans, schedule restarts, final tokens, events
         self.prompt_lengths: list[int] = []
         self.used: list[list[int]] = []
@@ -311,9 +316,11 @@ class RewindPolicy(RowState):
     def held(self, row: int) -> int:
         """Trailing tokens of ``row`` that must stay revisable: ``hold_back``, or more while a rule needs it (or
         the landing, which may cut back to the last sentence end)."""
-        held = self.hold_back if self.text is None else max(self.hold_back, self.text.held(row))
-        for rule in self.holders:
-            held = max(held, rule.held(row))
+        held = self.hold_back
+        for unit in self.held_by:
+            n = unit.held(row)
+            if n > held:
+                held = n
         return held
 
     # -- the limit -------------------------------------------------------------------------------------------
