@@ -44,13 +44,13 @@ suppression (the earlier measurement, where rewinds happen and their forwards ar
 per row per token, the fastest of the repeats, each reading the text as new, as the timed runs do): the rules'
 own cost, steadier than the end-to-end ratio.
 
-Where the time went (cProfile, line profiles and timers around the policy inside real runs, batch 32, chat
-preset, no rewind): the rules' per-row Python is about all of the difference to ``method4`` -- the phrase stream
-(the token's text, the automaton, the regular expressions, the hold-back), the landing's reading of each token,
-the loop tracker, and settling the hold-back per row. Inside a run the same calls cost about twice what the
-replay measures (the model's forward leaves the caches cold between steps). Replayed, the chat preset went from
-about 30 to 17 us per row per token by the previous session and to about 14 us now, on new text (9 us on text the
-matchers have seen: answers kept per text piece); 10,000 phrases from 18 to 8 us (4 us on seen text).
+Where the time went (sampled profiles, line profiles and timers around the policy inside real runs, batch 32,
+chat preset, no rewind): the rules' per-row Python is about all of the difference to ``method4``. It is spread over
+the phrase stream (about 5 points), the loop rule, the landing's reading of each token, its cut at the limit with
+the returned cache's realignment, and settling the hold-back (1-2 points each). Inside a run the same calls cost
+about twice what the replay measures: each forward evicts the rows' state from the core's caches (a replay with
+a forward between its steps doubles). Replayed on new text the chat preset costs about 9 us per row per token,
+10,000 phrases about 6.
 
     python benchmarks/policy_cost.py                         # the measurement (quiet machine)
     python benchmarks/policy_cost.py --smoke                 # seconds: tiny sizes, results to a temp folder

@@ -10,7 +10,8 @@ otherwise -- bytes of an unfinished character, or bytes that turn out invalid an
 text it had shown (a byte-fallback "»" that the next byte turns into U+FFFD) -- each token of the window is
 decoded as a prefix to find which characters are its own, as ``PhraseMatcher.scan`` does. The usual token --
 the text so far whole, neither it nor the token before it a byte-fallback piece -- needs no window: its text is
-what it adds after that one neighbour, cached per tokenizer and pair of tokens (rows keep writing the same words).
+what it adds after that one neighbour, kept per tokenizer by :class:`TokenTexts` (shared with every other reader of
+the tokenizer) per pair of tokens, or per token when the decoder reads each token on its own.
 
 After every token the stream records the row's character count, the map from characters back to tokens and
 also the snapshot a rewind restores: cutting the row back to ``n`` tokens keeps the characters of those
