@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 import weakref
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -172,11 +172,10 @@ def _gate(patterns: list[Any]) -> Any:
         return None
 
 
-def _top_level_alternation(source: str) -> bool:
-    """Whether the pattern ``source`` (version 0 syntax) has a ``|`` outside every group and set, where a
-    leading lookbehind would apply to one alternative only."""
+def _outside_sets(source: str, i: int = 0) -> Iterator[tuple[int, str, int]]:
+    """Each character of the pattern ``source`` (version 0 syntax) from ``i`` on that stands outside every
+    character set and escape: its index, itself, and the group depth before it (counted from ``i``)."""
     depth = 0
-    i = 0
     while i < len(source):
         char = source[i]
         if char == "\\":
@@ -185,14 +184,18 @@ def _top_level_alternation(source: str) -> bool:
         if char == "[":
             i = _set_end(source, i)
             continue
+        yield i, char, depth
         if char == "(":
             depth += 1
         elif char == ")":
             depth -= 1
-        elif char == "|" and depth == 0:
-            return True
         i += 1
-    return False
+
+
+def _top_level_alternation(source: str) -> bool:
+    """Whether the pattern ``source`` (version 0 syntax) has a ``|`` outside every group and set, where a
+    leading lookbehind would apply to one alternative only."""
+    return any(char == "|" and depth == 0 for _, char, depth in _outside_sets(source))
 
 
 # Constructs that read text before a match's start (besides lookbehinds, see _prefilter): a pattern holding any
@@ -244,23 +247,10 @@ def _set_end(source: str, i: int) -> int:
 
 def _group_end(source: str, i: int) -> int:
     """Index just after the group that begins at ``source[i] == "("``."""
-    depth = 0
-    while i < len(source):
-        char = source[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "[":
-            i = _set_end(source, i)
-            continue
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return i
+    for j, char, depth in _outside_sets(source, i):
+        if char == ")" and depth == 1:
+            return j + 1
+    return len(source)
 
 
 def _prefilter(pattern: Any) -> Any:

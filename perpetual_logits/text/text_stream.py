@@ -176,10 +176,8 @@ class TokenTexts:
 
     def _plain(self, token_id: int) -> bool:
         """Neither added (special) nor a byte-fallback piece, and its text alone is whole characters."""
-        lead = self.leads.get(token_id)
-        if lead is None:
-            lead = self.lead(token_id)
-        return bool(lead) and token_id not in self.added and _REPLACEMENT not in lead
+        self.lead(token_id)  # read once if it never was
+        return self._known_plain(token_id)
 
     def forget(self) -> None:
         """Drop the texts kept for pairs of tokens (they are learned again as text comes; for measurements)."""
@@ -262,7 +260,6 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, keep_chars: int) -> None:
         self.tokenizer = tokenizer
-        self.backend = rust_backend(tokenizer)
         self.keep_chars = keep_chars
         self._trim_at = 4 * keep_chars + 256  # text longer than this is trimmed (see _trim)
         # The tokens held: ids[base:base + len(tokens)] of the row, and the token before them (None at the
