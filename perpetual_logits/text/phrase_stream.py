@@ -468,6 +468,8 @@ class PhraseStream:
         if stream.changed_from is not None:  # the new token rewrote earlier text: look at the tail again
             old_end = min(old_end, stream.changed_from)
             self._rescan_from(stream.end - self.index.need_chars)
+        if final:  # the last call: an unfinished character is text now (U+FFFD), which may confirm a match
+            stream.finish()
         if n <= prompt_length:
             return PhraseScan(None, 0)
         return self._analyse(n, prompt_length, old_end, final)
@@ -627,9 +629,6 @@ class PhraseStream:
             token, _, _, source, matched = best
             return PhraseScan(PhraseMatch(token, source, matched), n - token)
         hold_from = min(self._string_from, min(self._regex_from)) if index.regexes else self._string_from
-        if final and stream.pending:
-            # The last call: the unfinished character counts as text (U+FFFD), which no phrase continues into.
-            hold_from = end
         tokens = n - stream.cut(hold_from) if hold_from < end else 0
         if not final:  # bytes of an unfinished character may still become the start of a phrase
             tokens = max(tokens, stream.pending)

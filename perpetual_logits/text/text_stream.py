@@ -272,6 +272,7 @@ class TextStream:
         self.ends: list[int] = []
         self.own: list[bool] = []
         self.pending = 0  # trailing tokens whose character is not complete yet
+        self.unfinished = ""  # what a decoder shows for them (U+FFFD), not part of the text while more may come
         # The text: characters char_base .. char_base + len(text) of the row's text.
         self.char_base = 0
         self.text = ""
@@ -318,7 +319,7 @@ class TextStream:
             self.base = start
             self.anchor = int(ids[start - 1]) if start > first else None
             self.tokens, self.ends, self.own = [], [], []
-            self.pending = 0
+            self.pending, self.unfinished = 0, ""
             self.char_base = 0
             self.text = ""
             for token_id in ids[start:n]:
@@ -447,6 +448,18 @@ class TextStream:
         self.ends[first:] = resolved
         self.own[first:] = own_flags
         self.pending = pending
+        self.unfinished = whole[len(body) :] if pending else ""
+
+    def finish(self) -> None:
+        """The row ends here: the bytes of an unfinished character become text as a decode of the whole row shows
+        them (U+FFFD), ending with the last token."""
+        if not self.pending:
+            return
+        self.text += self.unfinished
+        self.ends[len(self.ends) - self.pending :] = [self.end] * self.pending
+        self.pending = 0
+        self.unfinished = ""
+        self.changed_from = None
 
     def _trim(self) -> None:
         """Drop text and tokens far behind the end (keep twice what a match can need)."""

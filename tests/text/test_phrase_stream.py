@@ -348,3 +348,15 @@ def test_the_prefilter_drops_positive_lookbehinds_and_refuses_what_reads_before_
     # A "(?<" inside a set or after a backslash is no lookbehind.
     assert module._without_lookbehinds(r"[(?<=]x\(?<=y") == r"[(?<=]x\(?<=y"
     assert module._without_lookbehinds(r"(?<=a(b)[)])c(?<!d)") == "c(?<!d)"
+
+
+def test_an_unfinished_character_at_the_last_token_confirms_a_match_as_in_scan() -> None:
+    """Found by hypothesis: "hello" then the first byte of a two-byte character as the row's last token. A
+    decode of the row reads "hello\\ufffd", whose U+FFFD (no word character) confirms "hello(?!\\w)"; the stream
+    left the unfinished character out of its text and missed the match."""
+    matcher = PhraseMatcher([regex.compile(r"(?i)(?<!\w)hello(?!\w)")], BYTE_LEVEL, False, False)
+    ids = [*ids_of(BYTE_LEVEL, ["hello"]), *ids_of(BYTE_LEVEL, [0xC3])]
+    stream = PhraseStream(matcher)
+    stream.feed(ids[:1])
+    found = stream.feed(ids, final=True)
+    assert found == matcher.scan(ids, new_tokens=1, final=True) and found.match is not None
