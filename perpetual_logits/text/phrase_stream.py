@@ -344,7 +344,9 @@ class PhraseIndex:
         # in it, and each one's hold in it (see PhraseStream._regex_hold_key): a pure function of that key for
         # regexes that read at most one character before where they begin (no lookbehind but `(?<!\w)`), which
         # are the only ones asked. Only steps that completed no match are kept.
-        self.reads_back = [p.pattern.count("(?<") != p.pattern.count("(?<!\\w)") for _, p in self.regexes]
+        self.reads_back = frozenset(
+            r for r, (_, p) in enumerate(self.regexes) if p.pattern.count("(?<") != p.pattern.count("(?<!\\w)")
+        )
         self.hold_fold = bool(self.regexes) and all(p.flags & regex.IGNORECASE for _, p in self.regexes)
         self.regex_holds: dict[tuple[str, int, tuple[int, ...]], tuple[int, ...]] = {}
 
@@ -538,8 +540,7 @@ class PhraseStream:
                 holds = index.regex_holds.get(hold_key) if hold_key is not None else None
                 if hold_key is None or holds is None:
                     return self._analyse(n, prompt_length, old_end, False)
-                start = old_end - hold_key[1]
-                self._regex_from = [start + h if h >= 0 else end for h in holds]
+                self._regex_from = list(map((old_end - hold_key[1]).__add__, holds))
             else:
                 self._regex_from = [end] * len(index.regexes)
             if candidates or found:
@@ -569,14 +570,13 @@ class PhraseStream:
         if start < stream.chars(prompt_length):
             return None  # a match inside the prompt is not reported, one after it is: the prompt's end matters
         reads_back = index.reads_back
-        if any(reads_back[r] for r in candidates) or any(
-            reads_back[r] for r, position in enumerate(regex_from) if position < old_end
-        ):
+        if reads_back and (not reads_back.isdisjoint(candidates) or any(regex_from[r] < old_end for r in reads_back)):
             return None
         held = text[start - base - 1 :]
         if index.hold_fold and held.isascii():
             held = held.lower()
-        return held, old_end - start, tuple(position - start if position < old_end else -1 for position in regex_from)
+        # Holds relative to the start (a regex holding nothing holds at the old end, or the end after the step).
+        return held, old_end - start, tuple(map(start.__rsub__, regex_from))
 
     def _held_key(self) -> str | None:
         """The key of the string phrases' answer for the text from where the hold began (one character before it
@@ -669,7 +669,7 @@ class PhraseStream:
                     best = self._regex_match(prompt_length, old_end, final, best, candidates)
                     if hold_key is not None and best is None and len(index.regex_holds) < _MEMO_ENTRIES:
                         start = old_end - hold_key[1]
-                        index.regex_holds[hold_key] = tuple(p - start if p < end else -1 for p in self._regex_from)
+                        index.regex_holds[hold_key] = tuple(map(start.__rsub__, self._regex_from))
                 else:
                     self._regex_from = [end] * len(index.regexes)
             else:
