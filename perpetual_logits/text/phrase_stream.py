@@ -339,16 +339,6 @@ class PhraseIndex:
         self.regex_head_by_class = all(source.count("(?<!") == source.count("(?<!\\w)") for source in kept)
         self.regex_fold = bool(kept) and all(p.flags & regex.IGNORECASE for p in self.prefilters or [])
         self.before_by_class = self.regex_head_by_class or not self.regexes
-        # Where the regular expressions hold text after a usual step in which some of them held text or began a
-        # partial match, keyed by the text from one character before the earliest hold, where the old text ended
-        # in it, and each one's hold in it (see PhraseStream._regex_hold_key): a pure function of that key for
-        # regexes that read at most one character before where they begin (no lookbehind but `(?<!\w)`), which
-        # are the only ones asked. Only steps that completed no match are kept.
-        self.reads_back = frozenset(
-            r for r, (_, p) in enumerate(self.regexes) if p.pattern.count("(?<") != p.pattern.count("(?<!\\w)")
-        )
-        self.hold_fold = bool(self.regexes) and all(p.flags & regex.IGNORECASE for _, p in self.regexes)
-        self.regex_holds: dict[tuple[str, int, tuple[int, ...]], tuple[int, ...]] = {}
 
     def before_key(self, char: str) -> int:
         """The character before new text as :meth:`string_key` and :meth:`piece_key` read it: whether it is a word
@@ -380,7 +370,6 @@ class PhraseIndex:
         self.string_holds.clear()
         self.candidates.clear()
         self.quiet.clear()
-        self.regex_holds.clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PhraseIndex:
         return self  # immutable once built: every copy of a rule shares it
@@ -518,65 +507,30 @@ class PhraseStream:
                 return self._analyse(n, prompt_length, old_end, False)
             if moved >= 0:
                 string_from = self._string_from + moved
-        # The regular expressions: none holding text and those that may begin in the new text find nothing; or
-        # where they hold after this text, if known for it.
+        # The regular expressions: none holding text, and those that may begin in the new text find nothing.
         if index.regexes:
             candidates = (
                 index.candidates.get(index.piece_key(text[old_end - base - 1 :]))
                 if index.prefilters is not None
                 else None
             )
-            if candidates is None:
+            if candidates is None or min(self._regex_from) < old_end:
                 return self._analyse(n, prompt_length, old_end, False)
-            found = min(self._regex_from) < old_end  # some regex holds text
             body = end - base
-            for r in () if found else candidates:  # one search from the old end
+            for r in candidates:  # one search from the old end
                 m = index.regexes[r][1].search(text, old_end - base, body, partial=True)
                 if m is not None and not m.start() == m.end() == body:
-                    found = True
-                    break
-            if found:
-                hold_key = self._regex_hold_key(old_end, candidates, prompt_length)
-                holds = index.regex_holds.get(hold_key) if hold_key is not None else None
-                if hold_key is None or holds is None:
                     return self._analyse(n, prompt_length, old_end, False)
-                self._regex_from = list(map((old_end - hold_key[1]).__add__, holds))
-            else:
-                self._regex_from = [end] * len(index.regexes)
-            if candidates or found:
+            if candidates:
                 before = -1  # the searches read more than the new text: not a quiet step for the memo
+            self._regex_from = [end] * len(index.regexes)
         self._string_from = string_from
-        hold_from = min(string_from, min(self._regex_from)) if index.regexes else string_from
-        if hold_from >= end:
+        if string_from >= end:
             self.quiet_before = index.before_key(text[-1])
             if before >= 0 and len(index.quiet) < _MEMO_ENTRIES:
                 index.quiet[(before, piece)] = self.quiet_before
             return _NOTHING
-        return PhraseScan(None, min(n - stream.cut(hold_from), n - prompt_length))
-
-    def _regex_hold_key(
-        self, old_end: int, candidates: tuple[int, ...], prompt_length: int
-    ) -> tuple[str, int, tuple[int, ...]] | None:
-        """The key of where the regular expressions hold after the usual step (see ``PhraseIndex.regex_holds``),
-        or ``None`` when that answer may depend on more than the key: the text from one character before the
-        earliest hold lies outside the stream, the prompt or the row's first token, or is longer than a match
-        can be; or a regex that holds text or may begin in the new text reads further back."""
-        index, stream = self.index, self.text
-        regex_from = self._regex_from
-        start = min(min(regex_from), old_end)
-        base, text = stream.char_base, stream.text
-        if start <= base or start < stream.head_end or base + len(text) - start > index.need_chars:
-            return None
-        if start < stream.chars(prompt_length):
-            return None  # a match inside the prompt is not reported, one after it is: the prompt's end matters
-        reads_back = index.reads_back
-        if reads_back and (not reads_back.isdisjoint(candidates) or any(regex_from[r] < old_end for r in reads_back)):
-            return None
-        held = text[start - base - 1 :]
-        if index.hold_fold and held.isascii():
-            held = held.lower()
-        # Holds relative to the start (a regex holding nothing holds at the old end, or the end after the step).
-        return held, old_end - start, tuple(map(start.__rsub__, regex_from))
+        return PhraseScan(None, min(n - stream.cut(string_from), n - prompt_length))
 
     def _held_key(self) -> str | None:
         """The key of the string phrases' answer for the text from where the hold began (one character before it
@@ -665,11 +619,7 @@ class PhraseStream:
                 if candidates is None:
                     candidates = self._candidates(piece)
                 if candidates or min(self._regex_from) < old_end:
-                    hold_key = self._regex_hold_key(old_end, candidates, prompt_length) if best is None else None
                     best = self._regex_match(prompt_length, old_end, final, best, candidates)
-                    if hold_key is not None and best is None and len(index.regex_holds) < _MEMO_ENTRIES:
-                        start = old_end - hold_key[1]
-                        index.regex_holds[hold_key] = tuple(map(start.__rsub__, self._regex_from))
                 else:
                     self._regex_from = [end] * len(index.regexes)
             else:

@@ -294,7 +294,6 @@ def _forgetful_stream(matcher: PhraseMatcher) -> PhraseStream:
     stream.index.string_holds = _Forgetful()
     stream.index.candidates = _Forgetful()
     stream.index.quiet = _Forgetful()
-    stream.index.regex_holds = _Forgetful()
     return stream
 
 
@@ -318,8 +317,6 @@ def test_the_usual_step_reuses_answers_and_agrees_with_a_stream_that_does_not(st
     candidates = PhraseIndex.of(matcher).candidates.values()
     assert () in candidates and any(candidates)  # most pieces begin no regex; some ("I hope", "Let") may
     assert len(PhraseIndex.of(matcher).quiet) > 10  # and most steps hold nothing before or after
-    # Steps where a regex holds text ("I" may begin "I hope this helps") are answered from the text since the hold.
-    assert len(PhraseIndex.of(matcher).regex_holds) > 3
     assert module._MEMO_ENTRIES > 0
 
 
@@ -363,22 +360,3 @@ def test_an_unfinished_character_at_the_last_token_confirms_a_match_as_in_scan()
     stream.feed(ids[:1])
     found = stream.feed(ids, final=True)
     assert found == matcher.scan(ids, new_tokens=1, final=True) and found.match is not None
-
-
-def test_a_regex_hold_learned_over_the_prompt_is_not_reused_after_it() -> None:
-    """The same text with "hello" at the prompt's end, then after it, each after a rewind (every regex then holds
-    from need_chars back): only the second reports the match, as scan() does, though where the regexes hold is
-    kept per text from the first row."""
-    matcher = PhraseMatcher([regex.compile(r"(?i)(?<!\w)hello(?!\w)")], BYTE_LEVEL, False, False)
-    head = ids_of(BYTE_LEVEL, ["Once", " upon", " a", " time", "."] * 6 + [" the", " ", "hello"])
-    x, the = ids_of(BYTE_LEVEL, ["x", " the"])
-    assert len(BYTE_LEVEL.decode(head)) > matcher.need_chars
-    for prompt_length in (len(head), len(head) - 5):  # "hello" in the prompt (first), then written after it
-        stream = PhraseStream(matcher)
-        for n in range(1, len(head) + 1):
-            stream.feed(head[:n], prompt_length)
-        stream.feed([*head, x], prompt_length)
-        stream.rewind(len(head))  # "x" goes
-        scan = stream.feed([*head, the], prompt_length)
-        assert scan == reference(matcher, [*head, the], prompt_length, 0, False)
-        assert (scan.match is not None) == (prompt_length < len(head))
