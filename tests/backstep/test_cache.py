@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from perpetual_logits import RowState
-from perpetual_logits._compat import cache_layers
+from perpetual_logits._compat import cache_layers, gather_slots
 from perpetual_logits.backstep.cache import CacheLayout
 
 CPU = torch.device("cpu")
@@ -153,3 +153,35 @@ def test_any_mix_of_appends_and_rewinds_keeps_every_row_exact(plan, tight):
     assert layout.width == max(layout.fed(b) for b in range(batch))
     for b in range(batch):
         assert visible(layout, b) == tokens[b][: layout.fed(b)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 9), st.integers(1, 6)),
+    sliced=st.booleans(),
+    transposed=st.booleans(),
+    data=st.data(),
+)
+def test_gathered_slots_are_those_of_an_element_by_element_gather(shape, sliced, transposed, data) -> None:
+    """gather_slots reads whole vectors from the storage (a slice of a larger cache, as a dynamic layer keeps,
+    included); a layout it cannot read so falls back to gather. Both give gather's answer."""
+    batch, heads, slots, dim = shape
+    if transposed:  # the last dimension not contiguous
+        tensor = torch.randn(batch, heads, dim, slots).transpose(2, 3)
+    elif sliced:  # rows 1.. and slots 2.. of a larger tensor
+        tensor = torch.randn(batch + 1, heads, slots + 4, dim)[1:, :, 2 : 2 + slots]
+    else:
+        tensor = torch.randn(batch, heads, slots, dim)
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, batch - 1), min_size=1, max_size=batch, unique=True)))
+    width = data.draw(st.integers(1, slots))
+    index = torch.tensor(
+        data.draw(
+            st.lists(
+                st.lists(st.integers(0, slots - 1), min_size=width, max_size=width),
+                min_size=len(rows),
+                max_size=len(rows),
+            )
+        )
+    )
+    expected = tensor[rows].gather(2, index[:, None, :, None].expand(-1, heads, -1, dim))
+    assert torch.equal(gather_slots(tensor, rows, index), expected)
