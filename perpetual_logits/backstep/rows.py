@@ -45,7 +45,11 @@ class Rows(RowState):
         self.tokens[:, :prompt_length] = self.prompt
 
     def rewind(self, row: int, length: int) -> None:
-        self.flush()
+        # The row's pending tokens past the cut are dropped rather than flushed (a tensor write per rewind): it
+        # writes those positions again, and one flush must not write a position twice (the order of duplicate
+        # indices in one write is unspecified). What `tokens` holds past a row's length is never read.
+        if self.pending:
+            self.pending = [entry for entry in self.pending if entry[0] != row or entry[1] < length]
         del self.ids[row][length:]
         self.lens[row] = length
         self.finished[row] = False
