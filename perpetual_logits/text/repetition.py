@@ -350,18 +350,13 @@ class LoopTracker:
         # whose token p back equals the new token can complete a loop: the others are not looked at.
         self.least = [0] + [self._need(p) - p for p in range(1, max_span + 1)]
         self.only_repeats = min(self.least[min_span:], default=1) >= 1
-        # With the defaults every span needs two such tokens: the newest two tokens must then stand p back
-        # together, so where each *pair* of tokens was last written decides the usual token (pairs repeat within
-        # max_span far less often than single tokens: " the" does, " the dog" seldom).
-        self.by_pair = min(self.least[min_span:], default=0) >= 2
         # A run longer than this changes no decision (only the reported loop's start, not needed while looping).
         self.enough = [0] + [max(self.least[p], symbol_loop_tokens - p) for p in range(1, max_span + 1)]
         # The row, from `begin` on (tokens before it are never part of a loop).
         self.ids: list[int] = []
         self.begin = 0
-        # Where each token (or pair of tokens ending there, see by_pair) was last written (an index into ids): a
-        # new one last seen more than max_span back repeats no span, which is the usual token, decided without
-        # looking at the window.
+        # Where each token was last written (an index into ids): a new token last seen more than max_span back
+        # repeats no span, which is the usual token, decided without looking at the window.
         self.last_seen: dict[int, int] = {}
         self.looping = False  # the previous token already ended a loop (reported then, or kept)
         # Finished non-blank lines: (first token index, token tuple), oldest first, and where the current
@@ -385,12 +380,10 @@ class LoopTracker:
         ids = self.ids
         ids.append(token_id)
         n = len(ids)
-        key = (ids[n - 2] << 32 | token_id if n > 1 else -1) if self.by_pair else token_id
-        seen = self.last_seen.get(key, -1)
-        self.last_seen[key] = n - 1
+        seen = self.last_seen.get(token_id, -1)
+        self.last_seen[token_id] = n - 1
         if self.only_repeats and seen < n - 1 - self.max_span:
-            # The usual token: it (with the token before it, see by_pair) was not written within max_span, so it
-            # repeats no span (and ends any loop).
+            # The usual token: not written within max_span, it repeats no span (and ends any loop).
             self.looping = False
             newline_ids = self.newline_ids
             return self._line(token_id) if newline_ids is not None and token_id in newline_ids else None
@@ -452,10 +445,7 @@ class LoopTracker:
     def _recount(self) -> None:
         """Rebuild the line records from the row (after a start or a rewind); runs are counted when asked."""
         ids, n = self.ids, len(self.ids)
-        if self.by_pair:
-            self.last_seen = {ids[i - 1] << 32 | ids[i]: i for i in range(1, n)}
-        else:
-            self.last_seen = {token: i for i, token in enumerate(ids)}
+        self.last_seen = {token: i for i, token in enumerate(ids)}
         self.looping = False
         self.lines = []
         self.line_start = self.begin
