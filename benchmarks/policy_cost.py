@@ -40,8 +40,8 @@ tokenizer, so the timed runs do not include it (nor the per-tokenizer caches of 
 fills as any earlier request would in a serving process). ``--allow-rewinds`` skips the screening and the
 suppression (the earlier measurement, where rewinds happen and their forwards are part of the cost).
 
-``policy alone``: the same tokens replayed through the policy without the model (``after_token`` per row and
-``settle_rows`` per token, the fastest of the repeats, each reading the text as new, as the timed runs do): the rules'
+``policy alone``: the same tokens replayed through the policy without the model (``after_token`` and ``settle``
+per row per token, the fastest of the repeats, each reading the text as new, as the timed runs do): the rules'
 own cost, steadier than the end-to-end ratio.
 
 Where the time went (sampled profiles, line profiles and timers around the policy inside real runs, batch 32,
@@ -225,7 +225,7 @@ def replay(
     config: BackstepConfig, rows: list[list[int]], prompt: int, tokenizer: Any, vocab: int, strict: bool = True
 ) -> float:
     """CPU seconds to replay the new tokens of ``rows`` through a fresh policy, as the HF loop calls it
-    (:meth:`RewindPolicy.after_token` per row, then :meth:`RewindPolicy.settle_rows`, per token). ``strict``:
+    (:meth:`RewindPolicy.after_token` per row, then :meth:`RewindPolicy.settle` per row, per token). ``strict``:
     a rewind is an error (the tokens were screened to rewind nothing); else it is ignored (only learning)."""
     batch, length = len(rows), len(rows[0])
     policy = RewindPolicy(config, [2], vocab, tokenizer)
@@ -238,7 +238,8 @@ def replay(
             decision = policy.after_token(RowView(b, ids[b], prompt, 0, final=k == length - 1))
             if strict and decision not in ("keep", "finish"):
                 raise RuntimeError("a rewind while replaying tokens that did not rewind")
-        policy.settle_rows([k + 1] * batch, [False] * batch)
+        for b in range(batch):
+            policy.settle(b, k + 1, False)
     return time.process_time() - start
 
 

@@ -274,8 +274,9 @@ class BackstepLoop:
     def _settle(self) -> None:
         """Make final (and stream) what the policy says can no longer be taken back."""
         rows = self.rows
-        for row, begin, end in self.policy.settle_rows(rows.lens, rows.finished):
-            self.holdback.put(rows.tokens, row, begin, end)
+        for b in range(rows.batch):
+            begin, end = self.policy.settle(b, rows.lens[b], rows.finished[b])
+            self.holdback.put(rows.tokens, b, begin, end)
 
     def _forward(self, current: torch.Tensor) -> torch.Tensor:
         """Feed every active row's newest token in one forward; return each row's logits for its next position.

@@ -378,27 +378,6 @@ class RewindPolicy(RowState):
         self.final[row] = target
         return before, target
 
-    def settle_rows(self, lengths: Sequence[int], finished: Sequence[bool]) -> list[tuple[int, int, int]]:
-        """:meth:`settle` for every row at once (the HF loop, each step): the rows whose final tokens moved, as
-        ``(row, before, after)``. :meth:`held` is inlined: it is asked for every row at every step."""
-        final, hold_back, units = self.final, self.hold_back, self.held_by
-        moved = []
-        for row, length in enumerate(lengths):
-            before = final[row]
-            if finished[row]:
-                target = length
-            else:
-                held = hold_back
-                for unit in units:
-                    n = unit.held(row)
-                    if n > held:
-                        held = n
-                target = max(before, length - held)
-            if target != before:
-                final[row] = target
-                moved.append((row, before, target))
-        return moved
-
     def eos_suppressed(self, row: int) -> bool:
         """EOS is forbidden at every position of ``row`` (its budget is spent and ``on_exhausted="suppress"``)."""
         return bool(self.eos) and self.eos <= self.bans.always[row]

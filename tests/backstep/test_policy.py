@@ -104,36 +104,6 @@ def test_a_rewind_never_reaches_into_the_prompt_or_final_tokens() -> None:
     assert policy.settle(0, len(ids), finished=True) == (len(ids) - 5, len(ids))
 
 
-def test_settle_rows_moves_every_row_as_settle_does(tokenizer) -> None:
-    """The HF loop settles all rows at once (settle_rows); each row's final tokens and what is streamed are
-    those of settle() row by row, with phrases, the landing and hold-back holding different amounts per row."""
-    import random
-
-    config = BackstepConfig(end_phrases=["x y z", "a b"], landing=True, n_remove=2, hold_back=2, max_phrase_rewinds=0)
-    rng = random.Random(7)
-    batch, length = 4, 40
-    rows = [[rng.choice([A, B, C, X, Y, Z, 3, 3, 30, 31]) for _ in range(length)] for _ in range(batch)]
-    one, all_rows = (RewindPolicy(config, [EOS], VOCAB, tokenizer) for _ in range(2))
-    for policy in (one, all_rows):
-        policy.start(batch, len(PROMPT))
-        policy.set_limits([len(PROMPT) + length] * batch)
-    ids = [list(PROMPT) for _ in range(batch)]
-    finished = [False] * batch
-    held_some = False
-    for k in range(length):
-        for b in range(batch):
-            ids[b].append(rows[b][k])
-            for policy in (one, all_rows):
-                assert policy.after_token(RowView(b, ids[b], len(PROMPT), 0)) == "keep"
-        finished = [f or (k == length // 2 and b == 1) for b, f in enumerate(finished)]
-        lengths = [len(row) for row in ids]
-        expected = [(b, *one.settle(b, lengths[b], finished[b])) for b in range(batch)]
-        assert all_rows.settle_rows(lengths, finished) == [m for m in expected if m[1] != m[2]]
-        assert all_rows.final == one.final
-        held_some |= any(final < n - 2 for final, n in zip(one.final, lengths))
-    assert held_some  # some row held more than hold_back at some step (else this compares little)
-
-
 def test_bans_lapse_once_the_row_is_cut_back_before_them() -> None:
     rule = At(Z, position=lambda view: len(view.ids) - 3, ban_here=(C,), bans={100: (D,)})
     policy = RewindPolicy(BackstepConfig(rules=[rule]), [EOS], VOCAB)
