@@ -21,7 +21,7 @@ from transformers import LogitsProcessor
 
 from .. import _validation
 from ..protocol import RowState, RowView
-from ..text.boundaries import _CLOSERS, _ENDERS, _sentence_end_inside, count_words, ends_sentence
+from ..text.boundaries import _CLOSERS, _ENDERS, _decode, _sentence_end_inside, count_words, ends_sentence
 from ..text.text_stream import TokenTexts, rust_backend
 
 __all__ = ["Landing", "LandingBias", "RowText"]
@@ -170,7 +170,6 @@ class RowText(RowState):
         self.boundaries: list[list[int]] = []
         self.reached_at: list[int | None] = []
         # -- shared with every RowText of this tokenizer
-        self._backend = rust_backend(tokenizer) if tokenizer is not None else None
         self._facts: dict[int, tuple[str, _Facts]] = {}
         self._follow: dict[int, tuple[str, _Facts]] = {}
         if tokenizer is not None:
@@ -278,7 +277,7 @@ class RowText(RowState):
         if counted < self.min_words and generated % _RECOUNT_EVERY:
             return False
         # Reached by the incremental count (or time for a recount): confirm on the whole text, once.
-        return count_words(self._decode(ids[self.prompt_lengths[row] :])) >= self.min_words
+        return count_words(_decode(self.tokenizer, ids[self.prompt_lengths[row] :])) >= self.min_words
 
     def _learn(self, key: int) -> tuple[str, _Facts]:
         """The text of a pair key's token after its neighbour (or alone) and what it says (kept per tokenizer)."""
@@ -286,7 +285,7 @@ class RowText(RowState):
         neighbour = int(key >> 32)
         shared = False  # the text came from the tokenizer's shared texts (no special token involved)
         if key & _ALONE:
-            piece = self._decode([token])
+            piece = _decode(self.tokenizer, [token])
         else:
             shared = self._texts is not None and neighbour not in self._special and token not in self._special
             found = self._texts.after_pair(neighbour, token) if shared and self._texts is not None else None
@@ -295,7 +294,7 @@ class RowText(RowState):
             else:
                 shared = False
                 before = (self._facts.get(_ALONE | neighbour) or self._learn(_ALONE | neighbour))[0]
-                after = self._decode([neighbour, token])
+                after = _decode(self.tokenizer, [neighbour, token])
                 piece = after[len(before) :] if after.startswith(before) else after[-1:]
         facts = _FACTS_OF_PIECE.get(piece)
         if facts is None:
@@ -310,11 +309,6 @@ class RowText(RowState):
         elif len(self._facts) < _MAX_PIECES:
             self._facts[key] = known
         return known
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        if self._backend is not None:  # the Rust tokenizer itself: several times faster than the Python wrapper
-            return str(self._backend.decode(list(ids), skip_special_tokens=True))
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     # -- queries -------------------------------------------------------------------------------------------
     def length(self, row: int) -> int:

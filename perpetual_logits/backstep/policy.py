@@ -147,10 +147,9 @@ class RewindPolicy(RowState):
         )
         # Rules that can hold tokens back from the streamer (the others always hold none), and with them the
         # landing's text (it may cut back to the last sentence end): asked every step.
-        self.holders = [rule for rule in self.rules if type(rule).held is not RewindRule.held]
         self.held_by: list[RowText | RewindRule] = [
             *([self.text] if self.text is not None and self.text.landing is not None else []),
-            *self.holders,
+            *(rule for rule in self.rules if type(rule).held is not RewindRule.held),
         ]
         # -- per-row state: prompt lengths, budgets spent, bans, schedule restarts, final tokens, events
         self.prompt_lengths: list[int] = []

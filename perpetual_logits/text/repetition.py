@@ -385,8 +385,7 @@ class LoopTracker:
         if self.only_repeats and seen < n - 1 - self.max_span:
             # The usual token: not written within max_span, it repeats no span (and ends any loop).
             self.looping = False
-            newline_ids = self.newline_ids
-            return self._line(token_id) if newline_ids is not None and token_id in newline_ids else None
+            return self._line(token_id)
         # Spans p the row can hold a copy of (the token p back lies at `begin` or later), shortest first.
         longest = min(self.max_span, n - 1 - self.begin)
         span = run = 0
@@ -414,8 +413,7 @@ class LoopTracker:
             first = n - span - run
             match = LoopMatch(start=first + span, first=first, span=span, repeats=(n - first) // span, kind="token")
         self.looping = bool(span)
-        newline = self.newline_ids is not None and token_id in self.newline_ids
-        line = self._line(token_id) if newline else None  # (a line end finishes a line, also after a loop)
+        line = self._line(token_id)  # (a line end finishes a line, also after a loop)
         return match if match is not None else line
 
     # -- internals ---------------------------------------------------------------------------------------
