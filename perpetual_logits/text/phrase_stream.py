@@ -20,6 +20,17 @@ completed phrase, the tokens to hold back) from state it keeps per row:
 
 A rewind cuts the row's text back to the characters of the kept tokens and re-examines a bounded tail once.
 
+The usual step finds nothing and holds nothing, before and after: a *quiet* step. Whether a step is quiet depends
+only on the class of the character before the new text and the new text itself, so the answer is kept per
+(class, text) and, for a plain token after a plain one, per (class, token) in a flat table
+(:attr:`PhraseIndex.quiet_next`). Such a step reads only that table and appends the token, whose text the stream
+adds when it is next read (:meth:`~perpetual_logits.text.text_stream.TextStream.defer_plain`): in a batched run
+the step comes right after the model's forward, which has evicted the rows' text and the shared dictionaries
+from the core's caches, and this step touches neither. A regular expression with a lookbehind over non-word
+characters only (the chat set's "In conclusion" after a sentence end) is searched itself, not through its
+prefilter, from a word character of the new text on, so the words that merely start like it ("into", "wanted
+to") stay quiet steps.
+
 Why pyahocorasick: on this project's 2-core CPU (smoke timings on a shared, loaded machine, so only their
 order matters), for 10,000 random 2-3-word phrases pyahocorasick built in about 11 ms and scanned a
 70-character tail in about 0.7 µs; ahocorasick-rs built as fast and scanned in about 0.4 µs; Hyperscan (block
@@ -89,8 +100,6 @@ def _spaces_as_one(raw: str) -> str:
 class _Normalized:
     """A tail of the row's text as the automaton reads it: whitespace runs as one space, case folded when
     matching ignores case, and the way back to raw character offsets."""
-
-    __slots__ = ("fold_map", "run_starts", "shifts", "text")
 
     def __init__(self, raw: str, fold: bool) -> None:
         text = _spaces_as_one(raw)
@@ -233,6 +242,74 @@ def _without_lookbehinds(source: str) -> str | None:
     return "".join(out)
 
 
+# Escapes that stand for non-word characters only (inside a set or out): whitespace classes and the ASCII
+# whitespace escapes; any other escaped punctuation stands for itself.
+_NON_WORD_ESCAPES = frozenset("sWntrfv")
+_QUANTIFIER = re.compile(r"\{\d*(?:,\d*)?\}")
+
+
+def _set_takes_no_word(source: str, i: int, end: int) -> bool:
+    """Whether the character set ``source[i:end]`` (``source[i] == "["``) holds no word character: not negated,
+    no range, only non-word characters and escapes of them."""
+    j = i + 1
+    if source.startswith("^", j):
+        return False
+    while j < end - 1:
+        char = source[j]
+        if char == "\\":
+            escaped = source[j + 1 : j + 2]
+            if not (escaped in _NON_WORD_ESCAPES or (escaped and not escaped.isalnum() and not _is_word(escaped))):
+                return False
+            j += 2
+            continue
+        if _is_word(char) or (char == "-" and i + 1 < j < end - 2):
+            return False
+        j += 1
+    return True
+
+
+def _takes_no_word(body: str) -> bool:
+    """Whether the pattern ``body`` (version 0 syntax, a lookbehind's inside) can only consume non-word
+    characters: literals, sets and escapes of non-word characters, groups, alternations and quantifiers. Anything
+    else (``.``, ``\\w``, anchors, lookarounds, flags) counts as possibly a word character."""
+    i = 0
+    n = len(body)
+    while i < n:
+        char = body[i]
+        if char == "\\":
+            escaped = body[i + 1 : i + 2]
+            if not (escaped in _NON_WORD_ESCAPES or (escaped and not escaped.isalnum() and not _is_word(escaped))):
+                return False
+            i += 2
+        elif char == "[":
+            end = _set_end(body, i)
+            if not _set_takes_no_word(body, i, end):
+                return False
+            i = end
+        elif char == "{":
+            quantifier = _QUANTIFIER.match(body, i)
+            i = quantifier.end() if quantifier else i + 1
+        elif char == "(":
+            if body.startswith("(?", i) and not body.startswith("(?:", i):
+                return False
+            i += 3 if body.startswith("(?:", i) else 1
+        elif char in "|)*+?" or not (char in ".^$" or _is_word(char)):
+            i += 1
+        else:
+            return False
+    return True
+
+
+def _lookbehinds_take_no_word(source: str) -> bool:
+    """Whether every positive lookbehind of the pattern ``source`` can only consume non-word characters: then,
+    right after a word character, none of them reads further back than the text after it (see
+    :meth:`PhraseStream._candidates`)."""
+    bodies = (
+        source[i + 4 : _group_end(source, i) - 1] for i, _, _ in _outside_sets(source) if source.startswith("(?<=", i)
+    )
+    return all(_takes_no_word(body) for body in bodies)
+
+
 def _set_end(source: str, i: int) -> int:
     """Index just after the character set that begins at ``source[i] == "["``."""
     i += 1
@@ -328,17 +405,39 @@ class PhraseIndex:
         self.prefilters: list[Any] | None = prefilters if self.regexes and None not in prefilters else None
         # One search of them all first: most new pieces begin none of them.
         self.prefilter_gate = _gate(prefilters) if self.prefilters is not None else None
+        # Regexes whose positive lookbehinds consume only non-word characters ("(?<=[.!?]\s*)"): from a word
+        # character on, the regex itself tells whether it may begin in the new text (its prefilter, without the
+        # lookbehind, would say it may begin in the middle of every word that starts like it).
+        self.stops_at_words = [
+            prefilter is not None and _lookbehinds_take_no_word(pattern.pattern)
+            for prefilter, (_, pattern) in zip(prefilters, self.regexes)
+        ]
         self.candidates: dict[str, tuple[int, ...]] = {}  # piece -> the regexes that may begin inside it
         self.string_holds: dict[str, int] = {}
         # The quiet step -- nothing held before it, nothing held after it, no regex may begin in the new text --
         # keyed by the character before the new text (see before_key) and the new text: the key of the new end.
         self.quiet: dict[tuple[int, str], int] = {}
+        # The same answers per token, for a plain token after a plain one (its text is then the token's own, see
+        # TokenTexts): ``quiet_next[token << 1 | before]`` is 1 + the key after, 0 when not known. Kept only when
+        # the keys are the character classes (0 or 1). A flat table, not a dict: the step that asks it runs
+        # right after the model's forward, which has pushed the dicts' entries out of the core's caches.
+        self.quiet_next = bytearray()
         # Keys stand for all the texts with the same answer: the character before the text by its class when only
         # `(?<!\w)` reads it, and ASCII text case folded when matching ignores case.
         kept = [p.pattern for p in self.prefilters] if self.prefilters is not None else []
         self.regex_head_by_class = all(source.count("(?<!") == source.count("(?<!\\w)") for source in kept)
         self.regex_fold = bool(kept) and all(p.flags & regex.IGNORECASE for p in self.prefilters or [])
         self.before_by_class = self.regex_head_by_class or not self.regexes
+
+    def learn_quiet(self, token: int, before: int, after: int) -> None:
+        """Keep the quiet step's answer for ``token``, a plain token after a plain one (see :attr:`quiet_next`)."""
+        if not self.before_by_class:
+            return
+        at = token << 1 | before
+        table = self.quiet_next
+        if at >= len(table):
+            table.extend(bytes(max(at + 1, 2 * len(table), 1024) - len(table)))
+        table[at] = after + 1
 
     def before_key(self, char: str) -> int:
         """The character before new text as :meth:`string_key` and :meth:`piece_key` read it: whether it is a word
@@ -370,6 +469,7 @@ class PhraseIndex:
         self.string_holds.clear()
         self.candidates.clear()
         self.quiet.clear()
+        self.quiet_next.clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PhraseIndex:
         return self  # immutable once built: every copy of a rule shares it
@@ -412,6 +512,8 @@ class PhraseStream:
 
     ```
     """
+
+    __slots__ = ("_regex_from", "_string_from", "first", "index", "quiet_before", "synced", "text")
 
     def __init__(self, matcher: PhraseMatcher) -> None:
         self.index = PhraseIndex.of(matcher)
@@ -459,9 +561,20 @@ class PhraseStream:
         ):
             self._start(ids, first)
         elif not final and n > prompt_length:
-            plain = self._plain_step(int(ids[n - 1]), n, prompt_length)
+            token = int(ids[n - 1])
+            before = self.quiet_before
+            if before >= 0 and stream.plain_tail:  # the quiet step of a plain token after a plain one, if known
+                at, table = token << 1 | before, self.index.quiet_next
+                after = table[at] if at < len(table) else 0
+                if after:
+                    self.quiet_before = after - 1
+                    stream.defer_plain(token)  # its text is read when the stream is next read
+                    return _NOTHING
+            stream.catch_up()
+            plain = self._plain_step(token, n, prompt_length)
             if plain is not None:
                 return plain
+        stream.catch_up()
         old_end = stream.char_base + len(stream.text)
         self._leave_quiet(old_end)
         stream.push(int(ids[n - 1]))
@@ -484,11 +597,14 @@ class PhraseStream:
         stream = self.text
         old_end = stream.char_base + len(stream.text)
         before = self.quiet_before
+        was_plain = stream.plain_tail
         piece = stream.push_plain(token)
         if before >= 0:
             after = self.index.quiet.get((before, piece)) if piece is not None else None
             if after is not None:  # the quiet step: nothing held before and after, nothing may begin
                 self.quiet_before = after
+                if was_plain and stream.plain_tail:
+                    self.index.learn_quiet(token, before, after)
                 return _NOTHING
             self._leave_quiet(old_end)
         if piece is None:
@@ -529,6 +645,8 @@ class PhraseStream:
             self.quiet_before = index.before_key(text[-1])
             if before >= 0 and len(index.quiet) < _MEMO_ENTRIES:
                 index.quiet[(before, piece)] = self.quiet_before
+                if was_plain and stream.plain_tail:
+                    index.learn_quiet(token, before, self.quiet_before)
             return _NOTHING
         return PhraseScan(None, min(n - stream.cut(string_from), n - prompt_length))
 
@@ -769,10 +887,17 @@ class PhraseStream:
         index = self.index
         assert index.prefilters is not None
         found = []
+        # A regex whose lookbehinds consume only non-word characters reads, at a start after a word character of
+        # the piece (the first one may be the character before, which the key keeps by its class), nothing before
+        # that word character: from there the regex itself is searched; before it, its prefilter.
+        word = _WORD.search(piece) if index.regex_head_by_class else None
+        exact_from = word.start() + 1 if word is not None else len(piece) + 1
         m = index.prefilter_gate.search(piece, 1, partial=True) if index.prefilter_gate is not None else None
         if index.prefilter_gate is None or (m is not None and not m.start() == m.end() == len(piece)):
             for r, prefilter in enumerate(index.prefilters):
                 m = prefilter.search(piece, 1, partial=True)
+                if m is not None and m.start() >= exact_from and index.stops_at_words[r]:
+                    m = index.regexes[r][1].search(piece, exact_from, partial=True)
                 if m is not None and not m.start() == m.end() == len(piece):
                     found.append(r)
         candidates = tuple(found)

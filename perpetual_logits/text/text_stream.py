@@ -281,6 +281,10 @@ class TextStream:
         self.head_end = 0
         # Where the last push or cut changed text that was there before (a rewrite), or None.
         self.changed_from: int | None = None
+        # Plain tokens appended by :meth:`defer_plain` whose text is not in ``text``/``ends``/``own`` yet (the last
+        # ``deferred`` of ``tokens``), and whether the last token is plain (see :meth:`defer_plain`).
+        self.deferred = 0
+        self.plain_tail = False
         texts = TokenTexts.of(tokenizer)
         self._texts = texts
         self._lead = texts.leads  # token id -> its text alone
@@ -296,14 +300,20 @@ class TextStream:
     @property
     def end(self) -> int:
         """Absolute position just after the text."""
+        if self.deferred:
+            self.catch_up()
         return self.char_base + len(self.text)
 
     def cut(self, char: int) -> int:
         """Row index of the first token whose text overlaps absolute character ``char`` or later."""
+        if self.deferred:
+            self.catch_up()
         return self.base + bisect_right(self.ends, char)
 
     def chars(self, tokens: int) -> int:
         """Absolute character position after the row's first ``tokens`` tokens (clamped to the stream)."""
+        if self.deferred:
+            self.catch_up()
         i = tokens - self.base
         if i <= 0:
             return self.char_base
@@ -320,6 +330,7 @@ class TextStream:
             self.anchor = int(ids[start - 1]) if start > first else None
             self.tokens, self.ends, self.own = [], [], []
             self.pending, self.unfinished = 0, ""
+            self.deferred, self.plain_tail = 0, False
             self.char_base = 0
             self.text = ""
             for token_id in ids[start:n]:
@@ -334,17 +345,49 @@ class TextStream:
         """Append the row's next token when it is a plain one, and return the text it added: the text so far
         whole, the token's text after the previous token known (cached) and complete -- what :meth:`push` would
         append without decoding. ``None``, with nothing changed, for any other token (then :meth:`push` it)."""
+        if self.deferred:
+            self.catch_up()
         tokens = self.tokens
         if self.pending or not tokens or not self._lead.get(token_id):
             return None
         previous, follows = tokens[-1], self._follows
         text = follows.get(token_id) if previous in follows else None  # a plain token after a plain one
-        if text is None:
+        if text is not None:
+            self.plain_tail = True
+        else:
             text = self._after.get(previous << 32 | token_id)
-        if text is None or text.endswith(_REPLACEMENT):
-            return None
+            if text is None or text.endswith(_REPLACEMENT):
+                return None
+            self.plain_tail = token_id in follows
         self._append(token_id, text)
         return text
+
+    def defer_plain(self, token_id: int) -> None:
+        """Append the row's next token, a plain one (see :class:`TokenTexts`: whole characters, not added, not a
+        byte-fallback piece) after a plain last token (:attr:`plain_tail`), with a decoder that reads tokens on
+        their own: its text is what it adds after any plain neighbour, so it can be added later, when the text is
+        next read (:meth:`catch_up`). A reader that needs only the token count (a step known to find nothing)
+        then pays for no text."""
+        self.tokens.append(token_id)
+        self.deferred += 1
+
+    def catch_up(self) -> None:
+        """Add the text of the tokens :meth:`defer_plain` appended (every reader of the text calls this first)."""
+        count = self.deferred
+        if not count:
+            return
+        self.deferred = 0
+        tokens = self.tokens
+        late = tokens[len(tokens) - count :]
+        del tokens[len(tokens) - count :]
+        follows = self._follows
+        for token_id in late:
+            text = follows.get(token_id)  # kept since it was deferred, unless the texts were forgotten since
+            if text is None or not tokens:
+                self.push(token_id)
+            else:
+                self._append(token_id, text)
+        self.plain_tail = self.pending == 0 and tokens[-1] in follows
 
     def _append(self, token_id: int, text: str) -> None:
         self.changed_from = None
@@ -357,6 +400,9 @@ class TextStream:
 
     def push(self, token_id: int) -> None:
         """Append the row's next token."""
+        if self.deferred:
+            self.catch_up()
+        self.plain_tail = False
         tokens = self.tokens
         if self.pending == 0 and tokens and (self._lead.get(token_id) or self._texts.lead(token_id)):
             # The usual token: the text so far is whole and neither this token nor the one before it is a
@@ -364,6 +410,7 @@ class TextStream:
             # the text grows by what this token adds after the previous one (one short decode).
             text = self._after.get(tokens[-1] << 32 | token_id) or self._texts.after_pair(tokens[-1], token_id)
             if text is not None and not text.endswith(_REPLACEMENT):
+                self.plain_tail = token_id in self._follows
                 self._append(token_id, text)
                 return
         self.changed_from = None
@@ -388,6 +435,8 @@ class TextStream:
     def truncate(self, length: int) -> bool:
         """Cut the row back to ``length`` tokens. Returns ``False`` when the stream no longer reaches back that
         far (then :meth:`reset` it from the row)."""
+        if self.deferred:
+            self.catch_up()
         if length == self.length:
             return True
         if length <= self.base or length > self.length:
@@ -403,6 +452,7 @@ class TextStream:
         self.pending = 0
         # The kept tokens may read differently without the removed ones (bytes completed by a removed token).
         self._redecode(max(0, keep - _WINDOW - 1))
+        self.plain_tail = self.pending == 0 and self.tokens[-1] in self._follows
         return True
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -453,6 +503,8 @@ class TextStream:
     def finish(self) -> None:
         """The row ends here: the bytes of an unfinished character become text as a decode of the whole row shows
         them (U+FFFD), ending with the last token."""
+        if self.deferred:
+            self.catch_up()
         if not self.pending:
             return
         self.text += self.unfinished

@@ -294,6 +294,7 @@ def _forgetful_stream(matcher: PhraseMatcher) -> PhraseStream:
     stream.index.string_holds = _Forgetful()
     stream.index.candidates = _Forgetful()
     stream.index.quiet = _Forgetful()
+    stream.index.learn_quiet = lambda token, before, after: None
     return stream
 
 
@@ -317,6 +318,7 @@ def test_the_usual_step_reuses_answers_and_agrees_with_a_stream_that_does_not(st
     candidates = PhraseIndex.of(matcher).candidates.values()
     assert () in candidates and any(candidates)  # most pieces begin no regex; some ("I hope", "Let") may
     assert len(PhraseIndex.of(matcher).quiet) > 10  # and most steps hold nothing before or after
+    assert sum(map(bool, PhraseIndex.of(matcher).quiet_next)) > 10  # (also kept per token)
     assert module._MEMO_ENTRIES > 0
 
 
@@ -360,3 +362,58 @@ def test_an_unfinished_character_at_the_last_token_confirms_a_match_as_in_scan()
     stream.feed(ids[:1])
     found = stream.feed(ids, final=True)
     assert found == matcher.scan(ids, new_tokens=1, final=True) and found.match is not None
+
+
+# Regular expressions whose lookbehinds read back over non-word characters only, spelled with the test pieces:
+# after a word character of the new text, the regex itself (not its prefilter) decides whether it may begin.
+LOOKBEHIND_REGEXES = [
+    CHAT_CLOSING_PHRASES[0],  # "in conclusion", "to sum up" ... after a sentence end, a heading or "**"
+    regex.compile(r"(?i)(?<=(?:[.!?]|\n)\s*)(?:the end|fin)(?!\w)"),
+    regex.compile(r"(?<=\n\n|[!.] )(?:Once|x x)"),
+]
+LOOKBEHIND_ITEMS: list[str | int] = [".", ",", "!", "\n", " ", " the", "the", " end", "Fin", "Once", "x", " "]
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tokenizer=st.sampled_from(["byte_level", "sentencepiece"]),
+    prompt=st.lists(st.sampled_from(LOOKBEHIND_ITEMS), max_size=4),
+    steps=st.lists(
+        st.one_of(
+            st.sampled_from(LOOKBEHIND_ITEMS).map(lambda item: ("token", item)),
+            st.integers(1, 6).map(lambda k: ("cut", k)),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    final=st.booleans(),
+)
+def test_lookbehinds_after_a_word_are_read_as_scan_reads_them(tokenizer, prompt, steps, final):
+    """A sentence-start closing right after a sentence end matches, and the same words after a word or a comma do
+    not -- whatever rows taught the matcher before (one matcher serves every example)."""
+    tok = BYTE_LEVEL if tokenizer == "byte_level" else SENTENCEPIECE
+    matcher = _LOOKBEHIND_MATCHERS.get(tokenizer)
+    if matcher is None:
+        matcher = _LOOKBEHIND_MATCHERS[tokenizer] = PhraseMatcher([*LOOKBEHIND_REGEXES, "x x"], tok, False)
+    ids = ids_of(tok, [item for item in prompt if isinstance(item, str)])
+    replay(matcher, ids, len(ids), 0, steps, tok, final)
+
+
+_LOOKBEHIND_MATCHERS: dict[str, PhraseMatcher] = {}
+
+
+def test_a_lookbehind_over_non_word_characters_stops_at_a_word():
+    module = importlib.import_module(PhraseStream.__module__)
+    reads_no_word = module._lookbehinds_take_no_word
+    assert reads_no_word(CHAT_CLOSING_PHRASES[0].pattern) and reads_no_word(CHAT_CLOSING_PHRASES[1].pattern)
+    for source in [r"(?<=[.!?]\s*)x", r"(?<=\n\n|\*\*)x", r"(?<=[-.]{1,3})x", r"(?<!\w)x", "x(?<=x)"[:1]]:
+        assert reads_no_word(source), source
+    for source in [r"(?<=\w)x", r"(?<=a)x", r"(?<=.)x", r"(?<=[^.])x", r"(?<=[a-z])x", r"(?<=[!-/])x", r"(?<=\d)x",
+                   r"(?<=\x41)x", r"(?<=\b )x", r"(?<=(?i)\.)x", r"(?<=\.(?=\s))x"]:  # fmt: skip
+        assert not reads_no_word(source), source
+    matcher = PhraseMatcher([CHAT_CLOSING_PHRASES[0]], SENTENCEPIECE, case_sensitive=False)
+    stream = PhraseStream(matcher)
+    # Mid-word "t" may not begin "to sum up"; after the word "wanted" neither; after a space that follows a
+    # sentence end it may (the character before the piece is kept only by its class).
+    assert stream._candidates("dit") == () and stream._candidates("d wanted to ") == ()
+    assert stream._candidates(" to") == (0,)
