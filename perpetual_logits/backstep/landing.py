@@ -167,6 +167,9 @@ class RowText(RowState):
         # punctuation not yet confirmed by a space, the words written, whether the text ends a sentence)
         self.states: list[list[tuple[str, bool, int, bool]]] = []
         self.land_from: list[int | None] = []  # per row: the limit minus its margin (None: no known limit)
+        # The shortest row length at which any row may be due, when that is known before any row reaches its
+        # minimum (no length mode: the earliest of land_from); None otherwise.
+        self.earliest_due: int | None = None
         self.boundaries: list[list[int]] = []
         self.reached_at: list[int | None] = []
         # -- shared with every RowText of this tokenizer
@@ -203,6 +206,8 @@ class RowText(RowState):
 
     def _limits_changed(self) -> None:
         self.land_from = [None if limit is None else limit - self.margin(row) for row, limit in enumerate(self.limits)]
+        known = [length for length in self.land_from if length is not None]
+        self.earliest_due = None if self.has_minimum else min(known, default=None)
 
     def rewind(self, row: int, length: int) -> None:
         generated = max(0, length - self.prompt_lengths[row])
@@ -383,6 +388,9 @@ class LandingBias(LogitsProcessor):
         self.strength = float(text.landing.strength)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        earliest = self.text.earliest_due
+        if earliest is not None and input_ids.shape[-1] < earliest:
+            return scores  # no row is due yet (every row is at most as long as the longest, the input's width)
         boost: list[tuple[int, float]] = []
         # Rows whose text ends a sentence now (few): only they can get the bonus.
         ending = [row for row, states in enumerate(self.text.states) if states and states[-1][3]]

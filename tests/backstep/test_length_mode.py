@@ -266,8 +266,12 @@ def test_the_landing_bias_raises_eos_for_rows_at_a_sentence_end_past_their_due_p
             ids.append(token)
             text.observe(RowView(row, list(ids), 1, 0))
     scores = torch.zeros(3, len(story_tokenizer))
-    out = LandingBias(text, [EOS, 5])(torch.zeros(3, 1, dtype=torch.long), scores)
+    longest = max(text.length(row) for row in range(3))  # the rows as processors see them: right-aligned
+    bias = LandingBias(text, [EOS, 5])
+    out = bias(torch.zeros(3, longest, dtype=torch.long), scores)
     assert out is not scores and not scores.any()
+    # Before any row can be due, the bias returns the scores as they are, without looking at the rows.
+    assert bias(torch.zeros(3, text.due(0) - 1, dtype=torch.long), scores) is scores
     length, due = text.length(0), text.due(0)
     assert due == 21 - 5 and length >= due
     expected = 2.0 * min(1.0, (length - due + 1) / 5)
