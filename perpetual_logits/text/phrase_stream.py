@@ -248,6 +248,12 @@ _NON_WORD_ESCAPES = frozenset("sWntrfv")
 _QUANTIFIER = re.compile(r"\{\d*(?:,\d*)?\}")
 
 
+def _escape_takes_no_word(escaped: str) -> bool:
+    """Whether the escape ``"\\" + escaped`` stands for non-word characters only (a whitespace class or escaped
+    punctuation)."""
+    return escaped in _NON_WORD_ESCAPES or (escaped != "" and not escaped.isalnum() and not _is_word(escaped))
+
+
 def _set_takes_no_word(source: str, i: int, end: int) -> bool:
     """Whether the character set ``source[i:end]`` (``source[i] == "["``) holds no word character: not negated,
     no range, only non-word characters and escapes of them."""
@@ -257,8 +263,7 @@ def _set_takes_no_word(source: str, i: int, end: int) -> bool:
     while j < end - 1:
         char = source[j]
         if char == "\\":
-            escaped = source[j + 1 : j + 2]
-            if not (escaped in _NON_WORD_ESCAPES or (escaped and not escaped.isalnum() and not _is_word(escaped))):
+            if not _escape_takes_no_word(source[j + 1 : j + 2]):
                 return False
             j += 2
             continue
@@ -277,8 +282,7 @@ def _takes_no_word(body: str) -> bool:
     while i < n:
         char = body[i]
         if char == "\\":
-            escaped = body[i + 1 : i + 2]
-            if not (escaped in _NON_WORD_ESCAPES or (escaped and not escaped.isalnum() and not _is_word(escaped))):
+            if not _escape_takes_no_word(body[i + 1 : i + 2]):
                 return False
             i += 2
         elif char == "[":
@@ -574,7 +578,8 @@ class PhraseStream:
             plain = self._plain_step(token, n, prompt_length)
             if plain is not None:
                 return plain
-        stream.catch_up()
+        else:  # the last token, or one of the prompt
+            stream.catch_up()
         old_end = stream.char_base + len(stream.text)
         self._leave_quiet(old_end)
         stream.push(int(ids[n - 1]))
