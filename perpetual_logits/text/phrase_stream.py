@@ -8,10 +8,12 @@ completed phrase, the tokens to hold back) from state it keeps per row:
 * the row's text, grown by the new token's text only (:class:`~perpetual_logits.text.text_stream.TextStream`), with
   the character count after every token, which maps a match back to its first token and is what a rewind
   restores;
-* one Aho-Corasick automaton for all string phrases (:class:`PhraseIndex`, shared by every row and call), run
-  over the last ``max_match_chars`` characters of the row's text after case folding and whitespace
-  collapsing, so that its cost does not depend on the number of phrases. The word-boundary and confirmation
-  rules of the module notes of :mod:`perpetual_logits.text.matcher` are checked on the few hits only;
+* one Aho-Corasick automaton for all string phrases (:class:`PhraseIndex`, shared by every row and call; one per
+  case rule when some phrases ignore case and others do not), run over the last ``max_match_chars`` characters of
+  the row's text after case folding and whitespace collapsing, so that its cost does not depend on the number of
+  phrases. The word-boundary and confirmation rules of the module notes of :mod:`perpetual_logits.text.matcher`
+  are checked on the few hits only. A regular expression that is only a list of whole words (the chat closings,
+  see :mod:`~perpetual_logits.text.regex_words`) is matched as those words: it costs no regex search;
 * for hold-back, where the trailing text that may still become a phrase begins. That position only moves
   forward while text is appended (a text that is no prefix of any phrase stays none with more text), so each
   new character is examined once: for strings, ``automaton.match`` tells whether the text from a candidate
@@ -56,6 +58,7 @@ import ahocorasick
 import regex
 
 from .matcher import PhraseMatch, PhraseScan
+from .regex_words import regex_words
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
@@ -97,13 +100,23 @@ def _spaces_as_one(raw: str) -> str:
     return raw.translate(_SPACE_TABLE)
 
 
+# The two characters that the `regex` module's case-insensitive matching equates with an ASCII letter where
+# str.lower() does not: "İ" (lower case "i" and a combining dot, two characters) and the long "ſ".
+_FOLD_TO_ASCII = {0x130: "i", 0x17F: "s"}
+
+
+def _fold(text: str) -> str:
+    """``text`` case folded as the ``regex`` module's case-insensitive matching compares it with phrases (one
+    character for one)."""
+    return text.lower() if text.isascii() else text.translate(_FOLD_TO_ASCII).lower()
+
+
 class _Normalized:
     """A tail of the row's text as the automaton reads it: whitespace runs as one space, case folded when
     matching ignores case, and the way back to raw character offsets."""
 
     def __init__(self, raw: str, fold: bool) -> None:
         text = _spaces_as_one(raw)
-        self.fold_map: list[int] | None = None  # normalized index -> raw index, when folding changes lengths
         self.run_starts: list[int] = []  # normalized index of each collapsed run's space
         self.shifts: list[int] = []  # raw minus normalized index after that run
         if "  " in text:
@@ -113,17 +126,10 @@ class _Normalized:
                 shift += m.end() - m.start() - 1
                 self.shifts.append(shift)
             text = _RUNS.sub(" ", text)
-        if fold:
-            folded = text.lower()
-            if len(folded) != len(text):  # a character whose lower case is longer ("İ")
-                self.fold_map = [i for i, char in enumerate(text) for _ in char.lower()]
-            text = folded
-        self.text = text
+        self.text = _fold(text) if fold else text
 
     def raw(self, index: int) -> int:
         """Raw offset of the normalized character ``index`` (a collapsed run maps to its first character)."""
-        if self.fold_map is not None:
-            index = self.fold_map[index] if index < len(self.fold_map) else index - len(self.fold_map) + len(self.text)
         if not self.shifts:
             return index
         k = bisect_right(self.run_starts, index - 1)  # runs whose space lies before `index`
@@ -135,7 +141,7 @@ def _normalize(text: str, fold: bool) -> str:
     text = _spaces_as_one(text)
     if "  " in text:
         text = _RUNS.sub(" ", text)
-    return text.lower() if fold else text
+    return _fold(text) if fold else text
 
 
 _BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\\g<")
@@ -356,10 +362,41 @@ def _prefilter(pattern: Any) -> Any:
         return None
 
 
+class _StringGroup:
+    """The string phrases that are matched with the same case rule: their automaton and where they can begin.
+
+    Args:
+        fold: whether they ignore case (the text is then case folded too).
+        keys: each phrase's text as the automaton reads it (see :class:`_Normalized`) -> (its length, whether it
+            needs a word boundary before it, and after it, its phrase index).
+    """
+
+    def __init__(self, fold: bool, keys: dict[str, tuple[int, bool, bool, int]]) -> None:
+        self.fold = fold
+        automaton = ahocorasick.Automaton()
+        for key, value in keys.items():
+            automaton.add_word(key, value)
+        automaton.make_automaton()
+        self.automaton: Any = automaton
+        # Where a phrase can begin: a character some phrase begins with, after a non-word character when the
+        # phrase begins with a word character (case folded like the text).
+        starts_word = {key[0] for key, (_, head, _, _) in keys.items() if head}
+        starts_other = {key[0] for key, (_, head, _, _) in keys.items() if not head}
+        parts = []
+        if starts_word:
+            parts.append(r"(?<!\w)[" + "".join(regex.escape(c) for c in sorted(starts_word)) + "]")
+        if starts_other:
+            parts.append("[" + "".join(regex.escape(c) for c in sorted(starts_other)) + "]")
+        self.starts: Any = regex.compile("|".join(parts), regex.IGNORECASE if fold else 0)
+
+
 class PhraseIndex:
-    """What every row's :class:`PhraseStream` shares: the automaton of the string phrases, the regular
+    """What every row's :class:`PhraseStream` shares: the automata of the string phrases, the regular
     expressions, and the matcher's rules. Built once per :class:`~perpetual_logits.text.matcher.PhraseMatcher`
     (:meth:`of`), never copied (rules are deep-copied per ``generate()`` call; this stays shared).
+
+    A regular expression that is only a list of whole words (:func:`~perpetual_logits.text.regex_words.regex_words`,
+    as the chat closings are) is matched as those string phrases, each needing a word boundary on both sides.
 
     Args:
         matcher (`PhraseMatcher`): the phrases and their rules.
@@ -367,39 +404,31 @@ class PhraseIndex:
 
     def __init__(self, matcher: PhraseMatcher) -> None:
         self.matcher = matcher
-        self.fold = not matcher.case_sensitive
         self.need_chars: int = matcher.need_chars
         self.max_match_chars: int = matcher.max_match_chars
-        self.automaton: Any = None
-        starts_word: set[str] = set()
-        starts_other: set[str] = set()
-        keys: dict[str, tuple[int, bool, bool, int]] = {}  # key -> (length, head, tail, phrase index)
+        # Per case rule (folded or not): key -> (length, head boundary, tail boundary, phrase index).
+        keys: dict[bool, dict[str, tuple[int, bool, bool, int]]] = {}
         self.regexes: list[tuple[int, Any]] = []  # (phrase index, pattern)
         for index, item in enumerate(matcher.compiled):
-            if not item.literal:
-                self.regexes.append((index, item.pattern))
-                continue
-            key = _normalize(item.source.strip(), self.fold)
-            head = matcher.word_boundaries and _is_word(key[0])
-            tail = matcher.word_boundaries and _is_word(key[-1])
-            if key not in keys:  # the first listed phrase wins, as in scan()
-                keys[key] = (len(key), head, tail, index)
-            (starts_word if head else starts_other).add(key[0])
-        if keys:
-            automaton = ahocorasick.Automaton()
-            for key, value in keys.items():
-                automaton.add_word(key, value)
-            automaton.make_automaton()
-            self.automaton = automaton
-        # Where a string phrase can begin: a character some phrase begins with, after a non-word character
-        # when the phrase begins with a word character (case folded like the text).
-        parts = []
-        flags = regex.IGNORECASE if self.fold else 0
-        if starts_word:
-            parts.append(r"(?<!\w)[" + "".join(regex.escape(c) for c in sorted(starts_word)) + "]")
-        if starts_other:
-            parts.append("[" + "".join(regex.escape(c) for c in sorted(starts_other)) + "]")
-        self.starts: Any = regex.compile("|".join(parts), flags) if parts else None
+            if item.literal:
+                fold = not matcher.case_sensitive
+                key = _normalize(item.source.strip(), fold)
+                edges = (matcher.word_boundaries and _is_word(key[0]), matcher.word_boundaries and _is_word(key[-1]))
+                words = [(key, *edges)]
+            else:
+                found = regex_words(item.pattern)
+                if found is None or any(len(word) > self.max_match_chars for word in found[0]):
+                    self.regexes.append((index, item.pattern))
+                    continue
+                fold = found[1]
+                words = [(_normalize(word, fold), True, True) for word in found[0]]
+            group = keys.setdefault(fold, {})
+            for key, head, tail in words:
+                if key not in group:  # the first listed phrase wins, as in scan()
+                    group[key] = (len(key), head, tail, index)
+        self.groups = [_StringGroup(fold, group) for fold, group in keys.items()]
+        # The key of the string phrases' answers folds case only when every group does.
+        self.fold = bool(self.groups) and all(group.fold for group in self.groups)
         self.gate = _gate([pattern for _, pattern in self.regexes])
         # The usual step of a row whose text holds nothing that may become a phrase, answered from what earlier
         # steps of any row found for the same text (both are pure functions of their key, see
@@ -621,7 +650,7 @@ class PhraseStream:
         index = self.index
         # The string phrases: no phrase completed and where the hold moves, if known for this text.
         string_from = end
-        if index.starts is not None:
+        if index.groups:
             key = self._held_key()
             moved = index.string_holds.get(key) if key is not None else None
             if moved is None:
@@ -714,7 +743,7 @@ class PhraseStream:
             and stream.head_end <= old_end
         )
         held = self._string_from
-        key = self._held_key() if usual and index.starts is not None else None
+        key = self._held_key() if usual and index.groups else None
 
         # 1. String phrases completed by the new text: the automaton over the tail that a new match can span.
         # 3. Strings: where the trailing text that may still become a phrase begins.
@@ -722,14 +751,16 @@ class PhraseStream:
         if known is not None:  # no phrase completed; the hold moved by `known` characters (-1: none held)
             self._string_from = end if known < 0 else held + known
         else:
-            hits: list[Any] = []
-            if index.automaton is not None and end > old_end:
+            hit = False
+            if end > old_end:
                 lo = max(base, old_end - index.need_chars)
-                hits = list(index.automaton.iter(_normalize(text[lo - base :], index.fold)))
-                if hits:  # rare: most tokens complete no phrase
-                    best = self._string_match(hits, lo, prompt_length, old_end, final)
+                for group in index.groups:
+                    hits = list(group.automaton.iter(_normalize(text[lo - base :], group.fold)))
+                    if hits:  # rare: most tokens complete no phrase
+                        hit = True
+                        best = self._string_match(group, hits, lo, prompt_length, old_end, final, best)
             self._string_from = self._string_hold(text, base, end, final)
-            if key is not None and not hits and len(index.string_holds) < _MEMO_ENTRIES:
+            if key is not None and not hit and len(index.string_holds) < _MEMO_ENTRIES:
                 index.string_holds[key] = -1 if self._string_from >= end else self._string_from - held
 
         # 2. Regular expressions, each searched from where its previous search stopped. In the usual step only
@@ -760,10 +791,17 @@ class PhraseStream:
         return PhraseScan(None, min(tokens, n - prompt_length))
 
     def _string_match(
-        self, hits: list[Any], lo: int, prompt_length: int, old_end: int, final: bool
+        self,
+        group: _StringGroup,
+        hits: list[Any],
+        lo: int,
+        prompt_length: int,
+        old_end: int,
+        final: bool,
+        best: tuple[int, int, int, str, str] | None,
     ) -> tuple[int, int, int, str, str] | None:
-        """The earliest string phrase among the automaton's ``hits`` over the text from ``lo`` on that the new
-        text completes (its boundaries checked), or ``None``."""
+        """``best`` or an earlier string phrase among ``group``'s ``hits`` over the text from ``lo`` on that the
+        new text completes (its boundaries checked)."""
         index = self.index
         stream = self.text
         text = stream.text
@@ -772,9 +810,8 @@ class PhraseStream:
         head_end = stream.head_end
         at_row_start = head_end == base and stream.base <= self.first
         prompt_chars = stream.chars(prompt_length)
-        best: tuple[int, int, int, str, str] | None = None
-        norm = _Normalized(text[lo - base :], index.fold)  # the way back to raw offsets
-        identity = not norm.shifts and norm.fold_map is None
+        norm = _Normalized(text[lo - base :], group.fold)  # the way back to raw offsets
+        identity = not norm.shifts
         for norm_end, (length, head, tail, phrase) in hits:
             if identity:
                 s, e = lo + norm_end + 1 - length, lo + norm_end + 1
@@ -917,14 +954,20 @@ class PhraseStream:
         return confirm >= old_end and e > prompt_chars
 
     def _string_hold(self, text: str, base: int, end: int, final: bool) -> int:
-        index = self.index
-        if index.automaton is None or index.starts is None:
-            return end
-        fold = index.fold
-        automaton = index.automaton
-        position = max(self._string_from, self.text.head_end, end - 2 * index.need_chars)
-        for m in index.starts.finditer(text, min(position, end) - base, end - base):
-            tail = _normalize(text[m.start() :], fold)
+        """Where the trailing text that may still become a string phrase begins (``end``: none)."""
+        position = min(max(self._string_from, self.text.head_end, end - 2 * self.index.need_chars), end)
+        held = end
+        for group in self.index.groups:
+            held = self._group_hold(group, text, base, position, held, final)
+        return held
+
+    @staticmethod
+    def _group_hold(group: _StringGroup, text: str, base: int, position: int, end: int, final: bool) -> int:
+        """The first start from ``position`` on, before ``end``, of text that may still become one of ``group``'s
+        phrases, or ``end``."""
+        automaton = group.automaton
+        for m in group.starts.finditer(text, position - base, end - base):
+            tail = _normalize(text[m.start() :], group.fold)
             if not automaton.match(tail):
                 continue
             value = automaton.get(tail, None)
