@@ -753,7 +753,10 @@ class PhraseStream:
         else:
             hit = False
             if end > old_end:
-                lo = max(base, old_end - index.need_chars)
+                # In the usual step a phrase completed now began where the hold began (see above): the automaton
+                # reads from there, so that hits of phrases completed earlier neither cost a look nor keep the
+                # answer from being remembered.
+                lo = max(base, min(held, old_end) if usual else old_end - index.need_chars)
                 for group in index.groups:
                     hits = list(group.automaton.iter(_normalize(text[lo - base :], group.fold)))
                     if hits:  # rare: most tokens complete no phrase
