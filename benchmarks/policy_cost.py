@@ -218,7 +218,7 @@ def forget_seen_text(config: BackstepConfig, tokenizer: Any, vocab: int) -> None
             PhraseIndex.of(rule.matcher).forget()
     TokenTexts.of(tokenizer).forget()
     landing._PAIR_FACTS.get(tokenizer, {}).clear()
-    landing._FOLLOW_FACTS.get(tokenizer, {}).clear()
+    landing._FOLLOW_FACTS.get(tokenizer, []).clear()
 
 
 def replay(

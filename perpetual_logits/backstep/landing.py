@@ -39,8 +39,10 @@ _NO_FACTS: _Facts = (0, False, False, False, None)
 #: so most tokens need no decode; this runs per row per token.
 _PAIR_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
 #: Per tokenizer whose tokens read alone (see TokenTexts.reads_alone): a token's text and what it says after any
-#: neighbour that reads alone too (listed here once it was read after one), keyed by the token.
-_FOLLOW_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
+#: neighbour that reads alone too (set once it was read after one, else ``None``), indexed by the token. A flat
+#: list, not a dict: it is read right after the model's forward, which has pushed a dict's scattered entries out of
+#: the core's caches.
+_FOLLOW_FACTS: weakref.WeakKeyDictionary[Any, list[tuple[str, _Facts] | None]] = weakref.WeakKeyDictionary()
 
 
 # What a piece of text says, per piece (most pairs of tokens add the same piece as others with that token).
@@ -174,11 +176,11 @@ class RowText(RowState):
         self.reached_at: list[int | None] = []
         # -- shared with every RowText of this tokenizer
         self._facts: dict[int, tuple[str, _Facts]] = {}
-        self._follow: dict[int, tuple[str, _Facts]] = {}
+        self._follow: list[tuple[str, _Facts] | None] = []
         if tokenizer is not None:
             with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
                 self._facts = _PAIR_FACTS.setdefault(tokenizer, {})
-                self._follow = _FOLLOW_FACTS.setdefault(tokenizer, {})
+                self._follow = _FOLLOW_FACTS.setdefault(tokenizer, [])
         # The text a token adds after its neighbour, decoded once for every reader of the tokenizer (the phrase
         # rules' text streams read the same pairs); this text skips special tokens, theirs keeps them, so pairs
         # with a special token are decoded here.
@@ -230,16 +232,20 @@ class RowText(RowState):
         if self.tokenizer is not None:
             token = int(ids[length - 1])
             neighbour = int(ids[length - 2]) if length - 1 > prompt else -1
-            if neighbour in self._special:  # skipped in the text: the token follows the text before it
-                neighbour = next(
-                    (int(t) for t in reversed(ids[prompt : length - 2]) if int(t) not in self._special), -1
-                )
-            if neighbour >= 0:
-                known = self._follow.get(token) if neighbour in self._follow else None
-                key = neighbour << 32 | token
-            else:
-                known, key = None, _ALONE | token
-            piece, facts = known or self._facts.get(key) or self._learn(key)
+            follow = self._follow
+            # The usual token: it and its neighbour read alone (the neighbour's entry is set: it read alone after
+            # one, and is no special token).
+            known = None
+            if 0 <= neighbour < len(follow) and follow[neighbour] and token < len(follow):
+                known = follow[token]
+            if known is None:
+                if neighbour in self._special:  # skipped in the text: the token follows the text before it
+                    neighbour = next(
+                        (int(t) for t in reversed(ids[prompt : length - 2]) if int(t) not in self._special), -1
+                    )
+                key = neighbour << 32 | token if neighbour >= 0 else _ALONE | token
+                known = self._facts.get(key) or self._learn(key)
+            piece, facts = known
             if piece:
                 count, letter_head, space_head, end_inside, says = facts
                 words += count
@@ -309,8 +315,10 @@ class RowText(RowState):
         known = (piece, facts)
         texts = self._texts
         if shared and texts is not None and texts.reads_alone(neighbour) and texts.reads_alone(token):
-            if len(self._follow) < _MAX_PIECES:
-                self._follow[token] = known  # the same after any neighbour that reads alone
+            follow = self._follow
+            if token >= len(follow):
+                follow.extend([None] * (token + 1 - len(follow)))
+            follow[token] = known  # the same after any neighbour that reads alone
         elif len(self._facts) < _MAX_PIECES:
             self._facts[key] = known
         return known
