@@ -313,7 +313,7 @@ def _takes_no_word(body: str) -> bool:
 def _lookbehinds_take_no_word(source: str) -> bool:
     """Whether every positive lookbehind of the pattern ``source`` can only consume non-word characters: then,
     right after a word character, none of them reads further back than the text after it (see
-    :meth:`PhraseStream._candidates`)."""
+    :meth:`PhraseIndex.regex_candidates`)."""
     bodies = (
         source[i + 4 : _group_end(source, i) - 1] for i, _, _ in _outside_sets(source) if source.startswith("(?<=", i)
     )
@@ -488,6 +488,55 @@ class PhraseIndex:
         key = (("a" if _word_char(text[0]) else " ") + text[1:]) if self.regex_head_by_class else text
         return key.lower() if self.regex_fold and key.isascii() else key
 
+    def regex_candidates(self, piece: str) -> tuple[int, ...]:
+        """The regexes that may match, or partially match, text that begins inside ``piece[1:]`` (``piece[0]``:
+        the character before it, which the negative lookbehinds read); kept per piece."""
+        assert self.prefilters is not None
+        found = []
+        # A regex whose lookbehinds consume only non-word characters reads, at a start after a word character of
+        # the piece (the first one may be the character before, which the key keeps by its class), nothing before
+        # that word character: from there the regex itself is searched; before it, its prefilter.
+        word = _WORD.search(piece) if self.regex_head_by_class else None
+        exact_from = word.start() + 1 if word is not None else len(piece) + 1
+        m = self.prefilter_gate.search(piece, 1, partial=True) if self.prefilter_gate is not None else None
+        if self.prefilter_gate is None or (m is not None and not m.start() == m.end() == len(piece)):
+            for r, prefilter in enumerate(self.prefilters):
+                m = prefilter.search(piece, 1, partial=True)
+                if m is not None and m.start() >= exact_from and self.stops_at_words[r]:
+                    m = self.regexes[r][1].search(piece, exact_from, partial=True)
+                if m is not None and not m.start() == m.end() == len(piece):
+                    found.append(r)
+        candidates = tuple(found)
+        if len(self.candidates) < _MEMO_ENTRIES:
+            self.candidates[self.piece_key(piece)] = candidates
+        return candidates
+
+    def quiet_after(self, text: str) -> int | None:
+        """Whether adding ``text[1:]`` to a text that holds nothing, after the character ``text[0]``, is a quiet
+        step -- it completes no string phrase, begins none, and begins no regular expression -- and then the key
+        of the new end (:meth:`before_key`); ``None`` when it may not be (then the general analysis tells).
+
+        The answer the general analysis gives for such a step, worked out alone: the first time a piece of text
+        comes after a character class it costs a few automaton and regex calls instead of the whole analysis,
+        and it is kept as the quiet step's answer from then on."""
+        piece = text[1:]
+        for group in self.groups:
+            automaton = group.automaton
+            if next(automaton.iter(_normalize(piece, group.fold)), None) is not None:
+                return None  # a phrase inside the piece (whether it completes here is the analysis' call)
+            for m in group.starts.finditer(text, 1):
+                if automaton.match(_normalize(text[m.start() :], group.fold)):
+                    return None  # the beginning of a phrase: held
+        if self.regexes:
+            if self.prefilters is None:
+                return None
+            candidates = self.candidates.get(self.piece_key(text))
+            if candidates is None:
+                candidates = self.regex_candidates(text)
+            if candidates:
+                return None  # a regex may begin here: its search reads the text before (no quiet step to keep)
+        return self.before_key(text[-1])
+
     @classmethod
     def of(cls, matcher: PhraseMatcher) -> PhraseIndex:
         """The index of ``matcher``, built on first use and kept on it."""
@@ -633,12 +682,14 @@ class PhraseStream:
         before = self.quiet_before
         was_plain = stream.plain_tail
         piece = stream.push_plain(token)
+        index = self.index
+        known: int | None = None
         if before >= 0:
-            after = self.index.quiet.get((before, piece)) if piece is not None else None
-            if after is not None:  # the quiet step: nothing held before and after, nothing may begin
-                self.quiet_before = after
+            known = index.quiet.get((before, piece)) if piece is not None else None
+            if known is not None and known >= 0:  # the quiet step: nothing held before and after, nothing may begin
+                self.quiet_before = known
                 if was_plain and stream.plain_tail:
-                    self.index.learn_quiet(token, before, after)
+                    index.learn_quiet(token, before, known)
                 return _NOTHING
             self._leave_quiet(old_end)
         if piece is None:
@@ -647,7 +698,16 @@ class PhraseStream:
         end = base + len(text)
         if old_end <= base or end == old_end or stream.head_end > old_end:
             return self._analyse(n, prompt_length, old_end, False)
-        index = self.index
+        if before >= 0 and known is None and len(index.quiet) < _MEMO_ENTRIES:
+            # A piece not seen after this character class yet: whether the step is quiet is worked out alone
+            # (-1 kept: it is not, the analysis below tells the rest).
+            after = index.quiet_after(text[old_end - base - 1 :])
+            index.quiet[(before, piece)] = -1 if after is None else after
+            if after is not None:
+                self.quiet_before = after
+                if was_plain and stream.plain_tail:
+                    index.learn_quiet(token, before, after)
+                return _NOTHING
         # The string phrases: no phrase completed and where the hold moves, if known for this text.
         string_from = end
         if index.groups:
@@ -774,7 +834,7 @@ class PhraseStream:
                 piece = text[old_end - base - 1 :]  # the new text after one character of the old
                 candidates = index.candidates.get(index.piece_key(piece))
                 if candidates is None:
-                    candidates = self._candidates(piece)
+                    candidates = index.regex_candidates(piece)
                 if candidates or min(self._regex_from) < old_end:
                     best = self._regex_match(prompt_length, old_end, final, best, candidates)
                 else:
@@ -925,30 +985,6 @@ class PhraseStream:
                 if best is None or candidate[:3] < best[:3]:
                     best = candidate
         return best
-
-    def _candidates(self, piece: str) -> tuple[int, ...]:
-        """The regexes that may match, or partially match, text that begins inside ``piece[1:]`` (``piece[0]``:
-        the character before it, which the negative lookbehinds read); kept per piece."""
-        index = self.index
-        assert index.prefilters is not None
-        found = []
-        # A regex whose lookbehinds consume only non-word characters reads, at a start after a word character of
-        # the piece (the first one may be the character before, which the key keeps by its class), nothing before
-        # that word character: from there the regex itself is searched; before it, its prefilter.
-        word = _WORD.search(piece) if index.regex_head_by_class else None
-        exact_from = word.start() + 1 if word is not None else len(piece) + 1
-        m = index.prefilter_gate.search(piece, 1, partial=True) if index.prefilter_gate is not None else None
-        if index.prefilter_gate is None or (m is not None and not m.start() == m.end() == len(piece)):
-            for r, prefilter in enumerate(index.prefilters):
-                m = prefilter.search(piece, 1, partial=True)
-                if m is not None and m.start() >= exact_from and index.stops_at_words[r]:
-                    m = index.regexes[r][1].search(piece, exact_from, partial=True)
-                if m is not None and not m.start() == m.end() == len(piece):
-                    found.append(r)
-        candidates = tuple(found)
-        if len(self.index.candidates) < _MEMO_ENTRIES:
-            self.index.candidates[index.piece_key(piece)] = candidates
-        return candidates
 
     @staticmethod
     def _new(e: int, body: int, final: bool, old_end: int, prompt_chars: int) -> bool:
