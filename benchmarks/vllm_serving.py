@@ -317,7 +317,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
     (out / "vllm.md").write_text("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=os.environ.get("PERPETUAL_LOGITS_VLLM_MODEL"), help="converted folder")
     parser.add_argument("--counts", default="8,64", help="prompt counts, comma-separated")
@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prompts-json", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.model:
         parser.error("--model (or PERPETUAL_LOGITS_VLLM_MODEL) is required: the converted SmolLM2 folder")
     if args.hf_worker:
@@ -343,6 +343,9 @@ def main() -> None:
         print(json.dumps(run_hf(args.model, prompts, args.max_tokens, args.n_remove, args.seed)))
         return
     counts = [int(c) for c in args.counts.split(",")]
+    if args.hf_python and not {int(c) for c in args.hf_counts.split(",")} <= set(counts):
+        # The HF arm runs the vLLM arms' prompts: checked before the vLLM arms take minutes.
+        parser.error(f"--hf-counts ({args.hf_counts}) must be among --counts ({args.counts}) when --hf-python is given")
     rows: list[dict[str, Any]] = []
     prompts_by_count: dict[int, list[list[int]]] = {}
     for block_size in [int(b) for b in args.block_sizes.split(",")]:

@@ -289,3 +289,13 @@ def test_vllm_processor_cost_smoke(capsys):
     vllm_processor_cost.main(["--batch", "2", "--vocab", "64", "--steps", "1", "--repeats", "1"])
     table = capsys.readouterr().out
     assert "| early |" in table and "| widen top-k + top-p |" in table
+
+
+def test_vllm_benchmark_refuses_hf_counts_it_has_no_prompts_for(capsys):
+    """The HF arm reuses the vLLM arms' prompts: a count missing from --counts is refused before any arm runs
+    (it used to fail with a KeyError after the vLLM arms had run for minutes)."""
+    from benchmarks import vllm_serving
+
+    with pytest.raises(SystemExit):
+        vllm_serving.main(["--model", "unused", "--hf-python", "python", "--counts", "32", "--hf-counts", "8"])
+    assert "--hf-counts (8) must be among --counts (32)" in capsys.readouterr().err
