@@ -448,7 +448,8 @@ class PhraseIndex:
         self.candidates: dict[str, tuple[int, ...]] = {}  # piece -> the regexes that may begin inside it
         self.string_holds: dict[str, int] = {}
         # The quiet step -- nothing held before it, nothing held after it, no regex may begin in the new text --
-        # keyed by the character before the new text (see before_key) and the new text: the key of the new end.
+        # keyed by the character before the new text (see before_key) and the new text: the key of the new end,
+        # or -1 when quiet_after found that the step may not be quiet (the analysis then tells).
         self.quiet: dict[tuple[int, str], int] = {}
         # The same answers per token, for a plain token after a plain one (its text is then the token's own, see
         # TokenTexts): ``quiet_next[token << 1 | before]`` is 1 + the key after, 0 when not known. Kept only when
