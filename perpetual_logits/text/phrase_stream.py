@@ -150,6 +150,16 @@ _SCOPABLE_FLAGS = regex.IGNORECASE | regex.UNICODE | regex.ASCII | regex.V0 | re
 
 _WORD_START = r"(?<!\w)"
 _NOTHING = PhraseScan(None, 0)
+# The answers of the steps that find nothing, per tokens held (immutable, so shared: a held word is common and a
+# new answer per step would be built right after the model's forward).
+_HELD = tuple(PhraseScan(None, tokens) for tokens in range(64))
+
+
+def _holding(tokens: int) -> PhraseScan:
+    """``PhraseScan(None, tokens)``."""
+    return _HELD[tokens] if 0 <= tokens < len(_HELD) else PhraseScan(None, tokens)
+
+
 _MEMO_ENTRIES = 1 << 16  # answers kept per phrase index (the first seen), so memory stays bounded
 
 
@@ -668,7 +678,7 @@ class PhraseStream:
         if final:  # the last call: an unfinished character is text now (U+FFFD), which may confirm a match
             stream.finish()
         if n <= prompt_length:
-            return PhraseScan(None, 0)
+            return _NOTHING
         return self._analyse(n, prompt_length, old_end, final)
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -743,7 +753,7 @@ class PhraseStream:
                 if was_plain and stream.plain_tail:
                     index.learn_quiet(token, before, self.quiet_before)
             return _NOTHING
-        return PhraseScan(None, min(n - stream.cut(string_from), n - prompt_length))
+        return _holding(min(n - stream.cut(string_from), n - prompt_length))
 
     def _held_key(self) -> str | None:
         """The key of the string phrases' answer for the text from where the hold began (one character before it
@@ -852,7 +862,7 @@ class PhraseStream:
             tokens = max(tokens, stream.pending)
         if usual and tokens == 0 and hold_from >= end:
             self.quiet_before = index.before_key(text[-1])  # nothing held: the next step may be a quiet one
-        return PhraseScan(None, min(tokens, n - prompt_length))
+        return _holding(min(tokens, n - prompt_length))
 
     def _string_match(
         self,
