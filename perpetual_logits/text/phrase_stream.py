@@ -724,6 +724,14 @@ class PhraseStream:
         if index.groups:
             key = self._held_key()
             moved = index.string_holds.get(key) if key is not None else None
+            if moved is None and key is not None and before < 0 and self._releases(old_end):
+                # The held word is let go and the new piece holds nothing (worked out alone): a quiet step.
+                if len(index.string_holds) < _MEMO_ENTRIES:
+                    index.string_holds[key] = -1
+                self._regex_from = [end] * len(index.regexes)
+                self._string_from = end
+                self.quiet_before = index.before_key(text[-1])
+                return _NOTHING
             if moved is None:
                 return self._analyse(n, prompt_length, old_end, False)
             if moved >= 0:
@@ -754,6 +762,31 @@ class PhraseStream:
                     index.learn_quiet(token, before, self.quiet_before)
             return _NOTHING
         return _holding(min(n - stream.cut(string_from), n - prompt_length))
+
+    def _releases(self, old_end: int) -> bool:
+        """Whether the new text (after ``old_end``) ends the one held word and begins nothing: the held text holds
+        no other place a string phrase may begin, the held text with the new text is no longer the beginning of a
+        phrase and holds none, no regex holds text, and the new text alone, after the held text, is a quiet step
+        (:meth:`PhraseIndex.quiet_after`, kept in the quiet steps' answers). ``False`` when any of it may not
+        hold: the analysis tells."""
+        index, stream, held = self.index, self.text, self._string_from
+        text, base = stream.text, stream.char_base
+        if index.regexes and min(self._regex_from) < old_end:
+            return False
+        for group in index.groups:
+            if group.starts.search(text, held - base + 1, old_end - base) is not None:
+                return False
+            tail = _normalize(text[held - base :], group.fold)
+            if group.automaton.match(tail) or next(group.automaton.iter(tail), None) is not None:
+                return False
+        piece = text[old_end - base - 1 :]
+        before = index.before_key(piece[0])
+        after = index.quiet.get((before, piece[1:]))
+        if after is None:
+            after = index.quiet_after(piece)
+            if len(index.quiet) < _MEMO_ENTRIES:
+                index.quiet[(before, piece[1:])] = -1 if after is None else after
+        return after is not None and after >= 0
 
     def _held_key(self) -> str | None:
         """The key of the string phrases' answer for the text from where the hold began (one character before it

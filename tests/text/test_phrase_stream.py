@@ -420,3 +420,15 @@ def test_a_lookbehind_over_non_word_characters_stops_at_a_word():
     # sentence end it may (the character before the piece is kept only by its class).
     assert stream.index.regex_candidates("dit") == () and stream.index.regex_candidates("d wanted to ") == ()
     assert stream.index.regex_candidates(" to") == (0,)
+
+
+@pytest.mark.parametrize("tok", [BYTE_LEVEL, SENTENCEPIECE], ids=["byte_level", "sentencepiece"])
+def test_a_word_let_go_leaves_a_later_start_held(tok):
+    """ "Once upon" is held for "Once upon a time x"; " The" lets it go, but "upon The" may still become "upon The
+    End": the hold moves to " upon", as in scan(). (A step that lets a held word go is worked out alone only when
+    the held text has no other place a phrase may begin.)"""
+    prompt = ids_of(tok, ["."])
+    steps = [("token", "Once"), ("token", " upon"), ("token", " The")]
+    replay(PhraseMatcher(["zzz"], tok), prompt, len(prompt), 0, steps, tok)  # the tokens' texts known: plain steps
+    stream = replay(PhraseMatcher(["Once upon a time x", "upon The End"], tok), prompt, len(prompt), 0, steps, tok)
+    assert stream.text.text[stream.string_from - stream.text.char_base :].strip() == "upon The"
