@@ -548,6 +548,15 @@ class PhraseIndex:
                 return None  # a regex may begin here: its search reads the text before (no quiet step to keep)
         return self.before_key(text[-1])
 
+    def learn_quiet_step(self, before: int, text: str) -> int:
+        """:meth:`quiet_after` for ``text`` (``before``: the key of ``text[0]``), kept in :attr:`quiet`: the key of
+        the new end, or -1 when the step may not be quiet."""
+        after = self.quiet_after(text)
+        answer = -1 if after is None else after
+        if len(self.quiet) < _MEMO_ENTRIES:
+            self.quiet[(before, text[1:])] = answer
+        return answer
+
     @classmethod
     def of(cls, matcher: PhraseMatcher) -> PhraseIndex:
         """The index of ``matcher``, built on first use and kept on it."""
@@ -709,12 +718,11 @@ class PhraseStream:
         end = base + len(text)
         if old_end <= base or end == old_end or stream.head_end > old_end:
             return self._analyse(n, prompt_length, old_end, False)
-        if before >= 0 and known is None and len(index.quiet) < _MEMO_ENTRIES:
+        if before >= 0 and known is None:
             # A piece not seen after this character class yet: whether the step is quiet is worked out alone
-            # (-1 kept: it is not, the analysis below tells the rest).
-            after = index.quiet_after(text[old_end - base - 1 :])
-            index.quiet[(before, piece)] = -1 if after is None else after
-            if after is not None:
+            # (-1: it may not be, the analysis below tells the rest).
+            after = index.learn_quiet_step(before, text[old_end - base - 1 :])
+            if after >= 0:
                 self.quiet_before = after
                 if was_plain and stream.plain_tail:
                     index.learn_quiet(token, before, after)
@@ -782,11 +790,7 @@ class PhraseStream:
         piece = text[old_end - base - 1 :]
         before = index.before_key(piece[0])
         after = index.quiet.get((before, piece[1:]))
-        if after is None:
-            after = index.quiet_after(piece)
-            if len(index.quiet) < _MEMO_ENTRIES:
-                index.quiet[(before, piece[1:])] = -1 if after is None else after
-        return after is not None and after >= 0
+        return (after if after is not None else index.learn_quiet_step(before, piece)) >= 0
 
     def _held_key(self) -> str | None:
         """The key of the string phrases' answer for the text from where the hold began (one character before it

@@ -2,7 +2,7 @@ r"""Regular expressions that are only a finite list of words: matched as string 
 
 The chat closings (:data:`~perpetual_logits.text.endings.CHAT_CLOSING_PHRASES`) are written as regular
 expressions for brevity -- ``(?i)(?<!\w)(?:best|kind|warm|warmest)\s+regards(?!\w)`` -- but each stands for a few
-dozen strings at most. As strings they join the one Aho-Corasick automaton of
+dozen strings at most. As strings they join the Aho-Corasick automata of the string phrases in
 :class:`~perpetual_logits.text.phrase_stream.PhraseIndex`: whether a piece of text may begin one of them is then
 answered from what earlier steps found for the same text, and no regular expression is searched for them at all.
 
@@ -25,6 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 import regex
+
+from .matcher import _WORD
 
 __all__ = ["regex_words"]
 
@@ -83,13 +85,9 @@ def regex_words(pattern: Any) -> tuple[list[str], bool] | None:
     for word in kept:
         # A whole word: it begins with a word character (the boundary before it is one), and its whitespace runs
         # stand between characters (a run at an edge, or two runs in a row, would need a count of whitespace).
-        if not word or not _is_word(word[0]) or word[-1] == _SPACE or 2 * _SPACE in word:
+        if not word or not _WORD.match(word[0]) or word[-1] == _SPACE or 2 * _SPACE in word:
             return None
     return kept, ignore_case
-
-
-def _is_word(char: str) -> bool:
-    return regex.match(r"\w", char) is not None
 
 
 def _alternatives(source: str, i: int) -> tuple[list[str], int]:
