@@ -12,14 +12,14 @@ PYTEST_ARGS ?=
 # The chat model of `make demo-chat`: a .gguf file or a folder holding one (converted once, then cached).
 CHAT_MODEL ?= $(SHARED_MODELS)/smollm2-135m-instruct
 
-# Installs ride out a bad minute on the network: pip resumes a cut-off download (--resume-retries), and an install
-# that still fails is run again after a pause (pip skips what is already in place). The pip upgrade runs with the
-# machine's own pip, which may predate --resume-retries, so it gets only the retry loop.
+# Installs ride out a bad few minutes on the network: pip resumes a cut-off download (--resume-retries), and an
+# install that still fails is run again after a pause of 30, 60, then 120 s (pip skips what is already in place).
+# The pip upgrade runs with the machine's own pip, which may predate --resume-retries: it gets only the loop.
 PIP_RETRIES := --retries 10 --resume-retries 10
 define pip_install
-for attempt in 1 2 3; do $(1) -m pip install --quiet $(2) && exit 0; \
-	[ $$attempt = 3 ] || { echo "pip install failed (attempt $$attempt of 3); trying again in 30 s" >&2; sleep 30; }; \
-	done; echo "pip install failed 3 times; giving up" >&2; exit 1
+for attempt in 1 2 3 4; do $(1) -m pip install --quiet $(2) && exit 0; [ $$attempt = 4 ] && break; \
+	pause=$$((30 << (attempt - 1))); echo "pip install failed (attempt $$attempt of 4); again in $$pause s" >&2; \
+	sleep $$pause; done; echo "pip install failed 4 times; giving up" >&2; exit 1
 endef
 
 BIN := $(VENV)/bin
