@@ -350,6 +350,10 @@ class LoopTracker:
         # whose token p back equals the new token can complete a loop: the others are not looked at.
         self.least = [0] + [self._need(p) - p for p in range(1, max_span + 1)]
         self.only_repeats = min(self.least[min_span:], default=1) >= 1
+        # When every span needs two or more such tokens (the defaults: at least 7), the newest two tokens must
+        # both equal the two p before them: only a pair of tokens written again within max_span can complete a
+        # loop. In text most repeated tokens are common words whose pair with the token before is new.
+        self.only_pair_repeats = min(self.least[min_span:], default=2) >= 2
         # A run longer than this changes no decision (only the reported loop's start, not needed while looping).
         self.enough = [0] + [max(self.least[p], symbol_loop_tokens - p) for p in range(1, max_span + 1)]
         # The row, from `begin` on (tokens before it are never part of a loop).
@@ -358,6 +362,8 @@ class LoopTracker:
         # Where each token was last written (an index into ids): a new token last seen more than max_span back
         # repeats no span, which is the usual token, decided without looking at the window.
         self.last_seen: dict[int, int] = {}
+        # The same for each pair of neighbouring tokens (keyed ``first << 32 | second``), by its second token.
+        self.pair_seen: dict[int, int] = {}
         self.looping = False  # the previous token already ended a loop (reported then, or kept)
         # Finished non-blank lines: (first token index, token tuple), oldest first, and where the current
         # line began.
@@ -382,8 +388,14 @@ class LoopTracker:
         n = len(ids)
         seen = self.last_seen.get(token_id, -1)
         self.last_seen[token_id] = n - 1
+        if n > 1:
+            pair = ids[n - 2] << 32 | token_id
+            if self.only_pair_repeats:
+                seen = min(seen, self.pair_seen.get(pair, -1))
+            self.pair_seen[pair] = n - 1
         if self.only_repeats and seen < n - 1 - self.max_span:
-            # The usual token: not written within max_span, it repeats no span (and ends any loop).
+            # The usual token: it (or, where spans need two repeated tokens, its pair with the token before) was
+            # not written within max_span, so it repeats no span (and ends any loop).
             self.looping = False
             return self._line(token_id)
         # Spans p the row can hold a copy of (the token p back lies at `begin` or later), shortest first.
@@ -444,6 +456,7 @@ class LoopTracker:
         """Rebuild the line records from the row (after a start or a rewind); runs are counted when asked."""
         ids, n = self.ids, len(self.ids)
         self.last_seen = {token: i for i, token in enumerate(ids)}
+        self.pair_seen = {ids[i - 1] << 32 | ids[i]: i for i in range(1, n)}
         self.looping = False
         self.lines = []
         self.line_start = self.begin

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from perpetual_logits import LoopDetection
 from perpetual_logits.backstep.rules import LoopRule
 from perpetual_logits.protocol import RowView
-from perpetual_logits.text.repetition import LoopTracker, find_token_loop, newline_token_ids, word_token_ids
+from perpetual_logits.text.repetition import (
+    LoopMatch,
+    LoopTracker,
+    find_token_loop,
+    newline_token_ids,
+    word_token_ids,
+)
 
 LEGITIMATE = {
     "json array (the issue's case)": """[
@@ -206,6 +212,20 @@ def test_tracker_finds_the_token_loops_find_token_loop_finds(
             assert row[got.first : got.start] == row[got.start : got.start + got.span], (row, begin)
             continue
         assert got == want, (row, begin)
+
+
+@pytest.mark.parametrize("kept_by", ["start", "rewind"])
+def test_copies_written_before_a_start_or_a_rewind_still_count(kept_by):
+    """The tracker's shortcut for a token whose pair with the token before was not written lately must know the
+    pairs of the text it was started on and of what a rewind kept: there the third "1" completes the loop."""
+    tracker = LoopTracker(max_span=8, min_repeats=3, min_loop_tokens=3, line_repeats=0)
+    if kept_by == "start":
+        tracker.start([5, 1, 1], 1)
+    else:
+        tracker.start([5], 1)
+        assert [tracker.push(t) for t in [1, 1, 7]] == [None, None, None]
+        tracker.rewind(3)
+    assert tracker.push(1) == LoopMatch(start=2, first=1, span=1, repeats=3, kind="token")
 
 
 def _loop_by_definition(tracker: LoopTracker, row: list[int], begin: int) -> tuple[int, int]:
