@@ -391,13 +391,14 @@ class LoopTracker:
         if n > 1:
             pair = ids[n - 2] << 32 | token_id
             if self.only_pair_repeats:
-                seen = min(seen, self.pair_seen.get(pair, -1))
+                seen = self.pair_seen.get(pair, -1)  # never later than the token's own last place
             self.pair_seen[pair] = n - 1
         if self.only_repeats and seen < n - 1 - self.max_span:
             # The usual token: it (or, where spans need two repeated tokens, its pair with the token before) was
             # not written within max_span, so it repeats no span (and ends any loop).
             self.looping = False
-            return self._line(token_id)
+            newline_ids = self.newline_ids
+            return None if newline_ids is None or token_id not in newline_ids else self._line(token_id)
         # Spans p the row can hold a copy of (the token p back lies at `begin` or later), shortest first.
         longest = min(self.max_span, n - 1 - self.begin)
         span = run = 0
