@@ -707,10 +707,7 @@ class PhraseStream:
         if before >= 0:
             known = index.quiet.get((before, piece)) if piece is not None else None
             if known is not None and known >= 0:  # the quiet step: nothing held before and after, nothing may begin
-                self.quiet_before = known
-                if was_plain and stream.plain_tail:
-                    index.learn_quiet(token, before, known)
-                return _NOTHING
+                return self._quiet_step(token, before, known, was_plain)
             self._leave_quiet(old_end)
         if piece is None:
             return None
@@ -723,10 +720,7 @@ class PhraseStream:
             # (-1: it may not be, the analysis below tells the rest).
             after = index.learn_quiet_step(before, text[old_end - base - 1 :])
             if after >= 0:
-                self.quiet_before = after
-                if was_plain and stream.plain_tail:
-                    index.learn_quiet(token, before, after)
-                return _NOTHING
+                return self._quiet_step(token, before, after, was_plain)
         # The string phrases: no phrase completed and where the hold moves, if known for this text.
         string_from = end
         if index.groups:
@@ -763,13 +757,21 @@ class PhraseStream:
             self._regex_from = [end] * len(index.regexes)
         self._string_from = string_from
         if string_from >= end:
-            self.quiet_before = index.before_key(text[-1])
-            if before >= 0 and len(index.quiet) < _MEMO_ENTRIES:
-                index.quiet[(before, piece)] = self.quiet_before
-                if was_plain and stream.plain_tail:
-                    index.learn_quiet(token, before, self.quiet_before)
-            return _NOTHING
+            after = index.before_key(text[-1])
+            if before < 0 or len(index.quiet) >= _MEMO_ENTRIES:
+                self.quiet_before = after
+                return _NOTHING
+            index.quiet[(before, piece)] = after
+            return self._quiet_step(token, before, after, was_plain)
         return _holding(min(n - stream.cut(string_from), n - prompt_length))
+
+    def _quiet_step(self, token: int, before: int, after: int, was_plain: bool) -> PhraseScan:
+        """A quiet step from the character key ``before`` to ``after``: nothing held now. The answer is kept per
+        token too when the token is a plain one after a plain one (``was_plain``: the tail before it was plain)."""
+        self.quiet_before = after
+        if was_plain and self.text.plain_tail:
+            self.index.learn_quiet(token, before, after)
+        return _NOTHING
 
     def _releases(self, old_end: int) -> bool:
         """Whether the new text (after ``old_end``) ends the one held word and begins nothing: the held text holds

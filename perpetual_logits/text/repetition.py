@@ -359,11 +359,10 @@ class LoopTracker:
         # The row, from `begin` on (tokens before it are never part of a loop).
         self.ids: list[int] = []
         self.begin = 0
-        # Where each token was last written (an index into ids): a new token last seen more than max_span back
-        # repeats no span, which is the usual token, decided without looking at the window.
+        # Where each token was last written (an index into ids) -- or, with only_pair_repeats, each pair of
+        # neighbouring tokens (keyed ``first << 32 | second``, at its second): a new one last seen more than
+        # max_span back repeats no span, which is the usual token, decided without looking at the window.
         self.last_seen: dict[int, int] = {}
-        # The same for each pair of neighbouring tokens (keyed ``first << 32 | second``), by its second token.
-        self.pair_seen: dict[int, int] = {}
         self.looping = False  # the previous token already ended a loop (reported then, or kept)
         # Finished non-blank lines: (first token index, token tuple), oldest first, and where the current
         # line began.
@@ -386,13 +385,12 @@ class LoopTracker:
         ids = self.ids
         ids.append(token_id)
         n = len(ids)
-        seen = self.last_seen.get(token_id, -1)
-        self.last_seen[token_id] = n - 1
-        if n > 1:
-            pair = ids[n - 2] << 32 | token_id
-            if self.only_pair_repeats:
-                seen = self.pair_seen.get(pair, -1)  # never later than the token's own last place
-            self.pair_seen[pair] = n - 1
+        if self.only_pair_repeats and n == 1:
+            seen = -1  # no pair yet
+        else:
+            key = ids[n - 2] << 32 | token_id if self.only_pair_repeats else token_id
+            seen = self.last_seen.get(key, -1)
+            self.last_seen[key] = n - 1
         if self.only_repeats and seen < n - 1 - self.max_span:
             # The usual token: it (or, where spans need two repeated tokens, its pair with the token before) was
             # not written within max_span, so it repeats no span (and ends any loop).
@@ -456,8 +454,10 @@ class LoopTracker:
     def _recount(self) -> None:
         """Rebuild the line records from the row (after a start or a rewind); runs are counted when asked."""
         ids, n = self.ids, len(self.ids)
-        self.last_seen = {token: i for i, token in enumerate(ids)}
-        self.pair_seen = {ids[i - 1] << 32 | ids[i]: i for i in range(1, n)}
+        if self.only_pair_repeats:
+            self.last_seen = {ids[i - 1] << 32 | ids[i]: i for i in range(1, n)}
+        else:
+            self.last_seen = {token: i for i, token in enumerate(ids)}
         self.looping = False
         self.lines = []
         self.line_start = self.begin
