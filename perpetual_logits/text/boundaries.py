@@ -112,16 +112,15 @@ def _sentence_end_inside(piece: str) -> int:
 
 
 def _spell(
-    tokenizer: Any, ids: Sequence[int], start: int, floor: int, head: str, limit: int
+    tokenizer: Any, ids: Sequence[int], start: int, floor: int, head: str, limit: int, text: str
 ) -> tuple[int, list[int]] | None:
-    """Keep ``ids[:q]`` and append tokens so that the text of ``ids[start:]`` gains exactly ``head``: first
-    without touching ``ids`` (``q = len(ids)``), else re-spelling the last few tokens with it (``q >= floor``),
-    with at most ``limit`` tokens in all (the row's length: a cut never makes it longer). ``None`` when the
-    tokenizer cannot spell it exactly."""
-    text = _decode(tokenizer, ids[start:])
+    """Keep ``ids[:q]`` and append tokens so that the text of ``ids[start:]`` (``text``, already decoded) gains
+    exactly ``head``: first without touching ``ids`` (``q = len(ids)``), else re-spelling the last few tokens with
+    it (``q >= floor``), with at most ``limit`` tokens in all (the row's length: a cut never makes it longer).
+    ``None`` when the tokenizer cannot spell it exactly."""
     target = text + head
     for q in range(len(ids), max(floor, start, len(ids) - 4) - 1, -1):
-        kept = _decode(tokenizer, ids[start:q])
+        kept = text if q == len(ids) else _decode(tokenizer, ids[start:q])
         if not target.startswith(kept):
             continue
         segment = target[len(kept) :]
@@ -224,7 +223,7 @@ def _end_at(
     piece = following[len(text) :] if following.startswith(text) else ""
     inside = _sentence_end_inside(piece)
     if inside and (p > start or text):
-        spelled = _spell(tokenizer, ids[:p], start, floor, piece[:inside], n)
+        spelled = _spell(tokenizer, ids[:p], start, floor, piece[:inside], n, text)
         if spelled is not None:
             return spelled, True
     if p == start:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .. import _validation
 
@@ -282,6 +283,23 @@ def word_token_ids(tokenizer: object) -> frozenset[int]:
     )
 
 
+def _need(p: int, min_repeats: int, min_loop_tokens: int) -> int:
+    """Tokens of copies in all that a span of ``p`` tokens needs to be a loop."""
+    return p * max(min_repeats, -(-min_loop_tokens // p))
+
+
+@lru_cache(maxsize=64)
+def _span_tables(
+    min_span: int, max_span: int, min_repeats: int, min_loop_tokens: int, symbol_loop_tokens: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per span ``p`` (index 0 unused): ``least[p]``, the newest tokens that must equal the token ``p`` before
+    them (the run of ``p``), and ``enough[p]``, the run beyond which no decision changes (only the reported loop's
+    start, not needed while looping). The same for every row with these settings: built once, not per row."""
+    least = (0, *(_need(p, min_repeats, min_loop_tokens) - p for p in range(1, max_span + 1)))
+    enough = (0, *(max(least[p], symbol_loop_tokens - p) for p in range(1, max_span + 1)))
+    return least, enough
+
+
 class LoopTracker:
     """One row's incremental loop detection: what a *degenerate* repetition is, decided per new token in time
     that does not grow with the row (no window is rescanned).
@@ -348,14 +366,12 @@ class LoopTracker:
         # What a span of p tokens needs: `_need(p)` tokens of copies in all, i.e. `least[p]` newest tokens equal
         # to the token p before them (the run of p). When every span needs at least one such token, only spans
         # whose token p back equals the new token can complete a loop: the others are not looked at.
-        self.least = [0] + [self._need(p) - p for p in range(1, max_span + 1)]
+        self.least, self.enough = _span_tables(min_span, max_span, min_repeats, min_loop_tokens, symbol_loop_tokens)
         self.only_repeats = min(self.least[min_span:], default=1) >= 1
         # When every span needs two or more such tokens (the defaults: at least 7), the newest two tokens must
         # both equal the two p before them: only a pair of tokens written again within max_span can complete a
         # loop. In text most repeated tokens are common words whose pair with the token before is new.
         self.only_pair_repeats = min(self.least[min_span:], default=2) >= 2
-        # A run longer than this changes no decision (only the reported loop's start, not needed while looping).
-        self.enough = [0] + [max(self.least[p], symbol_loop_tokens - p) for p in range(1, max_span + 1)]
         # The row, from `begin` on (tokens before it are never part of a loop).
         self.ids: list[int] = []
         self.begin = 0
@@ -429,7 +445,7 @@ class LoopTracker:
 
     # -- internals ---------------------------------------------------------------------------------------
     def _need(self, p: int) -> int:
-        return p * max(self.min_repeats, -(-self.min_loop_tokens // p))
+        return _need(p, self.min_repeats, self.min_loop_tokens)
 
     def _run(self, p: int, limit: int) -> int:
         """How many newest tokens equal the token ``p`` before them (within the row from ``begin``; at most
