@@ -394,27 +394,40 @@ class LandingBias(LogitsProcessor):
         self.eos = list(eos)
         self.margin = text.landing.margin
         self.strength = float(text.landing.strength)
+        # The EOS ids as an index, per device (built on first use there, not per step).
+        self._eos_index: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         earliest = self.text.earliest_due
         if earliest is not None and input_ids.shape[-1] < earliest:
             return scores  # no row is due yet (every row is at most as long as the longest, the input's width)
-        boost: list[tuple[int, float]] = []
+        if not self.eos:
+            return scores
+        text = self.text
+        amounts = [0.0] * scores.shape[0]  # per row: the logit added to its EOS ids
+        boosted = False
         # Rows whose text ends a sentence now (few): only they can get the bonus.
-        ending = [row for row, states in enumerate(self.text.states) if states and states[-1][3]]
+        ending = [row for row, states in enumerate(text.states) if states and states[-1][3]]
         for row in ending:
-            length = self.text.length(row)
-            due = self.text.due(row)
+            length = text.length(row)
+            due = text.due(row)
             if due is None or length < due:
                 continue
-            margin = self.text.margin(row) or self.margin
-            boost.append((row, self.strength * min(1.0, (length - due + 1) / margin)))
-        if not boost or not self.eos:
+            margin = text.margin(row) or self.margin
+            amounts[row] = self.strength * min(1.0, (length - due + 1) / margin)
+            boosted = True
+        if not boosted:
             return scores
-        # One tensor operation for every boosted row and EOS id (indexing row by row costs more than the rest).
-        rows = torch.tensor([row for row, _ in boost], device=scores.device)
-        amounts = torch.tensor([amount for _, amount in boost], dtype=scores.dtype, device=scores.device)
-        eos = torch.tensor(self.eos, device=scores.device)
+        # One tensor operation for every row and EOS id (indexing row by row costs more than the rest); a single
+        # EOS id is one column.
+        device = scores.device
+        bonus = torch.tensor(amounts, dtype=scores.dtype, device=device)
         out = scores.clone()
-        out[rows[:, None], eos[None, :]] += amounts[:, None]
+        if len(self.eos) == 1:
+            out[:, self.eos[0]] += bonus
+        else:
+            eos = self._eos_index.get(device)
+            if eos is None:
+                eos = self._eos_index[device] = torch.tensor(self.eos, device=device)
+            out[:, eos] += bonus[:, None]
         return out  # type: ignore[return-value]

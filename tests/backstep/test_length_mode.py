@@ -246,10 +246,11 @@ def test_a_cut_never_makes_a_row_longer_than_it_was(data, story_tokenizer, text_
     assert floor <= length <= len(ids) and length + len(extra) <= len(ids)
 
 
-def test_the_landing_bias_raises_eos_for_rows_at_a_sentence_end_past_their_due_point(story_tokenizer) -> None:
+@pytest.mark.parametrize("eos_ids", [[EOS], [EOS, 5]])
+def test_the_landing_bias_raises_eos_for_rows_at_a_sentence_end_past_their_due_point(story_tokenizer, eos_ids) -> None:
     """Three rows, 20 new tokens after a 1-token prompt, margin 8 (capped to a quarter of the budget: 5): the
     bonus starts 5 tokens before the limit and rises to its strength over them, only where the text ends a
-    sentence; the input is untouched."""
+    sentence, on every EOS id (one id is one column, several an index); the input is untouched."""
     from perpetual_logits.backstep.landing import LandingBias
 
     text = RowText(story_tokenizer, 0, 0, Landing(margin=8, strength=2.0))
@@ -267,7 +268,7 @@ def test_the_landing_bias_raises_eos_for_rows_at_a_sentence_end_past_their_due_p
             text.observe(RowView(row, list(ids), 1, 0))
     scores = torch.zeros(3, len(story_tokenizer))
     longest = max(text.length(row) for row in range(3))  # the rows as processors see them: right-aligned
-    bias = LandingBias(text, [EOS, 5])
+    bias = LandingBias(text, eos_ids)
     out = bias(torch.zeros(3, longest, dtype=torch.long), scores)
     assert out is not scores and not scores.any()
     # Before any row can be due, the bias returns the scores as they are, without looking at the rows.
@@ -275,8 +276,8 @@ def test_the_landing_bias_raises_eos_for_rows_at_a_sentence_end_past_their_due_p
     length, due = text.length(0), text.due(0)
     assert due == 21 - 5 and length >= due
     expected = 2.0 * min(1.0, (length - due + 1) / 5)
-    assert out[0, [EOS, 5]].tolist() == pytest.approx([expected, expected])
-    assert out[0].count_nonzero() == 2 and not out[1:].any()
+    assert out[0, eos_ids].tolist() == pytest.approx([expected] * len(eos_ids))
+    assert out[0].count_nonzero() == len(eos_ids) and not out[1:].any()
 
 
 @settings(max_examples=300, deadline=None)
