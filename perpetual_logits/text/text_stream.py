@@ -381,24 +381,12 @@ class TextStream:
         late = tokens[len(tokens) - count :]
         del tokens[len(tokens) - count :]
         follows = self._follows
-        pieces = [follows.get(token_id) for token_id in late]  # kept since deferred, unless forgotten since
-        added = "".join(pieces) if tokens and None not in pieces else None  # type: ignore[arg-type]
-        if added is not None and len(self.text) + len(added) <= self._trim_at:
-            # The usual case: every text known and no trim due on the way, all added at once.
-            ends, end = self.ends, self.char_base + len(self.text)
-            for piece in pieces:
-                end += len(piece)  # type: ignore[arg-type]
-                ends.append(end)
-            self.own.extend([True] * count)
-            tokens.extend(late)
-            self.text += added
-            self.changed_from = None
-        else:
-            for token_id, text in zip(late, pieces):
-                if text is None or not tokens:
-                    self.push(token_id)
-                else:
-                    self._append(token_id, text)
+        for token_id in late:
+            text = follows.get(token_id)  # kept since it was deferred, unless the texts were forgotten since
+            if text is None or not tokens:
+                self.push(token_id)
+            else:
+                self._append(token_id, text)
         self.plain_tail = self.pending == 0 and tokens[-1] in follows
 
     def _append(self, token_id: int, text: str) -> None:
