@@ -290,7 +290,7 @@ def _need(p: int, min_repeats: int, min_loop_tokens: int) -> int:
 
 @lru_cache(maxsize=64)
 def _span_tables(
-    min_span: int, max_span: int, min_repeats: int, min_loop_tokens: int, symbol_loop_tokens: int
+    max_span: int, min_repeats: int, min_loop_tokens: int, symbol_loop_tokens: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per span ``p`` (index 0 unused): ``least[p]``, the newest tokens that must equal the token ``p`` before
     them (the run of ``p``), and ``enough[p]``, the run beyond which no decision changes (only the reported loop's
@@ -366,7 +366,7 @@ class LoopTracker:
         # What a span of p tokens needs: `_need(p)` tokens of copies in all, i.e. `least[p]` newest tokens equal
         # to the token p before them (the run of p). When every span needs at least one such token, only spans
         # whose token p back equals the new token can complete a loop: the others are not looked at.
-        self.least, self.enough = _span_tables(min_span, max_span, min_repeats, min_loop_tokens, symbol_loop_tokens)
+        self.least, self.enough = _span_tables(max_span, min_repeats, min_loop_tokens, symbol_loop_tokens)
         self.only_repeats = min(self.least[min_span:], default=1) >= 1
         # When every span needs two or more such tokens (the defaults: at least 7), the newest two tokens must
         # both equal the two p before them: only a pair of tokens written again within max_span can complete a
