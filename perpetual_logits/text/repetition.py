@@ -444,9 +444,6 @@ class LoopTracker:
         return match if match is not None else line
 
     # -- internals ---------------------------------------------------------------------------------------
-    def _need(self, p: int) -> int:
-        return _need(p, self.min_repeats, self.min_loop_tokens)
-
     def _run(self, p: int, limit: int) -> int:
         """How many newest tokens equal the token ``p`` before them (within the row from ``begin``; at most
         ``limit``)."""
@@ -465,7 +462,7 @@ class LoopTracker:
         plain = (self.word_ids is None or any(t in self.word_ids for t in span)) and (
             self.newline_ids is None or not any(t in self.newline_ids for t in span)
         )
-        return plain or p + run >= max(self._need(p), self.symbol_loop_tokens)
+        return plain or p + run >= max(self.least[p] + p, self.symbol_loop_tokens)  # least[p] + p: _need(p)
 
     def _recount(self) -> None:
         """Rebuild the line records from the row (after a start or a rewind); runs are counted when asked."""
