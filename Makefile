@@ -27,9 +27,12 @@ STAMP := $(VENV)/.installed-dev
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_CHAT := $(VENV)/.installed-chat
 
-.PHONY: all venv test lint typecheck pytest demo demo-chat analyze bench compat test-vllm bench-vllm bench-serve clean
+.PHONY: all venv compile test lint typecheck pytest demo demo-chat analyze bench compat test-vllm bench-vllm bench-serve clean
 
 all: test
+
+# A target whose recipe fails is removed (a half-written digest must not pass for a build).
+.DELETE_ON_ERROR:
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,15 +56,26 @@ $(STAMP): $(STAMP_RUN)
 
 venv: $(STAMP)
 
+# The per-token text modules compiled with mypyc (see perpetual_logits/_native.py), built beside their sources and
+# again whenever one changes; the digest file records what they were built from (a stale build is not used).
+NATIVE_SOURCES := $(shell $(PYTHON) perpetual_logits/_native.py sources)
+NATIVE_STAMP := perpetual_logits/_native_digest.txt
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SOURCES) perpetual_logits/_native.py setup.py
+	PERPETUAL_LOGITS_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace
+
+compile: $(NATIVE_STAMP)
+
 lint: $(STAMP)
-	$(BIN)/ruff check perpetual_logits tests benchmarks
-	$(BIN)/ruff format --check perpetual_logits tests benchmarks
+	$(BIN)/ruff check perpetual_logits tests benchmarks setup.py conftest.py
+	$(BIN)/ruff format --check perpetual_logits tests benchmarks setup.py conftest.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
-	PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The suite twice: with the compiled modules, then on their Python source (what an install without compiling runs).
+pytest: $(STAMP) $(NATIVE_STAMP)
+	PERPETUAL_LOGITS_EXPECT_COMPILED=1 PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PERPETUAL_LOGITS_PURE_PYTHON=1 PERPETUAL_LOGITS_MODELS=$(SHARED_MODELS) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
@@ -121,4 +135,5 @@ bench-serve: $(STAMP) $(VLLM_STAMP)
 	PERPETUAL_LOGITS_VLLM_MODEL=$(VLLM_MODEL) $(VLLM_BIN)/python benchmarks/serve.py --hf-python $(BIN)/python
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) $(VLLM_VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(VLLM_VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache build $(NATIVE_STAMP)
+	find perpetual_logits -name '*.so' -delete

@@ -9,9 +9,13 @@ Methods 1 and 2 are ``LogitsProcessor``s; Methods 3 and 4 (backstep generation w
 
 from typing import TYPE_CHECKING
 
-from ._compat import check_transformers_version
-from ._moved import install as _install_moved_modules
-from ._moved import old_names as _old_names
+from ._native import use_source_if_needed as _use_source_if_needed
+
+_use_source_if_needed()  # before any compiled module is imported: the source when asked or when the build is stale
+
+from ._compat import check_transformers_version  # noqa: E402
+from ._moved import install as _install_moved_modules  # noqa: E402
+from ._moved import old_names as _old_names  # noqa: E402
 
 check_transformers_version()
 _install_moved_modules()

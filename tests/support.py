@@ -9,10 +9,13 @@ instead.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -144,3 +147,19 @@ def save_tiny_model(folder: Path, arch: str = "llama", **config: object) -> Path
     tiny_tokenizer().save_pretrained(folder)
     tiny_model(arch, **config).save_pretrained(folder)
     return folder
+
+
+def source_module(name: str) -> ModuleType:
+    """A fresh copy of the package module ``name`` run from its ``.py`` source, under a private name, whether or
+    not the package imported a compiled build of it (``perpetual_logits/_native.py``): for tests that replace a
+    method or a table to watch or disable it, which a compiled class does not allow. Its relative imports are the
+    package's own modules."""
+    path = REPO.joinpath(*name.split(".")).with_suffix(".py")
+    private = f"{name.rpartition('.')[0]}._source_{name.rpartition('.')[2]}"
+    if private not in sys.modules:
+        spec = importlib.util.spec_from_file_location(private, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[private] = module
+        spec.loader.exec_module(module)
+    return sys.modules[private]

@@ -9,6 +9,7 @@ import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import source_module
 from test_matcher import BYTE_LEVEL, PIECES, SENTENCEPIECE, ids_of
 
 from perpetual_logits.text.endings import CHAT_CLOSING_PHRASES, default_end_phrases
@@ -289,8 +290,10 @@ def test_answers_learned_from_other_rows_change_nothing(
 
 
 def _forgetful_stream(matcher: PhraseMatcher) -> PhraseStream:
-    """A stream whose matcher keeps no answers and takes no shortcut: every step is worked out in full."""
-    stream = PhraseStream(matcher)
+    """A stream whose matcher keeps no answers and takes no shortcut: every step is worked out in full. It runs
+    the Python source (its methods are replaced below, which a compiled class does not allow), so the comparisons
+    also hold a compiled build to its source."""
+    stream = source_module(PhraseStream.__module__).PhraseStream(matcher)
     stream.index.string_holds = _Forgetful()
     stream.index.candidates = _Forgetful()
     stream.index.quiet = _Forgetful()
