@@ -82,6 +82,10 @@ def environment() -> dict[str, Any]:
     """Machine and versions, recorded with every result file."""
     import transformers
 
+    from perpetual_logits import _native
+
+    for name in _native.MODULES:  # imported, so that which form runs is known
+        __import__(name)
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -96,6 +100,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        # mypyc-compiled modules in use (perpetual_logits/_native.py); empty: all from the Python source
+        "compiled_modules": _native.compiled(),
     }
 
 

@@ -353,9 +353,11 @@ def markdown(out: dict[str, Any]) -> str:
         if out["allow_rewinds"]
         else "no rewind: EOS masked by min_new_tokens, end-marker pieces suppressed in every arm, seeds screened"
     )
+    compiled = [name.rsplit(".", 1)[-1] for name in out["environment"].get("compiled_modules", [])]
     lines = [
         f"Policy cost, TinyStories-656K, {out['tokens']} tokens, {out['repeats']} repeats, CPU time per step "
-        f"({condition}). Ratios to `BackstepConfig.method4(10)` in the same run.",
+        f"({condition}). Ratios to `BackstepConfig.method4(10)` in the same run. Text modules: "
+        f"{'compiled (' + ', '.join(compiled) + ')' if compiled else 'Python source'}.",
         "",
         "| batch | arm | ms/step | ratio (of medians) | paired min-max | ms/forward | policy alone us/row/token "
         "| policy build s | rewinds | same tokens |",
