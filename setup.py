@@ -10,7 +10,13 @@ from setuptools import setup
 
 ext_modules = []
 if os.environ.get("PERPETUAL_LOGITS_COMPILE", "") not in ("", "0"):
-    from mypyc.build import mypycify  # needs mypy at build time: pip install --no-build-isolation, or `make`
+    try:
+        from mypyc.build import mypycify
+    except ImportError as missing:
+        raise SystemExit(
+            "PERPETUAL_LOGITS_COMPILE=1 compiles with mypyc, which comes with mypy: `pip install mypy setuptools`, "
+            "then install without build isolation (`pip install --no-build-isolation .`), or run `make compile`"
+        ) from missing
 
     package = Path(__file__).parent / "perpetual_logits"
     native = runpy.run_path(str(package / "_native.py"))
