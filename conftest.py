@@ -4,19 +4,9 @@
 
 from pathlib import Path
 
-import perpetual_logits  # noqa: F401 - routes the compiled modules to their source when asked or stale
 from perpetual_logits import _native
 
-
-def _compiled_sources() -> set[Path]:
-    import importlib
-
-    for name in _native.MODULES:
-        importlib.import_module(name)
-    return {_native.source_path(name) for name in _native.compiled()}
-
-
-_COMPILED = _compiled_sources()
+_COMPILED = {_native.source_path(name) for name in _native.compiled()}
 
 
 def pytest_ignore_collect(collection_path: Path) -> bool | None:

@@ -84,8 +84,6 @@ def environment() -> dict[str, Any]:
 
     from perpetual_logits import _native
 
-    for name in _native.MODULES:  # imported, so that which form runs is known
-        __import__(name)
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:

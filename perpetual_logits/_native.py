@@ -19,6 +19,7 @@ Run as a script (no package import) it prints the module sources, for the Makefi
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.machinery
 import importlib.util
 import os
@@ -82,13 +83,10 @@ def source_needed(package_dir: Path = _PACKAGE_DIR, environ: Mapping[str, str] =
 
 
 def compiled() -> list[str]:
-    """The modules of :data:`MODULES` imported in their compiled form (empty: all run from source)."""
-    found = []
-    for name in MODULES:
-        module: ModuleType | None = sys.modules.get(name)
-        if module is not None and not str(getattr(module, "__file__", "")).endswith(".py"):
-            found.append(name)
-    return found
+    """The modules of :data:`MODULES` that run compiled (imported here if they were not yet; empty: all run from
+    source)."""
+    modules = [importlib.import_module(name) for name in MODULES]
+    return [module.__name__ for module in modules if not str(getattr(module, "__file__", "")).endswith(".py")]
 
 
 class _SourceFirst:
