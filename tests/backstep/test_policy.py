@@ -3,6 +3,8 @@ use of it: event meanings, the forward-count formula for every kind of rewind, a
 
 from __future__ import annotations
 
+import json
+import statistics
 import threading
 
 import pytest
@@ -348,7 +350,15 @@ def test_policy_cost_benchmark_smoke(tmp_path, tinystories_path) -> None:
     from benchmarks import policy_cost
 
     assert policy_cost.main(["--smoke", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "policy_cost.json").is_file() and "| 1 | chat |" in (tmp_path / "policy_cost.md").read_text()
+    assert "| 1 | chat |" in (tmp_path / "policy_cost.md").read_text()
+    out = json.loads((tmp_path / "policy_cost.json").read_text())
+    for batch in out["batches"].values():
+        for name, arm in batch.items():
+            if name.startswith("_"):
+                continue
+            # every repeat's step is kept, and the median the ratios are built from is theirs
+            assert len(arm["ms_per_step_by_repeat"]) == out["repeats"]
+            assert arm["ms_per_step"] == pytest.approx(statistics.median(arm["ms_per_step_by_repeat"]))
 
 
 def test_phrase_matchers_are_built_once_per_tokenizer_and_phrase_list(tokenizer) -> None:
