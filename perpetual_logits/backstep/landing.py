@@ -21,7 +21,7 @@ from transformers import LogitsProcessor
 
 from .. import _validation
 from ..protocol import RowState, RowView
-from ..text.boundaries import _CLOSERS, _ENDERS, _decode, _sentence_end_inside, count_words, ends_sentence
+from ..text.boundaries import _CLOSERS, _ENDERS, _decode, _sentence_end_inside, count_words
 from ..text.text_stream import TokenTexts, rust_backend
 
 __all__ = ["Landing", "LandingBias", "RowText"]
@@ -29,48 +29,85 @@ __all__ = ["Landing", "LandingBias", "RowText"]
 _MAX_PIECES = 1 << 16
 _ALONE = 1 << 62  # the key bit of a token's text alone (pair keys stay below it)
 _ANY_END = frozenset(".!?…。！？")  # a piece without these holds no sentence end (no regex needed)
-_NO_TEXT = ("", False, 0, False)
 
-# What a piece of text says whatever came before it (see _piece_facts).
-_Facts = tuple[int, bool, bool, bool, tuple[bool, bool] | None]
-_NO_FACTS: _Facts = (0, False, False, False, None)
-#: Per tokenizer: the text a token adds after its left neighbour (special tokens skipped) and what it says,
-#: keyed ``neighbour << 32 | token`` (a token alone: ``_ALONE | token``). Rows keep writing the same word pairs,
-#: so most tokens need no decode; this runs per row per token.
-_PAIR_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, _Facts]]] = weakref.WeakKeyDictionary()
-#: Per tokenizer whose tokens read alone (see TokenTexts.reads_alone): a token's text and what it says after any
-#: neighbour that reads alone too (set once it was read after one, else ``None``), indexed by the token. A flat
-#: list, not a dict: it is read right after the model's forward, which has pushed a dict's scattered entries out of
-#: the core's caches.
-_FOLLOW_FACTS: weakref.WeakKeyDictionary[Any, list[tuple[str, _Facts] | None]] = weakref.WeakKeyDictionary()
+# How a row's text ends, as far as sentence ends go (the two low bits of a row's state after each token):
+_OTHER = 0  # no sentence end
+_PENDING = 1  # sentence punctuation (then closing quotes or brackets), not yet confirmed by whitespace
+_ENDED = 2  # a sentence end confirmed by whitespace, or a line end (trailing spaces and tabs included)
+# A row's state after each token, one int: how its text ends, whether its last character is an ASCII letter (the
+# next piece may continue that word), and the words written (from bit 3 on).
+_LAST_LETTER = 4
+_WORDS_SHIFT = 3
+
+# What a piece of text does to the end of the text it is appended to (see _piece_code), by kind: the class it
+# leaves, whatever came before (kinds 0-2), or a function of the class before (kinds 3-5: pieces of spaces, tabs
+# and closing quotes or brackets only). _MARK: the text now ends at a sentence end, a cut may end here.
+_TO_OTHER, _TO_PENDING, _TO_ENDED, _SPACES, _CLOSERS_ONLY, _CLOSERS_THEN_SPACES = range(6)
+_MARK = 4
+#: ``_NEXT[kind * 3 + class before]``: the class after, with _MARK.
+_NEXT = (
+    *(_OTHER, _OTHER, _OTHER),
+    *(_PENDING, _PENDING, _PENDING),
+    *(_ENDED | _MARK, _ENDED | _MARK, _ENDED | _MARK),
+    *(_OTHER, _ENDED | _MARK, _ENDED | _MARK),  # spaces confirm punctuation, and extend an end
+    *(_OTHER, _PENDING, _OTHER),  # closers extend punctuation; after a space or a line end they are text
+    *(_OTHER, _ENDED | _MARK, _OTHER),  # closers then spaces: punctuation confirmed
+)
+
+# A piece's code, one int: its kind (bits 0-2), the flags below, its words (from bit 16 on). 0 is no code.
+_LETTER_HEAD = 1 << 3  # it begins with an ASCII letter: it may continue the text's last word
+_SPACE_HEAD = 1 << 4  # it begins with whitespace: it confirms punctuation before it
+_END_INSIDE = 1 << 5  # it holds a sentence end followed by whitespace
+_LETTER_TAIL = 1 << 6  # it ends with an ASCII letter
+_KNOWN = 1 << 7  # set in every code
+_EMPTY = 1 << 8  # no text (a special token skipped, bytes of an unfinished character): nothing changes
+_PIECE_WORDS = 16
+#: Per tokenizer: the text a token adds after its left neighbour (special tokens skipped) and its code, keyed
+#: ``neighbour << 32 | token`` (a token alone: ``_ALONE | token``). Rows keep writing the same word pairs, so most
+#: tokens need no decode; this runs per row per token.
+_PAIR_FACTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, int]]] = weakref.WeakKeyDictionary()
+#: Per tokenizer whose tokens read alone (see TokenTexts.reads_alone): a token's code after any neighbour that
+#: reads alone too (set once it was read after one, else 0), indexed by the token. A flat list of ints, not a dict
+#: of tuples: it is read right after the model's forward, which has pushed scattered entries out of the core's
+#: caches.
+_FOLLOW_FACTS: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
 
-# What a piece of text says, per piece (most pairs of tokens add the same piece as others with that token).
-_FACTS_OF_PIECE: dict[str, _Facts] = {}
+# The code of a piece of text, per piece (most pairs of tokens add the same piece as others with that token).
+_CODE_OF_PIECE: dict[str, int] = {}
 
 
-def _piece_facts(piece: str) -> _Facts:
-    """For a non-empty ``piece`` appended to a text: its words, whether it begins with an ASCII letter (it may
-    continue the text's last word), whether it begins with whitespace (it confirms a sentence end before it),
-    whether it holds a sentence end followed by whitespace, and -- when the piece alone decides it -- how the
-    text now ends: ``(pending, ends)`` as :meth:`RowText.observe` keeps them (``None``: it depends on the text
-    before, e.g. a piece of spaces or closing quotes only, or one longer than the tail kept)."""
-    says: tuple[bool, bool] | None = None
+def _piece_code(piece: str) -> int:
+    """What ``piece`` says when appended to a text, whatever the text (see the flags above): its words, how it
+    begins and ends, whether it holds a sentence end followed by whitespace, and its kind -- how the text ends
+    after it. A piece with more than spaces, tabs and closers decides that alone (its kind is the class it
+    leaves); the others leave a class that depends on the class before (see _NEXT)."""
+    if not piece:
+        return _KNOWN | _EMPTY
     stripped = piece.rstrip(" \t")
     head = stripped.rstrip(_CLOSERS)
-    if len(piece) <= 12 and head:
+    trailing = stripped != piece
+    if head:
         if stripped.endswith("\n"):
-            says = (False, True)
+            kind = _TO_ENDED
+        elif head[-1] in _ENDERS:
+            kind = _TO_ENDED if trailing else _TO_PENDING
         else:
-            punctuation = head[-1] in _ENDERS
-            says = (False, punctuation) if stripped != piece else (punctuation, punctuation)
-    return (
-        count_words(piece),
-        piece[0].isascii() and piece[0].isalpha(),
-        piece[0].isspace(),
-        bool(_ANY_END.intersection(piece)) and _sentence_end_inside(piece) > 0,
-        says,
-    )
+            kind = _TO_OTHER
+    elif not stripped:
+        kind = _SPACES
+    else:  # closers only (a space among them would be in the head)
+        kind = _CLOSERS_THEN_SPACES if trailing else _CLOSERS_ONLY
+    code = _KNOWN | kind | count_words(piece) << _PIECE_WORDS
+    if piece[0].isascii() and piece[0].isalpha():
+        code |= _LETTER_HEAD
+    if piece[0].isspace():
+        code |= _SPACE_HEAD
+    if _ANY_END.intersection(piece) and _sentence_end_inside(piece) > 0:
+        code |= _END_INSIDE
+    if piece[-1].isascii() and piece[-1].isalpha():
+        code |= _LETTER_TAIL
+    return code
 
 
 def _special_ids(tokenizer: Any) -> frozenset[int]:
@@ -165,9 +202,9 @@ class RowText(RowState):
         #    (lengths, ascending), where its minimum was reached
         self.prompt_lengths: list[int] = []
         self.limits: list[int | None] = []
-        # per row, after each generated token: (the text's last characters, whether they end with sentence
-        # punctuation not yet confirmed by a space, the words written, whether the text ends a sentence)
-        self.states: list[list[tuple[str, bool, int, bool]]] = []
+        # per row, after each generated token: how the text ends, whether its last character is an ASCII letter
+        # and the words written, in one int (see _PENDING, _ENDED, _LAST_LETTER, _WORDS_SHIFT)
+        self.states: list[list[int]] = []
         self.land_from: list[int | None] = []  # per row: the limit minus its margin (None: no known limit)
         # The shortest row length at which any row may be due, when that is known before any row reaches its
         # minimum (no length mode: the earliest of land_from); None otherwise.
@@ -175,8 +212,8 @@ class RowText(RowState):
         self.boundaries: list[list[int]] = []
         self.reached_at: list[int | None] = []
         # -- shared with every RowText of this tokenizer
-        self._facts: dict[int, tuple[str, _Facts]] = {}
-        self._follow: list[tuple[str, _Facts] | None] = []
+        self._facts: dict[int, tuple[str, int]] = {}
+        self._follow: list[int] = []
         if tokenizer is not None:
             with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced keeps its own
                 self._facts = _PAIR_FACTS.setdefault(tokenizer, {})
@@ -217,6 +254,12 @@ class RowText(RowState):
         kept = self.boundaries[row]
         while kept and kept[-1] > length:
             kept.pop()
+        # An end right at the cut holds without what follows only when the kept text ends with it confirmed (by a
+        # space, or a line end); one that the removed token confirmed (a space after punctuation, an end inside
+        # its text) is gone with it.
+        states = self.states[row]
+        if kept and kept[-1] == length and not (states and states[-1] & 3 == _ENDED):
+            kept.pop()
         reached = self.reached_at[row]
         if reached is not None and reached > length:
             self.reached_at[row] = None
@@ -226,46 +269,31 @@ class RowText(RowState):
         """Read the row's newest token; returns whether the row has just reached its minimum."""
         row, ids = view.row, view.ids
         length = len(ids)
-        prompt = self.prompt_lengths[row]
         states = self.states[row]
-        tail, pending, words, ends = states[-1] if states else _NO_TEXT
+        state = states[-1] if states else 0
         if self.tokenizer is not None:
-            token = int(ids[length - 1])
-            neighbour = int(ids[length - 2]) if length - 1 > prompt else -1
-            follow = self._follow
-            # The usual token: it and its neighbour read alone (the neighbour's entry is set: it read alone after
+            # The usual token: it and its neighbour read alone (the neighbour's code is set: it read alone after
             # one, and is no special token).
-            known = None
-            if 0 <= neighbour < len(follow) and follow[neighbour] and token < len(follow):
-                known = follow[token]
-            if known is None:
-                if neighbour in self._special:  # skipped in the text: the token follows the text before it
-                    neighbour = next(
-                        (int(t) for t in reversed(ids[prompt : length - 2]) if int(t) not in self._special), -1
-                    )
-                key = neighbour << 32 | token if neighbour >= 0 else _ALONE | token
-                known = self._facts.get(key) or self._learn(key)
-            piece, facts = known
-            if piece:
-                count, letter_head, space_head, end_inside, says = facts
-                words += count
-                if letter_head and tail[-1:].isascii() and tail[-1:].isalpha():
+            token = ids[length - 1]
+            follow = self._follow
+            code = 0
+            if length - 1 > self.prompt_lengths[row] and token < len(follow):
+                neighbour = ids[length - 2]
+                if 0 <= neighbour < len(follow) and follow[neighbour]:
+                    code = follow[token]
+            if not code:
+                code = self._code(ids, length - 1, self.prompt_lengths[row])
+            if not code & _EMPTY:
+                words = (state >> _WORDS_SHIFT) + (code >> _PIECE_WORDS)
+                if code & _LETTER_HEAD and state & _LAST_LETTER:
                     words -= 1  # the piece continues the text's last run of letters: one word
-                if (pending and space_head) or end_inside:
+                if (code & _SPACE_HEAD and state & 3 == _PENDING) or code & _END_INSIDE:
                     self._mark(row, length - 1)  # a cut may end before this token (and spell what it ends)
-                tail = (tail + piece)[-16:]
-                if says is not None:  # the piece alone says how the text now ends
-                    pending, ends = says
-                    if ends and not pending:
-                        self._mark(row, length)
-                else:
-                    stripped = tail.rstrip(" \t")
-                    if stripped.endswith("\n") or (stripped != tail and ends_sentence(stripped)):
-                        self._mark(row, length)
-                        pending, ends = False, True
-                    else:
-                        pending = ends = ends_sentence(tail)
-        states.append((tail, pending, words, ends))
+                after = _NEXT[(code & 7) * 3 + (state & 3)]
+                if after & _MARK:
+                    self._mark(row, length)
+                state = words << _WORDS_SHIFT | (_LAST_LETTER if code & _LETTER_TAIL else 0) | after & 3
+        states.append(state)
         if self.has_minimum and self.reached_at[row] is None and self._minimum_met(row, ids):
             self.reached_at[row] = length
             return True
@@ -275,6 +303,28 @@ class RowText(RowState):
         kept = self.boundaries[row]
         if not kept or kept[-1] < length:
             kept.append(length)
+
+    def _key(self, ids: Sequence[int], index: int, prompt: int) -> int:
+        """The key of the text ``ids[index]`` adds (see _PAIR_FACTS): after its left neighbour among the generated
+        tokens, special tokens skipped (they are not text), or alone."""
+        token = int(ids[index])
+        neighbour = -1
+        for i in range(index - 1, prompt - 1, -1):
+            if int(ids[i]) not in self._special:
+                neighbour = int(ids[i])
+                break
+        return neighbour << 32 | token if neighbour >= 0 else _ALONE | token
+
+    def _code(self, ids: Sequence[int], index: int, prompt: int) -> int:
+        """The code of the text ``ids[index]`` adds, when the flat table does not know it."""
+        key = self._key(ids, index, prompt)
+        known = self._facts.get(key)
+        return known[1] if known is not None else self._learn(key)[1]
+
+    def pieces(self, ids: Sequence[int], prompt: int) -> list[str]:
+        """The text each generated token of ``ids`` adds, as this reader reads it (their join is the row's text,
+        special tokens skipped): what the per-token codes were worked out from."""
+        return [self._learn(self._key(ids, i, prompt))[0] for i in range(prompt, len(ids))]
 
     def _minimum_met(self, row: int, ids: Sequence[int]) -> bool:
         generated = len(ids) - self.prompt_lengths[row]
@@ -290,8 +340,8 @@ class RowText(RowState):
         # Reached by the incremental count (or time for a recount): confirm on the whole text, once.
         return count_words(_decode(self.tokenizer, ids[self.prompt_lengths[row] :])) >= self.min_words
 
-    def _learn(self, key: int) -> tuple[str, _Facts]:
-        """The text of a pair key's token after its neighbour (or alone) and what it says (kept per tokenizer)."""
+    def _learn(self, key: int) -> tuple[str, int]:
+        """The text of a pair key's token after its neighbour (or alone) and its code (kept per tokenizer)."""
         token = int(key & 0xFFFFFFFF)
         neighbour = int(key >> 32)
         shared = False  # the text came from the tokenizer's shared texts (no special token involved)
@@ -307,21 +357,20 @@ class RowText(RowState):
                 before = (self._facts.get(_ALONE | neighbour) or self._learn(_ALONE | neighbour))[0]
                 after = _decode(self.tokenizer, [neighbour, token])
                 piece = after[len(before) :] if after.startswith(before) else after[-1:]
-        facts = _FACTS_OF_PIECE.get(piece)
-        if facts is None:
-            facts = _piece_facts(piece) if piece else _NO_FACTS
-            if len(_FACTS_OF_PIECE) < _MAX_PIECES:
-                _FACTS_OF_PIECE[piece] = facts
-        known = (piece, facts)
+        code = _CODE_OF_PIECE.get(piece)
+        if code is None:
+            code = _piece_code(piece)
+            if len(_CODE_OF_PIECE) < _MAX_PIECES:
+                _CODE_OF_PIECE[piece] = code
         texts = self._texts
         if shared and texts is not None and texts.reads_alone(neighbour) and texts.reads_alone(token):
             follow = self._follow
             if token >= len(follow):
-                follow.extend([None] * (token + 1 - len(follow)))
-            follow[token] = known  # the same after any neighbour that reads alone
+                follow.extend([0] * (token + 1 - len(follow)))
+            follow[token] = code  # the same after any neighbour that reads alone
         elif len(self._facts) < _MAX_PIECES:
-            self._facts[key] = known
-        return known
+            self._facts[key] = (piece, code)
+        return piece, code
 
     # -- queries -------------------------------------------------------------------------------------------
     def length(self, row: int) -> int:
@@ -330,7 +379,7 @@ class RowText(RowState):
     def words(self, row: int) -> int:
         """Words of the row's generated text, counted token by token."""
         states = self.states[row]
-        return states[-1][2] if states else 0
+        return states[-1] >> _WORDS_SHIFT if states else 0
 
     def minimum_reached(self, row: int) -> bool:
         """The row has its minimum (the length mode is on and the row wrote enough)."""
@@ -339,7 +388,7 @@ class RowText(RowState):
     def at_sentence_end(self, row: int) -> bool:
         """The text (special tokens skipped) ends with a sentence or line end now."""
         states = self.states[row]
-        return bool(states) and states[-1][3]
+        return bool(states) and states[-1] & 3 != _OTHER
 
     def margin(self, row: int) -> int:
         """The landing's margin for ``row``: at most the last quarter of its budget (0 without a known limit)."""
@@ -407,7 +456,7 @@ class LandingBias(LogitsProcessor):
         amounts = [0.0] * scores.shape[0]  # per row: the logit added to its EOS ids
         boosted = False
         # Rows whose text ends a sentence now (few): only they can get the bonus.
-        ending = [row for row, states in enumerate(text.states) if states and states[-1][3]]
+        ending = [row for row, states in enumerate(text.states) if states and states[-1] & 3]
         for row in ending:
             length = text.length(row)
             due = text.due(row)
