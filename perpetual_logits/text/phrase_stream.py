@@ -161,6 +161,8 @@ def _holding(tokens: int) -> PhraseScan:
 
 
 _MEMO_ENTRIES = 1 << 16  # answers kept per phrase index (the first seen), so memory stays bounded
+#: In :attr:`PhraseIndex.quiet_next`: the answer depends on the token before too (see PhraseIndex.pair_quiet).
+_BY_PAIR = 255
 
 
 def _gate(patterns: list[Any]) -> Any:
@@ -466,6 +468,22 @@ class PhraseIndex:
         # the keys are the character classes (0 or 1). A flat table, not a dict: the step that asks it runs
         # right after the model's forward, which has pushed the dicts' entries out of the core's caches.
         self.quiet_next = bytearray()
+        # The steps that hold or let go a word that may begin a string phrase, per token, the same way. A row whose
+        # text ends with held plain tokens (after a plain one), no regex holding text, is in a *held state*: the
+        # class of the character before the hold, where the hold begins in its first token and the tokens, numbered
+        # from 2 on (0 and 1 are the quiet steps' classes; numbers are never reused). ``token_next[state << 32 |
+        # token]``, for a plain token, packs the state after it (a class: nothing held, quiet again) << 16, the
+        # tokens then held << 8 and where the hold begins in the first of them; kept when a step worked it out from
+        # the held text and the token alone (see PhraseStream._learn_step). The common words that may begin a
+        # phrase ("to", "is", "I", "let", "best" for the chat set) are then held and let go like quiet steps.
+        self.held_states: dict[tuple[int, int, tuple[int, ...]], int] = {}
+        self.token_next: dict[int, int] = {}
+        self._next_held = 2
+        # A piece that may begin a regex whose lookbehinds read only non-word characters ("in" may begin "In
+        # conclusion" after a sentence end): whether its step is quiet depends on the non-word characters before
+        # it, which lie in the previous token when that one holds a word character. Its quiet_next entry is then
+        # _BY_PAIR, and ``pair_quiet[previous << 32 | token]`` the key after, once a step found it.
+        self.pair_quiet: dict[int, int] = {}
         # Keys stand for all the texts with the same answer: the character before the text by its class when only
         # `(?<!\w)` reads it, and ASCII text case folded when matching ignores case.
         kept = [p.pattern for p in self.prefilters] if self.prefilters is not None else []
@@ -482,6 +500,30 @@ class PhraseIndex:
         if at >= len(table):
             table.extend(bytes(max(at + 1, 2 * len(table), 1024) - len(table)))
         table[at] = after + 1
+
+    def learn_pair_quiet(self, token: int, before: int, previous: int, after: int) -> None:
+        """Keep the quiet step's answer for the plain ``token`` after the plain ``previous`` (the key ``before``
+        of its last character) when it depends on the token before (see :attr:`pair_quiet`)."""
+        if not self.before_by_class or len(self.pair_quiet) >= _MEMO_ENTRIES:
+            return
+        at = token << 1 | before
+        table = self.quiet_next
+        if at >= len(table):
+            table.extend(bytes(max(at + 1, 2 * len(table), 1024) - len(table)))
+        table[at] = _BY_PAIR
+        self.pair_quiet[previous << 32 | token] = after
+
+    def held_state(self, before: int, offset: int, tokens: tuple[int, ...]) -> int:
+        """The number of the held state (see :attr:`token_next`), or -1 when no more are kept."""
+        key = (before, offset, tokens)
+        state = self.held_states.get(key)
+        if state is None:
+            if len(self.held_states) >= _MEMO_ENTRIES:
+                return -1
+            state = self._next_held
+            self._next_held += 1
+            self.held_states[key] = state
+        return state
 
     def before_key(self, char: str) -> int:
         """The character before new text as :meth:`string_key` and :meth:`piece_key` read it: whether it is a word
@@ -572,6 +614,9 @@ class PhraseIndex:
         self.candidates.clear()
         self.quiet.clear()
         self.quiet_next.clear()
+        self.held_states.clear()
+        self.token_next.clear()
+        self.pair_quiet.clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PhraseIndex:
         return self  # immutable once built: every copy of a rule shares it
@@ -615,7 +660,19 @@ class PhraseStream:
     ```
     """
 
-    __slots__ = ("_regex_from", "_string_from", "first", "index", "quiet_before", "synced", "text")
+    __slots__ = (
+        "_pure",
+        "_regex_from",
+        "_string_from",
+        "first",
+        "held",
+        "held_offset",
+        "held_tokens",
+        "index",
+        "quiet_before",
+        "synced",
+        "text",
+    )
 
     def __init__(self, matcher: PhraseMatcher) -> None:
         self.index = PhraseIndex.of(matcher)
@@ -631,12 +688,21 @@ class PhraseStream:
         # While quiet, the hold positions above may lag behind the end (a quiet step does not move them: they are
         # brought up to where the quiet steps began when a step is not quiet).
         self.quiet_before = -1
+        # Held (see PhraseIndex.token_next): the held state's number, or -1; the tokens held and where the hold
+        # begins in the first of them. While held, the hold positions above are not kept: they are worked out
+        # from these when a step is not answered from the table (_materialize).
+        self.held = -1
+        self.held_tokens = 0
+        self.held_offset = 0
+        # Whether the last _plain_step was answered from the held text and the token alone (see _learn_step).
+        self._pure = False
 
     # -- public ------------------------------------------------------------------------------------------
     def rewind(self, length: int) -> None:
         """The row was cut back to ``length`` tokens (its own indices, prompt and padding included)."""
         if not self.synced or not self.text.truncate(length):
             self.synced = False
+            self.held = -1
             return
         self._rescan_from(self.text.end - self.index.need_chars)
 
@@ -665,19 +731,44 @@ class PhraseStream:
         elif not final and n > prompt_length:
             token = int(ids[n - 1])
             before = self.quiet_before
-            if before >= 0 and stream.plain_tail:  # the quiet step of a plain token after a plain one, if known
-                at, table = token << 1 | before, self.index.quiet_next
-                after = table[at] if at < len(table) else 0
-                if after:
-                    self.quiet_before = after - 1
-                    stream.defer_plain(token)  # its text is read when the stream is next read
-                    return _NOTHING
+            held = self.held
+            if stream.plain_tail and (before >= 0 or held >= 0):  # a plain token after a plain one
+                index = self.index
+                if before >= 0:  # the quiet step, if known
+                    at, table = token << 1 | before, index.quiet_next
+                    after = table[at] if at < len(table) else 0
+                    if after == _BY_PAIR:
+                        after = index.pair_quiet.get(stream.tokens[-1] << 32 | token, -1) + 1
+                    if after:
+                        self.quiet_before = after - 1
+                        stream.defer_plain(token)  # its text is read when the stream is next read
+                        return _NOTHING
+                    held = before
+                step = index.token_next.get(held << 32 | token)  # a word held or let go, if known
+                if step is not None:
+                    stream.defer_plain(token)
+                    state = step >> 16
+                    if state < 2:
+                        self.held = -1
+                        self.quiet_before = state
+                        return _NOTHING
+                    self.quiet_before = -1
+                    self.held = state
+                    self.held_tokens = step >> 8 & 255
+                    self.held_offset = step & 255
+                    return _holding(min(self.held_tokens, n - prompt_length))
             stream.catch_up()
+            self._materialize()
+            was_plain = stream.plain_tail
+            self._pure = False
             plain = self._plain_step(token, n, prompt_length)
             if plain is not None:
+                if self.index.before_by_class:
+                    self._note_step(held if self._pure and was_plain else -1, token)
                 return plain
         else:  # the last token, or one of the prompt
             stream.catch_up()
+            self._materialize()
         old_end = stream.char_base + len(stream.text)
         self._leave_quiet(old_end)
         stream.push(int(ids[n - 1]))
@@ -704,6 +795,7 @@ class PhraseStream:
         piece = stream.push_plain(token)
         index = self.index
         known: int | None = None
+        by_pair = -1  # the quiet class before, when the answer is kept for the pair of tokens
         if before >= 0:
             known = index.quiet.get((before, piece)) if piece is not None else None
             if known is not None and known >= 0:  # the quiet step: nothing held before and after, nothing may begin
@@ -733,6 +825,7 @@ class PhraseStream:
                 self._regex_from = [end] * len(index.regexes)
                 self._string_from = end
                 self.quiet_before = index.before_key(text[-1])
+                self._pure = True
                 return _NOTHING
             if moved is None:
                 return self._analyse(n, prompt_length, old_end, False)
@@ -753,11 +846,20 @@ class PhraseStream:
                 if m is not None and not m.start() == m.end() == body:
                     return self._analyse(n, prompt_length, old_end, False)
             if candidates:
-                before = -1  # the searches read more than the new text: not a quiet step for the memo
+                # The searches read more than the new text: not a quiet step of this class. When they read no
+                # further back than the previous token, the answer is kept for the pair.
+                if before >= 0 and was_plain and self._pair_decides(candidates):
+                    by_pair = before
+                before = -1
             self._regex_from = [end] * len(index.regexes)
+            self._pure = not candidates
+        else:
+            self._pure = True
         self._string_from = string_from
         if string_from >= end:
             after = index.before_key(text[-1])
+            if by_pair >= 0 and stream.plain_tail:
+                index.learn_pair_quiet(token, by_pair, stream.tokens[-2], after)
             if before < 0 or len(index.quiet) >= _MEMO_ENTRIES:
                 self.quiet_before = after
                 return _NOTHING
@@ -772,6 +874,63 @@ class PhraseStream:
         if was_plain and self.text.plain_tail:
             self.index.learn_quiet(token, before, after)
         return _NOTHING
+
+    def _pair_decides(self, candidates: tuple[int, ...]) -> bool:
+        """Whether the searches of ``candidates`` after a plain token read nothing before the previous token: their
+        lookbehinds read only non-word characters, and the previous token's text holds a word character."""
+        index, tokens = self.index, self.text.tokens
+        if len(tokens) < 2 or not all(index.stops_at_words[r] for r in candidates):
+            return False
+        previous = self.text.plain_text(tokens[-2])
+        return previous is not None and _WORD.search(previous) is not None
+
+    def _materialize(self) -> None:
+        """Leave a held state (the text caught up): the hold positions from the tokens held and where the hold
+        begins in the first of them; no regex holds text."""
+        if self.held < 0:
+            return
+        stream = self.text
+        self.held = -1
+        self._string_from = stream.chars(stream.length - self.held_tokens) + self.held_offset
+        self._regex_from = [stream.char_base + len(stream.text)] * len(self.index.regexes)
+
+    def _note_step(self, state: int, token: int) -> None:
+        """After a plain step: enter the held state the row is now in, if it is one, and keep in
+        :attr:`PhraseIndex.token_next` where the step went from ``state`` (a quiet class or a held state; -1: the
+        step was not worked out from the held text and the token alone) -- to nothing held, or to a held state.
+        (Quiet to quiet is kept in the quiet steps' table.)"""
+        index = self.index
+        if self.quiet_before >= 0:
+            if state >= 2 and len(index.token_next) < _MEMO_ENTRIES:
+                index.token_next[state << 32 | token] = self.quiet_before << 16
+            return
+        step = self._held_now()
+        if step < 0:
+            return
+        self.held, self.held_tokens, self.held_offset = step >> 16, step >> 8 & 255, step & 255
+        if state >= 0 and len(index.token_next) < _MEMO_ENTRIES:
+            index.token_next[state << 32 | token] = step
+
+    def _held_now(self) -> int:
+        """The held state the row is in, packed as in :attr:`PhraseIndex.token_next`, or -1: the text ends with
+        a hold of the string phrases only, in plain tokens after a plain one."""
+        index, stream = self.index, self.text
+        if not stream.plain_tail or stream.pending:
+            return -1
+        text, base = stream.text, stream.char_base
+        end = base + len(text)
+        held = self._string_from
+        if held >= end or (index.regexes and min(self._regex_from) < end) or self._held_key() is None:
+            return -1
+        first = stream.cut(held)
+        offset = held - stream.chars(first)
+        tokens = stream.tokens[first - stream.base :]
+        count = len(tokens)
+        # The held tokens and the one before them plain: their texts do not depend on what came before.
+        if first <= stream.base or count > 255 or offset > 255 or not stream.plain_from(first - 1):
+            return -1
+        state = index.held_state(index.before_key(text[held - base - 1]), offset, tuple(tokens))
+        return state << 16 | count << 8 | offset if state >= 0 else -1
 
     def _releases(self, old_end: int) -> bool:
         """Whether the new text (after ``old_end``) ends the one held word and begins nothing: the held text holds
@@ -816,6 +975,7 @@ class PhraseStream:
         self._string_from = start
         self._regex_from = [start] * len(self.index.regexes)
         self.quiet_before = -1
+        self.held = -1
 
     def _leave_quiet(self, end: int) -> None:
         """After quiet steps up to the text's end ``end`` (before any new text): nothing is held there."""
@@ -827,12 +987,18 @@ class PhraseStream:
     @property
     def string_from(self) -> int:
         """Where trailing text that may still become a string phrase begins (the text's end: none)."""
-        return self.text.end if self.quiet_before >= 0 else self._string_from
+        if self.quiet_before >= 0:
+            return self.text.end
+        if self.held >= 0:
+            return self.text.chars(self.text.length - self.held_tokens) + self.held_offset
+        return self._string_from
 
     @property
     def regex_from(self) -> list[int]:
         """Per regular expression, where trailing text that may still become its match begins."""
-        return [self.text.end] * len(self._regex_from) if self.quiet_before >= 0 else list(self._regex_from)
+        if self.quiet_before >= 0 or self.held >= 0:
+            return [self.text.end] * len(self._regex_from)
+        return list(self._regex_from)
 
     def _analyse(self, n: int, prompt_length: int, old_end: int, final: bool) -> PhraseScan:
         index = self.index

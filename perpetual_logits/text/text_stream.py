@@ -319,6 +319,17 @@ class TextStream:
             return self.char_base
         return self.ends[min(i, len(self.ends)) - 1]
 
+    def plain_text(self, token_id: int) -> str | None:
+        """The text of a plain token (see :meth:`defer_plain`), the same after any plain neighbour; ``None`` for
+        any other token, or one not seen as plain yet."""
+        return self._follows.get(token_id)
+
+    def plain_from(self, index: int) -> bool:
+        """Whether the row's tokens from ``index`` on are all plain ones (see :meth:`defer_plain`): their texts
+        are their own, whatever came before them."""
+        follows = self._follows
+        return not self.pending and all(token in follows for token in self.tokens[index - self.base :])
+
     # -- changes ------------------------------------------------------------------------------------------
     def reset(self, ids: Sequence[int], first: int) -> None:
         """Start over from the row's tokens ``ids`` (``ids[first]`` is its first real token): decode enough
