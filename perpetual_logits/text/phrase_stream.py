@@ -481,9 +481,14 @@ class PhraseIndex:
         self._next_held = 2
         # A piece that may begin a regex whose lookbehinds read only non-word characters ("in" may begin "In
         # conclusion" after a sentence end): whether its step is quiet depends on the non-word characters before
-        # it, which lie in the previous token when that one holds a word character. Its quiet_next entry is then
-        # _BY_PAIR, and ``pair_quiet[previous << 32 | token]`` the key after, once a step found it.
+        # it -- the text's *trail*, what follows its last word character (in the last few plain tokens). Its
+        # quiet_next entry is then _BY_PAIR, and ``pair_quiet[trail << 32 | token]`` the key after, once a step
+        # found it. Trails are numbered (``trails``, ``trail_texts``); a token with a word character has its own
+        # (``token_trail``, -1 for one without).
         self.pair_quiet: dict[int, int] = {}
+        self.trails: dict[str, int] = {}
+        self.trail_texts: list[str] = []
+        self.token_trail: dict[int, int] = {}
         # Keys stand for all the texts with the same answer: the character before the text by its class when only
         # `(?<!\w)` reads it, and ASCII text case folded when matching ignores case.
         kept = [p.pattern for p in self.prefilters] if self.prefilters is not None else []
@@ -501,9 +506,9 @@ class PhraseIndex:
             table.extend(bytes(max(at + 1, 2 * len(table), 1024) - len(table)))
         table[at] = after + 1
 
-    def learn_pair_quiet(self, token: int, before: int, previous: int, after: int) -> None:
-        """Keep the quiet step's answer for the plain ``token`` after the plain ``previous`` (the key ``before``
-        of its last character) when it depends on the token before (see :attr:`pair_quiet`)."""
+    def learn_pair_quiet(self, token: int, before: int, trail: int, after: int) -> None:
+        """Keep the quiet step's answer for the plain ``token`` after a text whose trail is ``trail`` (``before``:
+        the key of its last character) when it depends on the trail (see :attr:`pair_quiet`)."""
         if not self.before_by_class or len(self.pair_quiet) >= _MEMO_ENTRIES:
             return
         at = token << 1 | before
@@ -511,7 +516,29 @@ class PhraseIndex:
         if at >= len(table):
             table.extend(bytes(max(at + 1, 2 * len(table), 1024) - len(table)))
         table[at] = _BY_PAIR
-        self.pair_quiet[previous << 32 | token] = after
+        self.pair_quiet[trail << 32 | token] = after
+
+    def trail_of(self, token: int, text: str) -> int:
+        """The number of the trail of the plain ``token`` whose text is ``text`` (the characters after its last
+        word character), kept per token; -1 when the text holds no word character."""
+        known = self.token_trail.get(token)
+        if known is not None:
+            return known
+        end = len(text)
+        while end and not _word_char(text[end - 1]):
+            end -= 1
+        trail = self.trail_number(text[end:]) if end else -1
+        if len(self.token_trail) < _MEMO_ENTRIES:
+            self.token_trail[token] = trail
+        return trail
+
+    def trail_number(self, trail: str) -> int:
+        number = self.trails.get(trail)
+        if number is None:
+            number = len(self.trail_texts)
+            self.trails[trail] = number
+            self.trail_texts.append(trail)
+        return number
 
     def held_state(self, before: int, offset: int, tokens: tuple[int, ...]) -> int:
         """The number of the held state (see :attr:`token_next`), or -1 when no more are kept."""
@@ -617,6 +644,9 @@ class PhraseIndex:
         self.held_states.clear()
         self.token_next.clear()
         self.pair_quiet.clear()
+        self.trails.clear()
+        self.trail_texts.clear()
+        self.token_trail.clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PhraseIndex:
         return self  # immutable once built: every copy of a rule shares it
@@ -738,7 +768,8 @@ class PhraseStream:
                     at, table = token << 1 | before, index.quiet_next
                     after = table[at] if at < len(table) else 0
                     if after == _BY_PAIR:
-                        after = index.pair_quiet.get(stream.tokens[-1] << 32 | token, -1) + 1
+                        trail = self._trail(len(stream.tokens) - 1)
+                        after = index.pair_quiet.get(trail << 32 | token, -1) + 1 if trail >= 0 else 0
                     if after:
                         self.quiet_before = after - 1
                         stream.defer_plain(token)  # its text is read when the stream is next read
@@ -795,7 +826,8 @@ class PhraseStream:
         piece = stream.push_plain(token)
         index = self.index
         known: int | None = None
-        by_pair = -1  # the quiet class before, when the answer is kept for the pair of tokens
+        by_pair = -1  # the quiet class before, when the answer is kept per trail
+        trail = -1
         if before >= 0:
             known = index.quiet.get((before, piece)) if piece is not None else None
             if known is not None and known >= 0:  # the quiet step: nothing held before and after, nothing may begin
@@ -848,8 +880,9 @@ class PhraseStream:
             if candidates:
                 # The searches read more than the new text: not a quiet step of this class. When they read no
                 # further back than the previous token, the answer is kept for the pair.
-                if before >= 0 and was_plain and self._pair_decides(candidates):
-                    by_pair = before
+                if before >= 0 and was_plain and all(index.stops_at_words[r] for r in candidates):
+                    trail = self._trail(len(stream.tokens) - 2)
+                    by_pair = before if trail >= 0 else -1
                 before = -1
             self._regex_from = [end] * len(index.regexes)
             self._pure = not candidates
@@ -859,7 +892,7 @@ class PhraseStream:
         if string_from >= end:
             after = index.before_key(text[-1])
             if by_pair >= 0 and stream.plain_tail:
-                index.learn_pair_quiet(token, by_pair, stream.tokens[-2], after)
+                index.learn_pair_quiet(token, by_pair, trail, after)
             if before < 0 or len(index.quiet) >= _MEMO_ENTRIES:
                 self.quiet_before = after
                 return _NOTHING
@@ -875,14 +908,23 @@ class PhraseStream:
             self.index.learn_quiet(token, before, after)
         return _NOTHING
 
-    def _pair_decides(self, candidates: tuple[int, ...]) -> bool:
-        """Whether the searches of ``candidates`` after a plain token read nothing before the previous token: their
-        lookbehinds read only non-word characters, and the previous token's text holds a word character."""
-        index, tokens = self.index, self.text.tokens
-        if len(tokens) < 2 or not all(index.stops_at_words[r] for r in candidates):
-            return False
-        previous = self.text.plain_text(tokens[-2])
-        return previous is not None and _WORD.search(previous) is not None
+    def _trail(self, last: int) -> int:
+        """The number of the text's trail up to the stream's token ``last`` (an index into its tokens): the
+        characters after the last word character, found in the last few plain tokens; -1 when they are not all
+        plain or hold no word character. What a regex whose lookbehinds read only non-word characters reads before
+        new text there."""
+        index, stream = self.index, self.text
+        tokens = stream.tokens
+        trail = ""
+        for i in range(last, max(last - 8, -1), -1):
+            text = stream.plain_text(tokens[i])
+            if text is None:
+                return -1
+            own = index.trail_of(tokens[i], text)
+            if own >= 0:
+                return own if not trail else index.trail_number(index.trail_texts[own] + trail)
+            trail = text + trail
+        return -1
 
     def _materialize(self) -> None:
         """Leave a held state (the text caught up): the hold positions from the tokens held and where the hold

@@ -304,6 +304,7 @@ def _forgetful_stream(matcher: PhraseMatcher) -> PhraseStream:
     stream.index.quiet = _Forgetful()
     stream.index.token_next = _Forgetful()
     stream.index.learn_quiet = lambda token, before, after: None
+    stream.index.learn_pair_quiet = lambda token, before, trail, after: None
     stream.index.quiet_after = lambda text: None
     return stream
 
@@ -547,3 +548,28 @@ def test_held_words_are_answered_per_token_once_seen(story_tokenizer):
             assert scan.hold == 1
             unread.append(stream.held >= 0 and stream.text.deferred > 0)
     assert unread == [True] * 4 and stream.quiet_before >= 0 and stream.text.deferred >= 6
+
+
+def test_a_piece_that_may_begin_a_lookbehind_regex_is_answered_per_trail(story_tokenizer):
+    """ "in " may begin "In conclusion" after a sentence end, so whether its step is quiet depends on what comes
+    before it. After ", " it is quiet: once seen, that answer serves every token whose text ends the same way (the
+    trail ", "), and the step leaves its text unread; after ". " the regex may begin, and it is worked out again."""
+    phrases = default_end_phrases(story_tokenizer, chat=True)
+    matcher = PhraseMatcher(phrases, story_tokenizer)
+    prompt = story_tokenizer.encode("Once upon a time", add_special_tokens=False)
+    in_, comma, stop, park, dog, the, he_was = story_tokenizer.convert_tokens_to_ids(
+        ["in▁", ",▁", ".▁", "park", "dog", "the▁", "he▁was▁"]
+    )
+    teacher = PhraseStream(matcher)
+    taught = [*prompt, *[he_was, the, park, comma, in_, the, dog, stop] * 2]  # (answers kept from the 2nd on)
+    for n in range(len(prompt) + 1, len(taught) + 1):
+        teacher.feed(taught[:n], len(prompt))
+    index = PhraseIndex.of(matcher)
+    assert index.pair_quiet and index.trails.get(", ") is not None
+    for before, deferred in [(comma, True), (stop, False)]:
+        stream, plain = PhraseStream(matcher), _forgetful_stream(PhraseMatcher(phrases, story_tokenizer))
+        ids = [*prompt, he_was, the, dog, before, in_]  # "dog, in " / "dog. in "
+        for n in range(len(prompt) + 1, len(ids) + 1):
+            unread = stream.text.deferred
+            assert stream.feed(ids[:n], len(prompt)) == plain.feed(ids[:n], len(prompt))
+        assert (stream.text.deferred > unread) == deferred, story_tokenizer.decode(ids)
