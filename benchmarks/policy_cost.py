@@ -46,11 +46,11 @@ own cost, steadier than the end-to-end ratio.
 
 Where the time went (sampled profiles, line profiles and timers around the policy inside real runs, batch 32,
 chat preset, no rewind): the rules' per-row Python is about all of the difference to ``method4``. It is spread over
-the phrase stream (about 5 points), the loop rule, the landing's reading of each token, its cut at the limit with
-the returned cache's realignment, and settling the hold-back (1-2 points each). Inside a run the same calls cost
-about twice what the replay measures: each forward evicts the rows' state from the core's caches (a replay with
-a forward between its steps doubles). Replayed on new text the chat preset costs about 9 us per row per token,
-10,000 phrases about 6.
+the phrase stream, the loop rule, the landing's reading of each token, its cut at the limit with the returned
+cache's realignment, and settling the hold-back (1-3 points each). Inside a run the same calls cost two to four
+times what the replay measures: each forward evicts the rows' state from the core's caches (a replay with a forward
+between its steps doubles). Replayed on new text the chat preset costs about 5 us per row per token at batch 32,
+10,000 phrases about 4 (tenth session).
 
     python benchmarks/policy_cost.py                         # the measurement (quiet machine)
     python benchmarks/policy_cost.py --smoke                 # seconds: tiny sizes, results to a temp folder

@@ -33,6 +33,13 @@ characters only (the chat set's "In conclusion" after a sentence end) is searche
 prefilter, from a word character of the new text on, so the words that merely start like it ("into", "wanted
 to") stay quiet steps.
 
+Two more kinds of step are answered per token the same way. A word that may begin a phrase ("best" may begin "Best
+regards", "happy" "Happy learning!") is held, and usually let go at the next token: a row whose text ends with held
+plain tokens is in a *held state*, and where a plain token takes it is kept per held state and token
+(:attr:`PhraseIndex.token_next`). A piece that may begin a regular expression whose lookbehinds read only non-word
+characters ("in" may begin "In conclusion" after a sentence end) is quiet or not depending on those characters: its
+answer is kept per *trail*, the characters after the text's last word character (:attr:`PhraseIndex.pair_quiet`).
+
 Why pyahocorasick: on this project's 2-core CPU (smoke timings on a shared, loaded machine, so only their
 order matters), for 10,000 random 2-3-word phrases pyahocorasick built in about 11 ms and scanned a
 70-character tail in about 0.7 µs; ahocorasick-rs built as fast and scanned in about 0.4 µs; Hyperscan (block
