@@ -454,7 +454,9 @@ class PhraseMatcher:
         new_from: int | None = None
         prompt_chars: int | None = None
         for item in self.compiled:
-            for m in item.pattern.finditer(body, head):
+            # Overlapping matches too: an occurrence the prompt holds must not hide one that the new text completes
+            # and that overlaps it ("e E" in the prompt "e E", then "E E" completed by " End").
+            for m in item.pattern.finditer(body, head, overlapped=True):
                 s, e = m.span()
                 if e == s or self._pending(item, e, body_end, final):
                     continue

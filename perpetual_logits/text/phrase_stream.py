@@ -170,6 +170,8 @@ def _holding(tokens: int) -> PhraseScan:
 _MEMO_ENTRIES = 1 << 16  # answers kept per phrase index (the first seen), so memory stays bounded
 #: In :attr:`PhraseIndex.quiet_next`: the answer depends on the token before too (see PhraseIndex.pair_quiet).
 _BY_PAIR = 255
+#: A token whose text holds no word character has no trail of its own (see PhraseIndex.trail_of).
+_NO_WORD = -2
 
 
 def _gate(patterns: list[Any]) -> Any:
@@ -491,7 +493,7 @@ class PhraseIndex:
         # it -- the text's *trail*, what follows its last word character (in the last few plain tokens). Its
         # quiet_next entry is then _BY_PAIR, and ``pair_quiet[trail << 32 | token]`` the key after, once a step
         # found it. Trails are numbered (``trails``, ``trail_texts``); a token with a word character has its own
-        # (``token_trail``, -1 for one without).
+        # (``token_trail``; _NO_WORD for one without). Both are bounded like the other answers kept.
         self.pair_quiet: dict[int, int] = {}
         self.trails: dict[str, int] = {}
         self.trail_texts: list[str] = []
@@ -527,21 +529,25 @@ class PhraseIndex:
 
     def trail_of(self, token: int, text: str) -> int:
         """The number of the trail of the plain ``token`` whose text is ``text`` (the characters after its last
-        word character), kept per token; -1 when the text holds no word character."""
+        word character), kept per token; :data:`_NO_WORD` when the text holds no word character, -1 when no more
+        trails are kept."""
         known = self.token_trail.get(token)
         if known is not None:
             return known
         end = len(text)
         while end and not _word_char(text[end - 1]):
             end -= 1
-        trail = self.trail_number(text[end:]) if end else -1
-        if len(self.token_trail) < _MEMO_ENTRIES:
+        trail = self.trail_number(text[end:]) if end else _NO_WORD
+        if trail != -1 and len(self.token_trail) < _MEMO_ENTRIES:
             self.token_trail[token] = trail
         return trail
 
     def trail_number(self, trail: str) -> int:
+        """The number of ``trail``, or -1 when no more trails are kept (memory stays bounded)."""
         number = self.trails.get(trail)
         if number is None:
+            if len(self.trail_texts) >= _MEMO_ENTRIES:
+                return -1
             number = len(self.trail_texts)
             self.trails[trail] = number
             self.trail_texts.append(trail)
@@ -928,7 +934,9 @@ class PhraseStream:
             if text is None:
                 return -1
             own = index.trail_of(tokens[i], text)
-            if own >= 0:
+            if own == -1:
+                return -1
+            if own != _NO_WORD:
                 return own if not trail else index.trail_number(index.trail_texts[own] + trail)
             trail = text + trail
         return -1

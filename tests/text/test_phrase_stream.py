@@ -573,3 +573,34 @@ def test_a_piece_that_may_begin_a_lookbehind_regex_is_answered_per_trail(story_t
             unread = stream.text.deferred
             assert stream.feed(ids[:n], len(prompt)) == plain.feed(ids[:n], len(prompt))
         assert (stream.text.deferred > unread) == deferred, story_tokenizer.decode(ids)
+
+
+def test_the_answers_kept_per_held_state_and_trail_stay_bounded(story_tokenizer, monkeypatch):
+    """Like every answer an index keeps, the held states, their steps and the trails stop growing at the memo's
+    size; past it, steps are worked out in full and still agree with a stream that keeps nothing."""
+    module = source_module(PhraseStream.__module__)
+    monkeypatch.setattr(module, "_MEMO_ENTRIES", 3)
+    phrases = default_end_phrases(story_tokenizer, chat=True)
+    matcher = PhraseMatcher(phrases, story_tokenizer)
+    index = module.PhraseIndex.of(matcher)
+    assert [index.trail_number(t) for t in [" ", ", ", ". ", "! ", " "]] == [0, 1, 2, -1, 0]
+    prompt = story_tokenizer.encode("Once upon a time", add_special_tokens=False)
+    text = "He was happy, in the park. Best wishes! I was kind, happy and best. Let me see, in a box. " * 3
+    ids = prompt + story_tokenizer.encode(text, add_special_tokens=False)
+    for _ in range(2):  # the second row reads what the first could keep
+        stream, plain = module.PhraseStream(matcher), _forgetful_stream(PhraseMatcher(phrases, story_tokenizer))
+        for n in range(len(prompt) + 1, len(ids) + 1):
+            assert stream.feed(ids[:n], len(prompt)) == plain.feed(ids[:n], len(prompt))
+    sizes = [len(index.held_states), len(index.token_next), len(index.pair_quiet), len(index.trails)]
+    assert max(sizes) <= 3 and len(index.token_trail) <= 3, sizes
+
+
+def test_an_occurrence_in_the_prompt_does_not_hide_one_the_new_text_completes():
+    """Found by hypothesis: with the prompt "e E", " End" completes "E E", which overlaps the prompt's own "e E".
+    scan() searched for matches that do not overlap, so the prompt's hid it; the stream reported it. Both do now."""
+    matcher = PhraseMatcher(["e E"], BYTE_LEVEL, case_sensitive=False, word_boundaries=False)
+    prompt = ids_of(BYTE_LEVEL, ["e E"])
+    ids = prompt + ids_of(BYTE_LEVEL, [" End"])
+    scan = matcher.scan(ids, len(prompt), 1)
+    assert scan.match is not None and scan.match.text == "E E"
+    replay(matcher, prompt, len(prompt), 0, [("token", " End")], BYTE_LEVEL)
