@@ -359,6 +359,12 @@ def test_policy_cost_benchmark_smoke(tmp_path, tinystories_path) -> None:
             # every repeat's step is kept, and the median the ratios are built from is theirs
             assert len(arm["ms_per_step_by_repeat"]) == out["repeats"]
             assert arm["ms_per_step"] == pytest.approx(statistics.median(arm["ms_per_step_by_repeat"]))
+            reference = batch["dynamic"]["ms_per_step_by_repeat"]
+            paired = [a / b for a, b in zip(arm["ms_per_step_by_repeat"], reference)]
+            assert arm["paired_ratio_median"] == pytest.approx(statistics.median(paired))
+            # Every arm wrote the same tokens, the chat preset's rows cut back by the landing included (in a run of
+            # 4 tokens the few respelled ones may be all of a row's; they were once counted as a difference).
+            assert arm["same_tokens"], name
 
 
 def test_phrase_matchers_are_built_once_per_tokenizer_and_phrase_list(tokenizer) -> None:
