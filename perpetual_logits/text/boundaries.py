@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .text_stream import rust_backend
+from .text_stream import TokenTexts, rust_backend
 
 __all__ = ["count_words", "cut_point", "ends_sentence", "last_boundary"]
 
@@ -188,19 +188,20 @@ def cut_point(
         return n, []
     start = max(prompt_length, floor - 4)
     # Decoded from the end back, and only as far as the search goes (a sentence end is usually a few tokens
-    # back, while `floor` may lie a hundred tokens back).
-    following = _decode(tokenizer, ids[start:n])
-    if ends_sentence(following):
+    # back, while `floor` may lie a hundred tokens back); a point is judged on the few tokens before it.
+    tail_begin, tail = _judged_text(tokenizer, ids, start, n)
+    if ends_sentence(tail):
         return n, []
     # The sentence ends the caller kept track of, latest first: the first that holds is the answer (two short
     # decodes each, where the search below decodes once per token back to it).
     for p in sorted((e for e in ends if floor <= e < n), reverse=True) if ends else ():
         if p == start:
             break
-        text = _decode(tokenizer, ids[start:p])
-        found, _ = _end_at(tokenizer, ids, p, start, floor, n, text, _decode(tokenizer, ids[start : p + 1]))
+        begin, text = _judged_text(tokenizer, ids, start, p)
+        found, _ = _end_at(tokenizer, ids, p, begin, floor, n, text, _decode(tokenizer, ids[begin : p + 1]))
         if found is not None:
             return found
+    following = tail if tail_begin == start else _decode(tokenizer, ids[start:n])
     word_end: int | None = None
     for p in range(n - 1, floor - 1, -1):
         text = _decode(tokenizer, ids[start:p])  # and `following`: the text up to p + 1
@@ -213,6 +214,34 @@ def cut_point(
             word_end = p
         following = text
     return (word_end, []) if word_end is not None else (n, [])
+
+
+#: Tokens decoded before a point that :func:`cut_point` judges (more where the tokenizer requires, see
+#: :func:`_judged_text`): whether a text ends a sentence there depends on its last few characters only, while a
+#: decode takes time per token decoded (a row at its limit is judged from up to a hundred tokens back).
+_CONTEXT = 8
+
+
+def _judged_text(tokenizer: Any, ids: Sequence[int], start: int, end: int) -> tuple[int, str]:
+    """The text of ``ids[begin:end]`` and ``begin``: at most :data:`_CONTEXT` tokens before ``end``, not before
+    ``start``, judged as the text of ``ids[start:end]`` would be.
+
+    A later start changes only how the first token reads (a SentencePiece word loses its leading space) when that
+    token is whole characters and the decoder reads tokens on their own (see
+    :meth:`~perpetual_logits.text.text_stream.TokenTexts.reads_alone`): the window starts at the nearest such
+    token, else at ``start``. A window of whitespace and closing quotes only says nothing about the text before
+    it: then it starts at ``start`` too."""
+    begin = end - _CONTEXT
+    if begin > start:
+        texts = TokenTexts.of(tokenizer)
+        while begin > start and not (texts.local and texts.reads_alone(int(ids[begin]))):
+            begin = begin - 1 if texts.local else start
+    if begin <= start:
+        return start, _decode(tokenizer, ids[start:end])
+    text = _decode(tokenizer, ids[begin:end])
+    if text.strip().strip(_CLOSERS).strip():
+        return begin, text
+    return start, _decode(tokenizer, ids[start:end])
 
 
 def _end_at(

@@ -8,6 +8,7 @@ landing on real text.
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from perpetual_logits import BackstepConfig, Landing, make_perpetual
 from perpetual_logits.backstep import landing
 from perpetual_logits.backstep.landing import RowText
 from perpetual_logits.protocol import RowView
+from perpetual_logits.text import boundaries
 from perpetual_logits.text.boundaries import _CLOSERS, _ENDERS, count_words, cut_point, ends_sentence, last_boundary
 from perpetual_logits.text.text_stream import TokenTexts
 
@@ -297,6 +299,54 @@ def test_the_cut_from_the_tracked_sentence_ends_equals_the_search_back(data, sto
     floor = data.draw(st.integers(len(prompt), len(ids)), label="floor")
     searched = cut_point(story_tokenizer, ids, floor, len(prompt))
     assert cut_point(story_tokenizer, ids, floor, len(prompt), ends=text.boundaries[0]) == searched
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_a_cut_judged_on_the_last_few_tokens_equals_one_judged_on_all_of_them(
+    data, story_tokenizer, text_pieces
+) -> None:
+    """cut_point judges each point on the few tokens before it (``boundaries._CONTEXT``), not on every token from
+    the floor back: the same cut as with the whole window, for any text, floor and kept ends -- byte-fallback
+    pieces (a window could begin inside a character), ``<unk>``/``<s>``/``</s>`` and "…" included."""
+    ends = st.sampled_from(ids_of(story_tokenizer, '. ! ? .\n The "Yes!" he said. Wait… '))
+    anything = st.one_of(st.integers(0, len(story_tokenizer) - 1), st.sampled_from([0, 1, 2]))
+    prompt = ids_of(story_tokenizer, "Once upon a time")
+    generated = st.lists(st.one_of(st.sampled_from(text_pieces), ends, anything), min_size=12, max_size=60)
+    ids = [*prompt, *data.draw(generated, label="generated")]
+    text = RowText(story_tokenizer, 0, 0, Landing())
+    text.start_rows([len(prompt)], limits=[len(ids)])
+    for n in range(len(prompt) + 1, len(ids) + 1):
+        text.observe(RowView(0, ids[:n], len(prompt), 0))
+    # often from the prompt on: the windows are then shorter than the text before them
+    floor = data.draw(st.one_of(st.just(len(prompt)), st.integers(len(prompt), len(ids))), label="floor")
+    for kept in (text.boundaries[0], None):
+        judged = cut_point(story_tokenizer, ids, floor, len(prompt), ends=kept)
+        with mock.patch.object(boundaries, "_CONTEXT", len(ids) + 1):
+            assert cut_point(story_tokenizer, ids, floor, len(prompt), ends=kept) == judged
+
+
+def test_the_cut_decodes_only_the_last_few_tokens_before_each_point_it_judges(story_tokenizer) -> None:
+    """A row at its limit 30 tokens after its last sentence end, with everything since the prompt held: the cut
+    there decodes at most ``_CONTEXT + 1`` tokens at a time (it used to decode from the floor on, every time)."""
+    prompt = ids_of(story_tokenizer, "Once upon a time")
+    words = ids_of(story_tokenizer, " the dog ran to the big park and the cat sat on the red mat all day long")
+    ids = [*prompt, *words, *ids_of(story_tokenizer, " It was fun."), *words, *words]
+    text = RowText(story_tokenizer, 0, 0, Landing())
+    text.start_rows([len(prompt)], limits=[len(ids)])
+    for n in range(len(prompt) + 1, len(ids) + 1):
+        text.observe(RowView(0, ids[:n], len(prompt), 0))
+    decoded: list[int] = []
+    real = boundaries._decode
+
+    def counting(tokenizer, tokens):
+        decoded.append(len(tokens))
+        return real(tokenizer, tokens)
+
+    with mock.patch.object(boundaries, "_decode", counting):
+        length, extra = cut_point(story_tokenizer, ids, len(prompt), len(prompt), ends=text.boundaries[0])
+    assert story_tokenizer.decode(ids[len(prompt) : length] + extra).endswith("It was fun.")
+    assert decoded and max(decoded) <= boundaries._CONTEXT + 1
 
 
 @settings(max_examples=300, deadline=None)
