@@ -57,6 +57,14 @@ between its steps doubles). Replayed on new text the chat preset costs about 5 u
     python benchmarks/policy_cost.py                         # the measurement (quiet machine)
     python benchmarks/policy_cost.py --smoke                 # seconds: tiny sizes, results to a temp folder
     python benchmarks/policy_cost.py --tokens 96 --repeats 5 --phrases 10000 --batches 1,32
+    python benchmarks/policy_cost.py --gpu --batches 32      # issue 21's CUDA goal (see below)
+
+``--gpu``: the same arms on CUDA with a model of 1B parameters, as issue 21 asks when a GPU is lent: a Llama of
+TinyLlama-1.1B's shape with random weights (no model hub here) in bfloat16, TinyStories-656K's vocabulary and
+tokenizer (the rules read its text), timed on the wall clock between synchronizations (the GPU's work is not the
+process's CPU time). Random weights write token soup, not stories: the rules read more pieces they have not seen
+than on stories, so the ratios lean pessimistic. ``--model random-tiny`` runs the same path on a CPU with a tiny
+random Llama (to test it).
 """
 
 from __future__ import annotations
@@ -85,6 +93,47 @@ from perpetual_logits.text.phrase_stream import PhraseIndex
 from perpetual_logits.text.text_stream import TokenTexts
 
 FIRST_SEED = 1000
+#: Random Llamas with TinyStories-656K's vocabulary: (hidden, intermediate, layers, heads, key-value heads).
+RANDOM_SHAPES = {"random-1b": (2048, 5632, 22, 32, 4), "random-tiny": (64, 128, 2, 4, 2)}  # TinyLlama-1.1B's; tiny
+
+
+def load_model(name: str, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``--model``: TinyStories-656K, or a random Llama of :data:`RANDOM_SHAPES` with its
+    vocabulary, special ids and tokenizer (bfloat16 on CUDA, float32 on a CPU), on ``device``."""
+    model, tokenizer = common.load_tinystories()
+    if name in RANDOM_SHAPES:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hidden, intermediate, layers, heads, kv_heads = RANDOM_SHAPES[name]
+        reference = model.config
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            vocab_size=reference.vocab_size,
+            max_position_embeddings=2048,
+            bos_token_id=reference.bos_token_id,
+            eos_token_id=reference.eos_token_id,
+            pad_token_id=reference.pad_token_id,
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        model.generation_config.eos_token_id = reference.eos_token_id
+    elif name != "tinystories":
+        raise SystemExit(f"--model must be tinystories, {' or '.join(RANDOM_SHAPES)}; got {name!r}")
+    if device == "cuda" and name in RANDOM_SHAPES:
+        return model.to(device, torch.bfloat16), tokenizer
+    return model.to(device), tokenizer
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds: the process's CPU time on a CPU; on CUDA the wall clock once the GPU's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
 
 
 def _plain(text: str) -> str:
@@ -171,15 +220,15 @@ class Runner:
     def __init__(self, model: Any, tokenizer: Any, batch: int, tokens: int, suppress: list[int] | None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.prompt = tokenizer(["Once upon a time"] * batch, return_tensors="pt")
+        self.prompt = tokenizer(["Once upon a time"] * batch, return_tensors="pt").to(model.device)
         self.tokens = tokens
         self.suppress = suppress
 
     def __call__(self, config: BackstepConfig, seed: int) -> tuple[float, Any]:
-        """(CPU seconds, the generate() output) of one run."""
+        """(seconds, the generate() output) of one run: CPU seconds, or wall seconds on CUDA (see _clock)."""
         torch.manual_seed(seed)
         extra = {"suppress_tokens": self.suppress} if self.suppress else {}
-        start = time.process_time()
+        start = _clock(self.model.device)
         out = self.model.generate(
             **self.prompt,
             do_sample=True,
@@ -191,7 +240,7 @@ class Runner:
             return_dict_in_generate=True,
             **extra,
         )
-        return time.process_time() - start, out
+        return _clock(self.model.device) - start, out
 
 
 def screen_seeds(run: Runner, repeats: int, tries: int) -> tuple[list[int], list[str], int]:
@@ -363,7 +412,7 @@ def markdown(out: dict[str, Any]) -> str:
     )
     compiled = [name.rsplit(".", 1)[-1] for name in out["environment"].get("compiled_modules", [])]
     lines = [
-        f"Policy cost, TinyStories-656K, {out['tokens']} tokens, {out['repeats']} repeats, CPU time per step "
+        f"Policy cost, {out['model']}, {out['tokens']} tokens, {out['repeats']} repeats, {out['clock']} per step "
         f"({condition}). Ratios to `BackstepConfig.method4(10)` in the same run. Text modules: "
         f"{'compiled (' + ', '.join(compiled) + ')' if compiled else 'Python source'}.",
         "",
@@ -398,19 +447,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--screen", type=int, default=10, help="seeds tried per repeat for rewind-free runs")
     parser.add_argument("--allow-rewinds", action="store_true", help="no screening, no end-marker suppression")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, results to a temporary folder")
+    parser.add_argument(
+        "--model", default="tinystories", help="tinystories (default), random-1b or random-tiny (see --gpu)"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    parser.add_argument("--gpu", action="store_true", help="= --model random-1b --device cuda (issue 21's GPU goal)")
     parser.add_argument("--out", help="results folder (default benchmarks/results; a temp folder with --smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.tokens, args.repeats, args.phrases, args.batches = 4, 1, 20, "1,2"
+    if args.gpu:
+        args.model, args.device = "random-1b", "cuda"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda (or --gpu): no CUDA device here")
     torch.set_num_threads(1)
-    model, tokenizer = common.load_tinystories()
+    model, tokenizer = load_model(args.model, args.device)
     model = make_perpetual(model, tokenizer=tokenizer)
+    described = "TinyStories-656K" if args.model == "tinystories" else f"a {args.model} Llama (random weights)"
     batches = [int(b) for b in args.batches.split(",")]
     out: dict[str, Any] = {
         "tokens": args.tokens,
         "repeats": args.repeats,
         "phrases": args.phrases,
         "allow_rewinds": args.allow_rewinds,
+        "model": f"{described} on {args.device}" + (", bfloat16" if model.dtype == torch.bfloat16 else ""),
+        "clock": "wall time" if args.device == "cuda" else "CPU time",
         "environment": common.environment(),
         "batches": {
             str(b): measure(

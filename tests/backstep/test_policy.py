@@ -367,6 +367,21 @@ def test_policy_cost_benchmark_smoke(tmp_path, tinystories_path) -> None:
             assert arm["same_tokens"], name
 
 
+def test_policy_cost_benchmark_runs_a_random_llama_with_the_tinystories_vocabulary(tmp_path, tinystories_path) -> None:
+    """The path of ``--gpu`` (a random Llama of 1B parameters on CUDA), with a tiny random Llama on the CPU: the arms
+    run, write the same tokens and name the model; without CUDA, ``--gpu`` refuses by name."""
+    from benchmarks import policy_cost
+
+    assert policy_cost.main(["--smoke", "--model", "random-tiny", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "policy_cost.json").read_text())
+    assert out["model"] == "a random-tiny Llama (random weights) on cpu" and out["clock"] == "CPU time"
+    assert all(arm["same_tokens"] for batch in out["batches"].values() for name, arm in batch.items() if name[0] != "_")
+    assert (tmp_path / "policy_cost.md").read_text().startswith("Policy cost, a random-tiny Llama (random weights)")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            policy_cost.main(["--smoke", "--gpu", "--out", str(tmp_path)])
+
+
 def test_phrase_matchers_are_built_once_per_tokenizer_and_phrase_list(tokenizer) -> None:
     first = RewindPolicy(BackstepConfig(ban_phrases=["c d"], end_phrases="default"), [EOS], VOCAB, tokenizer)
     again = RewindPolicy(BackstepConfig(ban_phrases=["c d"], end_phrases="default"), [EOS], VOCAB, tokenizer)
