@@ -60,11 +60,13 @@ between its steps doubles). Replayed on new text the chat preset costs about 5 u
     python benchmarks/policy_cost.py --gpu --batches 32      # issue 21's CUDA goal (see below)
 
 ``--gpu``: the same arms on CUDA with a model of 1B parameters, as issue 21 asks when a GPU is lent: a Llama of
-TinyLlama-1.1B's shape with random weights (no model hub here) in bfloat16, TinyStories-656K's vocabulary and
-tokenizer (the rules read its text), timed on the wall clock between synchronizations (the GPU's work is not the
-process's CPU time). Random weights write token soup, not stories: the rules read more pieces they have not seen
-than on stories, so the ratios lean pessimistic. ``--model random-tiny`` runs the same path on a CPU with a tiny
-random Llama (to test it).
+TinyLlama-1.1B's shape with random weights (no model hub here) in bfloat16, with TinyStories-656K's vocabulary and
+tokenizer, timed on the wall clock between synchronizations (the GPU's work is not the process's CPU time). Random
+weights would write token soup, on which the rules cost about twice what they cost on stories; so the random model is
+made to write TinyStories-656K's own text: the seeds are screened and each seed's rows written by TinyStories-656K
+first (on the CPU), and in every arm alike a processor (:class:`ScriptedTokens`) leaves the random model only that
+row's next token. Its forward is a 1B forward; the rules read stories. ``--model random-tiny`` runs the same path on
+a CPU with a tiny random Llama (to test it).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -214,6 +217,23 @@ def _unpadded(ids: list[int], padding: frozenset[int]) -> list[int]:
     return ids[:end]
 
 
+class ScriptedTokens(LogitsProcessor):
+    """Leaves each row one choice, its next token in ``rows`` (prompt included): a random model then writes the
+    text another model wrote. Rows must not rewind (the seeds are screened) and share one length.
+
+    Args:
+        rows (`torch.Tensor`): (batch, length) token ids, on the scores' device.
+    """
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = self.rows[:, input_ids.shape[-1]]
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter(1, chosen[:, None], 0.0)  # type: ignore[return-value]
+
+
 class Runner:
     """One ``generate()`` of the benchmark's setting: a batch of the same prompt, sampled, EOS masked."""
 
@@ -223,11 +243,15 @@ class Runner:
         self.prompt = tokenizer(["Once upon a time"] * batch, return_tensors="pt").to(model.device)
         self.tokens = tokens
         self.suppress = suppress
+        # Per seed, the rows the model is made to write (see ScriptedTokens); a seed without: what it samples.
+        self.script: dict[int, torch.Tensor] = {}
 
     def __call__(self, config: BackstepConfig, seed: int) -> tuple[float, Any]:
         """(seconds, the generate() output) of one run: CPU seconds, or wall seconds on CUDA (see _clock)."""
         torch.manual_seed(seed)
-        extra = {"suppress_tokens": self.suppress} if self.suppress else {}
+        extra: dict[str, Any] = {"suppress_tokens": self.suppress} if self.suppress else {}
+        if seed in self.script:
+            extra["logits_processor"] = [ScriptedTokens(self.script[seed])]
         start = _clock(self.model.device)
         out = self.model.generate(
             **self.prompt,
@@ -327,18 +351,33 @@ def read_as_new(config: BackstepConfig, others: list[list[list[int]]], prompt: i
 
 
 def measure(
-    batch: int, tokens: int, repeats: int, phrases: int, model: Any, tokenizer: Any, screen: int, allow_rewinds: bool
+    batch: int,
+    tokens: int,
+    repeats: int,
+    phrases: int,
+    model: Any,
+    tokenizer: Any,
+    screen: int,
+    allow_rewinds: bool,
+    writer: Any = None,
 ) -> dict[str, Any]:
-    run = Runner(model, tokenizer, batch, tokens, None if allow_rewinds else marker_piece_ids(tokenizer))
+    """The arms at one batch size. ``writer``: the model that writes the text, when ``model`` is only to be timed
+    (a random model, made to write the writer's rows: see ScriptedTokens)."""
+    suppress = None if allow_rewinds else marker_piece_ids(tokenizer)
+    run = Runner(model, tokenizer, batch, tokens, suppress)
+    text_run = Runner(writer, tokenizer, batch, tokens, suppress) if writer is not None else run
     texts: list[str] = []
     if allow_rewinds:
         seeds, tried = [FIRST_SEED + r for r in range(repeats)], 0
     else:
-        seeds, texts, tried = screen_seeds(run, repeats, screen)
+        seeds, texts, tried = screen_seeds(text_run, repeats, screen)
     # Each seed's whole text (untimed, the reference arm: the screening's chat runs are cut back by the landing,
     # so their texts lack the last words the other arms write): what the banned phrases avoid, and what the timed
     # runs of the other seeds learn from first.
-    texts_of = {seed: run(BackstepConfig.method4(10), seed)[1].sequences.tolist() for seed in dict.fromkeys(seeds)}
+    written = {seed: text_run(BackstepConfig.method4(10), seed)[1].sequences for seed in dict.fromkeys(seeds)}
+    texts_of = {seed: rows.tolist() for seed, rows in written.items()}
+    if writer is not None:
+        run.script = {seed: rows.to(model.device) for seed, rows in written.items()}
     whole = [run.tokenizer.decode(row) for rows in texts_of.values() for row in rows] if not allow_rewinds else []
     arms = configs(tokenizer, phrases, avoid=[*texts, *whole])
     vocab = int(model.config.vocab_size)
@@ -463,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model, args.device)
     model = make_perpetual(model, tokenizer=tokenizer)
+    writer = make_perpetual(common.load_tinystories()[0], tokenizer=tokenizer) if args.model != "tinystories" else None
     described = "TinyStories-656K" if args.model == "tinystories" else f"a {args.model} Llama (random weights)"
     batches = [int(b) for b in args.batches.split(",")]
     out: dict[str, Any] = {
@@ -475,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": common.environment(),
         "batches": {
             str(b): measure(
-                b, args.tokens, args.repeats, args.phrases, model, tokenizer, args.screen, args.allow_rewinds
+                b, args.tokens, args.repeats, args.phrases, model, tokenizer, args.screen, args.allow_rewinds, writer
             )
             for b in batches
         },

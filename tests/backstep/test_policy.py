@@ -12,7 +12,7 @@ import torch
 from support import deadline, tiny_tokenizer
 from test_ending_control import DOT, SPELLED_END, THEY_WERE_HAPPY, run_script
 
-from perpetual_logits import BackstepConfig, LoopDetection, RewindRule, RewindTo
+from perpetual_logits import BackstepConfig, LoopDetection, RewindRule, RewindTo, make_perpetual
 from perpetual_logits.backstep.policy import RewindPlan, RewindPolicy
 from perpetual_logits.backstep.rules import PhraseRule
 from perpetual_logits.protocol import RowView
@@ -368,9 +368,19 @@ def test_policy_cost_benchmark_smoke(tmp_path, tinystories_path) -> None:
 
 
 def test_policy_cost_benchmark_runs_a_random_llama_with_the_tinystories_vocabulary(tmp_path, tinystories_path) -> None:
-    """The path of ``--gpu`` (a random Llama of 1B parameters on CUDA), with a tiny random Llama on the CPU: the arms
-    run, write the same tokens and name the model; without CUDA, ``--gpu`` refuses by name."""
-    from benchmarks import policy_cost
+    """The path of ``--gpu`` (a random Llama of 1B parameters on CUDA), with a tiny random Llama on the CPU: the
+    random model writes the rows TinyStories-656K wrote for a seed (a seed without rows: its own), the arms run,
+    write the same tokens and name the model; without CUDA, ``--gpu`` refuses by name."""
+    from benchmarks import common, policy_cost
+
+    model, tokenizer = policy_cost.load_model("random-tiny", "cpu")
+    model = make_perpetual(model, tokenizer=tokenizer)
+    writer = make_perpetual(common.load_tinystories()[0], tokenizer=tokenizer)
+    rows = policy_cost.Runner(writer, tokenizer, 2, 8, None)(BackstepConfig.method4(10), 5)[1].sequences
+    run = policy_cost.Runner(model, tokenizer, 2, 8, None)
+    run.script = {5: rows}
+    assert torch.equal(run(BackstepConfig.chat(landing=False), 5)[1].sequences, rows)
+    assert not torch.equal(run(BackstepConfig.chat(landing=False), 6)[1].sequences, rows)
 
     assert policy_cost.main(["--smoke", "--model", "random-tiny", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "policy_cost.json").read_text())
