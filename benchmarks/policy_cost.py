@@ -100,15 +100,17 @@ FIRST_SEED = 1000
 RANDOM_SHAPES = {"random-1b": (2048, 5632, 22, 32, 4), "random-tiny": (64, 128, 2, 4, 2)}  # TinyLlama-1.1B's; tiny
 
 
-def load_model(name: str, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``--model``: TinyStories-656K, or a random Llama of :data:`RANDOM_SHAPES` with its
-    vocabulary, special ids and tokenizer (bfloat16 on CUDA, float32 on a CPU), on ``device``."""
-    model, tokenizer = common.load_tinystories()
+def load_model(name: str, device: str) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, writer) for ``--model``: TinyStories-656K (no writer), or a random Llama of
+    :data:`RANDOM_SHAPES` with its vocabulary, special ids and tokenizer (bfloat16 on CUDA, float32 on a CPU), on
+    ``device``, and TinyStories-656K on the CPU as the writer of its text (see ScriptedTokens)."""
+    stories, tokenizer = common.load_tinystories()
+    model, writer = stories, None
     if name in RANDOM_SHAPES:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         hidden, intermediate, layers, heads, kv_heads = RANDOM_SHAPES[name]
-        reference = model.config
+        reference = stories.config
         config = LlamaConfig(
             hidden_size=hidden,
             intermediate_size=intermediate,
@@ -122,13 +124,12 @@ def load_model(name: str, device: str) -> tuple[Any, Any]:
             pad_token_id=reference.pad_token_id,
         )
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
-        model.generation_config.eos_token_id = reference.eos_token_id
+        model, writer = LlamaForCausalLM(config).eval(), stories
     elif name != "tinystories":
         raise SystemExit(f"--model must be tinystories, {' or '.join(RANDOM_SHAPES)}; got {name!r}")
     if device == "cuda" and name in RANDOM_SHAPES:
-        return model.to(device, torch.bfloat16), tokenizer
-    return model.to(device), tokenizer
+        return model.to(device, torch.bfloat16), tokenizer, writer
+    return model.to(device), tokenizer, writer
 
 
 def _clock(device: torch.device) -> float:
@@ -500,9 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda (or --gpu): no CUDA device here")
     torch.set_num_threads(1)
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer, writer = load_model(args.model, args.device)
     model = make_perpetual(model, tokenizer=tokenizer)
-    writer = make_perpetual(common.load_tinystories()[0], tokenizer=tokenizer) if args.model != "tinystories" else None
+    writer = make_perpetual(writer, tokenizer=tokenizer) if writer is not None else None
     described = "TinyStories-656K" if args.model == "tinystories" else f"a {args.model} Llama (random weights)"
     batches = [int(b) for b in args.batches.split(",")]
     out: dict[str, Any] = {

@@ -234,8 +234,10 @@ def _judged_text(tokenizer: Any, ids: Sequence[int], start: int, end: int) -> tu
     begin = end - _CONTEXT
     if begin > start:
         texts = TokenTexts.of(tokenizer)
-        while begin > start and not (texts.local and texts.reads_alone(int(ids[begin]))):
-            begin = begin - 1 if texts.local else start
+        if not texts.local:
+            begin = start  # no token of its reads alone
+        while begin > start and not texts.reads_alone(int(ids[begin])):
+            begin -= 1
     if begin <= start:
         return start, _decode(tokenizer, ids[start:end])
     text = _decode(tokenizer, ids[begin:end])

@@ -168,7 +168,7 @@ def _holding(tokens: int) -> PhraseScan:
 
 
 _MEMO_ENTRIES = 1 << 16  # answers kept per phrase index (the first seen), so memory stays bounded
-#: In :attr:`PhraseIndex.quiet_next`: the answer depends on the token before too (see PhraseIndex.pair_quiet).
+#: In :attr:`PhraseIndex.quiet_next`: the answer depends on the text's trail too (see PhraseIndex.pair_quiet).
 _BY_PAIR = 255
 #: A token whose text holds no word character has no trail of its own (see PhraseIndex.trail_of).
 _NO_WORD = -2
@@ -891,8 +891,8 @@ class PhraseStream:
                 if m is not None and not m.start() == m.end() == body:
                     return self._analyse(n, prompt_length, old_end, False)
             if candidates:
-                # The searches read more than the new text: not a quiet step of this class. When they read no
-                # further back than the previous token, the answer is kept for the pair.
+                # The searches read more than the new text: not a quiet step of this class. When they read only
+                # non-word characters before it (the text's trail), the answer is kept per trail.
                 if before >= 0 and was_plain and all(index.stops_at_words[r] for r in candidates):
                     trail = self._trail(len(stream.tokens) - 2)
                     by_pair = before if trail >= 0 else -1

@@ -371,11 +371,10 @@ def test_policy_cost_benchmark_runs_a_random_llama_with_the_tinystories_vocabula
     """The path of ``--gpu`` (a random Llama of 1B parameters on CUDA), with a tiny random Llama on the CPU: the
     random model writes the rows TinyStories-656K wrote for a seed (a seed without rows: its own), the arms run,
     write the same tokens and name the model; without CUDA, ``--gpu`` refuses by name."""
-    from benchmarks import common, policy_cost
+    from benchmarks import policy_cost
 
-    model, tokenizer = policy_cost.load_model("random-tiny", "cpu")
-    model = make_perpetual(model, tokenizer=tokenizer)
-    writer = make_perpetual(common.load_tinystories()[0], tokenizer=tokenizer)
+    model, tokenizer, writer = policy_cost.load_model("random-tiny", "cpu")
+    model, writer = make_perpetual(model, tokenizer=tokenizer), make_perpetual(writer, tokenizer=tokenizer)
     rows = policy_cost.Runner(writer, tokenizer, 2, 8, None)(BackstepConfig.method4(10), 5)[1].sequences
     run = policy_cost.Runner(model, tokenizer, 2, 8, None)
     run.script = {5: rows}
