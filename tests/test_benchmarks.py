@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 
 import pytest
 import torch
@@ -299,3 +300,78 @@ def test_vllm_benchmark_refuses_hf_counts_it_has_no_prompts_for(capsys):
     with pytest.raises(SystemExit):
         vllm_serving.main(["--model", "unused", "--hf-python", "python", "--counts", "32", "--hf-counts", "8"])
     assert "--hf-counts (8) must be among --counts (32)" in capsys.readouterr().err
+
+
+# -- pooling runs of policy_cost.py ---------------------------------------------------------------------------
+def _policy_cost_run(path, reference, arm, settings=None):
+    """A policy_cost.json of one run at batch 32 with these per-repeat steps (ms) for the reference and one arm."""
+    run = {
+        "tokens": 96,
+        "repeats": len(reference),
+        "phrases": 10000,
+        "allow_rewinds": False,
+        "model": "TinyStories-656K on cpu",
+        "clock": "CPU time",
+        **(settings or {}),
+        "batches": {
+            "32": {
+                "dynamic": {"ms_per_step_by_repeat": reference, "ratio_of_medians": 1.0},
+                "chat": {
+                    "ms_per_step_by_repeat": arm,
+                    "ratio_of_medians": statistics.median(arm) / statistics.median(reference),
+                },
+                "_seeds": {"used": [1000]},
+            }
+        },
+    }
+    path.write_text(json.dumps(run))
+    return path
+
+
+def test_pooled_policy_cost_pairs_repeats_within_runs_and_pools_over_runs(tmp_path, capsys):
+    from benchmarks import policy_cost_pooled
+
+    # Run 1: a fast machine, the arm 5 % above in each repeat; run 2: the reference step drifting, the arm 12 %
+    # above. Pairing repeats cancels the drift; pooling counts both runs' repeats.
+    one = _policy_cost_run(tmp_path / "1.json", [4.0, 4.0, 4.0], [4.2, 4.2, 4.2])
+    two = _policy_cost_run(tmp_path / "2.json", [5.0, 6.0, 4.0], [5.6, 6.72, 4.48])
+    pooled = policy_cost_pooled.pool(policy_cost_pooled.load_runs([one, two]))["32"]["chat"]
+    assert pooled["paired_median_by_run"] == pytest.approx([1.05, 1.12])
+    assert pooled["runs_above_goal_by_paired_median"] == 1
+    assert pooled["pooled_paired_median"] == pytest.approx((1.05 + 1.12) / 2)  # three values of each
+    low, high = pooled["interval_95"]
+    assert low == pytest.approx(1.05) and high == pytest.approx(1.12)  # draws of one run only reach either end
+    assert policy_cost_pooled.main([str(one), str(two), "--out", str(tmp_path / "pooled.md")]) == 0
+    table = (tmp_path / "pooled.md").read_text()
+    assert "| 32 | chat |" in table and "1 of 2" in table and capsys.readouterr().out == table
+
+
+def test_pooled_interval_is_reproducible_and_narrows_with_more_runs():
+    from benchmarks.policy_cost_pooled import bootstrap_interval
+
+    rng = random.Random(1)
+    runs = [[1.08 + rng.gauss(0, 0.1) for _ in range(30)] for _ in range(12)]
+    assert bootstrap_interval(runs) == bootstrap_interval(runs)
+    few_low, few_high = bootstrap_interval(runs[:3])
+    low, high = bootstrap_interval(runs)
+    assert low <= statistics.median([r for run in runs for r in run]) <= high
+    assert high - low < few_high - few_low
+    assert bootstrap_interval([[1.05, 1.05], [1.05]]) == (1.05, 1.05)
+    with pytest.raises(ValueError, match="`groups`"):
+        bootstrap_interval([[1.0], []])
+
+
+def test_pooled_policy_cost_refuses_runs_it_cannot_pool(tmp_path):
+    from benchmarks import policy_cost_pooled
+
+    one = _policy_cost_run(tmp_path / "1.json", [4.0, 4.0], [4.2, 4.2])
+    other = _policy_cost_run(tmp_path / "2.json", [4.0, 4.0], [4.2, 4.2], {"phrases": 1000})
+    with pytest.raises(ValueError, match="`paths`"):
+        policy_cost_pooled.load_runs([one])
+    with pytest.raises(ValueError, match="phrases"):
+        policy_cost_pooled.load_runs([one, other])
+    (tmp_path / "3.json").write_text(json.dumps({"tokens": 96}))
+    with pytest.raises(ValueError, match=r"not a policy_cost\.py result"):
+        policy_cost_pooled.load_runs([one, tmp_path / "3.json"])
+    with pytest.raises(SystemExit):
+        policy_cost_pooled.main([str(one)])
