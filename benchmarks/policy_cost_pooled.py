@@ -13,7 +13,8 @@ and batch size:
   also averages out each process's own layout and neighbours);
 * a 95 % interval for it from a two-level bootstrap (runs drawn with replacement, then repeats within each drawn
   run), with a fixed seed: the pooled ratio's uncertainty, counting the spread between processes, not only
-  within one.
+  within one. Drawing at both levels counts the repeats' own spread a second time, so the interval errs on the wide
+  side (a little, when runs differ more than repeats do).
 
     python benchmarks/policy_cost_pooled.py RUN1/policy_cost.json RUN2/policy_cost.json ...
     python benchmarks/policy_cost_pooled.py --out pooled.md RUN*/policy_cost.json
