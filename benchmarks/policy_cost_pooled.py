@@ -3,7 +3,7 @@
 One run of ``policy_cost.py`` interleaves its arms and reports, per arm, the ratio of medians to the reference
 (``method4(10)``) and the median of the per-repeat paired ratios. On this shared 2-core VM the machine's speed
 drifts by tens of percent within a run (a repeat's reference step 4.1-6.0 ms in one run) and the reference step
-moves by 20 % between fresh processes, so runs of the very same code give ratios 0.05-0.07 apart. This script
+moves by a fifth or more between fresh processes, so runs of the very same code give ratios 0.05-0.07 apart. This script
 reads the JSON files of several runs -- each its own process, made with the same settings -- and reports per arm
 and batch size:
 
